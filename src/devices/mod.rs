@@ -1,0 +1,192 @@
+//! Devices: each one a task that owns its port or client, speaks only [`Draft`]s out and
+//! [`Control`]s in, and never touches the buffer or Kafka.
+//!
+//! Drivers are a plain enum ([`DeviceConfig`]) dispatched with `match`. The supervisor
+//! restarts a driver that fails, with exponential backoff, until shutdown.
+
+pub mod sim_potentiostat;
+pub mod sim_sensors;
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::ingest::{Ingest, IngestError};
+use crate::metrics::Metrics;
+use crate::record::Draft;
+use std::sync::Arc;
+
+/// One configured device. `kind` selects the driver.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum DeviceConfig {
+    SimulatedPotentiostat(sim_potentiostat::Config),
+    SimulatedSensors(sim_sensors::Config),
+}
+
+impl DeviceConfig {
+    pub fn id(&self) -> &str {
+        match self {
+            DeviceConfig::SimulatedPotentiostat(c) => &c.id,
+            DeviceConfig::SimulatedSensors(c) => &c.id,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DeviceConfig::SimulatedPotentiostat(_) => "simulated_potentiostat",
+            DeviceConfig::SimulatedSensors(_) => "simulated_sensors",
+        }
+    }
+
+    /// Checks values; on error returns (key below the device, message).
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        match self {
+            DeviceConfig::SimulatedPotentiostat(c) => c.validate(),
+            DeviceConfig::SimulatedSensors(c) => c.validate(),
+        }
+    }
+
+    /// Commands this kind of device understands.
+    pub fn accepts(&self, cmd: CommandKind) -> bool {
+        match self {
+            DeviceConfig::SimulatedPotentiostat(_) | DeviceConfig::SimulatedSensors(_) => {
+                matches!(
+                    cmd,
+                    CommandKind::Start
+                        | CommandKind::Pause
+                        | CommandKind::Resume
+                        | CommandKind::Stop
+                )
+            }
+        }
+    }
+}
+
+/// The commands the agent routes to devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandKind {
+    Start,
+    Pause,
+    Resume,
+    Stop,
+}
+
+impl CommandKind {
+    pub fn parse(s: &str) -> Option<CommandKind> {
+        match s {
+            "start" => Some(CommandKind::Start),
+            "pause" => Some(CommandKind::Pause),
+            "resume" => Some(CommandKind::Resume),
+            "stop" => Some(CommandKind::Stop),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandKind::Start => "start",
+            CommandKind::Pause => "pause",
+            CommandKind::Resume => "resume",
+            CommandKind::Stop => "stop",
+        }
+    }
+}
+
+/// A command on its way to a device task, with where to say how it went.
+#[derive(Debug)]
+pub struct Control {
+    pub command: CommandKind,
+    pub params: serde_json::Map<String, serde_json::Value>,
+    /// `Ok(detail)` when done, `Err(reason)` when the device could not do it.
+    pub reply: oneshot::Sender<Result<String, String>>,
+}
+
+/// Why a driver stopped before shutdown (the supervisor restarts it).
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("ingest closed")]
+    Ingest(#[from] IngestError),
+}
+
+/// What every driver gets: an output, a control input, a shutdown signal.
+pub struct DeviceCtx {
+    pub id: String,
+    pub ingest: Ingest,
+    pub control: mpsc::Receiver<Control>,
+    pub shutdown: CancellationToken,
+    pub metrics: Arc<Metrics>,
+}
+
+impl DeviceCtx {
+    pub async fn emit(&self, draft: Draft) -> Result<(), DeviceError> {
+        Ok(self.ingest.send(draft).await?)
+    }
+
+    pub fn set_state(&self, state: &str) {
+        self.metrics.set_device_state(&self.id, state);
+    }
+}
+
+/// Runs one device until shutdown, restarting its driver after failures.
+pub async fn supervise(cfg: DeviceConfig, mut ctx: DeviceCtx) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let result = match &cfg {
+            DeviceConfig::SimulatedPotentiostat(c) => sim_potentiostat::run(c, &mut ctx).await,
+            DeviceConfig::SimulatedSensors(c) => sim_sensors::run(c, &mut ctx).await,
+        };
+        match result {
+            Ok(()) => break,
+            Err(DeviceError::Ingest(_)) if ctx.shutdown.is_cancelled() => break,
+            Err(e) => {
+                ctx.set_state("failed");
+                tracing::error!(device = %ctx.id, error = %e, retry_in = ?backoff, "device failed");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = ctx.shutdown.cancelled() => break,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+    ctx.set_state("stopped");
+}
+
+/// SplitMix64: a small, fast, seedable generator for simulated noise.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+    pub fn from_time() -> Rng {
+        Rng(crate::record::unix_us(std::time::SystemTime::now()) ^ 0x9E37_79B9_7F4A_7C15)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-1, 1).
+    pub fn symmetric(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+    }
+}
+
+/// Validation helper: a finite number within bounds.
+pub(crate) fn check_range(key: &str, v: f64, lo: f64, hi: f64) -> Result<(), (String, String)> {
+    if v.is_finite() && v >= lo && v <= hi {
+        Ok(())
+    } else {
+        Err((
+            key.to_string(),
+            format!("must be between {lo} and {hi}, got {v}"),
+        ))
+    }
+}

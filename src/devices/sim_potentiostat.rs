@@ -1,0 +1,783 @@
+//! `simulated_potentiostat`: runs configured experiments (CV, CA) with physically plausible
+//! data and the full experiment lifecycle, honouring start / pause / resume / stop.
+//!
+//! CV currents come from a one-dimensional diffusion model of a reversible couple
+//! (R → O + e⁻, equal diffusion coefficients) solved with explicit finite differences
+//! under a Nernstian surface condition, plus double-layer charging and noise: the
+//! voltammogram has the familiar anodic and cathodic peaks with diffusion tails. CA is the
+//! Cottrell transient at the applied potential.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc::error::TryRecvError;
+use tokio::time::Instant;
+
+use super::{check_range, CommandKind, Control, DeviceCtx, DeviceError, Rng};
+use crate::record::{object, Body, Draft, Point};
+
+const FARADAY: f64 = 96_485.332;
+/// F / RT at 25 °C, 1/V.
+const F_RT: f64 = 38.921;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub id: String,
+    /// Steps of each experiment, in order.
+    pub steps: Vec<Step>,
+    /// Points per `echem_data` message.
+    #[serde(default = "d_points")]
+    pub points_per_message: usize,
+    /// A partly filled data message is sent after this long.
+    #[serde(default = "d_interval", with = "humantime_serde")]
+    pub max_interval: Duration,
+    /// 1.0 = real time, 10 = ten times faster, 0 = as fast as possible.
+    #[serde(default = "d_speed")]
+    pub speed: f64,
+    /// Experiments to run after start (0 = keep running new ones).
+    #[serde(default)]
+    pub runs: u32,
+    /// Wait between experiments.
+    #[serde(default = "d_between", with = "humantime_serde")]
+    pub pause_between: Duration,
+    /// Start the first experiment at agent start (else wait for a `start` command).
+    #[serde(default = "d_true")]
+    pub autostart: bool,
+    /// Formal potential of the simulated couple, V.
+    #[serde(default = "d_e0")]
+    pub e0: f64,
+    /// Relative current noise (0.005 = 0.5 %).
+    #[serde(default = "d_noise")]
+    pub noise: f64,
+}
+
+fn d_points() -> usize {
+    50
+}
+fn d_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn d_speed() -> f64 {
+    1.0
+}
+fn d_between() -> Duration {
+    Duration::from_secs(2)
+}
+fn d_true() -> bool {
+    true
+}
+fn d_e0() -> f64 {
+    0.2
+}
+fn d_noise() -> f64 {
+    0.005
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "technique", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Step {
+    /// Cyclic voltammetry: begin → vertex1 → vertex2 → begin, `n_scans` times.
+    Cv {
+        e_begin: f64,
+        e_vertex1: f64,
+        e_vertex2: f64,
+        e_step: f64,
+        scan_rate: f64,
+        #[serde(default = "one")]
+        n_scans: u32,
+    },
+    /// Chronoamperometry: hold `e_dc` for `t_run` s, a point every `t_interval` s.
+    Ca {
+        e_dc: f64,
+        t_interval: f64,
+        t_run: f64,
+    },
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl Step {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Step::Cv { .. } => "CV",
+            Step::Ca { .. } => "CA",
+        }
+    }
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.steps.is_empty() {
+            return Err(("steps".into(), "at least one step is required".into()));
+        }
+        if self.points_per_message == 0 || self.points_per_message > 100_000 {
+            return Err(("points_per_message".into(), "must be 1..=100000".into()));
+        }
+        check_range("speed", self.speed, 0.0, 1e6)?;
+        check_range("e0", self.e0, -5.0, 5.0)?;
+        check_range("noise", self.noise, 0.0, 1.0)?;
+        if self.max_interval.is_zero() {
+            return Err(("max_interval".into(), "must be greater than zero".into()));
+        }
+        for (i, s) in self.steps.iter().enumerate() {
+            let k = |f: &str| format!("steps[{i}].{f}");
+            match *s {
+                Step::Cv {
+                    e_begin,
+                    e_vertex1,
+                    e_vertex2,
+                    e_step,
+                    scan_rate,
+                    n_scans,
+                } => {
+                    check_range(&k("e_begin"), e_begin, -10.0, 10.0)?;
+                    check_range(&k("e_vertex1"), e_vertex1, -10.0, 10.0)?;
+                    check_range(&k("e_vertex2"), e_vertex2, -10.0, 10.0)?;
+                    check_range(&k("e_step"), e_step, 1e-5, 1.0)?;
+                    check_range(&k("scan_rate"), scan_rate, 1e-4, 1e4)?;
+                    if e_vertex1 == e_vertex2 {
+                        return Err((k("e_vertex2"), "must differ from e_vertex1".into()));
+                    }
+                    if n_scans == 0 || n_scans > 10_000 {
+                        return Err((k("n_scans"), "must be 1..=10000".into()));
+                    }
+                }
+                Step::Ca {
+                    e_dc,
+                    t_interval,
+                    t_run,
+                } => {
+                    check_range(&k("e_dc"), e_dc, -10.0, 10.0)?;
+                    check_range(&k("t_interval"), t_interval, 1e-5, 3600.0)?;
+                    check_range(&k("t_run"), t_run, t_interval, 1e6)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The electrode and solution of the simulated cell.
+#[derive(Debug, Clone, Copy)]
+struct Cell {
+    e0: f64,
+    /// Electrode area, cm².
+    area: f64,
+    /// Bulk concentration, mol/cm³ (1 mM).
+    conc: f64,
+    /// Diffusion coefficient, cm²/s.
+    diff: f64,
+    /// Double-layer capacitance, F/cm².
+    cdl: f64,
+}
+
+impl Cell {
+    fn new(e0: f64) -> Cell {
+        Cell {
+            e0,
+            area: 0.0707,
+            conc: 1e-6,
+            diff: 1e-5,
+            cdl: 20e-6,
+        }
+    }
+
+    /// Fraction of the couple in the oxidised form at the surface (Nernst).
+    fn surface_ox(&self, e: f64) -> f64 {
+        1.0 / (1.0 + (-F_RT * (e - self.e0)).exp())
+    }
+}
+
+/// Explicit finite-difference diffusion of the oxidised form (normalised to the bulk
+/// concentration of the reduced form).
+struct Diffusion {
+    u: Vec<f64>,
+    next: Vec<f64>,
+    dx: f64,
+    dt: f64,
+    lambda: f64,
+}
+
+impl Diffusion {
+    fn new(cell: &Cell, t_total: f64) -> Diffusion {
+        let n = 120;
+        let len = 6.0 * (cell.diff * t_total.max(1e-3)).sqrt();
+        let dx = len / n as f64;
+        let dt = 0.45 * dx * dx / cell.diff;
+        Diffusion {
+            u: vec![0.0; n + 1],
+            next: vec![0.0; n + 1],
+            dx,
+            dt,
+            lambda: cell.diff * dt / (dx * dx),
+        }
+    }
+
+    /// Advances `dt_total` seconds with the surface held at `u0`; returns the faradaic
+    /// current density factor d(u)/dx at the surface (positive = anodic).
+    fn advance(&mut self, mut dt_total: f64, u0: f64) -> f64 {
+        let n = self.u.len() - 1;
+        while dt_total > 1e-15 {
+            let dt = dt_total.min(self.dt);
+            let lam = self.lambda * dt / self.dt;
+            self.u[0] = u0;
+            self.next[0] = u0;
+            for j in 1..n {
+                self.next[j] = self.u[j] + lam * (self.u[j + 1] - 2.0 * self.u[j] + self.u[j - 1]);
+            }
+            self.next[n] = 0.0;
+            std::mem::swap(&mut self.u, &mut self.next);
+            dt_total -= dt;
+        }
+        self.u[0] = u0;
+        (3.0 * self.u[0] - 4.0 * self.u[1] + self.u[2]) / (2.0 * self.dx)
+    }
+}
+
+/// The points of one step, generated lazily.
+struct StepGen {
+    points: Vec<(f64, f64)>, // (t, E) plan; current is computed as time advances
+    k: usize,
+    cell: Cell,
+    diffusion: Option<Diffusion>,
+    last_t: f64,
+    scan_rate: f64,
+    /// CV scan boundaries: index of the first point of each scan.
+    scan_starts: Vec<usize>,
+    ca: bool,
+}
+
+impl StepGen {
+    fn new(step: &Step, cell: Cell) -> StepGen {
+        match *step {
+            Step::Cv {
+                e_begin,
+                e_vertex1,
+                e_vertex2,
+                e_step,
+                scan_rate,
+                n_scans,
+            } => {
+                let mut es = Vec::new();
+                let mut scan_starts = Vec::new();
+                for _ in 0..n_scans {
+                    scan_starts.push(es.len());
+                    ramp(&mut es, e_begin, e_vertex1, e_step);
+                    ramp(&mut es, e_vertex1, e_vertex2, e_step);
+                    ramp(&mut es, e_vertex2, e_begin, e_step);
+                }
+                es.push(e_begin);
+                let dt = e_step / scan_rate;
+                let points: Vec<(f64, f64)> = es
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| (i as f64 * dt, *e))
+                    .collect();
+                let t_total = points.last().map_or(1.0, |p| p.0);
+                StepGen {
+                    diffusion: Some(Diffusion::new(&cell, t_total)),
+                    points,
+                    k: 0,
+                    cell,
+                    last_t: 0.0,
+                    scan_rate,
+                    scan_starts,
+                    ca: false,
+                }
+            }
+            Step::Ca {
+                e_dc,
+                t_interval,
+                t_run,
+            } => {
+                let n = (t_run / t_interval).round() as usize;
+                let points = (1..=n).map(|i| (i as f64 * t_interval, e_dc)).collect();
+                StepGen {
+                    points,
+                    k: 0,
+                    cell,
+                    diffusion: None,
+                    last_t: 0.0,
+                    scan_rate: 0.0,
+                    scan_starts: vec![0],
+                    ca: true,
+                }
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.points.len()
+    }
+
+    /// Scan number (0-based) of point `k`.
+    fn scan_of(&self, k: usize) -> usize {
+        self.scan_starts.iter().rposition(|s| *s <= k).unwrap_or(0)
+    }
+
+    fn next(&mut self, rng: &mut Rng, noise: f64) -> Option<Point> {
+        let (t, e) = *self.points.get(self.k)?;
+        let c = self.cell;
+        let nfac = FARADAY * c.area * c.conc;
+        let i = if self.ca {
+            // Cottrell at the applied potential's surface ratio.
+            nfac * (c.diff / (std::f64::consts::PI * t)).sqrt() * c.surface_ox(e)
+        } else {
+            let dt = t - self.last_t;
+            let grad = match self.diffusion.as_mut() {
+                Some(d) => d.advance(dt, c.surface_ox(e)),
+                None => 0.0,
+            };
+            let direction = match self.points.get(self.k + 1) {
+                Some(&(_, e_next)) => (e_next - e).signum(),
+                None => 0.0,
+            };
+            nfac * c.diff * grad + c.cdl * c.area * self.scan_rate * direction
+        };
+        self.last_t = t;
+        self.k += 1;
+        let i = i * (1.0 + noise * rng.symmetric()) + 1e-9 * noise * rng.symmetric();
+        Some(Point { t, e, i })
+    }
+}
+
+fn ramp(out: &mut Vec<f64>, from: f64, to: f64, step: f64) {
+    let n = ((to - from).abs() / step).round() as usize;
+    let dir = (to - from).signum();
+    for j in 0..n {
+        out.push(from + dir * step * j as f64);
+    }
+}
+
+/// What the control path asked for while an experiment runs.
+enum Flow {
+    Continue,
+    Stop,
+    Shutdown,
+}
+
+struct Runner<'a> {
+    cfg: &'a Config,
+    ctx: &'a mut DeviceCtx,
+    experiment_id: String,
+    paused: bool,
+    /// Points measured, not yet sent.
+    chunk: Vec<Point>,
+    chunk_started: Instant,
+    technique: &'static str,
+    step_index: u32,
+}
+
+impl Runner<'_> {
+    async fn event(
+        &self,
+        event: &str,
+        data: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), DeviceError> {
+        self.ctx
+            .emit(Draft::new(
+                self.ctx.id.clone(),
+                Body::ExperimentEvent {
+                    event: event.into(),
+                    experiment_id: self.experiment_id.clone(),
+                    data,
+                },
+            ))
+            .await
+    }
+
+    async fn flush_chunk(&mut self) -> Result<(), DeviceError> {
+        if self.chunk.is_empty() {
+            return Ok(());
+        }
+        let points = std::mem::take(&mut self.chunk);
+        self.ctx
+            .emit(Draft::new(
+                self.ctx.id.clone(),
+                Body::EchemData {
+                    technique: self.technique.into(),
+                    experiment_id: self.experiment_id.clone(),
+                    step_index: self.step_index,
+                    points,
+                },
+            ))
+            .await
+    }
+
+    /// Handles one control message while an experiment runs.
+    async fn on_control(&mut self, c: Control) -> Result<Flow, DeviceError> {
+        let (reply, flow) = match c.command {
+            CommandKind::Pause if self.paused => (Ok("already paused".to_string()), Flow::Continue),
+            CommandKind::Pause => {
+                self.flush_chunk().await?;
+                self.paused = true;
+                self.ctx.set_state("paused");
+                self.event(
+                    "experiment_paused",
+                    object([("step_index", self.step_index.into())]),
+                )
+                .await?;
+                (Ok("paused".into()), Flow::Continue)
+            }
+            CommandKind::Resume if !self.paused => (Ok("already running".into()), Flow::Continue),
+            CommandKind::Resume => {
+                self.paused = false;
+                self.ctx.set_state("running");
+                self.event(
+                    "experiment_resumed",
+                    object([("step_index", self.step_index.into())]),
+                )
+                .await?;
+                (Ok("resumed".into()), Flow::Continue)
+            }
+            CommandKind::Stop => (Ok("stopped".into()), Flow::Stop),
+            CommandKind::Start => (
+                Err(format!(
+                    "experiment {} is already running",
+                    self.experiment_id
+                )),
+                Flow::Continue,
+            ),
+        };
+        let _ = c.reply.send(reply);
+        Ok(flow)
+    }
+
+    /// Waits until `until` (or, while paused, until resumed), handling control messages.
+    async fn wait(&mut self, until: Option<Instant>) -> Result<Flow, DeviceError> {
+        loop {
+            // Non-blocking look first: at full speed this is the only check per point.
+            match self.ctx.control.try_recv() {
+                Ok(c) => match self.on_control(c).await? {
+                    Flow::Continue => continue,
+                    other => return Ok(other),
+                },
+                Err(TryRecvError::Disconnected) => return Ok(Flow::Shutdown),
+                Err(TryRecvError::Empty) => {}
+            }
+            if self.ctx.shutdown.is_cancelled() {
+                return Ok(Flow::Shutdown);
+            }
+            if !self.paused && until.is_none_or(|u| Instant::now() >= u) {
+                return Ok(Flow::Continue);
+            }
+            let flush_at = self.chunk_started + self.cfg.max_interval;
+            let wake = match until {
+                Some(u) if !self.paused => u.min(flush_at),
+                _ => flush_at,
+            };
+            tokio::select! {
+                c = self.ctx.control.recv() => match c {
+                    Some(c) => match self.on_control(c).await? {
+                        Flow::Continue => {}
+                        other => return Ok(other),
+                    },
+                    None => return Ok(Flow::Shutdown),
+                },
+                () = tokio::time::sleep_until(wake) => {
+                    if Instant::now() >= flush_at && !self.chunk.is_empty() {
+                        self.flush_chunk().await?;
+                    }
+                    if self.chunk.is_empty() {
+                        self.chunk_started = Instant::now();
+                    }
+                }
+                () = self.ctx.shutdown.cancelled() => return Ok(Flow::Shutdown),
+            }
+        }
+    }
+
+    /// Runs one experiment; returns Shutdown when the agent is stopping.
+    async fn experiment(&mut self, rng: &mut Rng) -> Result<Flow, DeviceError> {
+        let cfg = self.cfg;
+        let started = Instant::now();
+        self.ctx.set_state("running");
+        let steps: Vec<serde_json::Value> = cfg
+            .steps
+            .iter()
+            .map(|s| serde_json::to_value(s).unwrap_or(serde_json::Value::Null))
+            .collect();
+        self.event(
+            "experiment_started",
+            object([
+                ("method", "simulated".into()),
+                ("steps", steps.into()),
+                ("device_kind", "simulated_potentiostat".into()),
+            ]),
+        )
+        .await?;
+        for (index, step) in cfg.steps.iter().enumerate() {
+            self.step_index = index as u32;
+            self.technique = step.name();
+            let step_started = Instant::now();
+            let mut gen = StepGen::new(step, Cell::new(cfg.e0));
+            self.event(
+                "step_started",
+                object([
+                    ("step_index", index.into()),
+                    ("step_name", step.name().into()),
+                    ("points", gen.len().into()),
+                ]),
+            )
+            .await?;
+            // Pacing: measured time t is due at `base + (t - t_base) / speed`; a pause
+            // shifts the base so that time stands still while paused.
+            let mut base = Instant::now();
+            let mut t_base = 0.0;
+            let mut scan = 0;
+            self.chunk_started = Instant::now();
+            while gen.k < gen.len() {
+                let k = gen.k;
+                let due = if cfg.speed > 0.0 {
+                    let t = gen.points[k].0;
+                    Some(base + Duration::from_secs_f64(((t - t_base) / cfg.speed).max(0.0)))
+                } else {
+                    None
+                };
+                let was_paused = self.paused;
+                let flow = if cfg.speed > 0.0 || self.paused || k % 256 == 0 {
+                    if cfg.speed == 0.0 && !self.paused {
+                        tokio::task::yield_now().await;
+                    }
+                    self.wait(due).await?
+                } else {
+                    match self.ctx.control.try_recv() {
+                        Ok(c) => self.on_control(c).await?,
+                        Err(_) => Flow::Continue,
+                    }
+                };
+                match flow {
+                    Flow::Continue => {}
+                    Flow::Stop => {
+                        self.flush_chunk().await?;
+                        self.event(
+                            "experiment_stopped",
+                            object([
+                                ("step_index", index.into()),
+                                ("reason", "stop command".into()),
+                                ("duration", started.elapsed().as_secs_f64().into()),
+                            ]),
+                        )
+                        .await?;
+                        return Ok(Flow::Stop);
+                    }
+                    Flow::Shutdown => {
+                        self.flush_chunk().await?;
+                        self.event(
+                            "experiment_stopped",
+                            object([
+                                ("step_index", index.into()),
+                                ("reason", "agent shutdown".into()),
+                            ]),
+                        )
+                        .await?;
+                        return Ok(Flow::Shutdown);
+                    }
+                }
+                if was_paused && !self.paused {
+                    base = Instant::now();
+                    t_base = gen.points[gen.k].0;
+                }
+                if self.paused {
+                    continue;
+                }
+                let s = gen.scan_of(k);
+                if s != scan {
+                    self.flush_chunk().await?;
+                    scan = s;
+                }
+                if let Some(p) = gen.next(rng, cfg.noise) {
+                    if self.chunk.is_empty() {
+                        self.chunk_started = Instant::now();
+                    }
+                    self.chunk.push(p);
+                }
+                if self.chunk.len() >= cfg.points_per_message {
+                    self.flush_chunk().await?;
+                }
+            }
+            self.flush_chunk().await?;
+            self.event(
+                "step_completed",
+                object([
+                    ("step_index", index.into()),
+                    ("step_name", step.name().into()),
+                    ("duration", step_started.elapsed().as_secs_f64().into()),
+                ]),
+            )
+            .await?;
+        }
+        self.event(
+            "experiment_completed",
+            object([("duration", started.elapsed().as_secs_f64().into())]),
+        )
+        .await?;
+        Ok(Flow::Continue)
+    }
+}
+
+/// Driver entry point.
+pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
+    let mut rng = Rng::from_time();
+    let mut running = cfg.autostart;
+    let mut done: u32 = 0;
+    let mut counter: u64 = 0;
+    loop {
+        if running {
+            counter += 1;
+            let experiment_id = format!(
+                "exp-{}-{}-{counter}",
+                ctx.id,
+                crate::record::unix_ms(std::time::SystemTime::now())
+            );
+            let mut r = Runner {
+                cfg,
+                ctx: &mut *ctx,
+                experiment_id,
+                paused: false,
+                chunk: Vec::with_capacity(cfg.points_per_message),
+                chunk_started: Instant::now(),
+                technique: "",
+                step_index: 0,
+            };
+            match r.experiment(&mut rng).await? {
+                Flow::Shutdown => return Ok(()),
+                Flow::Stop => running = false,
+                Flow::Continue => {
+                    done += 1;
+                    running = cfg.runs == 0 || done < cfg.runs;
+                }
+            }
+        }
+        ctx.set_state("idle");
+        // Idle: wait for a start (or the gap between runs), answering commands.
+        let next_run = running.then(|| Instant::now() + cfg.pause_between);
+        loop {
+            let sleep = async {
+                match next_run {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                c = ctx.control.recv() => {
+                    let Some(c) = c else { return Ok(()) };
+                    let reply = match c.command {
+                        CommandKind::Start if !c.params.is_empty() => {
+                            Err("simulated_potentiostat's start takes no parameters".to_string())
+                        }
+                        CommandKind::Start => {
+                            running = true;
+                            done = 0;
+                            Ok("started".to_string())
+                        }
+                        CommandKind::Stop => {
+                            running = false;
+                            Ok("already idle".into())
+                        }
+                        CommandKind::Pause | CommandKind::Resume => Err("no experiment is running".into()),
+                    };
+                    let start_now = c.command == CommandKind::Start && reply.is_ok();
+                    let _ = c.reply.send(reply);
+                    if start_now || (!running && next_run.is_some()) {
+                        break;
+                    }
+                }
+                () = sleep => break,
+                () = ctx.shutdown.cancelled() => return Ok(()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cv() -> Step {
+        Step::Cv {
+            e_begin: -0.2,
+            e_vertex1: 0.6,
+            e_vertex2: -0.2,
+            e_step: 0.005,
+            scan_rate: 0.1,
+            n_scans: 1,
+        }
+    }
+
+    #[test]
+    fn cv_has_an_anodic_peak_near_e0_and_a_cathodic_return_peak() {
+        let mut g = StepGen::new(&cv(), Cell::new(0.2));
+        let mut rng = Rng::new(1);
+        let pts: Vec<Point> = std::iter::from_fn(|| g.next(&mut rng, 0.0)).collect();
+        let (imax, pmax) = pts
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.i.total_cmp(&b.1.i))
+            .unwrap();
+        let pmin = pts.iter().min_by(|a, b| a.i.total_cmp(&b.i)).unwrap();
+        // Reversible couple: anodic peak ~28.5 mV above E0 (n = 1) on the forward scan,
+        // cathodic peak ~28.5 mV below on the return; ip ~ 20 µA for 1 mM, 0.07 cm², 0.1 V/s.
+        assert!(
+            (pmax.e - 0.2285).abs() < 0.02,
+            "anodic peak at {} V",
+            pmax.e
+        );
+        assert!(imax < pts.len() / 2, "anodic peak on the forward scan");
+        assert!(
+            (pmin.e - 0.1715).abs() < 0.02,
+            "cathodic peak at {} V",
+            pmin.e
+        );
+        assert!(pmax.i > 1.2e-5 && pmax.i < 3e-5, "ip = {}", pmax.i);
+        assert!(pmin.i < -0.6 * pmax.i && pmin.i < 0.0);
+        // Diffusion tail: current past the peak falls but stays anodic.
+        let tail = pts
+            .iter()
+            .find(|p| p.e > 0.55 && p.t < pts[pts.len() / 2].t)
+            .unwrap();
+        assert!(tail.i > 0.3 * pmax.i && tail.i < pmax.i);
+    }
+
+    #[test]
+    fn ca_follows_cottrell_decay() {
+        let step = Step::Ca {
+            e_dc: 0.6,
+            t_interval: 0.1,
+            t_run: 2.0,
+        };
+        let mut g = StepGen::new(&step, Cell::new(0.2));
+        let mut rng = Rng::new(2);
+        let pts: Vec<Point> = std::iter::from_fn(|| g.next(&mut rng, 0.0)).collect();
+        assert_eq!(pts.len(), 20);
+        // i ∝ t^-1/2: quadrupling t halves i.
+        let ratio = pts[0].i / pts[3].i;
+        assert!((ratio - 2.0).abs() < 1e-6, "{ratio}");
+    }
+
+    #[test]
+    fn invalid_step_is_named() {
+        let mut c = Config {
+            id: "p".into(),
+            steps: vec![cv()],
+            points_per_message: 10,
+            max_interval: Duration::from_secs(1),
+            speed: 1.0,
+            runs: 0,
+            pause_between: Duration::from_secs(1),
+            autostart: true,
+            e0: 0.2,
+            noise: 0.0,
+        };
+        assert!(c.validate().is_ok());
+        c.steps.push(Step::Ca {
+            e_dc: 0.1,
+            t_interval: 1.0,
+            t_run: 0.5,
+        });
+        assert_eq!(c.validate().unwrap_err().0, "steps[1].t_run");
+    }
+}

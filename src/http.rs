@@ -1,0 +1,194 @@
+//! `/health`, `/metrics` (Prometheus text) and `/status` (JSON) over plain HTTP/1.1.
+//!
+//! Three read-only GET endpoints on loopback do not need a web framework: requests are
+//! read up to a small limit with a timeout, answered, and the connection closed.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::buffer::Buffer;
+use crate::metrics::Metrics;
+use crate::record::unix_ms;
+
+/// Kafka unreachable for longer than this makes `/health` 503.
+pub const KAFKA_UNHEALTHY_AFTER: Duration = Duration::from_secs(30);
+/// Buffer fill above this makes `/health` 503.
+pub const BUFFER_UNHEALTHY_FILL: f64 = 0.9;
+
+pub struct HttpState {
+    pub agent_id: String,
+    pub metrics: Arc<Metrics>,
+    pub buffer: Arc<Buffer>,
+}
+
+impl HttpState {
+    /// Reasons the agent is not healthy; empty when it is.
+    pub fn health_reasons(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let m = &self.metrics;
+        if !m.kafka_connected.load(Relaxed) {
+            let last = m.kafka_last_connected_ms.load(Relaxed);
+            let down_for = if last == 0 {
+                m.started.map_or(Duration::ZERO, |s| s.elapsed())
+            } else {
+                Duration::from_millis(unix_ms(SystemTime::now()).saturating_sub(last))
+            };
+            if down_for > KAFKA_UNHEALTHY_AFTER {
+                out.push(format!("kafka unreachable for {}s", down_for.as_secs()));
+            }
+        }
+        let fill = self.buffer.fill_ratio();
+        if fill > BUFFER_UNHEALTHY_FILL {
+            out.push(format!("buffer {:.0}% full", fill * 100.0));
+        }
+        for (id, d) in m.device_snapshot() {
+            if d.state == "failed" {
+                out.push(format!("device {id} failed"));
+            }
+        }
+        out
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let m = &self.metrics;
+        json!({
+            "agent_id": self.agent_id,
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_seconds": m.started.map_or(0.0, |s| s.elapsed().as_secs_f64()),
+            "health": self.health_reasons(),
+            "kafka": {
+                "connected": m.kafka_connected.load(Relaxed),
+                "last_connected_ms": m.kafka_last_connected_ms.load(Relaxed),
+                "records_delivered": m.records_delivered.load(Relaxed),
+                "delivery_errors": m.delivery_errors.load(Relaxed),
+            },
+            "buffer": self.buffer.stats(),
+            "records_buffered": m.records_ingested.load(Relaxed),
+            "records_dropped": m.dropped_total(),
+            "devices": m.device_snapshot(),
+            "commands": {
+                "assigned": m.commands_assigned.load(Relaxed),
+                "accepted": m.commands_accepted.load(Relaxed),
+                "completed": m.commands_completed.load(Relaxed),
+                "failed": m.commands_failed.load(Relaxed),
+                "rejected": m.commands_rejected.load(Relaxed),
+                "ignored": m.commands_ignored.load(Relaxed),
+            },
+        })
+    }
+
+    fn respond(&self, path: &str) -> (u16, &'static str, String) {
+        match path {
+            "/health" => {
+                let reasons = self.health_reasons();
+                let code = if reasons.is_empty() { 200 } else { 503 };
+                let body =
+                    json!({"status": if code == 200 {"ok"} else {"unhealthy"}, "reasons": reasons});
+                (code, "application/json", body.to_string())
+            }
+            "/metrics" => (
+                200,
+                "text/plain; version=0.0.4",
+                self.metrics.render(&self.buffer.stats()),
+            ),
+            "/status" => (200, "application/json", self.status().to_string()),
+            _ => (404, "text/plain", "not found\n".into()),
+        }
+    }
+}
+
+/// Serves until shutdown.
+pub async fn serve(listener: TcpListener, state: Arc<HttpState>, shutdown: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "http accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => return,
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            if let Err(e) = answer(stream, &state).await {
+                tracing::debug!(error = %e, "http request failed");
+            }
+        });
+    }
+}
+
+async fn answer(mut stream: TcpStream, state: &HttpState) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 4096];
+    let mut len = 0;
+    let read = async {
+        loop {
+            let n = stream.read(&mut buf[len..]).await?;
+            if n == 0 {
+                break;
+            }
+            len += n;
+            if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") || len == buf.len() {
+                break;
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request timeout"))??;
+    let head = String::from_utf8_lossy(&buf[..len]);
+    let mut parts = head.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (code, ctype, body) = if method == "GET" {
+        state.respond(path.split('?').next().unwrap_or(""))
+    } else {
+        (405, "text/plain", "method not allowed\n".into())
+    };
+    let reason = match code {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Service Unavailable",
+    };
+    let resp = format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(resp.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// A minimal GET for the CLI (`labgate buffer stats` asks the running agent).
+pub async fn get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout"))??;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "read timeout"))??;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((code, body))
+}

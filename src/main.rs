@@ -1,0 +1,189 @@
+//! The `labgate` command line: parse, set up logging, load config, run, exit code.
+
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use labgate::config::{Config, LogFormat};
+use labgate::tools;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+
+/// sysexits: a usage or configuration error.
+const EX_USAGE: u8 = 64;
+/// sysexits: a service the command needs is unavailable.
+const EX_UNAVAILABLE: u8 = 69;
+
+#[derive(Parser)]
+#[command(
+    name = "labgate",
+    version,
+    about = "Edge agent: lab instruments and sensors -> durable buffer -> Kafka"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config and print it with secrets redacted (exit 64 on error).
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Inspect the buffer.
+    Buffer {
+        #[command(subcommand)]
+        cmd: BufferCmd,
+    },
+    /// Print messages from Kafka topics as they arrive.
+    Tail(tools::TailArgs),
+    /// Send commands to agents through Kafka.
+    Command {
+        #[command(subcommand)]
+        cmd: CommandCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BufferCmd {
+    /// Records, bytes, oldest age and per-device counts (from the running agent's
+    /// /status, or from the data dir when the agent is stopped).
+    Stats {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CommandCmd {
+    /// Produce one command (and with --wait, follow its results).
+    Send(tools::SendArgs),
+}
+
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => b.json().init(),
+        LogFormat::Text => b.init(),
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("labgate: config error: {e}");
+        ExitCode::from(EX_USAGE)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Check { config } => match load(&config) {
+            Ok(cfg) => {
+                print!("{}", cfg.redacted_toml());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Cmd::Run { config } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            init_logging(cfg.log.format, &cfg.log.level);
+            report(runtime().and_then(|rt| rt.block_on(run(cfg))))
+        }
+        Cmd::Buffer {
+            cmd: BufferCmd::Stats { config, json },
+        } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            report(runtime().and_then(|rt| {
+                rt.block_on(tools::buffer_stats(&cfg, json))
+                    .context("buffer stats")
+            }))
+        }
+        Cmd::Tail(args) => {
+            init_logging(LogFormat::Text, "warn");
+            report(runtime().and_then(|rt| rt.block_on(tools::tail(args)).context("tail")))
+        }
+        Cmd::Command {
+            cmd: CommandCmd::Send(args),
+        } => {
+            init_logging(LogFormat::Text, "warn");
+            match runtime().and_then(|rt| rt.block_on(tools::send(args)).context("command send")) {
+                Ok(code) => ExitCode::from(code),
+                Err(e) => {
+                    eprintln!("labgate: {e:#}");
+                    ExitCode::from(EX_UNAVAILABLE)
+                }
+            }
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn report(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("labgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cfg: Config) -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    let signal_stop = stop.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received");
+        signal_stop.cancel();
+        // A second signal while draining ends the process at once.
+        wait_for_signal().await;
+        tracing::warn!("second signal: exiting without draining");
+        std::process::exit(130);
+    });
+    labgate::app::run(cfg, stop).await.context("agent")
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

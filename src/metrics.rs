@@ -1,0 +1,229 @@
+//! Counters and gauges shared by every subsystem, rendered as Prometheus text.
+//!
+//! Names follow `labgate_<name>_<unit>_total` for counters; they are part of the
+//! product's interface (dashboards depend on them), so renaming one is a breaking change.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crate::buffer::Stats;
+
+/// Why a record left the buffer without reaching Kafka.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// `drop_oldest` made room for newer records.
+    BufferFullDropOldest,
+    /// `reject_new` refused the record.
+    BufferFullRejectNew,
+    /// The broker refused it for good; it is in the dead-letter tree.
+    DeadLetter,
+}
+
+impl DropReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            DropReason::BufferFullDropOldest => "buffer_full_drop_oldest",
+            DropReason::BufferFullRejectNew => "buffer_full_reject_new",
+            DropReason::DeadLetter => "dead_letter",
+        }
+    }
+}
+
+/// Per-device facts for `/status`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct DeviceStatus {
+    /// The device's current state as its driver reports it (idle, running, paused …).
+    pub state: String,
+    /// Highest `seq` of this device known durable in the buffer.
+    pub last_durable_seq: Option<u64>,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    /// When the agent started, for uptime.
+    pub started: Option<Instant>,
+    pub records_ingested: AtomicU64,
+    pub records_delivered: AtomicU64,
+    pub dropped_drop_oldest: AtomicU64,
+    pub dropped_reject_new: AtomicU64,
+    pub dropped_dead_letter: AtomicU64,
+    pub delivery_errors: AtomicU64,
+    pub buffer_flushes: AtomicU64,
+    pub kafka_connected: AtomicBool,
+    /// Unix ms of the last moment Kafka was seen connected (0 = never).
+    pub kafka_last_connected_ms: AtomicU64,
+    pub commands_accepted: AtomicU64,
+    pub commands_completed: AtomicU64,
+    pub commands_failed: AtomicU64,
+    pub commands_rejected: AtomicU64,
+    pub commands_ignored: AtomicU64,
+    /// The command consumer has partitions assigned (commands can arrive).
+    pub commands_assigned: AtomicBool,
+    pub devices: Mutex<BTreeMap<String, DeviceStatus>>,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        Metrics {
+            started: Some(Instant::now()),
+            ..Metrics::default()
+        }
+    }
+
+    pub fn count_drop(&self, reason: DropReason, n: u64) {
+        let c = match reason {
+            DropReason::BufferFullDropOldest => &self.dropped_drop_oldest,
+            DropReason::BufferFullRejectNew => &self.dropped_reject_new,
+            DropReason::DeadLetter => &self.dropped_dead_letter,
+        };
+        c.fetch_add(n, Relaxed);
+    }
+
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped_drop_oldest.load(Relaxed)
+            + self.dropped_reject_new.load(Relaxed)
+            + self.dropped_dead_letter.load(Relaxed)
+    }
+
+    pub fn set_device_state(&self, device: &str, state: &str) {
+        let mut d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        d.entry(device.to_string()).or_default().state = state.to_string();
+    }
+
+    pub fn set_durable_seq(&self, device: &str, seq: u64) {
+        let mut d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        d.entry(device.to_string()).or_default().last_durable_seq = Some(seq);
+    }
+
+    pub fn device_snapshot(&self) -> BTreeMap<String, DeviceStatus> {
+        self.devices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Prometheus text exposition (format 0.0.4).
+    pub fn render(&self, buffer: &Stats) -> String {
+        let mut o = String::with_capacity(4096);
+        let counter = |o: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        };
+        let gauge = |o: &mut String, name: &str, help: &str, v: f64| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        };
+        counter(
+            &mut o,
+            "labgate_records_buffered_total",
+            "Records made durable in the buffer.",
+            self.records_ingested.load(Relaxed),
+        );
+        counter(
+            &mut o,
+            "labgate_records_delivered_total",
+            "Records acknowledged by Kafka and removed from the buffer.",
+            self.records_delivered.load(Relaxed),
+        );
+        let _ = writeln!(
+            o,
+            "# HELP labgate_records_dropped_total Records lost, by reason.\n# TYPE labgate_records_dropped_total counter"
+        );
+        for (reason, c) in [
+            (DropReason::BufferFullDropOldest, &self.dropped_drop_oldest),
+            (DropReason::BufferFullRejectNew, &self.dropped_reject_new),
+            (DropReason::DeadLetter, &self.dropped_dead_letter),
+        ] {
+            let _ = writeln!(
+                o,
+                "labgate_records_dropped_total{{reason=\"{}\"}} {}",
+                reason.label(),
+                c.load(Relaxed)
+            );
+        }
+        counter(
+            &mut o,
+            "labgate_kafka_delivery_errors_total",
+            "Failed delivery reports (retried or dead-lettered).",
+            self.delivery_errors.load(Relaxed),
+        );
+        gauge(
+            &mut o,
+            "labgate_kafka_connected",
+            "1 while at least one broker connection is up.",
+            f64::from(u8::from(self.kafka_connected.load(Relaxed))),
+        );
+        gauge(
+            &mut o,
+            "labgate_buffer_records",
+            "Records in the buffer awaiting delivery.",
+            buffer.records as f64,
+        );
+        gauge(
+            &mut o,
+            "labgate_buffer_bytes",
+            "Encoded bytes of buffered records.",
+            buffer.bytes as f64,
+        );
+        gauge(
+            &mut o,
+            "labgate_buffer_disk_bytes",
+            "Bytes sled uses on disk.",
+            buffer.disk_bytes as f64,
+        );
+        gauge(
+            &mut o,
+            "labgate_buffer_oldest_record_age_seconds",
+            "Age of the oldest buffered record.",
+            buffer.oldest_age_seconds,
+        );
+        gauge(
+            &mut o,
+            "labgate_buffer_dead_letters",
+            "Records in the dead-letter tree.",
+            buffer.dead_letters as f64,
+        );
+        counter(
+            &mut o,
+            "labgate_buffer_flushes_total",
+            "Group commits of the buffer.",
+            self.buffer_flushes.load(Relaxed),
+        );
+        let _ = writeln!(
+            o,
+            "# HELP labgate_commands_total Commands handled, by result status.\n# TYPE labgate_commands_total counter"
+        );
+        for (status, c) in [
+            ("accepted", &self.commands_accepted),
+            ("completed", &self.commands_completed),
+            ("failed", &self.commands_failed),
+            ("rejected", &self.commands_rejected),
+            ("ignored", &self.commands_ignored),
+        ] {
+            let _ = writeln!(
+                o,
+                "labgate_commands_total{{status=\"{status}\"}} {}",
+                c.load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            o,
+            "# HELP labgate_device_running 1 while the device's task is running.\n# TYPE labgate_device_running gauge"
+        );
+        for (id, d) in self.device_snapshot() {
+            if id == crate::record::AGENT_DEVICE {
+                continue;
+            }
+            let up = u8::from(!matches!(d.state.as_str(), "stopped" | "failed" | ""));
+            let _ = writeln!(o, "labgate_device_running{{device=\"{id}\"}} {up}");
+        }
+        gauge(
+            &mut o,
+            "labgate_uptime_seconds",
+            "Seconds since the agent started.",
+            self.started.map_or(0.0, |s| s.elapsed().as_secs_f64()),
+        );
+        o
+    }
+}

@@ -1,0 +1,345 @@
+//! Records: what devices, the command path and the agent itself say, and how that is put
+//! on the wire.
+//!
+//! A driver builds a [`Draft`] (a [`Body`] plus its device). Ingest stamps it with the
+//! envelope (`agent_id`, `device_id`, per-device `seq`, `event_id`, `schema_version`,
+//! `timestamp`), encodes the wire message once, and stores a [`Stored`] in the buffer. The
+//! forwarder sends `Stored` as it is: no encoding on the way out.
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the wire message shapes (`schemas/*.json`).
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The device id of records the agent itself emits (drops, dead letters, command
+/// rejections that name no device).
+pub const AGENT_DEVICE: &str = "agent";
+
+/// One measured point of an electrochemical technique.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Point {
+    /// Seconds since the start of the step.
+    pub t: f64,
+    /// Potential, V.
+    pub e: f64,
+    /// Current, A.
+    pub i: f64,
+}
+
+/// Status of a command as reported on the results topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandStatus {
+    Accepted,
+    Completed,
+    Failed,
+    Rejected,
+}
+
+impl CommandStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandStatus::Accepted => "accepted",
+            CommandStatus::Completed => "completed",
+            CommandStatus::Failed => "failed",
+            CommandStatus::Rejected => "rejected",
+        }
+    }
+}
+
+/// Alert priority, in the shape alert consumers already use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    Low,
+    Normal,
+    High,
+    Critical,
+}
+
+/// What a record says. The `type` tag is the message type on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Body {
+    /// Lifecycle of an experiment (started, step_completed, paused, stopped, …).
+    ExperimentEvent {
+        event: String,
+        experiment_id: String,
+        data: serde_json::Map<String, serde_json::Value>,
+    },
+    /// A chunk of measured points.
+    EchemData {
+        technique: String,
+        experiment_id: String,
+        step_index: u32,
+        points: Vec<Point>,
+    },
+    /// One sensor value.
+    SensorReading {
+        sensor_id: String,
+        sensor_type: String,
+        value: f64,
+        unit: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        location: Option<String>,
+        metadata: BTreeMap<String, serde_json::Value>,
+    },
+    /// Something that needs a human (threshold crossed, records dead-lettered …).
+    Alert {
+        alert_id: String,
+        sensor_id: String,
+        sensor_type: String,
+        priority: Priority,
+        message: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        value: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        threshold: Option<f64>,
+        acknowledged: bool,
+    },
+    /// What happened to a command.
+    CommandResult {
+        command_id: String,
+        command: String,
+        status: CommandStatus,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        target_device: Option<String>,
+        /// Unix microseconds: when the agent received the command and when this status
+        /// was reached (lets operators see where time went).
+        received_at_us: u64,
+        status_at_us: u64,
+    },
+    /// Something the agent itself reports (records dropped, …).
+    AgentEvent {
+        event: String,
+        data: serde_json::Map<String, serde_json::Value>,
+    },
+}
+
+/// Which configured topic a record goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TopicKind {
+    Events,
+    Data,
+    Sensors,
+    Alerts,
+    CommandResults,
+}
+
+impl Body {
+    pub fn topic(&self) -> TopicKind {
+        match self {
+            Body::ExperimentEvent { .. } | Body::AgentEvent { .. } => TopicKind::Events,
+            Body::EchemData { .. } => TopicKind::Data,
+            Body::SensorReading { .. } => TopicKind::Sensors,
+            Body::Alert { .. } => TopicKind::Alerts,
+            Body::CommandResult { .. } => TopicKind::CommandResults,
+        }
+    }
+
+    /// The Kafka key: order is kept per key.
+    pub fn key(&self, agent_id: &str) -> String {
+        match self {
+            Body::ExperimentEvent { experiment_id, .. } | Body::EchemData { experiment_id, .. } => {
+                experiment_id.clone()
+            }
+            Body::SensorReading {
+                sensor_id,
+                sensor_type,
+                ..
+            } => format!("{sensor_type}:{sensor_id}"),
+            Body::Alert { sensor_id, .. } => sensor_id.clone(),
+            Body::CommandResult { command_id, .. } => command_id.clone(),
+            Body::AgentEvent { .. } => agent_id.to_string(),
+        }
+    }
+
+    /// The `type` tag, for logs and schema lookup.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Body::ExperimentEvent { .. } => "experiment_event",
+            Body::EchemData { .. } => "echem_data",
+            Body::SensorReading { .. } => "sensor_reading",
+            Body::Alert { .. } => "alert",
+            Body::CommandResult { .. } => "command_result",
+            Body::AgentEvent { .. } => "agent_event",
+        }
+    }
+}
+
+/// A record as a driver hands it to ingest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Draft {
+    pub device_id: String,
+    /// When it happened; ingest uses its own clock when the driver gives none.
+    pub time: Option<SystemTime>,
+    pub body: Body,
+}
+
+impl Draft {
+    pub fn new(device_id: impl Into<String>, body: Body) -> Draft {
+        Draft {
+            device_id: device_id.into(),
+            time: Some(SystemTime::now()),
+            body,
+        }
+    }
+}
+
+/// A record as the buffer keeps it: routing facts plus the finished wire payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stored {
+    pub topic: TopicKind,
+    pub key: String,
+    pub device_id: String,
+    pub seq: u64,
+    /// Unix milliseconds at ingest, for the buffer's oldest-age figure.
+    pub ingested_ms: u64,
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+}
+
+#[derive(Serialize)]
+struct Wire<'a> {
+    #[serde(flatten)]
+    body: &'a Body,
+    timestamp: &'a str,
+    agent_id: &'a str,
+    device_id: &'a str,
+    seq: u64,
+    event_id: &'a str,
+    schema_version: u32,
+}
+
+/// Errors of turning a record into bytes.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("cannot encode {0} record: {1}")]
+    Json(&'static str, serde_json::Error),
+}
+
+/// Stamps `draft` with its envelope and encodes its JSON wire message.
+pub fn stamp(
+    draft: &Draft,
+    agent_id: &str,
+    seq: u64,
+    now: SystemTime,
+) -> Result<Stored, EncodeError> {
+    let time = draft.time.unwrap_or(now);
+    let ts = humantime::format_rfc3339_millis(time).to_string();
+    let event_id = uuid::Uuid::new_v4();
+    let mut id_buf = uuid::Uuid::encode_buffer();
+    let wire = Wire {
+        body: &draft.body,
+        timestamp: &ts,
+        agent_id,
+        device_id: &draft.device_id,
+        seq,
+        event_id: event_id.hyphenated().encode_lower(&mut id_buf),
+        schema_version: SCHEMA_VERSION,
+    };
+    let payload =
+        serde_json::to_vec(&wire).map_err(|e| EncodeError::Json(draft.body.type_name(), e))?;
+    Ok(Stored {
+        topic: draft.body.topic(),
+        key: draft.body.key(agent_id),
+        device_id: draft.device_id.clone(),
+        seq,
+        ingested_ms: unix_ms(now),
+        payload,
+    })
+}
+
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub fn unix_us(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Shorthand for a JSON object literal built from pairs.
+pub fn object<const N: usize>(
+    pairs: [(&str, serde_json::Value); N],
+) -> serde_json::Map<String, serde_json::Value> {
+    pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn experiment_event_has_users_shape_plus_envelope() {
+        let d = Draft {
+            device_id: "pstat-1".into(),
+            time: Some(SystemTime::UNIX_EPOCH + Duration::from_millis(1_705_314_600_000)),
+            body: Body::ExperimentEvent {
+                event: "step_completed".into(),
+                experiment_id: "exp_001".into(),
+                data: object([("step_index", 2.into()), ("step_name", "CV".into())]),
+            },
+        };
+        let s = stamp(&d, "lab-pc-1", 7, SystemTime::now()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&s.payload).unwrap();
+        assert_eq!(v["type"], "experiment_event");
+        assert_eq!(v["event"], "step_completed");
+        assert_eq!(v["timestamp"], "2024-01-15T10:30:00.000Z");
+        assert_eq!(v["experiment_id"], "exp_001");
+        assert_eq!(v["data"]["step_index"], 2);
+        assert_eq!(v["agent_id"], "lab-pc-1");
+        assert_eq!(v["device_id"], "pstat-1");
+        assert_eq!(v["seq"], 7);
+        assert_eq!(v["schema_version"], SCHEMA_VERSION);
+        assert_eq!(v["event_id"].as_str().unwrap().len(), 36);
+        assert_eq!(s.key, "exp_001");
+        assert_eq!(s.topic, TopicKind::Events);
+    }
+
+    #[test]
+    fn sensor_reading_is_keyed_by_type_and_id() {
+        let body = Body::SensorReading {
+            sensor_id: "temp-001".into(),
+            sensor_type: "temperature".into(),
+            value: 22.4,
+            unit: "°C".into(),
+            location: Some("Building A".into()),
+            metadata: BTreeMap::new(),
+        };
+        assert_eq!(body.key("a"), "temperature:temp-001");
+        assert_eq!(body.topic(), TopicKind::Sensors);
+    }
+
+    #[test]
+    fn stored_round_trips_through_cbor_with_compact_payload() {
+        let s = Stored {
+            topic: TopicKind::Data,
+            key: "k".into(),
+            device_id: "d".into(),
+            seq: 1,
+            ingested_ms: 2,
+            payload: vec![7; 200],
+        };
+        let mut buf = Vec::new();
+        ciborium::into_writer(&s, &mut buf).unwrap();
+        // Field names cost ~50 bytes; a payload encoded as an array of integers would
+        // take ~400 bytes for these 200.
+        assert!(
+            buf.len() < 280,
+            "payload must be a byte string, not an array: {}",
+            buf.len()
+        );
+        let back: Stored = ciborium::from_reader(buf.as_slice()).unwrap();
+        assert_eq!(back, s);
+    }
+}

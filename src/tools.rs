@@ -1,0 +1,351 @@
+//! Operator tools behind the CLI: `tail` prints topics, `command send` produces a command
+//! and follows its results, `buffer stats` shows what is waiting.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::{json, Value};
+
+use crate::buffer::Buffer;
+use crate::config::Config;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ToolError {
+    #[error("config error: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("kafka setup: {0}")]
+    Setup(#[from] crate::kafka::KafkaSetupError),
+    #[error("buffer: {0}")]
+    Buffer(#[from] crate::buffer::BufferError),
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// Where to find the brokers: a config file, or a broker list.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Brokers {
+    /// Agent config to take brokers, security and topic names from.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Bootstrap servers (when no config is given).
+    #[arg(long)]
+    pub brokers: Option<String>,
+}
+
+impl Brokers {
+    fn resolve(&self) -> Result<(ClientConfig, Option<Config>), ToolError> {
+        match (&self.config, &self.brokers) {
+            (Some(path), _) => {
+                let cfg = Config::load(path)?;
+                let mut c = crate::kafka::base_config(&cfg)?;
+                for (k, v) in &cfg.kafka.properties {
+                    c.set(k, v);
+                }
+                if let Some(b) = &self.brokers {
+                    c.set("bootstrap.servers", b);
+                }
+                Ok((c, Some(cfg)))
+            }
+            (None, Some(b)) => {
+                let mut c = ClientConfig::new();
+                c.set("bootstrap.servers", b);
+                Ok((c, None))
+            }
+            (None, None) => Err(ToolError::Usage("give --config or --brokers".into())),
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TailArgs {
+    #[command(flatten)]
+    pub brokers: Brokers,
+    /// Topics to print (default: every output topic of the config).
+    #[arg(long = "topic", short)]
+    pub topics: Vec<String>,
+    /// Start at the beginning of each topic instead of its end.
+    #[arg(long)]
+    pub from_beginning: bool,
+    /// Exit after this many messages.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Exit after this long without a message.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub idle_timeout: Option<Duration>,
+}
+
+/// Assigns every partition of `topics` at the beginning or at the current end.
+fn assign_all(
+    consumer: &BaseConsumer,
+    topics: &[String],
+    from_beginning: bool,
+) -> Result<(), ToolError> {
+    let mut tpl = TopicPartitionList::new();
+    for t in topics {
+        let md = consumer.fetch_metadata(Some(t), Duration::from_secs(10))?;
+        for mt in md.topics() {
+            if let Some(e) = mt.error() {
+                return Err(ToolError::Usage(format!("topic {t}: {e:?}")));
+            }
+            for p in mt.partitions() {
+                let offset = if from_beginning {
+                    Offset::Beginning
+                } else {
+                    let (_, high) =
+                        consumer.fetch_watermarks(t, p.id(), Duration::from_secs(10))?;
+                    Offset::Offset(high)
+                };
+                tpl.add_partition_offset(t, p.id(), offset)?;
+            }
+        }
+    }
+    consumer.assign(&tpl)?;
+    Ok(())
+}
+
+fn plain_consumer(mut c: ClientConfig) -> Result<BaseConsumer, ToolError> {
+    c.set("group.id", "labgate-tools")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false");
+    Ok(c.create()?)
+}
+
+/// Prints messages as `topic key payload` lines.
+pub async fn tail(args: TailArgs) -> Result<(), ToolError> {
+    let (client, cfg) = args.brokers.resolve()?;
+    let topics = if args.topics.is_empty() {
+        let Some(cfg) = &cfg else {
+            return Err(ToolError::Usage(
+                "give --topic (or --config to tail its topics)".into(),
+            ));
+        };
+        let t = &cfg.kafka.topics;
+        vec![
+            t.events.clone(),
+            t.data.clone(),
+            t.sensors.clone(),
+            t.alerts.clone(),
+            t.command_results.clone(),
+        ]
+    } else {
+        args.topics.clone()
+    };
+    tokio::task::spawn_blocking(move || -> Result<(), ToolError> {
+        let consumer = plain_consumer(client)?;
+        assign_all(&consumer, &topics, args.from_beginning)?;
+        let mut seen = 0u64;
+        let mut last = Instant::now();
+        loop {
+            if args.count.is_some_and(|n| seen >= n) {
+                return Ok(());
+            }
+            if args.idle_timeout.is_some_and(|t| last.elapsed() >= t) {
+                return Ok(());
+            }
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => {
+                    seen += 1;
+                    last = Instant::now();
+                    let key = m.key().map(String::from_utf8_lossy).unwrap_or_default();
+                    let payload = m.payload().map(String::from_utf8_lossy).unwrap_or_default();
+                    println!("{} {} {}", m.topic(), key, payload);
+                }
+                Some(Err(e)) => eprintln!("labgate tail: {e}"),
+                None => {}
+            }
+        }
+    })
+    .await
+    .map_err(|e| ToolError::Usage(e.to_string()))?
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SendArgs {
+    #[command(flatten)]
+    pub brokers: Brokers,
+    /// The agent that should act (default: every agent).
+    #[arg(long)]
+    pub agent: Option<String>,
+    /// The device that should act (default: every device of the agent).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Command topic (default: from the config, else echem_commands).
+    #[arg(long)]
+    pub topic: Option<String>,
+    /// Result topic (default: from the config, else echem_command_results).
+    #[arg(long)]
+    pub results_topic: Option<String>,
+    /// A parameter, `key=value` (repeatable).
+    #[arg(long = "param")]
+    pub params: Vec<String>,
+    /// Follow the results topic and exit with a status code: 0 completed, 10 failed,
+    /// 11 rejected, 12 no final result in time.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// start, pause, resume or stop.
+    pub command: String,
+}
+
+/// Exit codes of `command send --wait`.
+pub const EXIT_FAILED: u8 = 10;
+pub const EXIT_REJECTED: u8 = 11;
+pub const EXIT_NO_RESULT: u8 = 12;
+
+/// Produces one command; with `--wait`, prints its results and returns the exit code.
+pub async fn send(args: SendArgs) -> Result<u8, ToolError> {
+    let (client, cfg) = args.brokers.resolve()?;
+    let topics = cfg
+        .as_ref()
+        .map(|c| c.kafka.topics.clone())
+        .unwrap_or_default();
+    let topic = args.topic.clone().unwrap_or(topics.commands);
+    let results = args.results_topic.clone().unwrap_or(topics.command_results);
+    let mut params = serde_json::Map::new();
+    for p in &args.params {
+        let (k, v) = p
+            .split_once('=')
+            .ok_or_else(|| ToolError::Usage(format!("--param {p}: expected key=value")))?;
+        let v = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string()));
+        params.insert(k.to_string(), v);
+    }
+    let command_id = uuid::Uuid::new_v4().to_string();
+    let mut msg = json!({
+        "type": "command",
+        "command": args.command,
+        "command_id": command_id,
+        "timestamp": humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
+        "params": params,
+    });
+    if args.agent.is_some() || args.device.is_some() {
+        msg["target"] = json!({"agent": args.agent, "device": args.device});
+    }
+    // Position the result reader before producing, so no result can be missed.
+    let reader = if args.wait {
+        let consumer = plain_consumer(client.clone())?;
+        let r = results.clone();
+        Some(
+            tokio::task::spawn_blocking(move || {
+                assign_all(&consumer, &[r], false).map(|()| consumer)
+            })
+            .await
+            .map_err(|e| ToolError::Usage(e.to_string()))??,
+        )
+    } else {
+        None
+    };
+    let mut pc = client.clone();
+    pc.set("enable.idempotence", "true").set("acks", "all");
+    let producer: FutureProducer = pc.create()?;
+    let payload = msg.to_string();
+    let key = args.agent.clone().unwrap_or_default();
+    producer
+        .send(
+            FutureRecord::to(&topic).key(&key).payload(&payload),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)?;
+    eprintln!("sent {} {command_id}", args.command);
+    let Some(consumer) = reader else { return Ok(0) };
+    let timeout = args.timeout;
+    tokio::task::spawn_blocking(move || follow(&consumer, &command_id, timeout))
+        .await
+        .map_err(|e| ToolError::Usage(e.to_string()))?
+}
+
+/// Prints results of `command_id` until every accepting device reached a final status.
+fn follow(consumer: &BaseConsumer, command_id: &str, timeout: Duration) -> Result<u8, ToolError> {
+    let deadline = Instant::now() + timeout;
+    let mut open: BTreeMap<String, ()> = BTreeMap::new();
+    let mut worst = 0u8;
+    while Instant::now() < deadline {
+        let Some(m) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let m = m?;
+        let Ok(v) = serde_json::from_slice::<Value>(m.payload().unwrap_or(b"")) else {
+            continue;
+        };
+        if v["command_id"] != command_id {
+            continue;
+        }
+        println!("{v}");
+        let dev = v["target_device"].as_str().unwrap_or("").to_string();
+        match v["status"].as_str().unwrap_or("") {
+            "accepted" => {
+                open.insert(dev, ());
+            }
+            s => {
+                open.remove(&dev);
+                worst = worst.max(match s {
+                    "completed" => 0,
+                    "rejected" => EXIT_REJECTED,
+                    _ => EXIT_FAILED,
+                });
+                if open.is_empty() {
+                    return Ok(worst);
+                }
+            }
+        }
+    }
+    eprintln!("no final result within {timeout:?}");
+    Ok(EXIT_NO_RESULT)
+}
+
+/// `labgate buffer stats`: asks the running agent, else reads the data dir.
+pub async fn buffer_stats(cfg: &Config, as_json: bool) -> Result<(), ToolError> {
+    let from_agent = match cfg.http.addr() {
+        Some(addr) => match crate::http::get(addr, "/status").await {
+            Ok((200, body)) => serde_json::from_str::<Value>(&body)
+                .ok()
+                .map(|v| v["buffer"].clone()),
+            _ => None,
+        },
+        None => None,
+    };
+    let (source, stats) = match from_agent {
+        Some(v) => ("running agent", v),
+        None => {
+            let buffer = Buffer::open(&crate::app::buffer_dir(cfg), &cfg.buffer).map_err(|e| {
+                ToolError::Usage(format!(
+                    "agent not answering on http.listen and the buffer cannot be opened (is the agent running without http?): {e}"
+                ))
+            })?;
+            (
+                "data dir",
+                serde_json::to_value(buffer.stats()).unwrap_or(Value::Null),
+            )
+        }
+    };
+    if as_json {
+        println!("{stats}");
+        return Ok(());
+    }
+    println!("source:        {source}");
+    println!("records:       {}", stats["records"]);
+    println!("bytes:         {}", stats["bytes"]);
+    println!("disk bytes:    {}", stats["disk_bytes"]);
+    println!(
+        "oldest age:    {:.1} s",
+        stats["oldest_age_seconds"].as_f64().unwrap_or(0.0)
+    );
+    println!("dead letters:  {}", stats["dead_letters"]);
+    println!("unreported drops: {}", stats["unreported_drops"]);
+    if let Some(per) = stats["per_device"].as_object() {
+        for (dev, n) in per {
+            println!("  {dev}: {n}");
+        }
+    }
+    Ok(())
+}
