@@ -611,7 +611,16 @@ fn describe_serde_error(e: config::ConfigError) -> ConfigError {
             error,
             key: Some(key),
             ..
-        } => invalid(key, error.to_string()),
+        } => {
+            let msg = error.to_string();
+            match msg
+                .strip_prefix("unknown field `")
+                .and_then(|r| r.split('`').next())
+            {
+                Some(field) => invalid(format!("{key}.{field}"), msg.clone()),
+                None => invalid(key, msg),
+            }
+        }
         other => {
             let text = other.to_string();
             // e.g. "unknown field `foo`, expected one of ... for key `kafka`"
@@ -697,7 +706,7 @@ bootstrap_servers = "127.0.0.1:9092"
     fn unknown_key_is_named() {
         let f = write(&format!("{MINIMAL}bootstrap_server = \"x:1\"\n"));
         let e = Config::load_with_env(f.path(), []).unwrap_err().to_string();
-        assert!(e.contains("bootstrap_server"), "{e}");
+        assert!(e.starts_with("kafka.bootstrap_server:"), "{e}");
     }
 
     #[test]
