@@ -42,14 +42,38 @@ fn demo_devices_end_to_end_every_message_matches_its_schema_with_gap_free_seq() 
     let broker = Broker::start();
     let dir = tempdir();
     let topics = Topics::new();
-    let extra = format!("{}\n{}", potentiostat("pstat-1", 0.0, 2), sensors_device("env-1", "50ms", Some(20)));
-    let _agent = Agent::start(dir.path(), &agent_config(dir.path(), "agent-e2e", &broker.addr(), &topics, free_port(), &extra));
+    let extra = format!(
+        "{}\n{}",
+        potentiostat("pstat-1", 0.0, 2),
+        sensors_device("env-1", "50ms", Some(20))
+    );
+    let _agent = Agent::start(
+        dir.path(),
+        &agent_config(
+            dir.path(),
+            "agent-e2e",
+            &broker.addr(),
+            &topics,
+            free_port(),
+            &extra,
+        ),
+    );
     let mut reader = Reader::new(&broker.addr(), &topics.outputs());
-    let completed = |m: &[Msg]| m.iter().filter(|m| m.json["event"] == "experiment_completed").count();
-    let sensors = |m: &[Msg]| m.iter().filter(|m| m.json["type"] == "sensor_reading").count();
-    reader.until("two experiments and 40 sensor readings", Duration::from_secs(60), |m| {
-        completed(m) == 2 && sensors(m) == 40
-    });
+    let completed = |m: &[Msg]| {
+        m.iter()
+            .filter(|m| m.json["event"] == "experiment_completed")
+            .count()
+    };
+    let sensors = |m: &[Msg]| {
+        m.iter()
+            .filter(|m| m.json["type"] == "sensor_reading")
+            .count()
+    };
+    reader.until(
+        "two experiments and 40 sensor readings",
+        Duration::from_secs(60),
+        |m| completed(m) == 2 && sensors(m) == 40,
+    );
     let msgs = reader.drain_for(Duration::from_millis(500)).to_vec();
     for m in &msgs {
         assert_matches_schema(m);
@@ -66,7 +90,14 @@ fn demo_devices_end_to_end_every_message_matches_its_schema_with_gap_free_seq() 
         let events: Vec<&str> = ms.iter().filter_map(|m| m.json["event"].as_str()).collect();
         assert_eq!(
             events,
-            ["experiment_started", "step_started", "step_completed", "step_started", "step_completed", "experiment_completed"],
+            [
+                "experiment_started",
+                "step_started",
+                "step_completed",
+                "step_started",
+                "step_completed",
+                "experiment_completed"
+            ],
             "{exp}"
         );
         let points = |tech: &str| -> usize {
@@ -86,7 +117,10 @@ fn demo_devices_end_to_end_every_message_matches_its_schema_with_gap_free_seq() 
                 .filter(|m| m.topic == topic)
                 .map(|m| m.json["seq"].as_u64().unwrap())
                 .collect();
-            assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{exp} on {topic}: {seqs:?}");
+            assert!(
+                seqs.windows(2).all(|w| w[0] < w[1]),
+                "{exp} on {topic}: {seqs:?}"
+            );
         }
     }
 }
@@ -98,9 +132,21 @@ fn broker_unreachable_at_start_records_are_buffered_then_all_delivered_in_order(
     let topics = Topics::new();
     let brokers = format!("127.0.0.1:{port}");
     let extra = sensors_device("env-1", "10ms", Some(300));
-    let agent = Agent::start(dir.path(), &agent_config(dir.path(), "agent-late", &brokers, &topics, free_port(), &extra));
+    let agent = Agent::start(
+        dir.path(),
+        &agent_config(
+            dir.path(),
+            "agent-late",
+            &brokers,
+            &topics,
+            free_port(),
+            &extra,
+        ),
+    );
     // All 600 readings are taken and buffered while no broker exists.
-    let s = agent.wait_status("600 records buffered", Duration::from_secs(30), |s| s["records_buffered"] == 600);
+    let s = agent.wait_status("600 records buffered", Duration::from_secs(30), |s| {
+        s["records_buffered"] == 600
+    });
     assert_eq!(s["kafka"]["connected"], false);
     assert_eq!(s["buffer"]["records"], 600);
     assert_eq!(s["kafka"]["records_delivered"], 0);
@@ -111,9 +157,14 @@ fn broker_unreachable_at_start_records_are_buffered_then_all_delivered_in_order(
     assert_eq!(msgs.len(), 600, "no duplicates expected without a crash");
     assert_gap_free(&msgs);
     // In order per key (and here, one partition: in seq order overall).
-    let seqs: Vec<u64> = msgs.iter().map(|m| m.json["seq"].as_u64().unwrap()).collect();
+    let seqs: Vec<u64> = msgs
+        .iter()
+        .map(|m| m.json["seq"].as_u64().unwrap())
+        .collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]));
-    agent.wait_status("buffer empty", Duration::from_secs(10), |s| s["buffer"]["records"] == 0);
+    agent.wait_status("buffer empty", Duration::from_secs(10), |s| {
+        s["buffer"]["records"] == 0
+    });
 }
 
 #[test]
@@ -122,14 +173,31 @@ fn broker_stalled_30s_mid_stream_loses_nothing_and_keeps_order() {
     let dir = tempdir();
     let topics = Topics::new();
     let extra = sensors_device("env-1", "20ms", Some(2500));
-    let agent = Agent::start(dir.path(), &agent_config(dir.path(), "agent-stall", &broker.addr(), &topics, free_port(), &extra));
-    agent.wait_status("first deliveries", Duration::from_secs(30), |s| s["kafka"]["records_delivered"].as_u64() > Some(200));
+    let agent = Agent::start(
+        dir.path(),
+        &agent_config(
+            dir.path(),
+            "agent-stall",
+            &broker.addr(),
+            &topics,
+            free_port(),
+            &extra,
+        ),
+    );
+    agent.wait_status("first deliveries", Duration::from_secs(30), |s| {
+        s["kafka"]["records_delivered"].as_u64() > Some(200)
+    });
     broker.stall();
-    let before = agent.status()["kafka"]["records_delivered"].as_u64().unwrap();
+    let before = agent.status()["kafka"]["records_delivered"]
+        .as_u64()
+        .unwrap();
     std::thread::sleep(Duration::from_secs(30));
     // Devices were never blocked: readings kept coming into the buffer while stalled.
     let s = agent.status();
-    assert!(s["buffer"]["records"].as_u64().unwrap() > 1000, "records piled up in the buffer: {s}");
+    assert!(
+        s["buffer"]["records"].as_u64().unwrap() > 1000,
+        "records piled up in the buffer: {s}"
+    );
     assert!(s["kafka"]["records_delivered"].as_u64().unwrap() <= before + 100);
     broker.unstall();
     let mut reader = Reader::new(&broker.addr(), &[topics.sensors()]);
@@ -149,9 +217,17 @@ fn broker_stalled_30s_mid_stream_loses_nothing_and_keeps_order() {
             .filter(|s| seen.insert(*s))
             .collect()
     };
-    assert!(first.windows(2).all(|w| w[0] < w[1]), "first appearances out of order");
-    agent.wait_status("buffer empty", Duration::from_secs(30), |s| s["buffer"]["records"] == 0);
-    assert_eq!(agent.metric("labgate_records_dropped_total{reason=\"buffer_full_drop_oldest\"}"), 0.0);
+    assert!(
+        first.windows(2).all(|w| w[0] < w[1]),
+        "first appearances out of order"
+    );
+    agent.wait_status("buffer empty", Duration::from_secs(30), |s| {
+        s["buffer"]["records"] == 0
+    });
+    assert_eq!(
+        agent.metric("labgate_records_dropped_total{reason=\"buffer_full_drop_oldest\"}"),
+        0.0
+    );
 }
 
 #[test]
@@ -160,11 +236,22 @@ fn agent_killed_mid_stream_and_restarted_loses_no_flushed_record_and_never_reuse
     let dir = tempdir();
     let topics = Topics::new();
     let extra = sensors_device("env-1", "0s", None);
-    let cfg = agent_config(dir.path(), "agent-kill", &broker.addr(), &topics, free_port(), &extra);
+    let cfg = agent_config(
+        dir.path(),
+        "agent-kill",
+        &broker.addr(),
+        &topics,
+        free_port(),
+        &extra,
+    );
     let mut agent = Agent::start(dir.path(), &cfg);
-    agent.wait_status("streaming", Duration::from_secs(30), |s| s["kafka"]["records_delivered"].as_u64() > Some(5000));
+    agent.wait_status("streaming", Duration::from_secs(30), |s| {
+        s["kafka"]["records_delivered"].as_u64() > Some(5000)
+    });
     // What the agent says is durable right before the kill must all reach Kafka.
-    let durable_before_kill = agent.status()["devices"]["env-1"]["last_durable_seq"].as_u64().unwrap();
+    let durable_before_kill = agent.status()["devices"]["env-1"]["last_durable_seq"]
+        .as_u64()
+        .unwrap();
     agent.kill9();
     // Restart on a config whose sensor set stops soon, so the stream has an end.
     let cfg2 = cfg.replace("interval = \"0s\"", "interval = \"0s\"\nrounds = 1000");
@@ -176,7 +263,11 @@ fn agent_killed_mid_stream_and_restarted_loses_no_flushed_record_and_never_reuse
     let last = s["devices"]["env-1"]["last_durable_seq"].as_u64().unwrap();
     assert!(last > durable_before_kill, "seq continues after restart");
     let mut reader = Reader::new(&broker.addr(), &[topics.sensors()]);
-    let complete = |m: &[Msg]| seqs_by_device(m).get("env-1").is_some_and(|s| s.len() as u64 == last + 1);
+    let complete = |m: &[Msg]| {
+        seqs_by_device(m)
+            .get("env-1")
+            .is_some_and(|s| s.len() as u64 == last + 1)
+    };
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     while !complete(&reader.msgs) && std::time::Instant::now() < deadline {
         reader.drain_for(Duration::from_millis(500));
@@ -201,11 +292,27 @@ fn buffer_cap_hit_while_broker_down_drops_oldest_counts_them_and_reports_them() 
         "[buffer]\nmax_bytes = 131072\nrecords_per_chunk = 16\n\n{}",
         sensors_device("env-1", "1ms", Some(3000))
     );
-    let agent = Agent::start(dir.path(), &agent_config(dir.path(), "agent-cap", &brokers, &topics, free_port(), &extra));
-    let s = agent.wait_status("all 6000 readings taken", Duration::from_secs(60), |s| s["devices"]["env-1"]["state"] == "idle");
-    let dropped = agent.metric("labgate_records_dropped_total{reason=\"buffer_full_drop_oldest\"}") as u64;
+    let agent = Agent::start(
+        dir.path(),
+        &agent_config(
+            dir.path(),
+            "agent-cap",
+            &brokers,
+            &topics,
+            free_port(),
+            &extra,
+        ),
+    );
+    let s = agent.wait_status("all 6000 readings taken", Duration::from_secs(60), |s| {
+        s["devices"]["env-1"]["state"] == "idle"
+    });
+    let dropped =
+        agent.metric("labgate_records_dropped_total{reason=\"buffer_full_drop_oldest\"}") as u64;
     assert!(dropped > 0, "the cap was hit: {s}");
-    assert!(s["buffer"]["bytes"].as_u64().unwrap() <= 131072 + 64 * 1024, "cap kept (plus in-flight window): {s}");
+    assert!(
+        s["buffer"]["bytes"].as_u64().unwrap() <= 131072 + 64 * 1024,
+        "cap kept (plus in-flight window): {s}"
+    );
     assert_eq!(s["buffer"]["unreported_drops"].as_u64().unwrap(), dropped);
     let _broker = Broker::start_on(port);
     let mut reader = Reader::new(&brokers, &[topics.sensors(), topics.events()]);
@@ -215,16 +322,27 @@ fn buffer_cap_hit_while_broker_down_drops_oldest_counts_them_and_reports_them() 
             .map(|m| m.json["data"]["count"].as_u64().unwrap())
             .sum()
     };
-    reader.until("a drop report", Duration::from_secs(60), |m| reported(m) > 0);
-    agent.wait_status("buffer drained", Duration::from_secs(30), |s| s["buffer"]["records"] == 0);
+    reader.until("a drop report", Duration::from_secs(60), |m| {
+        reported(m) > 0
+    });
+    agent.wait_status("buffer drained", Duration::from_secs(30), |s| {
+        s["buffer"]["records"] == 0
+    });
     let msgs = reader.drain_for(Duration::from_secs(1)).to_vec();
     for m in &msgs {
         assert_matches_schema(m);
     }
     // Exact accounting: readings delivered + readings dropped = readings taken, and the
     // report carries the same count as the metric.
-    let delivered = msgs.iter().filter(|m| m.json["type"] == "sensor_reading").count() as u64;
-    assert_eq!(delivered + dropped, 6000, "delivered {delivered} + dropped {dropped}");
+    let delivered = msgs
+        .iter()
+        .filter(|m| m.json["type"] == "sensor_reading")
+        .count() as u64;
+    assert_eq!(
+        delivered + dropped,
+        6000,
+        "delivered {delivered} + dropped {dropped}"
+    );
     assert_eq!(reported(&msgs), dropped);
     // The survivors are the newest: the last reading is there.
     assert!(seqs_by_device(&msgs)["env-1"].contains_key(&5999));

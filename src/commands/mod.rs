@@ -290,6 +290,13 @@ impl Handler {
                 device,
                 reason,
             }) => {
+                // A command we could not even read an id from still gets a result a
+                // consumer can key and count.
+                let command_id = if command_id.is_empty() {
+                    format!("unidentified-{}", uuid::Uuid::new_v4())
+                } else {
+                    command_id
+                };
                 tracing::warn!(command_id, %reason, "command rejected");
                 self.result(
                     device.as_deref(),

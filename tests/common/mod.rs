@@ -96,7 +96,11 @@ impl Broker {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("tansu did not listen on {} (log: {})", self.port, self.log.display());
+        panic!(
+            "tansu did not listen on {} (log: {})",
+            self.port,
+            self.log.display()
+        );
     }
 
     fn signal(&self, sig: &str) {
@@ -133,7 +137,9 @@ impl Broker {
 impl Drop for Broker {
     fn drop(&mut self) {
         if let Some(c) = &self.child {
-            let _ = Command::new("kill").args(["-CONT", &c.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-CONT", &c.id().to_string()])
+                .status();
         }
         self.stop();
     }
@@ -149,7 +155,10 @@ pub fn create_topics(addr: &str, topics: &[&str]) {
         .iter()
         .map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(1)))
         .collect();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let res = rt
         .block_on(admin.create_topics(&new, &AdminOptions::new()))
         .expect("create topics");
@@ -192,7 +201,13 @@ impl Topics {
         format!("{}_results", self.prefix)
     }
     pub fn outputs(&self) -> Vec<String> {
-        vec![self.events(), self.data(), self.sensors(), self.alerts(), self.results()]
+        vec![
+            self.events(),
+            self.data(),
+            self.sensors(),
+            self.alerts(),
+            self.results(),
+        ]
     }
     pub fn toml(&self) -> String {
         format!(
@@ -209,7 +224,14 @@ impl Topics {
 
 /// An agent config for a test: brokers, topics, a data dir, a free HTTP port, and the
 /// given extra sections (buffer, devices).
-pub fn agent_config(dir: &Path, agent_id: &str, brokers: &str, topics: &Topics, http: u16, extra: &str) -> String {
+pub fn agent_config(
+    dir: &Path,
+    agent_id: &str,
+    brokers: &str,
+    topics: &Topics,
+    http: u16,
+    extra: &str,
+) -> String {
     format!(
         r#"[agent]
 agent_id = "{agent_id}"
@@ -291,7 +313,11 @@ impl Agent {
         let mut s = TcpStream::connect_timeout(&self.http, Duration::from_secs(1)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
         use std::io::Write;
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
         let mut out = String::new();
         s.read_to_string(&mut out).ok()?;
         let code = out.split_whitespace().nth(1)?.parse().ok()?;
@@ -317,7 +343,12 @@ impl Agent {
     }
 
     /// Polls `cond` on /status until it holds.
-    pub fn wait_status(&self, what: &str, timeout: Duration, cond: impl Fn(&Value) -> bool) -> Value {
+    pub fn wait_status(
+        &self,
+        what: &str,
+        timeout: Duration,
+        cond: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = Instant::now() + timeout;
         loop {
             let s = self.status();
@@ -325,7 +356,10 @@ impl Agent {
                 return s;
             }
             if Instant::now() > deadline {
-                panic!("timed out waiting for {what}; status: {s}\nlog:\n{}", self.log_text());
+                panic!(
+                    "timed out waiting for {what}; status: {s}\nlog:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -345,7 +379,9 @@ impl Agent {
     /// SIGTERM and wait for exit; returns the exit status code.
     pub fn terminate(&mut self) -> Option<i32> {
         let mut c = self.child.take()?;
-        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(Some(st)) = c.try_wait() {
@@ -353,7 +389,10 @@ impl Agent {
             }
             if Instant::now() > deadline {
                 let _ = c.kill();
-                panic!("agent did not exit after SIGTERM; log:\n{}", self.log_text());
+                panic!(
+                    "agent did not exit after SIGTERM; log:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -424,7 +463,12 @@ impl Reader {
     }
 
     /// Reads until `done(&msgs)` or the timeout; panics with a description on timeout.
-    pub fn until(&mut self, what: &str, timeout: Duration, done: impl Fn(&[Msg]) -> bool) -> &[Msg] {
+    pub fn until(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&[Msg]) -> bool,
+    ) -> &[Msg] {
         let deadline = Instant::now() + timeout;
         while !done(&self.msgs) {
             assert!(
@@ -487,13 +531,22 @@ pub fn produce(brokers: &str, topic: &str, key: &str, payload: &str) {
 }
 
 /// Per device: the seqs seen, and for each seq the event_ids (duplicates must agree).
-pub fn seqs_by_device(msgs: &[Msg]) -> HashMap<String, std::collections::BTreeMap<u64, std::collections::BTreeSet<String>>> {
-    let mut out: HashMap<String, std::collections::BTreeMap<u64, std::collections::BTreeSet<String>>> = HashMap::new();
+pub fn seqs_by_device(
+    msgs: &[Msg],
+) -> HashMap<String, std::collections::BTreeMap<u64, std::collections::BTreeSet<String>>> {
+    let mut out: HashMap<
+        String,
+        std::collections::BTreeMap<u64, std::collections::BTreeSet<String>>,
+    > = HashMap::new();
     for m in msgs {
         let dev = m.json["device_id"].as_str().expect("device_id").to_string();
         let seq = m.json["seq"].as_u64().expect("seq");
         let id = m.json["event_id"].as_str().expect("event_id").to_string();
-        out.entry(dev).or_default().entry(seq).or_default().insert(id);
+        out.entry(dev)
+            .or_default()
+            .entry(seq)
+            .or_default()
+            .insert(id);
     }
     out
 }
@@ -502,9 +555,18 @@ pub fn seqs_by_device(msgs: &[Msg]) -> HashMap<String, std::collections::BTreeMa
 pub fn assert_gap_free(msgs: &[Msg]) {
     for (dev, seqs) in seqs_by_device(msgs) {
         let max = *seqs.keys().next_back().unwrap();
-        assert_eq!(seqs.len() as u64, max + 1, "device {dev}: seqs have gaps (max {max}, have {})", seqs.len());
+        assert_eq!(
+            seqs.len() as u64,
+            max + 1,
+            "device {dev}: seqs have gaps (max {max}, have {})",
+            seqs.len()
+        );
         for (seq, ids) in &seqs {
-            assert_eq!(ids.len(), 1, "device {dev}: seq {seq} carries different event_ids {ids:?}");
+            assert_eq!(
+                ids.len(),
+                1,
+                "device {dev}: seq {seq} carries different event_ids {ids:?}"
+            );
         }
     }
 }
@@ -515,7 +577,9 @@ pub fn tempdir() -> tempfile::TempDir {
 
 /// Sensor-set device snippet for configs.
 pub fn sensors_device(id: &str, interval: &str, rounds: Option<u64>) -> String {
-    let rounds = rounds.map(|r| format!("rounds = {r}\n")).unwrap_or_default();
+    let rounds = rounds
+        .map(|r| format!("rounds = {r}\n"))
+        .unwrap_or_default();
     format!(
         r#"[[devices]]
 kind = "simulated_sensors"
@@ -555,21 +619,46 @@ pub fn assert_matches_schema(m: &Msg) {
         out
     });
     let ty = m.json["type"].as_str().expect("message has a type");
-    let v = schemas.get(ty).unwrap_or_else(|| panic!("no schema for type {ty}"));
-    let errors: Vec<String> = v.iter_errors(&m.json).map(|e| format!("{e} at {}", e.instance_path)).collect();
-    assert!(errors.is_empty(), "{ty} message violates its schema: {errors:?}\n{}", m.json);
+    let v = schemas
+        .get(ty)
+        .unwrap_or_else(|| panic!("no schema for type {ty}"));
+    let errors: Vec<String> = v
+        .iter_errors(&m.json)
+        .map(|e| format!("{e} at {}", e.instance_path))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{ty} message violates its schema: {errors:?}\n{}",
+        m.json
+    );
 }
 
 /// Checks headers and keys as design.md describes them.
 pub fn assert_envelope(m: &Msg, agent_id: &str) {
-    assert_eq!(m.headers.get("content-type").map(String::as_str), Some("application/json"));
-    assert_eq!(m.headers.get("schema-version").map(String::as_str), Some("1"));
-    assert_eq!(m.headers.get("agent-id").map(String::as_str), Some(agent_id));
-    assert_eq!(m.headers.get("device-id"), m.json["device_id"].as_str().map(str::to_string).as_ref());
+    assert_eq!(
+        m.headers.get("content-type").map(String::as_str),
+        Some("application/json")
+    );
+    assert_eq!(
+        m.headers.get("schema-version").map(String::as_str),
+        Some("1")
+    );
+    assert_eq!(
+        m.headers.get("agent-id").map(String::as_str),
+        Some(agent_id)
+    );
+    assert_eq!(
+        m.headers.get("device-id"),
+        m.json["device_id"].as_str().map(str::to_string).as_ref()
+    );
     assert_eq!(m.json["agent_id"], agent_id);
     let expected_key = match m.json["type"].as_str().unwrap() {
         "experiment_event" | "echem_data" => m.json["experiment_id"].as_str().unwrap().to_string(),
-        "sensor_reading" => format!("{}:{}", m.json["sensor_type"].as_str().unwrap(), m.json["sensor_id"].as_str().unwrap()),
+        "sensor_reading" => format!(
+            "{}:{}",
+            m.json["sensor_type"].as_str().unwrap(),
+            m.json["sensor_id"].as_str().unwrap()
+        ),
         "command_result" => m.json["command_id"].as_str().unwrap().to_string(),
         "alert" => m.json["sensor_id"].as_str().unwrap().to_string(),
         "agent_event" => agent_id.to_string(),
@@ -579,7 +668,10 @@ pub fn assert_envelope(m: &Msg, agent_id: &str) {
 }
 
 /// The seq ranges in 0..=last that are missing, for readable failures.
-pub fn missing_ranges(seqs: &std::collections::BTreeMap<u64, std::collections::BTreeSet<String>>, last: u64) -> Vec<(u64, u64)> {
+pub fn missing_ranges(
+    seqs: &std::collections::BTreeMap<u64, std::collections::BTreeSet<String>>,
+    last: u64,
+) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     let mut start = None;
     for s in 0..=last {

@@ -1,0 +1,79 @@
+# Shared by scripts/test, scripts/demo and scripts/bench: install what is missing,
+# start a local tansu broker. Source it; do not run it.
+
+# Debian packages the build and the tests need.
+LABGATE_PACKAGES=(build-essential pkg-config libssl-dev python3 curl)
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+ensure_packages() {
+  local missing=()
+  for p in "${LABGATE_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing Debian packages: ${missing[*]}"
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
+
+ensure_rust() {
+  if ! command -v cargo >/dev/null 2>&1; then
+    if [ -x "$HOME/.cargo/bin/cargo" ]; then
+      export PATH="$HOME/.cargo/bin:$PATH"
+    else
+      echo "cargo not found: install Rust (https://rustup.rs) and run this again" >&2
+      exit 1
+    fi
+  fi
+  rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt >/dev/null 2>&1 || true
+}
+
+# tansu with its memory storage engine; reuses ~/.cargo/bin/tansu when present.
+ensure_tansu() {
+  if [ -n "${TANSU_BIN:-}" ] && [ -x "$TANSU_BIN" ]; then return; fi
+  if command -v tansu >/dev/null 2>&1; then
+    TANSU_BIN=$(command -v tansu)
+  elif [ -x "$HOME/.cargo/bin/tansu" ]; then
+    TANSU_BIN="$HOME/.cargo/bin/tansu"
+  else
+    log "installing tansu (cargo install tansu --locked --features dynostore; about 9 minutes, once)"
+    cargo install tansu --locked --features dynostore
+    TANSU_BIN="$HOME/.cargo/bin/tansu"
+  fi
+  export TANSU_BIN
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# start_tansu PORT LOGFILE: starts a memory-backed broker and waits until it listens.
+# Sets TANSU_PID.
+start_tansu() {
+  local port=$1 logfile=$2
+  "$TANSU_BIN" broker --storage-engine memory://tansu/ \
+    --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
+    >"$logfile" 2>&1 &
+  TANSU_PID=$!
+  for _ in $(seq 1 200); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+    if ! kill -0 "$TANSU_PID" 2>/dev/null; then
+      echo "tansu exited; its log:" >&2; cat "$logfile" >&2; return 1
+    fi
+    sleep 0.05
+  done
+  echo "tansu did not listen on $port; its log:" >&2; cat "$logfile" >&2
+  return 1
+}
+
+# Keep build output out of the clone in CI so warm runs reuse it.
+use_ci_target_dir() {
+  if [ -n "${CI:-}" ]; then
+    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/labgate-target}"
+  fi
+  export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+}

@@ -1,0 +1,155 @@
+//! The CLI without a broker: config errors exit 64 naming the key; check redacts secrets;
+//! buffer stats reads a stopped agent's data dir.
+
+mod common;
+
+use std::process::Command;
+
+fn labgate(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_labgate"))
+        .args(args)
+        .output()
+        .expect("run labgate")
+}
+
+fn write(dir: &std::path::Path, text: &str) -> String {
+    let p = dir.join("c.toml");
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+const OK: &str = r#"
+[agent]
+agent_id = "a1"
+data_dir = "DATA"
+[kafka]
+bootstrap_servers = "127.0.0.1:1"
+security_protocol = "sasl_ssl"
+sasl_mechanism = "SCRAM-SHA-512"
+sasl_username = "lab"
+sasl_password = "s3cret-value"
+[http]
+listen = ""
+"#;
+
+#[test]
+fn check_prints_effective_config_with_secrets_redacted() {
+    let dir = common::tempdir();
+    let path = write(
+        dir.path(),
+        &OK.replace("DATA", &dir.path().display().to_string()),
+    );
+    let out = labgate(&["check", "--config", &path]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("sasl_password = \"***\""), "{text}");
+    assert!(!text.contains("s3cret-value"));
+    assert!(
+        text.contains("commit_interval = \"20ms\""),
+        "defaults shown: {text}"
+    );
+}
+
+#[test]
+fn config_errors_exit_64_and_name_the_key() {
+    let dir = common::tempdir();
+    let cases = [
+        (
+            OK.replace("agent_id = \"a1\"", "agent_id = \"a1\"\ncolour = 1"),
+            "agent.colour",
+        ),
+        (
+            OK.replace("127.0.0.1:1", "nohost"),
+            "kafka.bootstrap_servers",
+        ),
+        (
+            OK.replace("sasl_password = \"s3cret-value\"\n", ""),
+            "kafka.sasl_password",
+        ),
+        (
+            OK.replace("[http]", "[buffer]\ncommit_interval = \"soon\"\n[http]"),
+            "buffer.commit_interval",
+        ),
+        (
+            OK.replace("[http]", "[buffer]\noverflow = \"explode\"\n[http]"),
+            "buffer.overflow",
+        ),
+        (
+            format!(
+                "{OK}\n[[devices]]\nkind = \"simulated_sensors\"\nid = \"agent\"\nsensors = []\n"
+            ),
+            "devices[0].id",
+        ),
+        (
+            format!("{OK}\n[[devices]]\nkind = \"teleporter\"\nid = \"t\"\n"),
+            "devices",
+        ),
+    ];
+    for (text, key) in cases {
+        let path = write(dir.path(), &text.replace("DATA", "/tmp/x"));
+        let out = labgate(&["check", "--config", &path]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{key}: {err}");
+        assert!(err.contains(key), "error should name {key}: {err}");
+    }
+    let out = labgate(&["check", "--config", "/nonexistent/labgate.toml"]);
+    assert_eq!(out.status.code(), Some(64));
+    let out = labgate(&["run", "--config", "/nonexistent/labgate.toml"]);
+    assert_eq!(out.status.code(), Some(64));
+}
+
+#[test]
+fn buffer_stats_reads_the_data_dir_of_a_stopped_agent() {
+    let dir = common::tempdir();
+    let data = dir.path().join("data");
+    // Fill a buffer through the library, as a stopped agent would have left it.
+    {
+        use labgate::buffer::Buffer;
+        use labgate::config::BufferConfig;
+        use labgate::record::{stamp, Body, Draft};
+        let b = Buffer::open(&data.join("buffer"), &BufferConfig::default()).unwrap();
+        let recs: Vec<_> = (0..10)
+            .map(|i| {
+                let d = Draft::new(
+                    "env-1",
+                    Body::AgentEvent {
+                        event: "x".into(),
+                        data: Default::default(),
+                    },
+                );
+                stamp(&d, "a1", i, std::time::SystemTime::now()).unwrap()
+            })
+            .collect();
+        b.append(&recs, 0).unwrap();
+        b.flush_blocking().unwrap();
+    }
+    let path = write(dir.path(), &OK.replace("DATA", &data.display().to_string()));
+    let out = labgate(&["buffer", "stats", "--config", &path, "--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["records"], 10);
+    assert_eq!(v["per_device"]["env-1"], 10);
+    let out = labgate(&["buffer", "stats", "--config", &path]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("source:        data dir") && text.contains("env-1: 10"),
+        "{text}"
+    );
+}
+
+#[test]
+fn version_is_printed() {
+    let out = labgate(&["--version"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("labgate "));
+}
