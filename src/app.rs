@@ -19,8 +19,10 @@ use crate::ingest;
 use crate::kafka::{self, forwarder::Forwarder};
 use crate::metrics::Metrics;
 
-/// Capacity of the ingest channel (records waiting to be stamped and appended).
-const INGEST_QUEUE: usize = 65_536;
+/// Capacity of the ingest channel (records waiting to be stamped and appended). Ingest
+/// takes up to 4,096 per receive; twice that keeps it busy without letting a device at
+/// full speed park tens of MB of drafts in the queue.
+const INGEST_QUEUE: usize = 8_192;
 /// Control messages a device may have queued.
 const CONTROL_QUEUE: usize = 16;
 

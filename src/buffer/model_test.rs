@@ -58,6 +58,12 @@ fn record(device: u8, seq: u64, uid: u64) -> Stored {
     }
 }
 
+/// 200 bytes that lz4 cannot shrink, so byte caps are really reached.
+fn incompressible(seed: u64) -> Vec<u8> {
+    let mut rng = crate::devices::Rng::new(seed);
+    (0..25).flat_map(|_| rng.next_u64().to_le_bytes()).collect()
+}
+
 fn uid(s: &Stored) -> u64 {
     u64::from_be_bytes(s.payload[..8].try_into().unwrap())
 }
@@ -299,7 +305,7 @@ fn drop_oldest_drops_unread_chunks_and_counts_exactly() {
         let recs: Vec<Stored> = (0..10)
             .map(|_| {
                 let mut r = record(0, seq, seq);
-                r.payload.resize(200, 0);
+                r.payload = incompressible(seq);
                 seq += 1;
                 r
             })
@@ -354,7 +360,7 @@ fn reject_new_refuses_what_does_not_fit_and_keeps_the_rest() {
         let recs: Vec<Stored> = (0..10)
             .map(|j| {
                 let mut r = record(0, i * 10 + j, i * 10 + j);
-                r.payload.resize(200, 0);
+                r.payload = incompressible(i * 10 + j);
                 r
             })
             .collect();

@@ -136,6 +136,9 @@ pub fn consumer_config(cfg: &Config, group: &str) -> Result<ClientConfig, KafkaS
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", &cfg.kafka.commands_offset_reset)
         .set("session.timeout.ms", "10000")
+        // Commands must arrive fast; some brokers (tansu) hold an empty fetch for the
+        // whole wait, and librdkafka's default of 500 ms would be the command latency.
+        .set("fetch.wait.max.ms", "10")
         .set("topic.metadata.refresh.interval.ms", "5000");
     apply_passthrough(&mut c, cfg);
     Ok(c)

@@ -1,0 +1,423 @@
+//! `scripts/bench`: every figure of the agent-core issue, measured in one run against one
+//! local tansu. Prints a Markdown report on stdout (scripts/bench writes BENCHMARKS.md).
+//!
+//! Figures: a bare rdkafka producer (the baseline), the end-to-end durable rate, backlog
+//! drain, durable ingest into the buffer alone, command latency, and peak RSS idle and
+//! while draining. Sizes can be shrunk with LABGATE_BENCH_SCALE (1.0 = as documented).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant, SystemTime};
+
+use common::*;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use labgate::buffer::Buffer;
+use labgate::config::BufferConfig;
+use labgate::record::{stamp, Body, Draft, Stored};
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::json;
+
+fn scale() -> f64 {
+    std::env::var("LABGATE_BENCH_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1.0)
+}
+
+fn scaled(n: u64) -> u64 {
+    ((n as f64 * scale()) as u64).max(1000)
+}
+
+/// A sensor reading exactly as the agent encodes it (the size both paths send).
+fn sample_record(seq: u64) -> Stored {
+    let d = Draft::new(
+        "env-bench",
+        Body::SensorReading {
+            sensor_id: "temp-env-bench".into(),
+            sensor_type: "temperature".into(),
+            value: 22.123456789,
+            unit: "°C".into(),
+            location: None,
+            metadata: Default::default(),
+        },
+    );
+    stamp(&d, "agent-bench", seq, SystemTime::now()).expect("stamp")
+}
+
+fn rss_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The baseline: one FutureProducer with the agent's settings, the same in-flight
+/// window, the same payload size, acks awaited.
+fn baseline(broker: &str, topic: &str, n: u64) -> f64 {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let p: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", broker)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("compression.codec", "lz4")
+            .set("linger.ms", "5")
+            .set("batch.num.messages", "10000")
+            .set("queue.buffering.max.messages", "40000")
+            .create()
+            .expect("producer");
+        let payload = sample_record(0).payload;
+        let window = 20_000;
+        let mut inflight: FuturesUnordered<rdkafka::producer::DeliveryFuture> =
+            FuturesUnordered::new();
+        let start = Instant::now();
+        for i in 0..n {
+            while inflight.len() >= window {
+                inflight
+                    .next()
+                    .await
+                    .expect("future")
+                    .expect("delivered")
+                    .expect("ok");
+            }
+            let key = format!("temperature:temp-{}", i % 2);
+            loop {
+                match p.send_result(FutureRecord::to(topic).key(&key).payload(&payload)) {
+                    Ok(f) => {
+                        inflight.push(f);
+                        break;
+                    }
+                    Err(_) => {
+                        inflight
+                            .next()
+                            .await
+                            .expect("future")
+                            .expect("delivered")
+                            .expect("ok");
+                    }
+                }
+            }
+        }
+        while let Some(r) = inflight.next().await {
+            r.expect("delivered").expect("ok");
+        }
+        n as f64 / start.elapsed().as_secs_f64()
+    })
+}
+
+/// Durable ingest into the buffer alone: records appended in 64-record chunks and
+/// group-committed every ~20 ms, on the calling thread. With `stamp_too` the clock also
+/// runs while each record is stamped (seq, event_id, JSON); otherwise the records are
+/// stamped beforehand (a pool of 65,536 distinct records with fresh event_ids and varying
+/// values, so compression sees realistic data) and only appending is timed.
+fn buffer_ingest(n: u64, stamp_too: bool) -> f64 {
+    let dir = tempdir();
+    let b = Buffer::open(dir.path(), &BufferConfig::default()).expect("buffer");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let batch = 4096u64;
+    let draft = |i: u64| {
+        Draft::new(
+            "env-bench",
+            Body::SensorReading {
+                sensor_id: format!("temp-{}", i % 4),
+                sensor_type: "temperature".into(),
+                value: 22.0 + (i as f64 * 0.37).sin(),
+                unit: "°C".into(),
+                location: None,
+                metadata: Default::default(),
+            },
+        )
+    };
+    let pool: Vec<Stored> = (0..65_536u64)
+        .map(|i| stamp(&draft(i), "agent-bench", i, SystemTime::now()).expect("stamp"))
+        .collect();
+    let drafts: Vec<Draft> = (0..batch).map(draft).collect();
+    let start = Instant::now();
+    let mut last_flush = Instant::now();
+    let mut seq = 0;
+    while seq < n {
+        let recs: Vec<Stored> = (0..batch)
+            .map(|i| {
+                if stamp_too {
+                    stamp(
+                        &drafts[i as usize],
+                        "agent-bench",
+                        seq + i,
+                        SystemTime::now(),
+                    )
+                    .expect("stamp")
+                } else {
+                    let mut r = pool[((seq + i) % pool.len() as u64) as usize].clone();
+                    r.seq = seq + i;
+                    r
+                }
+            })
+            .collect();
+        b.append(&recs, 0).expect("append");
+        seq += batch;
+        if last_flush.elapsed() >= Duration::from_millis(20) {
+            rt.block_on(b.flush()).expect("flush");
+            last_flush = Instant::now();
+        }
+    }
+    rt.block_on(b.flush()).expect("flush");
+    seq as f64 / start.elapsed().as_secs_f64()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn main() {
+    // `cargo bench` passes --bench; nothing else is accepted.
+    let mut out = String::new();
+    let line = |out: &mut String, s: String| {
+        eprintln!("{s}");
+        out.push_str(&s);
+        out.push('\n');
+    };
+    let broker = Broker::start();
+    let b = broker.addr();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    line(
+        &mut out,
+        format!(
+            "Machine: {cpu}, {cores} cores; tansu 0.6 (memory engine) on loopback; release build."
+        ),
+    );
+    line(
+        &mut out,
+        format!(
+            "Payload: a sensor reading as the agent encodes it, {} bytes of JSON.",
+            sample_record(0).payload.len()
+        ),
+    );
+    line(&mut out, String::new());
+
+    // 1. Baseline.
+    let n_base = scaled(500_000);
+    let topic = format!("bench_base_{}", uuid::Uuid::new_v4().simple());
+    broker.create_topics(&[&topic]);
+    let _ = baseline(&b, &topic, 20_000); // warm-up
+    let base = baseline(&b, &topic, n_base);
+    line(
+        &mut out,
+        format!(
+            "| baseline: bare rdkafka producer, {n_base} msgs, acks awaited | {base:.0} msg/s | |"
+        ),
+    );
+
+    // 2. End-to-end durable rate: sensors at full speed → buffer → broker ack.
+    let e2e = {
+        let dir = tempdir();
+        let topics = Topics::new();
+        let extra = sensors_device("env-1", "0s", None);
+        let mut cfg = agent_config(dir.path(), "agent-bench", &b, &topics, free_port(), &extra);
+        cfg = cfg.replace("level = \"info,labgate=debug\"", "level = \"warn\"");
+        let mut agent = Agent::start(dir.path(), &cfg);
+        agent.wait_status("delivering", Duration::from_secs(60), |s| {
+            s["kafka"]["records_delivered"].as_u64() > Some(50_000)
+        });
+        let d0 = agent.metric("labgate_records_delivered_total");
+        let t0 = Instant::now();
+        std::thread::sleep(Duration::from_secs_f64(15.0 * scale().max(0.3)));
+        let d1 = agent.metric("labgate_records_delivered_total");
+        let rate = (d1 - d0) / t0.elapsed().as_secs_f64();
+        let buffered = agent.status()["buffer"]["records"].as_u64().unwrap_or(0);
+        agent.terminate();
+        line(&mut out, format!("| end-to-end durable rate (sensors at full speed → buffer → ack), steady 15 s | {rate:.0} rec/s | ratio to baseline {:.2} (goal ≥ 0.9); {buffered} records were still buffered at the end (producer-bound) |", rate / base));
+        rate
+    };
+    let _ = e2e;
+
+    // 3. Backlog drain: 1M records buffered while the broker is stalled, then released.
+    {
+        let dir = tempdir();
+        let topics = Topics::new();
+        for t in topics.outputs().iter().chain([topics.commands()].iter()) {
+            broker.create_topics(&[t]);
+        }
+        let n_backlog = scaled(1_000_000);
+        let extra = sensors_device("env-1", "0s", Some(n_backlog / 2));
+        let mut cfg = agent_config(
+            dir.path(),
+            "agent-backlog",
+            &b,
+            &topics,
+            free_port(),
+            &extra,
+        );
+        cfg = cfg.replace("level = \"info,labgate=debug\"", "level = \"warn\"");
+        cfg = cfg.replace(
+            "commands_offset_reset",
+            "commands_enabled = false\ncommands_offset_reset",
+        );
+        broker.stall();
+        let mut agent = Agent::start(dir.path(), &cfg);
+        let t_fill = Instant::now();
+        agent.wait_status("backlog buffered", Duration::from_secs(600), |s| {
+            s["records_buffered"].as_u64() == Some(n_backlog)
+        });
+        let fill = t_fill.elapsed().as_secs_f64();
+        let rss_full = rss_kib(agent.pid(), "VmRSS:");
+        broker.unstall();
+        let t0 = Instant::now();
+        let mut peak_drain = 0;
+        loop {
+            peak_drain = peak_drain.max(rss_kib(agent.pid(), "VmRSS:"));
+            if agent.metric("labgate_records_delivered_total") as u64 >= n_backlog {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(900),
+                "backlog never drained"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let drain = n_backlog as f64 / t0.elapsed().as_secs_f64();
+        let hwm = rss_kib(agent.pid(), "VmHWM:");
+        let disk = agent.status()["buffer"]["disk_bytes"].as_u64().unwrap_or(0);
+        agent.terminate();
+        line(&mut out, format!("| backlog drain: {n_backlog} records buffered with the broker stalled (SIGSTOP), then released | {drain:.0} rec/s | ratio to baseline {:.2} (goal ≥ 0.9); buffering them took {fill:.1} s while stalled |", drain / base));
+        line(&mut out, format!("| peak RSS while draining the {n_backlog} backlog (VmRSS sampled every 100 ms) | {:.1} MB | goal ≤ 40 MB; RSS with the full backlog before release {:.1} MB; VmHWM over the whole run {:.1} MB; sled on disk after the drain {:.1} MB |", peak_drain as f64 / 1024.0, rss_full as f64 / 1024.0, hwm as f64 / 1024.0, disk as f64 / 1e6));
+    }
+
+    // 4. Durable ingest into the buffer alone.
+    let n_ingest = scaled(2_000_000);
+    let ingest = buffer_ingest(n_ingest, false);
+    line(&mut out, format!("| durable ingest into the buffer alone: {n_ingest} pre-stamped records, 64/chunk, group commit 20 ms, one thread | {ingest:.0} rec/s | goal ≥ 1,000,000 |"));
+    let ingest_stamp = buffer_ingest(n_ingest, true);
+    line(&mut out, format!("| same, including stamping (seq, event_id, JSON encoding) | {ingest_stamp:.0} rec/s | the whole ingest stage on one thread |"));
+
+    // 5. Command latency: produced → pause seen by the device task.
+    {
+        let dir = tempdir();
+        let topics = Topics::new();
+        let extra = r#"[[devices]]
+kind = "simulated_potentiostat"
+id = "pstat-1"
+speed = 1.0
+runs = 1
+
+  [[devices.steps]]
+  technique = "ca"
+  e_dc = 0.5
+  t_interval = 0.1
+  t_run = 100000.0
+"#;
+        let mut cfg = agent_config(dir.path(), "agent-lat", &b, &topics, free_port(), extra);
+        cfg = cfg.replace("level = \"info,labgate=debug\"", "level = \"warn\"");
+        let mut agent = Agent::start(dir.path(), &cfg);
+        agent.wait_status("commands assigned", Duration::from_secs(30), |s| {
+            s["commands"]["assigned"] == true
+        });
+        agent.wait_status("running", Duration::from_secs(30), |s| {
+            s["devices"]["pstat-1"]["state"] == "running"
+        });
+        let mut reader = Reader::new(&b, &[topics.results()]);
+        let producer: rdkafka::producer::BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &b)
+            .set("linger.ms", "0")
+            .create()
+            .expect("producer");
+        // A new consumer group starting at `latest` resolves its position shortly
+        // after assignment; send warm-up commands until one is answered.
+        let mut warm = 0;
+        loop {
+            let id = format!("warm-{warm}");
+            let payload = json!({"command":"resume","command_id":id,"target":{"agent":"agent-lat","device":"pstat-1"}}).to_string();
+            producer
+                .send(
+                    rdkafka::producer::BaseRecord::to(&topics.commands())
+                        .key("agent-lat")
+                        .payload(&payload),
+                )
+                .map_err(|(e, _)| e)
+                .expect("send");
+            rdkafka::producer::Producer::flush(&producer, Duration::from_secs(5)).expect("flush");
+            reader.drain_for(Duration::from_secs(1));
+            if reader.msgs.iter().any(|m| {
+                m.json["command_id"]
+                    .as_str()
+                    .is_some_and(|c| c.starts_with("warm-"))
+            }) {
+                break;
+            }
+            warm += 1;
+            assert!(warm < 30, "agent never answered a command");
+        }
+        let n = 200;
+        let mut lat = Vec::new();
+        for i in 0..n {
+            let cmd = if i % 2 == 0 { "pause" } else { "resume" };
+            let id = format!("lat-{i}");
+            let payload = json!({"type":"command","command":cmd,"command_id":id,"params":{},"target":{"agent":"agent-lat","device":"pstat-1"}}).to_string();
+            let sent_us = labgate::record::unix_us(SystemTime::now());
+            producer
+                .send(
+                    rdkafka::producer::BaseRecord::to(&topics.commands())
+                        .key("agent-lat")
+                        .payload(&payload),
+                )
+                .map_err(|(e, _)| e)
+                .expect("send");
+            rdkafka::producer::Producer::flush(&producer, Duration::from_secs(5)).expect("flush");
+            let msgs = reader.until("command completed", Duration::from_secs(30), |m| {
+                m.iter()
+                    .any(|m| m.json["command_id"] == id.as_str() && m.json["status"] == "completed")
+            });
+            let done = msgs
+                .iter()
+                .find(|m| m.json["command_id"] == id.as_str() && m.json["status"] == "completed")
+                .expect("completed");
+            let at = done.json["status_at_us"].as_u64().expect("status_at_us");
+            lat.push((at.saturating_sub(sent_us)) as f64 / 1000.0);
+        }
+        agent.terminate();
+        lat.sort_by(f64::total_cmp);
+        line(&mut out, format!("| command latency: produced → pause/resume done by the device task, {n} commands | p50 {:.1} ms, p99 {:.1} ms | goal p99 ≤ 50 ms; max {:.1} ms |", percentile(&lat, 0.5), percentile(&lat, 0.99), lat[lat.len() - 1]));
+    }
+
+    // 6. Idle RSS: the demo devices at their demo rates for 20 s.
+    {
+        let dir = tempdir();
+        let topics = Topics::new();
+        let demo =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/demo.toml"))
+                .expect("demo config");
+        let devices = &demo[demo.find("[[devices]]").expect("devices")..];
+        let mut cfg = agent_config(dir.path(), "agent-idle", &b, &topics, free_port(), devices);
+        cfg = cfg.replace("level = \"info,labgate=debug\"", "level = \"warn\"");
+        let mut agent = Agent::start(dir.path(), &cfg);
+        std::thread::sleep(Duration::from_secs(20));
+        let hwm = rss_kib(agent.pid(), "VmHWM:");
+        let rss = rss_kib(agent.pid(), "VmRSS:");
+        agent.terminate();
+        line(&mut out, format!("| peak RSS idle (demo devices at demo rates, 20 s) | {:.1} MB (VmHWM) | goal ≤ 15 MB; VmRSS at the end {:.1} MB |", hwm as f64 / 1024.0, rss as f64 / 1024.0));
+    }
+    print!("{out}");
+}
