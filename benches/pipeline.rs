@@ -16,6 +16,7 @@ use labgate::buffer::Buffer;
 use labgate::config::BufferConfig;
 use labgate::record::{stamp, Body, Draft, Stored};
 use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
 
@@ -59,7 +60,7 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
 }
 
 /// The baseline: one FutureProducer with the agent's settings, the same in-flight
-/// window, the same payload size, acks awaited.
+/// window, the same key, payload and headers, acks awaited.
 fn baseline(broker: &str, topic: &str, n: u64) -> f64 {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -92,7 +93,31 @@ fn baseline(broker: &str, topic: &str, n: u64) -> f64 {
             }
             let key = format!("temperature:temp-{}", i % 2);
             loop {
-                match p.send_result(FutureRecord::to(topic).key(&key).payload(&payload)) {
+                // The same four headers the agent sends: the same message, byte for byte
+                // in size.
+                let headers = OwnedHeaders::new_with_capacity(4)
+                    .insert(Header {
+                        key: "content-type",
+                        value: Some("application/json"),
+                    })
+                    .insert(Header {
+                        key: "schema-version",
+                        value: Some("1"),
+                    })
+                    .insert(Header {
+                        key: "agent-id",
+                        value: Some("agent-bench"),
+                    })
+                    .insert(Header {
+                        key: "device-id",
+                        value: Some("env-bench"),
+                    });
+                match p.send_result(
+                    FutureRecord::to(topic)
+                        .key(&key)
+                        .payload(&payload)
+                        .headers(headers),
+                ) {
                     Ok(f) => {
                         inflight.push(f);
                         break;
@@ -339,26 +364,14 @@ runs = 1
             s["devices"]["pstat-1"]["state"] == "running"
         });
         let mut reader = Reader::new(&b, &[topics.results()]);
-        let producer: rdkafka::producer::BaseProducer = ClientConfig::new()
-            .set("bootstrap.servers", &b)
-            .set("linger.ms", "0")
-            .create()
-            .expect("producer");
+        let sender = Sender::new(&b);
         // A new consumer group starting at `latest` resolves its position shortly
         // after assignment; send warm-up commands until one is answered.
         let mut warm = 0;
         loop {
             let id = format!("warm-{warm}");
             let payload = json!({"command":"resume","command_id":id,"target":{"agent":"agent-lat","device":"pstat-1"}}).to_string();
-            producer
-                .send(
-                    rdkafka::producer::BaseRecord::to(&topics.commands())
-                        .key("agent-lat")
-                        .payload(&payload),
-                )
-                .map_err(|(e, _)| e)
-                .expect("send");
-            rdkafka::producer::Producer::flush(&producer, Duration::from_secs(5)).expect("flush");
+            sender.send(&topics.commands(), "agent-lat", &payload);
             reader.drain_for(Duration::from_secs(1));
             if reader.msgs.iter().any(|m| {
                 m.json["command_id"]
@@ -377,15 +390,7 @@ runs = 1
             let id = format!("lat-{i}");
             let payload = json!({"type":"command","command":cmd,"command_id":id,"params":{},"target":{"agent":"agent-lat","device":"pstat-1"}}).to_string();
             let sent_us = labgate::record::unix_us(SystemTime::now());
-            producer
-                .send(
-                    rdkafka::producer::BaseRecord::to(&topics.commands())
-                        .key("agent-lat")
-                        .payload(&payload),
-                )
-                .map_err(|(e, _)| e)
-                .expect("send");
-            rdkafka::producer::Producer::flush(&producer, Duration::from_secs(5)).expect("flush");
+            sender.send(&topics.commands(), "agent-lat", &payload);
             let msgs = reader.until("command completed", Duration::from_secs(30), |m| {
                 m.iter()
                     .any(|m| m.json["command_id"] == id.as_str() && m.json["status"] == "completed")

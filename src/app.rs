@@ -97,7 +97,20 @@ pub async fn run(cfg: Config, stop: CancellationToken) -> Result<(), AgentError>
         metrics.clone(),
     ));
 
-    let producer = kafka::producer(&cfg, metrics.clone())?;
+    let (failures_tx, failures) = mpsc::unbounded_channel();
+    let sink = Arc::new(kafka::DeliverySink {
+        buffer: buffer.clone(),
+        in_flight: std::sync::atomic::AtomicUsize::new(0),
+        failures: failures_tx,
+        wake: tokio::sync::Notify::new(),
+    });
+    let producer = kafka::producer(
+        &cfg,
+        kafka::AgentContext {
+            metrics: metrics.clone(),
+            sink: sink.clone(),
+        },
+    )?;
     let background = CancellationToken::new();
     if cfg.kafka.create_topics {
         let cfg = cfg.clone();
@@ -108,6 +121,8 @@ pub async fn run(cfg: Config, stop: CancellationToken) -> Result<(), AgentError>
     let forwarder = Forwarder {
         buffer: buffer.clone(),
         producer,
+        sink,
+        failures,
         topics: cfg.kafka.topics.clone(),
         agent_id: cfg.agent.agent_id.clone(),
         metrics: metrics.clone(),

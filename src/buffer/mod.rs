@@ -132,6 +132,9 @@ struct ChunkInfo {
     /// One bit per record: delivered (or dead-lettered).
     acked: Vec<u64>,
     unacked: u32,
+    /// Per record, its device as an index into `State::device_names` (so an ack needs
+    /// only the record's id).
+    devices: Vec<u16>,
 }
 
 impl ChunkInfo {
@@ -157,10 +160,54 @@ struct State {
     read_cursor: u64,
     bytes: u64,
     records: u64,
-    per_device: HashMap<String, u64>,
+    /// Unacked records per interned device.
+    per_device: Vec<u64>,
     next_dead: u64,
     dead_letters: u64,
     unreported_drops: u64,
+    /// Interned device ids (devices come from config, so there are few).
+    device_names: Vec<String>,
+    device_index: HashMap<String, u16>,
+}
+
+impl State {
+    fn intern(&mut self, device: &str) -> u16 {
+        if let Some(i) = self.device_index.get(device) {
+            return *i;
+        }
+        // Past u16::MAX distinct devices, per-device figures share the last slot.
+        let i = u16::try_from(self.device_names.len()).unwrap_or(u16::MAX);
+        if usize::from(i) == self.device_names.len() {
+            self.device_names.push(device.to_string());
+            self.per_device.push(0);
+        }
+        self.device_index.insert(device.to_string(), i);
+        i
+    }
+
+    fn info_for(&mut self, recs: &[Stored], bytes: usize) -> ChunkInfo {
+        let len = recs.len() as u32;
+        ChunkInfo {
+            len,
+            bytes: bytes as u64,
+            first_ms: recs.first().map_or(0, |r| r.ingested_ms),
+            acked: vec![0; recs.len().div_ceil(64).max(1)],
+            unacked: len,
+            devices: recs.iter().map(|r| self.intern(&r.device_id)).collect(),
+        }
+    }
+
+    fn add_device_counts(&mut self, info: &ChunkInfo) {
+        for d in &info.devices {
+            self.per_device[usize::from(*d)] += 1;
+        }
+    }
+
+    fn dec_device(&mut self, d: u16) {
+        if let Some(n) = self.per_device.get_mut(usize::from(d)) {
+            *n = n.saturating_sub(1);
+        }
+    }
 }
 
 /// The sled outbox. See the module docs for its invariants.
@@ -209,12 +256,11 @@ impl Buffer {
                 message: "chunk key is not 9 bytes".into(),
             })?;
             let recs = decode(id, &v)?;
-            for r in &recs {
-                *st.per_device.entry(r.device_id.clone()).or_default() += 1;
-            }
             st.records += recs.len() as u64;
             st.bytes += v.len() as u64;
-            st.index.insert(id, info_for(&recs, v.len()));
+            let info = st.info_for(&recs, v.len());
+            st.add_device_counts(&info);
+            st.index.insert(id, info);
             st.next_chunk = id + 1;
         }
         st.durable_end = st.next_chunk;
@@ -305,12 +351,9 @@ impl Buffer {
             let Some(info) = st.index.remove(&id) else {
                 continue;
             };
-            // Count exactly which devices lose records: read the chunk being dropped.
-            if let Some(v) = self.outbox.get(chunk_key(id))? {
-                for (i, r) in decode(id, &v)?.iter().enumerate() {
-                    if !info.is_acked(i as u32) {
-                        dec(&mut st.per_device, &r.device_id);
-                    }
+            for (i, d) in info.devices.iter().enumerate() {
+                if !info.is_acked(i as u32) {
+                    st.dec_device(*d);
                 }
             }
             st.records -= u64::from(info.unacked);
@@ -329,7 +372,8 @@ impl Buffer {
             for r in part.iter() {
                 next_seq.insert(&r.device_id, r.seq + 1);
             }
-            new_infos.push((id, info_for(part, bytes.len()), *part));
+            let info = st.info_for(part, bytes.len());
+            new_infos.push((id, info));
             out.accepted += part.len();
         }
         out.rejected = records.len() - out.accepted;
@@ -346,12 +390,10 @@ impl Buffer {
         // One batch on one tree: records, their seq counters and the drop count land
         // together or not at all.
         self.outbox.apply_batch(batch)?;
-        for (id, info, part) in new_infos {
+        for (id, info) in new_infos {
             st.records += u64::from(info.len);
             st.bytes += info.bytes;
-            for r in part {
-                *st.per_device.entry(r.device_id.clone()).or_default() += 1;
-            }
+            st.add_device_counts(&info);
             st.index.insert(id, info);
             st.next_chunk = id + 1;
         }
@@ -442,20 +484,22 @@ impl Buffer {
         st.read_cursor = st.index.keys().next().copied().unwrap_or(st.next_chunk);
     }
 
-    /// Marks a record delivered; deletes its chunk once all of it is.
-    pub fn ack(&self, id: RecordId, device_id: &str) -> Result<(), BufferError> {
+    /// Marks a record delivered; deletes its chunk once all of it is. Called from the
+    /// producer's delivery callback, so it needs only the record's id.
+    pub fn ack(&self, id: RecordId) -> Result<(), BufferError> {
         let remove = {
             let mut st = self.state();
             let Some(info) = st.index.get_mut(&id.chunk) else {
                 return Ok(()); // dropped meanwhile, or a duplicate report
             };
-            if !info.set_acked(id.index) {
+            if id.index >= info.len || !info.set_acked(id.index) {
                 return Ok(());
             }
             info.unacked -= 1;
             let done = info.unacked == 0;
+            let dev = info.devices[id.index as usize];
             st.records -= 1;
-            dec(&mut st.per_device, device_id);
+            st.dec_device(dev);
             if done {
                 if let Some(info) = st.index.remove(&id.chunk) {
                     st.bytes -= info.bytes;
@@ -490,7 +534,7 @@ impl Buffer {
         let mut v = Vec::new();
         ciborium::into_writer(&dl, &mut v).map_err(|e| BufferError::Encode(e.to_string()))?;
         self.dead.insert(be(n), v)?;
-        self.ack(id, &record.device_id)
+        self.ack(id)
     }
 
     /// Every dead letter, oldest first (for operators and tests).
@@ -522,8 +566,9 @@ impl Buffer {
             chunks: st.index.len() as u64,
             oldest_age_seconds: oldest,
             per_device: st
-                .per_device
+                .device_names
                 .iter()
+                .zip(&st.per_device)
                 .filter(|(_, n)| **n > 0)
                 .map(|(k, v)| (k.clone(), *v))
                 .collect(),
@@ -536,23 +581,6 @@ impl Buffer {
     /// Ratio of buffered bytes to the cap, for health.
     pub fn fill_ratio(&self) -> f64 {
         self.state().bytes as f64 / self.max_bytes as f64
-    }
-}
-
-fn dec(map: &mut HashMap<String, u64>, dev: &str) {
-    if let Some(n) = map.get_mut(dev) {
-        *n = n.saturating_sub(1);
-    }
-}
-
-fn info_for(recs: &[Stored], bytes: usize) -> ChunkInfo {
-    let len = recs.len() as u32;
-    ChunkInfo {
-        len,
-        bytes: bytes as u64,
-        first_ms: recs.first().map_or(0, |r| r.ingested_ms),
-        acked: vec![0; (recs.len()).div_ceil(64).max(1)],
-        unacked: len,
     }
 }
 

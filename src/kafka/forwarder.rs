@@ -1,33 +1,34 @@
 //! The forwarder: reads durable records in order and produces them; a record leaves the
 //! buffer only when its delivery report says it is written.
 //!
-//! Ordering: the producer is idempotent with infinite retries (`message.timeout.ms=0`), so
-//! within a producer session librdkafka itself keeps per-partition order through broker
-//! stalls and reconnects; the forwarder never gives a record up because the broker is
-//! slow. If a delivery report still fails with a retriable error, the forwarder stops
-//! handing out records, waits for everything in flight to report, and *rewinds* to the
-//! oldest unacknowledged record, sending again from there: later records of the same key
-//! can then only arrive after the earlier one (possibly as duplicates with the same
-//! `event_id`), never before it alone.
+//! Delivery reports arrive in the producer's callback ([`super::AgentContext`]), which
+//! acks successes in the buffer directly and hands failures to this task; each record
+//! travels as a packed `usize` opaque, so nothing is allocated per record for tracking.
 //!
-//! Permanent rejections (too large, not authorised, invalid) go to the dead-letter tree,
-//! are counted, and raise an alert record.
+//! Ordering: the producer is idempotent with infinite retries (`message.timeout.ms=0`), so
+//! librdkafka keeps per-partition order through broker stalls and reconnects and does not
+//! fail a record because the broker is slow or away; records simply wait (in the window,
+//! then in the buffer). A delivery report can still fail, for a permanent reason (too
+//! large, not authorised: the record goes to the dead-letter tree, is counted, and raises
+//! an alert) or a fatal producer error. For anything else the forwarder stops handing out
+//! records, waits for the in-flight window to report, and *rewinds* to the oldest
+//! unacknowledged record. Everything unacknowledged is then sent again in buffer order;
+//! records of the same key that were acknowledged meanwhile are not, so in that rare case
+//! the resent record lands after them; consumers see it by its lower `seq`.
 
 use std::collections::VecDeque;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::stream::{FuturesUnordered, StreamExt};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureRecord, Producer as _};
+use rdkafka::producer::{BaseRecord, Producer as _};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::Producer;
+use super::{pack_id, DeliverySink, Producer};
 use crate::buffer::{Buffer, BufferError, RecordId};
 use crate::config::Topics;
 use crate::ingest::Ingest;
@@ -37,14 +38,15 @@ use crate::record::{Body, Draft, Priority, Stored, TopicKind, AGENT_DEVICE, SCHE
 /// How long to wait before sending again after a failed delivery.
 const RETRY_BACKOFF: Duration = Duration::from_millis(500);
 /// How long to wait when librdkafka's queue is full.
-const QUEUE_FULL_WAIT: Duration = Duration::from_millis(5);
-
-type Report = (RecordId, String, Result<(), KafkaError>);
-type InFlight = Pin<Box<dyn Future<Output = Report> + Send>>;
+const QUEUE_FULL_WAIT: Duration = Duration::from_millis(2);
 
 pub struct Forwarder {
     pub buffer: Arc<Buffer>,
     pub producer: Producer,
+    /// Shared with the producer's delivery callback.
+    pub sink: Arc<DeliverySink>,
+    /// Failed delivery reports from the callback.
+    pub failures: mpsc::UnboundedReceiver<(RecordId, KafkaError)>,
     pub topics: Topics,
     pub agent_id: String,
     pub metrics: Arc<Metrics>,
@@ -56,7 +58,7 @@ pub struct Forwarder {
 
 /// What happened to one attempt to hand a record to the producer.
 enum Handed {
-    Sent(InFlight),
+    Sent,
     QueueFull,
     Failed(KafkaError),
 }
@@ -72,8 +74,7 @@ impl Forwarder {
         }
     }
 
-    fn hand(&self, id: RecordId, rec: &Stored) -> Handed {
-        let seq = SCHEMA_VERSION.to_string();
+    fn hand(&self, id: RecordId, rec: &Stored, version: &str) -> Handed {
         let headers = OwnedHeaders::new_with_capacity(4)
             .insert(Header {
                 key: "content-type",
@@ -81,7 +82,7 @@ impl Forwarder {
             })
             .insert(Header {
                 key: "schema-version",
-                value: Some(seq.as_str()),
+                value: Some(version),
             })
             .insert(Header {
                 key: "agent-id",
@@ -91,46 +92,51 @@ impl Forwarder {
                 key: "device-id",
                 value: Some(rec.device_id.as_str()),
             });
-        let record = FutureRecord::to(self.topic(rec.topic))
+        let record = BaseRecord::with_opaque_to(self.topic(rec.topic), pack_id(id))
             .key(rec.key.as_str())
             .payload(rec.payload.as_slice())
             .headers(headers);
-        match self.producer.send_result(record) {
-            Ok(fut) => {
-                let dev = rec.device_id.clone();
-                Handed::Sent(Box::pin(async move {
-                    let res = match fut.await {
-                        Ok(Ok(_)) => Ok(()),
-                        Ok(Err((e, _))) => Err(e),
-                        Err(_) => Err(KafkaError::Canceled),
-                    };
-                    (id, dev, res)
-                }))
+        // Count first: the delivery callback may run before send returns.
+        self.sink.in_flight.fetch_add(1, Relaxed);
+        match self.producer.send(record) {
+            Ok(()) => Handed::Sent,
+            Err((e, _)) => {
+                self.sink.in_flight.fetch_sub(1, Relaxed);
+                match e {
+                    KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => Handed::QueueFull,
+                    e => Handed::Failed(e),
+                }
             }
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                Handed::QueueFull
-            }
-            Err((e, _)) => Handed::Failed(e),
         }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.sink.in_flight.load(Relaxed)
     }
 
     /// Runs until `shutdown`, then waits up to `grace` for records in flight.
     pub async fn run(
-        self,
+        mut self,
         shutdown: CancellationToken,
         grace: Duration,
     ) -> Result<(), BufferError> {
-        let mut inflight: FuturesUnordered<InFlight> = FuturesUnordered::new();
+        let version = SCHEMA_VERSION.to_string();
         let mut pending: VecDeque<(RecordId, Stored)> = VecDeque::new();
         let mut durable = self.buffer.subscribe_durable();
         let mut rewinding = false;
         let mut resume_at: Option<Instant> = None;
         loop {
+            // Failed reports first: they decide whether sending may go on.
+            while let Ok((id, e)) = self.failures.try_recv() {
+                if self.on_failure(id, e).await? {
+                    rewinding = true;
+                }
+            }
             let mut wait_short = false;
             let may_send = !rewinding && resume_at.is_none_or(|t| Instant::now() >= t);
             if may_send {
                 resume_at = None;
-                while inflight.len() < self.window {
+                while self.in_flight() < self.window {
                     if pending.is_empty() {
                         match self.buffer.read_next()? {
                             Some(recs) => pending.extend(recs),
@@ -140,8 +146,8 @@ impl Forwarder {
                     let Some((id, rec)) = pending.pop_front() else {
                         break;
                     };
-                    match self.hand(id, &rec) {
-                        Handed::Sent(f) => inflight.push(f),
+                    match self.hand(id, &rec, &version) {
+                        Handed::Sent => {}
                         Handed::QueueFull => {
                             pending.push_front((id, rec));
                             wait_short = true;
@@ -151,7 +157,7 @@ impl Forwarder {
                             self.dead_letter(id, &rec, &e).await?;
                         }
                         Handed::Failed(e) => {
-                            tracing::warn!(error = %e, "produce failed; will retry from the oldest unacked record");
+                            tracing::warn!(error = %e, "produce failed; will resend from the oldest unacked record");
                             self.metrics.delivery_errors.fetch_add(1, Relaxed);
                             rewinding = true;
                             break;
@@ -159,7 +165,7 @@ impl Forwarder {
                     }
                 }
             }
-            if rewinding && inflight.is_empty() {
+            if rewinding && self.in_flight() == 0 && self.failures.is_empty() {
                 self.buffer.rewind();
                 pending.clear();
                 rewinding = false;
@@ -170,18 +176,9 @@ impl Forwarder {
             } else {
                 resume_at.map(|t| t.saturating_duration_since(Instant::now()))
             };
+            let sink = self.sink.clone();
             tokio::select! {
-                Some(report) = inflight.next(), if !inflight.is_empty() => {
-                    if self.on_report(report).await? {
-                        rewinding = true;
-                    }
-                    // Take every report that is ready before looking at the buffer again.
-                    while let Some(Some(report)) = futures_util::FutureExt::now_or_never(inflight.next()) {
-                        if self.on_report(report).await? {
-                            rewinding = true;
-                        }
-                    }
-                }
+                () = sink.wake.notified() => {}
                 r = durable.changed() => {
                     if r.is_err() {
                         break;
@@ -191,29 +188,20 @@ impl Forwarder {
                 () = shutdown.cancelled() => break,
             }
         }
-        self.drain(inflight, grace).await
+        self.drain(grace).await
     }
 
-    /// Handles one delivery report; returns true when the caller must rewind.
-    async fn on_report(&self, (id, dev, res): Report) -> Result<bool, BufferError> {
-        match res {
-            Ok(()) => {
-                self.buffer.ack(id, &dev)?;
-                self.metrics.records_delivered.fetch_add(1, Relaxed);
-                Ok(false)
+    /// Handles a failed report; returns true when the caller must rewind.
+    async fn on_failure(&self, id: RecordId, e: KafkaError) -> Result<bool, BufferError> {
+        if is_permanent(&e) {
+            if let Some(rec) = self.buffer.get(id)? {
+                self.dead_letter(id, &rec, &e).await?;
             }
-            Err(e) if is_permanent(&e) => {
-                if let Some(rec) = self.buffer.get(id)? {
-                    self.dead_letter(id, &rec, &e).await?;
-                }
-                Ok(false)
-            }
-            Err(e) => {
-                self.metrics.delivery_errors.fetch_add(1, Relaxed);
-                tracing::warn!(error = %e, device = %dev, "delivery failed; will resend from the oldest unacked record");
-                Ok(true)
-            }
+            return Ok(false);
         }
+        self.metrics.delivery_errors.fetch_add(1, Relaxed);
+        tracing::warn!(error = %e, chunk = id.chunk, "delivery failed; will resend from the oldest unacked record");
+        Ok(true)
     }
 
     async fn dead_letter(
@@ -250,27 +238,25 @@ impl Forwarder {
         Ok(())
     }
 
-    async fn drain(
-        self,
-        mut inflight: FuturesUnordered<InFlight>,
-        grace: Duration,
-    ) -> Result<(), BufferError> {
-        let n = inflight.len();
+    /// Waits up to `grace` for the in-flight window to report, then flushes.
+    async fn drain(mut self, grace: Duration) -> Result<(), BufferError> {
+        let n = self.in_flight();
         let deadline = Instant::now() + grace;
-        while !inflight.is_empty() {
-            match tokio::time::timeout_at(deadline, inflight.next()).await {
-                Ok(Some(report)) => {
-                    self.on_report(report).await?;
-                }
-                Ok(None) => break,
-                Err(_) => {
-                    tracing::warn!(left = inflight.len(), "shutdown grace over; unacked records stay buffered and are sent on next start");
-                    break;
-                }
+        while self.in_flight() > 0 && Instant::now() < deadline {
+            let sink = self.sink.clone();
+            let _ = tokio::time::timeout_at(deadline, sink.wake.notified()).await;
+            while let Ok((id, e)) = self.failures.try_recv() {
+                self.on_failure(id, e).await?;
             }
         }
-        if inflight.is_empty() {
+        let left = self.in_flight();
+        if left == 0 {
             tracing::info!(in_flight = n, "forwarder drained");
+        } else {
+            tracing::warn!(
+                left,
+                "shutdown grace over; unacked records stay buffered and are sent on next start"
+            );
         }
         let producer = self.producer.clone();
         let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(1))).await;

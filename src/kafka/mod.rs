@@ -3,7 +3,7 @@
 
 pub mod forwarder;
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -11,9 +11,11 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, ProducerContext};
+use rdkafka::message::DeliveryResult;
+use rdkafka::producer::{ProducerContext, ThreadedProducer};
 use rdkafka::statistics::Statistics;
 
+use crate::buffer::{Buffer, RecordId};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::record::unix_ms;
@@ -59,9 +61,23 @@ fn apply_passthrough(c: &mut ClientConfig, cfg: &Config) {
     }
 }
 
-/// Context of the producer: turns librdkafka statistics into the connection state.
+/// Where delivery reports go: the producer's callback acks successes in the buffer
+/// itself and hands failures to the forwarder task.
+pub struct DeliverySink {
+    pub buffer: Arc<Buffer>,
+    /// Records handed to the producer and not yet reported.
+    pub in_flight: AtomicUsize,
+    /// Failed reports, for the forwarder to dead-letter or resend.
+    pub failures: tokio::sync::mpsc::UnboundedSender<(RecordId, KafkaError)>,
+    /// Wakes the forwarder when a report frees room in the window or fails.
+    pub wake: tokio::sync::Notify,
+}
+
+/// Context of the producer: turns librdkafka statistics into the connection state and
+/// delivery reports into buffer acks.
 pub struct AgentContext {
     pub metrics: Arc<Metrics>,
+    pub sink: Arc<DeliverySink>,
 }
 
 impl ClientContext for AgentContext {
@@ -88,16 +104,52 @@ impl ClientContext for AgentContext {
 }
 
 impl ProducerContext for AgentContext {
-    type DeliveryOpaque = ();
-    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: ()) {}
+    /// The record's place in the buffer, packed by [`pack_id`]: no allocation per record.
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
+        let id = unpack_id(opaque);
+        match result {
+            Ok(_) => match self.sink.buffer.ack(id) {
+                Ok(()) => {
+                    self.metrics.records_delivered.fetch_add(1, Relaxed);
+                }
+                Err(e) => {
+                    // The record is in Kafka; failing to delete it means a duplicate
+                    // after restart, never a loss.
+                    tracing::error!(error = %e, chunk = id.chunk, "cannot remove a delivered record from the buffer");
+                }
+            },
+            Err((e, _)) => {
+                // The forwarder owns what happens next; it only stops if it has ended.
+                let _ = self.sink.failures.send((id, e.clone()));
+            }
+        }
+        self.sink.in_flight.fetch_sub(1, Relaxed);
+        self.sink.wake.notify_one();
+    }
 }
 
-pub type Producer = FutureProducer<AgentContext>;
+/// Packs a record id into the producer's opaque: 48 bits of chunk, 16 of index
+/// (`records_per_chunk` is at most 4096).
+pub fn pack_id(id: RecordId) -> usize {
+    ((id.chunk << 16) | u64::from(id.index)) as usize
+}
+
+pub fn unpack_id(v: usize) -> RecordId {
+    let v = v as u64;
+    RecordId {
+        chunk: v >> 16,
+        index: (v & 0xFFFF) as u32,
+    }
+}
+
+pub type Producer = ThreadedProducer<AgentContext>;
 
 /// The producer: idempotent, `acks=all`, retries forever (a record waits in the buffer
 /// and in librdkafka rather than being given up), statistics every second for the
 /// connection state. Passthrough properties are applied last and win.
-pub fn producer(cfg: &Config, metrics: Arc<Metrics>) -> Result<Producer, KafkaSetupError> {
+pub fn producer(cfg: &Config, ctx: AgentContext) -> Result<Producer, KafkaSetupError> {
     let mut c = base_config(cfg)?;
     c.set("enable.idempotence", "true")
         .set("acks", "all")
@@ -113,19 +165,7 @@ pub fn producer(cfg: &Config, metrics: Arc<Metrics>) -> Result<Producer, KafkaSe
         .set("reconnect.backoff.ms", "100")
         .set("reconnect.backoff.max.ms", "2000");
     apply_passthrough(&mut c, cfg);
-    Ok(c.create_with_context(AgentContext { metrics })?)
-}
-
-/// A plain producer with the product's settings, for the operator tools and the
-/// benchmark baseline.
-pub fn plain_producer(cfg: &Config) -> Result<FutureProducer, KafkaSetupError> {
-    let mut c = base_config(cfg)?;
-    c.set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("compression.codec", &cfg.kafka.compression)
-        .set("linger.ms", "5");
-    apply_passthrough(&mut c, cfg);
-    Ok(c.create()?)
+    Ok(c.create_with_context(ctx)?)
 }
 
 /// Consumer settings for the command topic and the `tail` tool.
@@ -171,4 +211,17 @@ pub async fn create_topics(cfg: &Config) -> Result<(), KafkaSetupError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_ids_survive_the_opaque_round_trip() {
+        for (chunk, index) in [(0, 0), (1, 4095), ((1 << 47) + 12345, 63)] {
+            let id = RecordId { chunk, index };
+            assert_eq!(unpack_id(pack_id(id)), id);
+        }
+    }
 }

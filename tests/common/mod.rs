@@ -518,16 +518,34 @@ impl Reader {
     }
 }
 
+/// A producer kept open across sends (no connection set-up inside timed paths).
+pub struct Sender {
+    producer: BaseProducer,
+}
+
+impl Sender {
+    pub fn new(brokers: &str) -> Sender {
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("linger.ms", "0")
+            .create()
+            .expect("producer");
+        Sender { producer }
+    }
+
+    /// Produces one message and waits for its acknowledgement.
+    pub fn send(&self, topic: &str, key: &str, payload: &str) {
+        self.producer
+            .send(BaseRecord::to(topic).key(key).payload(payload))
+            .map_err(|(e, _)| e)
+            .expect("send");
+        self.producer.flush(Duration::from_secs(10)).expect("flush");
+    }
+}
+
 /// Produces one message and waits for its acknowledgement.
 pub fn produce(brokers: &str, topic: &str, key: &str, payload: &str) {
-    let p: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .expect("producer");
-    p.send(BaseRecord::to(topic).key(key).payload(payload))
-        .map_err(|(e, _)| e)
-        .expect("send");
-    p.flush(Duration::from_secs(10)).expect("flush");
+    Sender::new(brokers).send(topic, key, payload);
 }
 
 /// Per device: the seqs seen, and for each seq the event_ids (duplicates must agree).
