@@ -131,7 +131,7 @@ fn yes() -> bool {
     true
 }
 fn default_in_flight() -> usize {
-    20_000
+    8_000
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -348,3 +348,126 @@ fn buffer_cap_hit_while_broker_down_drops_oldest_counts_them_and_reports_them() 
     assert!(seqs_by_device(&msgs)["env-1"].contains_key(&5999));
     assert_eq!(agent.status()["buffer"]["unreported_drops"], 0);
 }
+
+#[test]
+fn record_the_broker_refuses_for_good_is_dead_lettered_with_an_alert_and_counted() {
+    let broker = Broker::start();
+    let dir = tempdir();
+    let topics = Topics::new();
+    // Messages above 2,000 bytes are refused (librdkafka checks message.max.bytes before
+    // sending, as a broker would): a 100-point data chunk is larger, events are smaller.
+    let extra = format!(
+        "{}\n",
+        potentiostat("pstat-1", 0.0, 1)
+            .replace("points_per_message = 20", "points_per_message = 100")
+    );
+    let cfg = agent_config(
+        dir.path(),
+        "agent-dlq",
+        &broker.addr(),
+        &topics,
+        free_port(),
+        &extra,
+    )
+    .replace(
+        "[http]",
+        "[kafka.properties]\n\"message.max.bytes\" = \"2000\"\n\n[http]",
+    );
+    let agent = Agent::start(dir.path(), &cfg);
+    let mut reader = Reader::new(
+        &broker.addr(),
+        &[topics.events(), topics.data(), topics.alerts()],
+    );
+    reader.until("experiment completed", Duration::from_secs(60), |m| {
+        m.iter().any(|m| m.json["event"] == "experiment_completed")
+    });
+    let s = agent.wait_status("buffer empty", Duration::from_secs(30), |s| {
+        s["buffer"]["records"] == 0
+    });
+    let dead = s["buffer"]["dead_letters"].as_u64().unwrap();
+    assert!(dead > 0, "large chunks were refused: {s}");
+    assert_eq!(
+        agent.metric("labgate_records_dropped_total{reason=\"dead_letter\"}") as u64,
+        dead
+    );
+    let msgs = reader
+        .until("one alert per dead letter", Duration::from_secs(30), |m| {
+            m.iter().filter(|m| m.json["type"] == "alert").count() as u64 == dead
+        })
+        .to_vec();
+    for m in msgs.iter().filter(|m| m.json["type"] == "alert") {
+        assert_matches_schema(m);
+        assert_eq!(m.json["priority"], "high");
+        assert!(
+            m.json["message"].as_str().unwrap().contains("dead-letter"),
+            "{}",
+            m.json
+        );
+    }
+    // Everything small enough arrived: all events, and only the too-large data is missing.
+    let events = msgs
+        .iter()
+        .filter(|m| m.json["type"] == "experiment_event")
+        .count();
+    assert_eq!(events, 6);
+    // The dead letters are kept on disk for a human (read after the agent stops).
+    let mut agent = agent;
+    assert_eq!(agent.terminate(), Some(0));
+    let buffer = labgate::buffer::Buffer::open(
+        &dir.path().join("data/buffer"),
+        &labgate::config::BufferConfig::default(),
+    )
+    .unwrap();
+    let letters = buffer.dead_letters().unwrap();
+    assert_eq!(letters.len() as u64, dead);
+    assert!(
+        letters
+            .iter()
+            .all(|d| d.reason.contains("too large") || d.reason.contains("Message size")),
+        "{:?}",
+        letters[0].reason
+    );
+}
+
+#[test]
+fn buffer_stats_asks_the_running_agent() {
+    let dir = tempdir();
+    let topics = Topics::new();
+    let brokers = format!("127.0.0.1:{}", free_port()); // nobody listens: records stay
+    let agent = Agent::start(
+        dir.path(),
+        &agent_config(
+            dir.path(),
+            "agent-stats",
+            &brokers,
+            &topics,
+            free_port(),
+            &sensors_device("env-1", "10ms", Some(50)),
+        ),
+    );
+    agent.wait_status("100 buffered", Duration::from_secs(30), |s| {
+        s["buffer"]["records"] == 100
+    });
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_labgate"))
+        .args(["buffer", "stats", "--config"])
+        .arg(&agent.config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("source:        running agent"), "{text}");
+    assert!(
+        text.contains("records:       100") && text.contains("env-1: 100"),
+        "{text}"
+    );
+    assert_eq!(
+        agent.get("/health").0,
+        200,
+        "unreachable for less than 30 s is still healthy"
+    );
+}
