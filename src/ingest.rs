@@ -164,7 +164,7 @@ impl Writer {
                     // Cannot happen for the bodies we define (no non-string map keys),
                     // but never lose it silently.
                     tracing::error!(device = %item.draft.device_id, error = %e, "record dropped: cannot encode");
-                    self.metrics.count_drop(DropReason::BufferFullRejectNew, 1);
+                    self.metrics.count_drop(DropReason::EncodeError, 1);
                     if let Some(d) = item.done {
                         let _ = d.send(Err(IngestError::Buffer(e.to_string())));
                     }

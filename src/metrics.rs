@@ -20,6 +20,8 @@ pub enum DropReason {
     BufferFullRejectNew,
     /// The broker refused it for good; it is in the dead-letter tree.
     DeadLetter,
+    /// It could not be encoded (a broken invariant; logged as an error).
+    EncodeError,
 }
 
 impl DropReason {
@@ -28,6 +30,7 @@ impl DropReason {
             DropReason::BufferFullDropOldest => "buffer_full_drop_oldest",
             DropReason::BufferFullRejectNew => "buffer_full_reject_new",
             DropReason::DeadLetter => "dead_letter",
+            DropReason::EncodeError => "encode_error",
         }
     }
 }
@@ -50,6 +53,7 @@ pub struct Metrics {
     pub dropped_drop_oldest: AtomicU64,
     pub dropped_reject_new: AtomicU64,
     pub dropped_dead_letter: AtomicU64,
+    pub dropped_encode_error: AtomicU64,
     pub delivery_errors: AtomicU64,
     pub buffer_flushes: AtomicU64,
     pub kafka_connected: AtomicBool,
@@ -78,6 +82,7 @@ impl Metrics {
             DropReason::BufferFullDropOldest => &self.dropped_drop_oldest,
             DropReason::BufferFullRejectNew => &self.dropped_reject_new,
             DropReason::DeadLetter => &self.dropped_dead_letter,
+            DropReason::EncodeError => &self.dropped_encode_error,
         };
         c.fetch_add(n, Relaxed);
     }
@@ -86,6 +91,7 @@ impl Metrics {
         self.dropped_drop_oldest.load(Relaxed)
             + self.dropped_reject_new.load(Relaxed)
             + self.dropped_dead_letter.load(Relaxed)
+            + self.dropped_encode_error.load(Relaxed)
     }
 
     pub fn set_device_state(&self, device: &str, state: &str) {
@@ -134,6 +140,7 @@ impl Metrics {
             (DropReason::BufferFullDropOldest, &self.dropped_drop_oldest),
             (DropReason::BufferFullRejectNew, &self.dropped_reject_new),
             (DropReason::DeadLetter, &self.dropped_dead_letter),
+            (DropReason::EncodeError, &self.dropped_encode_error),
         ] {
             let _ = writeln!(
                 o,
@@ -225,5 +232,54 @@ impl Metrics {
             self.started.map_or(0.0, |s| s.elapsed().as_secs_f64()),
         );
         o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The metric names are an interface: dashboards and alerts use them.
+    #[test]
+    fn metric_names_are_stable() {
+        let m = Metrics::new();
+        m.set_device_state("pstat-1", "running");
+        let text = m.render(&Stats::default());
+        let names: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "labgate_records_buffered_total",
+                "labgate_records_delivered_total",
+                "labgate_records_dropped_total{reason=\"buffer_full_drop_oldest\"}",
+                "labgate_records_dropped_total{reason=\"buffer_full_reject_new\"}",
+                "labgate_records_dropped_total{reason=\"dead_letter\"}",
+                "labgate_records_dropped_total{reason=\"encode_error\"}",
+                "labgate_kafka_delivery_errors_total",
+                "labgate_kafka_connected",
+                "labgate_buffer_records",
+                "labgate_buffer_bytes",
+                "labgate_buffer_disk_bytes",
+                "labgate_buffer_oldest_record_age_seconds",
+                "labgate_buffer_dead_letters",
+                "labgate_buffer_flushes_total",
+                "labgate_commands_total{status=\"accepted\"}",
+                "labgate_commands_total{status=\"completed\"}",
+                "labgate_commands_total{status=\"failed\"}",
+                "labgate_commands_total{status=\"rejected\"}",
+                "labgate_commands_total{status=\"ignored\"}",
+                "labgate_device_running{device=\"pstat-1\"}",
+                "labgate_uptime_seconds",
+            ]
+        );
+        // Every sample has a HELP and a TYPE line for its family.
+        for family in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+            let name = family.split_whitespace().next().unwrap();
+            assert!(text.contains(&format!("# HELP {name} ")), "{name}");
+        }
     }
 }
