@@ -432,5 +432,36 @@ runs = 1
         agent.terminate();
         line(&mut out, format!("| peak RSS idle (demo devices at demo rates, 20 s) | {:.1} MB (VmHWM) | goal ≤ 15 MB; VmRSS at the end {:.1} MB |", hwm as f64 / 1024.0, rss as f64 / 1024.0));
     }
+    // 7. MethodSCRIPT line parse rate: bytes → lines → classified, decoded packages.
+    {
+        use labgate::devices::methodscript::{encode_value, Line, LineCodec};
+        use tokio_util::bytes::BytesMut;
+        use tokio_util::codec::Decoder;
+        // A realistic CV output: potential and current with status and range metadata.
+        let mut text = String::from("e\nM0005\nC0000\n");
+        for k in 0..10_000 {
+            let e = -0.5 + (k % 200) as f64 * 0.005;
+            let i = 1.5e-6 * (e * 7.0).sin();
+            let (de, di) = (encode_value(e).expect("e"), encode_value(i).expect("i"));
+            text.push_str(&format!("Pda{de};ba{di},10,288\n"));
+        }
+        text.push_str("-\n*\n\n");
+        let n_lines = text.lines().count() as u64;
+        let rounds = scaled(2_000_000) / n_lines;
+        let start = Instant::now();
+        let mut packages = 0u64;
+        for _ in 0..rounds {
+            let mut codec = LineCodec::default();
+            let mut buf = BytesMut::from(text.as_bytes());
+            while let Some(item) = codec.decode(&mut buf).expect("decode") {
+                if let Ok(Line::Data(p)) = Line::parse(&item.expect("line")) {
+                    packages += p.vars.len() as u64 / 2;
+                }
+            }
+        }
+        let rate = (rounds * n_lines) as f64 / start.elapsed().as_secs_f64();
+        assert_eq!(packages, rounds * 10_000);
+        line(&mut out, format!("| MethodSCRIPT line parse rate (issue 3): bytes → lines → classified, `P` lines fully decoded, {} lines, one thread | {rate:.0} lines/s | CV output (`da` + `ba` with status and range metadata) |", rounds * n_lines));
+    }
     print!("{out}");
 }
