@@ -1,12 +1,13 @@
 //! PalmSens MethodSCRIPT: the wire layer, as `../shared/protocols.md` §1 documents it.
 //!
 //! Layers (mini-redis style): serial bytes → lines ([`LineCodec`], drops XON/XOFF) →
-//! classified lines ([`Line::parse`]) → decoded data packages ([`Package`]). All pure;
-//! the driver that does the I/O and the session state come with the serial-instrument
-//! work. [`encode_value`] is the inverse used by the simulator.
+//! classified lines ([`Line::parse`]) → decoded data packages ([`Package`]) → what they
+//! mean in the current state ([`session::Session`]). All pure; the driver that does the
+//! I/O comes with the serial-instrument work. [`encode_value`] is the inverse used by the simulator.
 
 mod codec;
 mod package;
+pub mod session;
 
 pub use codec::{LineCodec, LineError, MAX_LINE};
 pub use package::{
