@@ -93,6 +93,13 @@ pub enum Step {
         t_interval: f64,
         t_run: f64,
     },
+    /// Linear sweep voltammetry: `e_begin` → `e_end`.
+    Lsv {
+        e_begin: f64,
+        e_end: f64,
+        e_step: f64,
+        scan_rate: f64,
+    },
 }
 
 fn one() -> u32 {
@@ -104,6 +111,7 @@ impl Step {
         match self {
             Step::Cv { .. } => "CV",
             Step::Ca { .. } => "CA",
+            Step::Lsv { .. } => "LSV",
         }
     }
 }
@@ -153,6 +161,20 @@ impl Config {
                     check_range(&k("e_dc"), e_dc, -10.0, 10.0)?;
                     check_range(&k("t_interval"), t_interval, 1e-5, 3600.0)?;
                     check_range(&k("t_run"), t_run, t_interval, 1e6)?;
+                }
+                Step::Lsv {
+                    e_begin,
+                    e_end,
+                    e_step,
+                    scan_rate,
+                } => {
+                    check_range(&k("e_begin"), e_begin, -10.0, 10.0)?;
+                    check_range(&k("e_end"), e_end, -10.0, 10.0)?;
+                    check_range(&k("e_step"), e_step, 1e-5, 1.0)?;
+                    check_range(&k("scan_rate"), scan_rate, 1e-4, 1e4)?;
+                    if e_begin == e_end {
+                        return Err((k("e_end"), "must differ from e_begin".into()));
+                    }
                 }
             }
         }
@@ -288,6 +310,33 @@ impl StepGen {
                     ca: false,
                 }
             }
+            Step::Lsv {
+                e_begin,
+                e_end,
+                e_step,
+                scan_rate,
+            } => {
+                let mut es = Vec::new();
+                ramp(&mut es, e_begin, e_end, e_step);
+                es.push(e_end);
+                let dt = e_step / scan_rate;
+                let points: Vec<(f64, f64)> = es
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| (i as f64 * dt, *e))
+                    .collect();
+                let t_total = points.last().map_or(1.0, |p| p.0);
+                StepGen {
+                    diffusion: Some(Diffusion::new(&cell, t_total)),
+                    points,
+                    k: 0,
+                    cell,
+                    last_t: 0.0,
+                    scan_rate,
+                    scan_starts: vec![0],
+                    ca: false,
+                }
+            }
             Step::Ca {
                 e_dc,
                 t_interval,
@@ -341,6 +390,47 @@ impl StepGen {
         self.k += 1;
         let i = i * (1.0 + noise * rng.symmetric()) + 1e-9 * noise * rng.symmetric();
         Some(Point { t, e, i })
+    }
+}
+
+/// The points of one step as the simulated cell produces them, with noise; shared with
+/// the EmStat protocol simulator so both speak the same chemistry.
+pub struct Generator {
+    gen: StepGen,
+    rng: Rng,
+    noise: f64,
+}
+
+impl Generator {
+    pub fn new(step: &Step, e0: f64, noise: f64, seed: u64) -> Generator {
+        Generator {
+            gen: StepGen::new(step, Cell::new(e0)),
+            rng: Rng::new(seed),
+            noise,
+        }
+    }
+
+    /// Points in the step.
+    pub fn len(&self) -> usize {
+        self.gen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.gen.len() == 0
+    }
+
+    /// Index of the next point.
+    pub fn position(&self) -> usize {
+        self.gen.k
+    }
+
+    /// Scan (0-based) of point `k`.
+    pub fn scan_of(&self, k: usize) -> usize {
+        self.gen.scan_of(k)
+    }
+
+    pub fn next_point(&mut self) -> Option<Point> {
+        self.gen.next(&mut self.rng, self.noise)
     }
 }
 
@@ -740,6 +830,22 @@ mod tests {
             .find(|p| p.e > 0.55 && p.t < pts[pts.len() / 2].t)
             .unwrap();
         assert!(tail.i > 0.3 * pmax.i && tail.i < pmax.i);
+    }
+
+    #[test]
+    fn lsv_rises_to_a_peak_and_ends_at_e_end() {
+        let step = Step::Lsv {
+            e_begin: -0.2,
+            e_end: 0.6,
+            e_step: 0.005,
+            scan_rate: 0.1,
+        };
+        let mut g = Generator::new(&step, 0.2, 0.0, 1);
+        let pts: Vec<Point> = std::iter::from_fn(|| g.next_point()).collect();
+        assert_eq!(pts.len(), 161);
+        assert!((pts.last().unwrap().e - 0.6).abs() < 1e-9);
+        let peak = pts.iter().max_by(|a, b| a.i.total_cmp(&b.i)).unwrap();
+        assert!((peak.e - 0.2285).abs() < 0.02, "peak at {}", peak.e);
     }
 
     #[test]
