@@ -14,6 +14,7 @@
 //! - [`devices`]: device configs, the supervisor, and the drivers.
 //! - [`http`]: `/health`, `/metrics`, `/status`.
 //! - [`metrics`]: shared counters and their Prometheus rendering.
+//! - [`sim`]: protocol simulators on pty pairs (EmStat).
 //! - [`app`]: wiring and ordered shutdown.
 //! - [`tools`]: operator tools behind the CLI (`tail`, `command send`).
 
@@ -30,4 +31,5 @@ pub mod ingest;
 pub mod kafka;
 pub mod metrics;
 pub mod record;
+pub mod sim;
 pub mod tools;
