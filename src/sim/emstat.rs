@@ -523,7 +523,7 @@ fn plan(lines: &[String]) -> Plan {
         texts: Vec::new(),
         error: None,
     };
-    let (mut e_var, mut i_var, mut t_var) = (String::new(), String::new(), String::new());
+    let (mut e_var, mut t_var) = (String::new(), String::new());
     let mut pack_names = Vec::new();
     for (n, line) in lines.iter().enumerate() {
         let words: Vec<&str> = line.split_whitespace().collect();
@@ -576,7 +576,6 @@ fn plan(lines: &[String]) -> Plan {
                     return out;
                 }
                 e_var = words[1].to_string();
-                i_var = words[2].to_string();
                 let a: Vec<f64> = args.into_iter().flatten().collect();
                 let step = match (*first, a.as_slice()) {
                     ("meas_loop_cv", [b, v1, v2, s, r, ..]) => (
