@@ -51,6 +51,35 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CommandCmd,
     },
+    /// Run a protocol simulator on a pty pair and print the port path for a config.
+    Simulate {
+        #[command(subcommand)]
+        kind: SimKind,
+    },
+    /// List serial ports with USB vendor/product id, serial number and product name.
+    Ports,
+}
+
+#[derive(Subcommand)]
+enum SimKind {
+    /// An EmStat Pico (MethodSCRIPT) potentiostat.
+    Emstat {
+        /// Also create this symlink to the port (stable path for configs and replugs).
+        #[arg(long)]
+        link: Option<PathBuf>,
+        /// 1 = real time, 0 = as fast as possible.
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        /// How the device answers h / H (undocumented on real hardware).
+        #[arg(long, value_enum, default_value_t = labgate::sim::emstat::HaltReply::Echo)]
+        halt_reply: labgate::sim::emstat::HaltReply,
+        /// Emit a garbage line after every N data lines (0 = never).
+        #[arg(long, default_value_t = 0)]
+        garbage_every: u32,
+        /// Sprinkle XON/XOFF bytes into the output.
+        #[arg(long)]
+        xon_xoff: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -125,6 +154,50 @@ fn main() -> ExitCode {
         Cmd::Tail(args) => {
             init_logging(LogFormat::Text, "warn");
             report(runtime().and_then(|rt| rt.block_on(tools::tail(args)).context("tail")))
+        }
+        Cmd::Ports => match tools::ports() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("labgate: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Simulate {
+            kind:
+                SimKind::Emstat {
+                    link,
+                    speed,
+                    halt_reply,
+                    garbage_every,
+                    xon_xoff,
+                },
+        } => {
+            let opts = labgate::sim::emstat::Options {
+                halt_reply,
+                speed,
+                garbage_every,
+                xon_xoff,
+                ..Default::default()
+            };
+            match labgate::sim::emstat::Emstat::start(opts, link.as_deref()) {
+                Ok(sim) => {
+                    println!("{}", link.as_deref().unwrap_or(sim.path()).display());
+                    eprintln!(
+                        "EmStat Pico simulator on {} (Ctrl-C ends it)",
+                        sim.path().display()
+                    );
+                    report(runtime().and_then(|rt| {
+                        rt.block_on(async {
+                            wait_for_signal().await;
+                            Ok(())
+                        })
+                    }))
+                }
+                Err(e) => {
+                    eprintln!("labgate: cannot create a pty pair: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Cmd::Command {
             cmd: CommandCmd::Send(args),

@@ -42,6 +42,8 @@ pub struct DeviceStatus {
     pub state: String,
     /// Highest `seq` of this device known durable in the buffer.
     pub last_durable_seq: Option<u64>,
+    /// Lines from the device that could not be parsed (garbage, line noise).
+    pub bad_lines: u64,
 }
 
 #[derive(Default)]
@@ -102,6 +104,11 @@ impl Metrics {
     pub fn set_durable_seq(&self, device: &str, seq: u64) {
         let mut d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
         d.entry(device.to_string()).or_default().last_durable_seq = Some(seq);
+    }
+
+    pub fn count_bad_line(&self, device: &str) {
+        let mut d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        d.entry(device.to_string()).or_default().bad_lines += 1;
     }
 
     pub fn device_snapshot(&self) -> BTreeMap<String, DeviceStatus> {
@@ -225,6 +232,34 @@ impl Metrics {
             let up = u8::from(!matches!(d.state.as_str(), "stopped" | "failed" | ""));
             let _ = writeln!(o, "labgate_device_running{{device=\"{id}\"}} {up}");
         }
+        let _ = writeln!(
+            o,
+            "# HELP labgate_device_connected 1 while the device is connected.\n# TYPE labgate_device_connected gauge"
+        );
+        for (id, d) in self.device_snapshot() {
+            if id == crate::record::AGENT_DEVICE {
+                continue;
+            }
+            let up = u8::from(!matches!(
+                d.state.as_str(),
+                "disconnected" | "stopped" | "failed" | "starting" | ""
+            ));
+            let _ = writeln!(o, "labgate_device_connected{{device=\"{id}\"}} {up}");
+        }
+        let _ = writeln!(
+            o,
+            "# HELP labgate_device_bad_lines_total Device lines that could not be parsed.\n# TYPE labgate_device_bad_lines_total counter"
+        );
+        for (id, d) in self.device_snapshot() {
+            if id == crate::record::AGENT_DEVICE {
+                continue;
+            }
+            let _ = writeln!(
+                o,
+                "labgate_device_bad_lines_total{{device=\"{id}\"}} {}",
+                d.bad_lines
+            );
+        }
         gauge(
             &mut o,
             "labgate_uptime_seconds",
@@ -273,6 +308,8 @@ mod tests {
                 "labgate_commands_total{status=\"rejected\"}",
                 "labgate_commands_total{status=\"ignored\"}",
                 "labgate_device_running{device=\"pstat-1\"}",
+                "labgate_device_connected{device=\"pstat-1\"}",
+                "labgate_device_bad_lines_total{device=\"pstat-1\"}",
                 "labgate_uptime_seconds",
             ]
         );

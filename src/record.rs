@@ -27,6 +27,14 @@ pub struct Point {
     pub e: f64,
     /// Current, A.
     pub i: f64,
+    /// Device status bits for this point (0x1 timing, 0x2 overload, 0x4 underload,
+    /// 0x8 overload warning); omitted when 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub status: u8,
+}
+
+fn is_zero(v: &u8) -> bool {
+    *v == 0
 }
 
 /// Status of a command as reported on the results topic.

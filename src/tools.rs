@@ -349,3 +349,27 @@ pub async fn buffer_stats(cfg: &Config, as_json: bool) -> Result<(), ToolError> 
     }
     Ok(())
 }
+
+/// `labgate ports`: every serial port with what USB says about it.
+pub fn ports() -> Result<(), ToolError> {
+    let ports = serialport::available_ports()
+        .map_err(|e| ToolError::Usage(format!("cannot list serial ports: {e}")))?;
+    if ports.is_empty() {
+        println!("no serial ports found");
+    }
+    for p in ports {
+        match p.port_type {
+            serialport::SerialPortType::UsbPort(u) => println!(
+                "{}  usb {:04x}:{:04x}  serial {}  {} {}",
+                p.port_name,
+                u.vid,
+                u.pid,
+                u.serial_number.as_deref().unwrap_or("-"),
+                u.manufacturer.as_deref().unwrap_or(""),
+                u.product.as_deref().unwrap_or("")
+            ),
+            other => println!("{}  {other:?}", p.port_name),
+        }
+    }
+    Ok(())
+}

@@ -23,6 +23,8 @@ use std::sync::Arc;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum DeviceConfig {
+    /// A PalmSens MethodSCRIPT instrument on a serial port.
+    Methodscript(methodscript::driver::Config),
     SimulatedPotentiostat(sim_potentiostat::Config),
     SimulatedSensors(sim_sensors::Config),
 }
@@ -30,6 +32,7 @@ pub enum DeviceConfig {
 impl DeviceConfig {
     pub fn id(&self) -> &str {
         match self {
+            DeviceConfig::Methodscript(c) => &c.id,
             DeviceConfig::SimulatedPotentiostat(c) => &c.id,
             DeviceConfig::SimulatedSensors(c) => &c.id,
         }
@@ -37,6 +40,7 @@ impl DeviceConfig {
 
     pub fn kind(&self) -> &'static str {
         match self {
+            DeviceConfig::Methodscript(_) => "methodscript",
             DeviceConfig::SimulatedPotentiostat(_) => "simulated_potentiostat",
             DeviceConfig::SimulatedSensors(_) => "simulated_sensors",
         }
@@ -45,6 +49,7 @@ impl DeviceConfig {
     /// Checks values; on error returns (key below the device, message).
     pub fn validate(&self) -> Result<(), (String, String)> {
         match self {
+            DeviceConfig::Methodscript(c) => c.validate(),
             DeviceConfig::SimulatedPotentiostat(c) => c.validate(),
             DeviceConfig::SimulatedSensors(c) => c.validate(),
         }
@@ -53,7 +58,9 @@ impl DeviceConfig {
     /// Commands this kind of device understands.
     pub fn accepts(&self, cmd: CommandKind) -> bool {
         match self {
-            DeviceConfig::SimulatedPotentiostat(_) | DeviceConfig::SimulatedSensors(_) => {
+            DeviceConfig::Methodscript(_)
+            | DeviceConfig::SimulatedPotentiostat(_)
+            | DeviceConfig::SimulatedSensors(_) => {
                 matches!(
                     cmd,
                     CommandKind::Start
@@ -110,6 +117,8 @@ pub struct Control {
 pub enum DeviceError {
     #[error("ingest closed")]
     Ingest(#[from] IngestError),
+    #[error("device configuration: {0}")]
+    Config(String),
 }
 
 /// What every driver gets: an output, a control input, a shutdown signal.
@@ -136,6 +145,7 @@ pub async fn supervise(cfg: DeviceConfig, mut ctx: DeviceCtx) {
     let mut backoff = Duration::from_millis(200);
     loop {
         let result = match &cfg {
+            DeviceConfig::Methodscript(c) => methodscript::driver::run(c, &mut ctx).await,
             DeviceConfig::SimulatedPotentiostat(c) => sim_potentiostat::run(c, &mut ctx).await,
             DeviceConfig::SimulatedSensors(c) => sim_sensors::run(c, &mut ctx).await,
         };

@@ -6,6 +6,7 @@
 //! I/O comes with the serial-instrument work. [`encode_value`] is the inverse used by the simulator.
 
 mod codec;
+pub mod driver;
 pub mod method;
 mod package;
 pub mod session;

@@ -1,0 +1,837 @@
+//! The `methodscript` device: a PalmSens MethodSCRIPT instrument (EmStat Pico, EmStat4,
+//! Nexus) on a serial port.
+//!
+//! On connect: resync (`\n` + `Z`, drain), identify (`t`, `i`, `v`) → a
+//! `device_connected` event with type, firmware and serial. A `start` command (or
+//! `autostart`) renders the configured method with its parameters and runs it; device
+//! output becomes `echem_data` chunks and experiment events; pause → `h`, resume → `H`,
+//! stop → abort-and-sync. A lost port fails the running experiment (partial data is
+//! kept), and the driver reconnects with backoff, by path or by USB identity.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serialport::{SerialPortType, TTYPort};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::bytes::BytesMut;
+use tokio_util::codec::Decoder;
+
+use super::method::Method;
+use super::session::{Command, Output, Session, State};
+use super::{Line, LineCodec, LineError};
+use crate::devices::{CommandKind, Control, DeviceCtx, DeviceError};
+use crate::record::{object, Body, Draft, Point, AGENT_DEVICE};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub id: String,
+    /// Port path, e.g. `/dev/ttyACM0` or a `/dev/serial/by-id/…` link. Or use `usb`.
+    #[serde(default)]
+    pub port: Option<String>,
+    /// Find the port by USB identity, so a replugged instrument is found under its new
+    /// `/dev/ttyUSBn`.
+    #[serde(default)]
+    pub usb: Option<UsbId>,
+    /// 230400 for EmStat Pico, 921600 for EmStat4 and Nexus.
+    #[serde(default = "d_baud")]
+    pub baud: u32,
+    /// A method name in `methods_dir` (`cv`, `ca`, `lsv`) or a path to a `.mscr` file.
+    pub method: String,
+    #[serde(default = "d_methods_dir")]
+    pub methods_dir: PathBuf,
+    /// Method parameters (a `start` command's parameters override these).
+    #[serde(default)]
+    pub params: serde_json::Map<String, serde_json::Value>,
+    /// Run the method as soon as the instrument is connected the first time.
+    #[serde(default)]
+    pub autostart: bool,
+    #[serde(default = "d_points")]
+    pub points_per_message: usize,
+    #[serde(default = "d_interval", with = "humantime_serde")]
+    pub max_interval: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsbId {
+    /// Vendor id, hex (`0403`).
+    pub vid: String,
+    /// Product id, hex (`6015`).
+    pub pid: String,
+    #[serde(default)]
+    pub serial: Option<String>,
+}
+
+fn d_baud() -> u32 {
+    230_400
+}
+fn d_methods_dir() -> PathBuf {
+    PathBuf::from("devices/methods")
+}
+fn d_points() -> usize {
+    50
+}
+fn d_interval() -> Duration {
+    Duration::from_millis(500)
+}
+
+fn hex16(s: &str) -> Option<u16> {
+    u16::from_str_radix(s.trim_start_matches("0x"), 16).ok()
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        match (&self.port, &self.usb) {
+            (Some(_), None) | (None, Some(_)) => {}
+            _ => return Err(("port".into(), "give exactly one of port or usb".into())),
+        }
+        if let Some(u) = &self.usb {
+            if hex16(&u.vid).is_none() {
+                return Err((
+                    "usb.vid".into(),
+                    "must be a hex vendor id such as 0403".into(),
+                ));
+            }
+            if hex16(&u.pid).is_none() {
+                return Err((
+                    "usb.pid".into(),
+                    "must be a hex product id such as 6015".into(),
+                ));
+            }
+        }
+        if self.baud == 0 {
+            return Err(("baud".into(), "must be positive".into()));
+        }
+        if self.points_per_message == 0 || self.points_per_message > 100_000 {
+            return Err(("points_per_message".into(), "must be 1..=100000".into()));
+        }
+        let m = Method::load(&self.methods_dir, &self.method)
+            .map_err(|e| ("method".to_string(), e.to_string()))?;
+        m.render(&self.params)
+            .map_err(|e| ("params".to_string(), e.to_string()))?;
+        Ok(())
+    }
+
+    /// The port to open now: the path, or the USB port that matches.
+    fn resolve(&self) -> Result<String, String> {
+        if let Some(p) = &self.port {
+            return Ok(p.clone());
+        }
+        let Some(u) = &self.usb else {
+            return Err("no port configured".into());
+        };
+        let (vid, pid) = (hex16(&u.vid).unwrap_or(0), hex16(&u.pid).unwrap_or(0));
+        let ports = serialport::available_ports().map_err(|e| e.to_string())?;
+        ports
+            .into_iter()
+            .find(|p| match &p.port_type {
+                SerialPortType::UsbPort(i) => {
+                    i.vid == vid
+                        && i.pid == pid
+                        && u.serial
+                            .as_ref()
+                            .is_none_or(|s| i.serial_number.as_ref() == Some(s))
+                }
+                _ => false,
+            })
+            .map(|p| p.port_name)
+            .ok_or_else(|| format!("no USB serial port {}:{} is present", u.vid, u.pid))
+    }
+}
+
+enum Incoming {
+    Line(Result<String, LineError>),
+    Lost(String),
+}
+
+/// Reads the port on a thread (serialport is blocking) and hands lines over.
+fn spawn_reader(mut port: TTYPort, tx: mpsc::Sender<Incoming>) {
+    let spawned = std::thread::Builder::new()
+        .name("serial-reader".into())
+        .spawn(move || {
+            let mut codec = LineCodec::default();
+            let mut buf = BytesMut::with_capacity(4096);
+            let mut chunk = [0u8; 4096];
+            loop {
+                match port.read(&mut chunk) {
+                    Ok(0) => {
+                        let _ = tx.blocking_send(Incoming::Lost("end of file".into()));
+                        return;
+                    }
+                    Ok(n) => {
+                        buf.extend_from_slice(&chunk[..n]);
+                        loop {
+                            match codec.decode(&mut buf) {
+                                Ok(Some(item)) => {
+                                    if tx.blocking_send(Incoming::Line(item)).is_err() {
+                                        return;
+                                    }
+                                }
+                                Ok(None) => break,
+                                Err(e) => {
+                                    let _ = tx.blocking_send(Incoming::Lost(e.to_string()));
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                        if tx.is_closed() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.blocking_send(Incoming::Lost(e.to_string()));
+                        return;
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the serial reader thread");
+    }
+}
+
+/// What identification found.
+#[derive(Debug, Clone, Default)]
+struct Info {
+    port: String,
+    device_type: String,
+    firmware: String,
+    serial: String,
+    mscript_version: String,
+}
+
+/// How a connection ended.
+enum Ended {
+    Lost(String),
+    Shutdown,
+}
+
+struct Experiment {
+    id: String,
+    technique: String,
+    started: Instant,
+    chunk: Vec<Point>,
+    chunk_started: Instant,
+    scan: u32,
+    /// First device error seen: (code, text, context).
+    error: Option<(u16, String, Option<String>)>,
+    /// Who asked to start (answered when the device echoes `e`).
+    start_reply: Option<oneshot::Sender<Result<String, String>>>,
+    /// Who asked to stop (answered when the script has ended).
+    stop_reply: Option<oneshot::Sender<Result<String, String>>>,
+    points: u64,
+}
+
+struct Conn<'a> {
+    cfg: &'a Config,
+    ctx: &'a mut DeviceCtx,
+    method: &'a Method,
+    writer: TTYPort,
+    lines: mpsc::Receiver<Incoming>,
+    session: Session,
+    info: Info,
+    exp: Option<Experiment>,
+    /// Commands sent, waiting for the device's reply.
+    pending: Vec<(Command, oneshot::Sender<Result<String, String>>)>,
+}
+
+impl Conn<'_> {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
+        self.writer
+            .write_all(bytes)
+            .and_then(|()| self.writer.flush())
+            .map_err(|e| format!("write failed: {e}"))
+    }
+
+    async fn emit_event(
+        &self,
+        event: &str,
+        experiment_id: &str,
+        data: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), DeviceError> {
+        self.ctx
+            .emit(Draft::new(
+                self.ctx.id.clone(),
+                Body::ExperimentEvent {
+                    event: event.into(),
+                    experiment_id: experiment_id.into(),
+                    data,
+                },
+            ))
+            .await
+    }
+
+    async fn device_event(
+        &self,
+        event: &str,
+        mut data: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), DeviceError> {
+        data.insert("device_id".into(), self.ctx.id.clone().into());
+        self.ctx
+            .emit(Draft::new(
+                AGENT_DEVICE,
+                Body::AgentEvent {
+                    event: event.into(),
+                    data,
+                },
+            ))
+            .await
+    }
+
+    /// Reads lines until one satisfies `want`, for the identification exchange.
+    async fn read_until(
+        &mut self,
+        want: impl Fn(&str) -> bool,
+        timeout: Duration,
+    ) -> Result<Vec<String>, String> {
+        let deadline = Instant::now() + timeout;
+        let mut got = Vec::new();
+        loop {
+            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
+                Err(_) => return Err(format!("no answer within {timeout:?} (got {got:?})")),
+                Ok(None) => return Err("reader stopped".into()),
+                Ok(Some(Incoming::Lost(e))) => return Err(e),
+                Ok(Some(Incoming::Line(Err(_)))) => self.ctx.metrics.count_bad_line(&self.ctx.id),
+                Ok(Some(Incoming::Line(Ok(l)))) => {
+                    let done = want(&l);
+                    got.push(l);
+                    if done {
+                        return Ok(got);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Resync and identify.
+    async fn hello(&mut self) -> Result<(), String> {
+        // Abort whatever may run (after an agent restart the device may still be
+        // measuring) and drain to a known state.
+        self.write(b"\nZ\n")?;
+        let lines = self
+            .read_until(|l| l == "Z" || l.starts_with("Z!"), Duration::from_secs(5))
+            .await?;
+        if lines.last().is_some_and(|l| l == "Z") {
+            self.read_until(str::is_empty, Duration::from_secs(10))
+                .await?;
+        }
+        self.write(b"t\n")?;
+        let t = self
+            .read_until(|l| l.ends_with('*'), Duration::from_secs(3))
+            .await?;
+        let first = t
+            .iter()
+            .find(|l| l.starts_with('t'))
+            .cloned()
+            .unwrap_or_default();
+        self.info.firmware = first.trim_start_matches('t').to_string();
+        self.info.device_type = self.info.firmware.chars().take(6).collect();
+        self.write(b"i\n")?;
+        let i = self
+            .read_until(|l| l.starts_with('i'), Duration::from_secs(3))
+            .await?;
+        self.info.serial = i.last().map(|l| l[1..].to_string()).unwrap_or_default();
+        self.write(b"v\n")?;
+        let v = self
+            .read_until(|l| l.starts_with('v'), Duration::from_secs(3))
+            .await?;
+        self.info.mscript_version = v.last().map(|l| l[1..].to_string()).unwrap_or_default();
+        Ok(())
+    }
+
+    fn info_json(&self) -> serde_json::Map<String, serde_json::Value> {
+        object([
+            ("port", self.info.port.clone().into()),
+            ("device_type", self.info.device_type.clone().into()),
+            ("firmware", self.info.firmware.clone().into()),
+            ("serial", self.info.serial.clone().into()),
+            ("mscript_version", self.info.mscript_version.clone().into()),
+        ])
+    }
+
+    async fn flush_chunk(&mut self) -> Result<(), DeviceError> {
+        let Some(exp) = &mut self.exp else {
+            return Ok(());
+        };
+        if exp.chunk.is_empty() {
+            return Ok(());
+        }
+        let points = std::mem::take(&mut exp.chunk);
+        let draft = Draft::new(
+            self.ctx.id.clone(),
+            Body::EchemData {
+                technique: exp.technique.clone(),
+                experiment_id: exp.id.clone(),
+                step_index: exp.scan,
+                points,
+            },
+        );
+        self.ctx.emit(draft).await
+    }
+
+    async fn start(
+        &mut self,
+        params: serde_json::Map<String, serde_json::Value>,
+        reply: oneshot::Sender<Result<String, String>>,
+    ) -> Result<(), DeviceError> {
+        if self.exp.is_some() || self.session.state() != State::Idle {
+            let _ = reply.send(Err("an experiment is already running".into()));
+            return Ok(());
+        }
+        let mut values = self.cfg.params.clone();
+        values.extend(params);
+        let (script, effective) = match self.method.render(&values) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = reply.send(Err(e.to_string()));
+                return Ok(());
+            }
+        };
+        let bytes = match self.session.start(&script) {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = reply.send(Err(e.to_string()));
+                return Ok(());
+            }
+        };
+        if let Err(e) = self.write(&bytes) {
+            let _ = reply.send(Err(e));
+            return Ok(());
+        }
+        let id = format!(
+            "exp-{}-{}",
+            self.ctx.id,
+            crate::record::unix_ms(std::time::SystemTime::now())
+        );
+        let mut data = object([
+            ("method", self.method.name.clone().into()),
+            ("technique", self.method.technique.clone().into()),
+            (
+                "parameters",
+                serde_json::to_value(&effective).unwrap_or_default(),
+            ),
+        ]);
+        data.insert("device".into(), self.info_json().into());
+        self.emit_event("experiment_started", &id, data).await?;
+        self.exp = Some(Experiment {
+            id,
+            technique: self.method.technique.clone(),
+            started: Instant::now(),
+            chunk: Vec::with_capacity(self.cfg.points_per_message),
+            chunk_started: Instant::now(),
+            scan: 0,
+            error: None,
+            start_reply: Some(reply),
+            stop_reply: None,
+            points: 0,
+        });
+        self.ctx.set_state("running");
+        Ok(())
+    }
+
+    async fn on_control(&mut self, c: Control) -> Result<(), DeviceError> {
+        let cmd = match c.command {
+            CommandKind::Start => return self.start(c.params, c.reply).await,
+            _ if !c.params.is_empty() => {
+                let _ = c
+                    .reply
+                    .send(Err(format!("{} takes no parameters", c.command.as_str())));
+                return Ok(());
+            }
+            CommandKind::Pause => Command::Halt,
+            CommandKind::Resume => Command::Resume,
+            CommandKind::Stop => Command::Abort,
+        };
+        match self.session.command(cmd) {
+            Ok(bytes) => {
+                if let Err(e) = self.write(bytes) {
+                    let _ = c.reply.send(Err(e));
+                    return Ok(());
+                }
+                match (cmd, &mut self.exp) {
+                    // A stop is done when the script has ended (the cell is off).
+                    (Command::Abort, Some(exp)) => exp.stop_reply = Some(c.reply),
+                    _ => self.pending.push((cmd, c.reply)),
+                }
+            }
+            Err(e) => {
+                let _ = c.reply.send(Err(e.to_string()));
+            }
+        }
+        Ok(())
+    }
+
+    fn answer(&mut self, cmd: Command, result: Result<String, String>) {
+        if let Some(pos) = self.pending.iter().position(|(c, _)| *c == cmd) {
+            let (_, reply) = self.pending.remove(pos);
+            let _ = reply.send(result);
+        }
+    }
+
+    async fn on_output(&mut self, o: Output) -> Result<(), DeviceError> {
+        match o {
+            Output::ScriptStarted => {
+                if let Some(r) = self.exp.as_mut().and_then(|e| e.start_reply.take()) {
+                    let _ = r.send(Ok("started".into()));
+                }
+            }
+            Output::ScanStarted(_) => {
+                self.flush_chunk().await?;
+                if let Some(exp) = &self.exp {
+                    let (id, scan) = (exp.id.clone(), exp.scan);
+                    self.emit_event("scan_started", &id, object([("scan", scan.into())]))
+                        .await?;
+                }
+            }
+            Output::ScanEnded => {
+                self.flush_chunk().await?;
+                if let Some(exp) = &mut self.exp {
+                    let (id, scan) = (exp.id.clone(), exp.scan);
+                    exp.scan += 1;
+                    self.emit_event("scan_completed", &id, object([("scan", scan.into())]))
+                        .await?;
+                }
+            }
+            Output::Data { scan, package } => {
+                let Some(exp) = &mut self.exp else {
+                    return Ok(());
+                };
+                if scan != exp.scan && !exp.chunk.is_empty() {
+                    self.flush_chunk().await?;
+                }
+                let Some(exp) = &mut self.exp else {
+                    return Ok(());
+                };
+                exp.scan = scan;
+                let value = |code: &str| package.get(code).and_then(|v| v.value);
+                let current = package.get("ba");
+                let point = Point {
+                    t: value("eb").unwrap_or_else(|| exp.started.elapsed().as_secs_f64()),
+                    e: value("da").or_else(|| value("ab")).unwrap_or(f64::NAN),
+                    i: current.and_then(|v| v.value).unwrap_or(f64::NAN),
+                    status: current.and_then(|v| v.status).unwrap_or(0),
+                };
+                if exp.chunk.is_empty() {
+                    exp.chunk_started = Instant::now();
+                }
+                exp.chunk.push(point);
+                exp.points += 1;
+                if exp.chunk.len() >= self.cfg.points_per_message {
+                    self.flush_chunk().await?;
+                }
+            }
+            Output::Text(t) => {
+                if let Some(exp) = &self.exp {
+                    let id = exp.id.clone();
+                    self.emit_event("device_message", &id, object([("text", t.into())]))
+                        .await?;
+                }
+            }
+            Output::DeviceError {
+                code,
+                text,
+                context,
+            } => {
+                tracing::warn!(device = %self.ctx.id, code = format!("{code:04X}"), %text, "device error");
+                if let Some(exp) = &mut self.exp {
+                    exp.error.get_or_insert((code, text.clone(), context));
+                    if let Some(r) = exp.start_reply.take() {
+                        let _ = r.send(Err(format!("device error {code:04X}: {text}")));
+                    }
+                }
+            }
+            Output::ScriptEnded { aborted, failed } => {
+                self.flush_chunk().await?;
+                self.ctx.set_state("idle");
+                let Some(mut exp) = self.exp.take() else {
+                    return Ok(());
+                };
+                let mut data = object([
+                    ("duration", exp.started.elapsed().as_secs_f64().into()),
+                    ("points", exp.points.into()),
+                ]);
+                let event = if let Some((code, text, context)) = exp.error.take().filter(|_| failed)
+                {
+                    data.insert("error_code".into(), format!("{code:04X}").into());
+                    data.insert("error".into(), text.into());
+                    if let Some(c) = context {
+                        data.insert("context".into(), c.into());
+                    }
+                    "experiment_failed"
+                } else if aborted {
+                    data.insert("reason".into(), "stop command".into());
+                    "experiment_stopped"
+                } else {
+                    "experiment_completed"
+                };
+                self.emit_event(event, &exp.id, data).await?;
+                if let Some(r) = exp.stop_reply.take() {
+                    let _ = r.send(Ok("stopped; script ended, cell off".into()));
+                }
+                if let Some(r) = exp.start_reply.take() {
+                    let _ = r.send(Err("script ended before it started".into()));
+                }
+            }
+            Output::CommandDone(cmd) => {
+                let detail = match cmd {
+                    Command::Halt => "paused",
+                    Command::Resume => "resumed",
+                    Command::Abort => "already idle",
+                };
+                if let Some(exp) = &self.exp {
+                    let id = exp.id.clone();
+                    match cmd {
+                        Command::Halt => {
+                            self.ctx.set_state("paused");
+                            self.emit_event("experiment_paused", &id, serde_json::Map::new())
+                                .await?;
+                        }
+                        Command::Resume => {
+                            self.ctx.set_state("running");
+                            self.emit_event("experiment_resumed", &id, serde_json::Map::new())
+                                .await?;
+                        }
+                        Command::Abort => {}
+                    }
+                }
+                self.answer(cmd, Ok(detail.into()));
+            }
+            Output::CommandFailed {
+                command,
+                code,
+                text,
+            } => {
+                let letter = match command {
+                    Command::Halt => 'h',
+                    Command::Resume => 'H',
+                    Command::Abort => 'Z',
+                };
+                self.answer(
+                    command,
+                    Err(format!("device refused {letter}: {text} ({code:04X})")),
+                );
+            }
+            Output::MeasLoopStarted(_) | Output::MeasLoopEnded => {}
+            Output::Unexpected(l) => {
+                tracing::debug!(device = %self.ctx.id, line = %l, "unexpected line")
+            }
+        }
+        Ok(())
+    }
+
+    /// The experiment (if any) ends because the link is gone.
+    async fn lost(&mut self, reason: &str) -> Result<(), DeviceError> {
+        self.flush_chunk().await?;
+        if let Some(mut exp) = self.exp.take() {
+            let data = object([
+                ("error", format!("device disconnected: {reason}").into()),
+                ("points", exp.points.into()),
+                ("partial", true.into()),
+            ]);
+            self.emit_event("experiment_failed", &exp.id, data).await?;
+            for r in [exp.start_reply.take(), exp.stop_reply.take()]
+                .into_iter()
+                .flatten()
+            {
+                let _ = r.send(Err(format!("device disconnected: {reason}")));
+            }
+        }
+        for (_, r) in self.pending.drain(..) {
+            let _ = r.send(Err(format!("device disconnected: {reason}")));
+        }
+        self.session.link_lost();
+        Ok(())
+    }
+
+    async fn run(&mut self, autostart: bool) -> Result<Ended, DeviceError> {
+        if let Err(e) = self.hello().await {
+            return Ok(Ended::Lost(format!("identification failed: {e}")));
+        }
+        self.ctx.set_state("idle");
+        tracing::info!(device = %self.ctx.id, port = %self.info.port, firmware = %self.info.firmware, "instrument connected");
+        self.device_event("device_connected", self.info_json())
+            .await?;
+        if autostart {
+            let (tx, _rx) = oneshot::channel();
+            self.start(serde_json::Map::new(), tx).await?;
+        }
+        let mut tick = tokio::time::interval(self.cfg.max_interval.min(Duration::from_millis(200)));
+        loop {
+            tokio::select! {
+                incoming = self.lines.recv() => match incoming {
+                    Some(Incoming::Line(Ok(l))) => match Line::parse(&l) {
+                        Ok(line) => {
+                            for o in self.session.on_line(&line) {
+                                self.on_output(o).await?;
+                            }
+                        }
+                        Err(e) => {
+                            self.ctx.metrics.count_bad_line(&self.ctx.id);
+                            tracing::debug!(device = %self.ctx.id, error = %e, "bad line skipped");
+                        }
+                    },
+                    Some(Incoming::Line(Err(e))) => {
+                        self.ctx.metrics.count_bad_line(&self.ctx.id);
+                        tracing::debug!(device = %self.ctx.id, error = %e, "bad line skipped");
+                    }
+                    Some(Incoming::Lost(e)) => {
+                        self.lost(&e).await?;
+                        return Ok(Ended::Lost(e));
+                    }
+                    None => {
+                        self.lost("reader stopped").await?;
+                        return Ok(Ended::Lost("reader stopped".into()));
+                    }
+                },
+                c = self.ctx.control.recv() => match c {
+                    Some(c) => self.on_control(c).await?,
+                    None => return Ok(Ended::Shutdown),
+                },
+                _ = tick.tick() => {
+                    let stale = self.exp.as_ref().is_some_and(|e| !e.chunk.is_empty() && e.chunk_started.elapsed() >= self.cfg.max_interval);
+                    if stale {
+                        self.flush_chunk().await?;
+                    }
+                }
+                () = self.ctx.shutdown.cancelled() => {
+                    self.shutdown().await?;
+                    return Ok(Ended::Shutdown);
+                }
+            }
+        }
+    }
+
+    /// Agent shutdown: abort a running script (so the cell goes off) and record it.
+    async fn shutdown(&mut self) -> Result<(), DeviceError> {
+        if self.exp.is_none() {
+            return Ok(());
+        }
+        if let Ok(bytes) = self.session.command(Command::Abort) {
+            let _ = self.write(bytes);
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while self.exp.is_some() {
+            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
+                Ok(Some(Incoming::Line(Ok(l)))) => {
+                    if let Ok(line) = Line::parse(&l) {
+                        for o in self.session.on_line(&line) {
+                            self.on_output(o).await?;
+                        }
+                    }
+                }
+                Ok(Some(Incoming::Line(Err(_)))) => {}
+                _ => break,
+            }
+        }
+        if self.exp.is_some() {
+            self.lost("agent shutdown before the device confirmed the abort")
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+fn open(cfg: &Config, path: &str) -> Result<TTYPort, String> {
+    let port = serialport::new(path, cfg.baud)
+        .timeout(Duration::from_millis(100))
+        .open_native()
+        .map_err(|e| format!("{path}: {e}"))?;
+    // DTR/RTS cannot be set on a pty (ENOTTY); that is not a reason to fail.
+    Ok(port)
+}
+
+/// Driver entry point: connect, run, reconnect with backoff until shutdown.
+pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
+    let method = Method::load(&cfg.methods_dir, &cfg.method)
+        .map_err(|e| DeviceError::Config(e.to_string()))?;
+    let mut backoff = Duration::from_millis(250);
+    let mut first = true;
+    let mut announced_down = false;
+    loop {
+        if ctx.shutdown.is_cancelled() {
+            return Ok(());
+        }
+        let opened = cfg
+            .resolve()
+            .and_then(|path| open(cfg, &path).map(|p| (path, p)));
+        let (path, port) = match opened {
+            Ok(p) => p,
+            Err(e) => {
+                ctx.set_state("disconnected");
+                if !announced_down {
+                    tracing::warn!(device = %ctx.id, error = %e, "instrument not reachable; retrying");
+                    announced_down = true;
+                }
+                // While waiting, commands are answered, not queued.
+                let until = Instant::now() + backoff;
+                loop {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(until) => break,
+                        c = ctx.control.recv() => match c {
+                            Some(c) => { let _ = c.reply.send(Err(format!("instrument not connected: {e}"))); }
+                            None => return Ok(()),
+                        },
+                        () = ctx.shutdown.cancelled() => return Ok(()),
+                    }
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(250);
+        announced_down = false;
+        let reader = match port.try_clone_native() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(device = %ctx.id, error = %e, "cannot clone the port handle");
+                continue;
+            }
+        };
+        let (tx, rx) = mpsc::channel(1024);
+        spawn_reader(reader, tx);
+        let mut conn = Conn {
+            cfg,
+            ctx,
+            method: &method,
+            writer: port,
+            lines: rx,
+            session: Session::default(),
+            info: Info {
+                port: path,
+                ..Info::default()
+            },
+            exp: None,
+            pending: Vec::new(),
+        };
+        let ended = conn.run(cfg.autostart && first).await?;
+        first = false;
+        match ended {
+            Ended::Shutdown => return Ok(()),
+            Ended::Lost(reason) => {
+                tracing::warn!(device = %ctx.id, %reason, "instrument disconnected");
+                ctx.set_state("disconnected");
+                ctx.emit(Draft::new(
+                    AGENT_DEVICE,
+                    Body::AgentEvent {
+                        event: "device_disconnected".into(),
+                        data: object([
+                            ("device_id", ctx.id.clone().into()),
+                            ("reason", reason.into()),
+                        ]),
+                    },
+                ))
+                .await?;
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = ctx.shutdown.cancelled() => return Ok(()),
+                }
+            }
+        }
+    }
+}
