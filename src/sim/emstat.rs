@@ -72,6 +72,13 @@ impl Emstat {
     /// link finds a "replugged" simulator again.
     pub fn start(opts: Options, link: Option<&Path>) -> std::io::Result<Emstat> {
         let (mut master, slave) = TTYPort::pair().map_err(std::io::Error::other)?;
+        // posix_openpt does not set close-on-exec: a process started later (a test's
+        // agent) would inherit the master and keep the line up after an "unplug".
+        nix::fcntl::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&master),
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .map_err(std::io::Error::other)?;
         let path = PathBuf::from(
             slave
                 .name()
