@@ -235,7 +235,13 @@ fn decode_value(field: &str) -> Option<Option<f64>> {
         return None;
     }
     let f = factor(p)?;
-    Some(Some(raw as f64 * f))
+    // Divide by the exact power of ten for the small prefixes (1e6 is exact in f64,
+    // 1e-6 is not): -200000u decodes to -0.2, not -0.19999999999999998.
+    Some(Some(if f < 1.0 {
+        raw as f64 / (1.0 / f).round()
+    } else {
+        raw as f64 * f
+    }))
 }
 
 /// Encodes a value with the smallest SI prefix that keeps it in range, which gives the
@@ -382,6 +388,13 @@ mod tests {
         // and the manual's example decodes back
         let p = Package::parse("da800000Am").unwrap();
         assert!(close(var(&p, "da"), 0.01));
+    }
+
+    #[test]
+    fn decoded_values_are_correctly_rounded() {
+        let p = Package::parse("da7FCF2C0u;ba800000Am").unwrap();
+        assert_eq!(var(&p, "da"), -0.2);
+        assert_eq!(var(&p, "ba"), 0.01);
     }
 
     #[test]
