@@ -463,5 +463,123 @@ runs = 1
         assert_eq!(packages, rounds * 10_000);
         line(&mut out, format!("| MethodSCRIPT line parse rate (issue 3): bytes → lines → classified, `P` lines fully decoded, {} lines, one thread | {rate:.0} lines/s | CV output (`da` + `ba` with status and range metadata) |", rounds * n_lines));
     }
+    // 8 and 9 (issue 3): a MethodSCRIPT instrument on a pty at 921,600-baud line rates,
+    // and command latency from Kafka to the byte on the pty.
+    {
+        use labgate::sim::emstat::{Emstat, Options};
+        let dir = tempdir();
+        let topics = Topics::new();
+        let link = dir.path().join("ttyEMSTAT");
+        // A P line with time, potential and current is ~41 bytes; 921,600 baud carries
+        // 92,160 bytes/s, about 2,250 lines/s. CA at 1 ms per point, 2.25 times real time.
+        let sim = Emstat::start(
+            Options {
+                speed: 2.25,
+                ..Options::default()
+            },
+            Some(&link),
+        )
+        .expect("simulator");
+        let device = format!(
+            "[[devices]]\nkind = \"methodscript\"\nid = \"pstat-1\"\nport = \"{}\"\nbaud = 921600\nmethod = \"ca\"\nmethods_dir = \"{}\"\npoints_per_message = 100\nparams = {{ t_interval = \"1m\", t_run = 3600 }}\n",
+            link.display(),
+            concat!(env!("CARGO_MANIFEST_DIR"), "/devices/methods")
+        );
+        let mut cfg = agent_config(dir.path(), "agent-ms", &b, &topics, free_port(), &device);
+        cfg = cfg.replace("level = \"info,labgate=debug\"", "level = \"warn\"");
+        let mut agent = Agent::start(dir.path(), &cfg);
+        agent.wait_status("connected", Duration::from_secs(30), |s| {
+            s["devices"]["pstat-1"]["state"] == "idle"
+        });
+        let mut reader = Reader::new(&b, &[topics.data(), topics.results(), topics.events()]);
+        let sender = Sender::new(&b);
+        let cmd = |id: &str, c: &str| {
+            json!({"command": c, "command_id": id, "target": {"agent": "agent-ms", "device": "pstat-1"}}).to_string()
+        };
+        for n in 0.. {
+            assert!(n < 30, "agent never answered");
+            sender.send(
+                &topics.commands(),
+                "k",
+                &cmd(&format!("probe-{n}"), "resume"),
+            );
+            reader.drain_for(Duration::from_millis(500));
+            if reader.msgs.iter().any(|m| {
+                m.json["command_id"]
+                    .as_str()
+                    .is_some_and(|c| c.starts_with("probe-"))
+            }) {
+                break;
+            }
+        }
+        let done = |msgs: &[Msg], id: &str| {
+            msgs.iter()
+                .any(|m| m.json["command_id"] == id && m.json["status"] != "accepted")
+        };
+        sender.send(&topics.commands(), "k", &cmd("start", "start"));
+        reader.until("started", Duration::from_secs(20), |m| done(m, "start"));
+        let ticks = |pid: u32| -> f64 {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let fields: Vec<&str> = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .collect();
+            fields
+                .get(11)
+                .and_then(|u| u.parse::<f64>().ok())
+                .unwrap_or(0.0)
+                + fields
+                    .get(12)
+                    .and_then(|u| u.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+        };
+        let secs = (60.0 * scale()).max(10.0);
+        let (c0, t0) = (ticks(agent.pid()), Instant::now());
+        std::thread::sleep(Duration::from_secs_f64(secs));
+        let cpu = (ticks(agent.pid()) - c0) / 100.0 / t0.elapsed().as_secs_f64() * 100.0;
+        // Command latency while streaming: pause/resume pairs, produce → byte on the pty.
+        let mut lat = Vec::new();
+        for i in 0..50 {
+            for c in ["pause", "resume"] {
+                let id = format!("{c}-{i}");
+                let before = sim.received_at().len();
+                let sent = SystemTime::now();
+                sender.send(&topics.commands(), "k", &cmd(&id, c));
+                reader.until("command done", Duration::from_secs(20), |m| done(m, &id));
+                let got = sim.received_at();
+                let (_, at) = got[before..]
+                    .iter()
+                    .find(|(l, _)| l == if c == "pause" { "h" } else { "H" })
+                    .expect("command reached the pty");
+                lat.push(at.duration_since(sent).unwrap_or_default().as_secs_f64() * 1000.0);
+            }
+        }
+        let before = sim.received_at().len();
+        let sent = SystemTime::now();
+        sender.send(&topics.commands(), "k", &cmd("stop", "stop"));
+        reader.until("stopped", Duration::from_secs(20), |m| done(m, "stop"));
+        let z = sim.received_at()[before..]
+            .iter()
+            .find(|(l, _)| l == "Z")
+            .map(|(_, at)| at.duration_since(sent).unwrap_or_default().as_secs_f64() * 1000.0)
+            .expect("Z on the pty");
+        let sent_lines = sim.data_lines().len();
+        let count = |m: &[Msg]| {
+            m.iter()
+                .filter(|m| m.json["type"] == "echem_data")
+                .map(|m| m.json["points"].as_array().map_or(0, Vec::len))
+                .sum::<usize>()
+        };
+        reader.until("every point", Duration::from_secs(60), |m| {
+            count(m) >= sent_lines
+        });
+        let received = count(reader.drain_for(Duration::from_secs(1)));
+        agent.terminate();
+        line(&mut out, format!("| MethodSCRIPT instrument at 921,600-baud line rate (~2,250 P lines/s on a pty) for {secs:.0} s, plus 100 commands | {} points sent, {received} in Kafka, {} lost | goal 0 lost; agent CPU {cpu:.1} % of one core while streaming (pty bytes move at memory speed; the line rate is paced by the simulator) |", sent_lines, sent_lines.saturating_sub(received)));
+        lat.sort_by(f64::total_cmp);
+        line(&mut out, format!("| command latency: Kafka produce → `h`/`H` on the pty, 100 commands while streaming | p50 {:.1} ms, p99 {:.1} ms | goal p99 ≤ 50 ms; stop → `Z` on the pty {z:.1} ms |", percentile(&lat, 0.5), percentile(&lat, 0.99)));
+    }
     print!("{out}");
 }

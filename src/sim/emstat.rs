@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use serialport::{SerialPort, TTYPort};
 
@@ -60,7 +60,7 @@ impl Default for Options {
 pub struct Emstat {
     path: PathBuf,
     link: Option<PathBuf>,
-    received: Arc<Mutex<Vec<String>>>,
+    received: Arc<Mutex<Vec<(String, SystemTime)>>>,
     data_lines: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -130,6 +130,11 @@ impl Emstat {
 
     /// Command lines the simulator received (a script counts as its `e` or `l` line).
     pub fn received(&self) -> Vec<String> {
+        self.received_at().into_iter().map(|(c, _)| c).collect()
+    }
+
+    /// The same, with the time each command line was complete on the wire.
+    pub fn received_at(&self) -> Vec<(String, SystemTime)> {
         self.received.lock().map(|v| v.clone()).unwrap_or_default()
     }
 
@@ -196,7 +201,7 @@ struct Run {
 struct Device {
     opts: Options,
     port: TTYPort,
-    received: Arc<Mutex<Vec<String>>>,
+    received: Arc<Mutex<Vec<(String, SystemTime)>>>,
     data_lines: Arc<Mutex<Vec<String>>>,
     inbuf: Vec<u8>,
     /// Script lines being received after `e` (true) or `l` (false).
@@ -288,7 +293,7 @@ impl Device {
 
     fn log(&self, s: &str) {
         if let Ok(mut v) = self.received.lock() {
-            v.push(s.to_string());
+            v.push((s.to_string(), SystemTime::now()));
         }
     }
 
