@@ -39,6 +39,16 @@ pub struct Config {
     /// 230400 for EmStat Pico, 921600 for EmStat4 and Nexus.
     #[serde(default = "d_baud")]
     pub baud: u32,
+    /// Frame: 8N1 with no flow control is what PalmSens documents.
+    #[serde(default = "d_data_bits")]
+    pub data_bits: u8,
+    #[serde(default)]
+    pub parity: Parity,
+    #[serde(default = "d_stop_bits")]
+    pub stop_bits: u8,
+    /// `software` is XON/XOFF (Sensit Wearable application firmware).
+    #[serde(default)]
+    pub flow_control: Flow,
     /// A method name in `methods_dir` (`cv`, `ca`, `lsv`) or a path to a `.mscr` file.
     pub method: String,
     #[serde(default = "d_methods_dir")]
@@ -68,6 +78,30 @@ pub struct UsbId {
 
 fn d_baud() -> u32 {
     230_400
+}
+fn d_data_bits() -> u8 {
+    8
+}
+fn d_stop_bits() -> u8 {
+    1
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Parity {
+    #[default]
+    None,
+    Even,
+    Odd,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Flow {
+    #[default]
+    None,
+    Software,
+    Hardware,
 }
 fn d_methods_dir() -> PathBuf {
     PathBuf::from("devices/methods")
@@ -105,6 +139,12 @@ impl Config {
         }
         if self.baud == 0 {
             return Err(("baud".into(), "must be positive".into()));
+        }
+        if !(5..=8).contains(&self.data_bits) {
+            return Err(("data_bits".into(), "must be 5, 6, 7 or 8".into()));
+        }
+        if !(1..=2).contains(&self.stop_bits) {
+            return Err(("stop_bits".into(), "must be 1 or 2".into()));
         }
         if self.points_per_message == 0 || self.points_per_message > 100_000 {
             return Err(("points_per_message".into(), "must be 1..=100000".into()));
@@ -738,7 +778,33 @@ impl Conn<'_> {
 }
 
 fn open(cfg: &Config, path: &str) -> Result<TTYPort, String> {
+    use serialport::{DataBits, FlowControl, Parity as P, StopBits};
+    let data_bits = match cfg.data_bits {
+        5 => DataBits::Five,
+        6 => DataBits::Six,
+        7 => DataBits::Seven,
+        _ => DataBits::Eight,
+    };
+    let parity = match cfg.parity {
+        Parity::None => P::None,
+        Parity::Even => P::Even,
+        Parity::Odd => P::Odd,
+    };
+    let stop_bits = if cfg.stop_bits == 2 {
+        StopBits::Two
+    } else {
+        StopBits::One
+    };
+    let flow = match cfg.flow_control {
+        Flow::None => FlowControl::None,
+        Flow::Software => FlowControl::Software,
+        Flow::Hardware => FlowControl::Hardware,
+    };
     let port = serialport::new(path, cfg.baud)
+        .data_bits(data_bits)
+        .parity(parity)
+        .stop_bits(stop_bits)
+        .flow_control(flow)
         .timeout(Duration::from_millis(100))
         .open_native()
         .map_err(|e| format!("{path}: {e}"))?;
@@ -833,5 +899,55 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> Result<(), (String, String)> {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/devices/methods");
+        let text = format!(
+            "id = \"p\"\nport = \"/dev/null\"\nmethod = \"cv\"\nmethods_dir = \"{dir}\"\n{extra}"
+        );
+        let c: Config = toml::from_str(&text).map_err(|e| ("toml".to_string(), e.to_string()))?;
+        c.validate()
+    }
+
+    #[test]
+    fn framing_and_method_settings_are_validated_with_the_key_named() {
+        assert!(config("").is_ok());
+        assert!(config(
+            "parity = \"even\"\ndata_bits = 7\nstop_bits = 2\nflow_control = \"software\""
+        )
+        .is_ok());
+        assert_eq!(config("data_bits = 9").unwrap_err().0, "data_bits");
+        assert_eq!(config("stop_bits = 3").unwrap_err().0, "stop_bits");
+        assert_eq!(config("parity = \"mark\"").unwrap_err().0, "toml");
+        assert_eq!(
+            config("usb = { vid = \"0403\", pid = \"6015\" }")
+                .unwrap_err()
+                .0,
+            "port",
+            "port and usb together"
+        );
+        assert_eq!(
+            config("params = { scan_rate = \"5A\" }").unwrap_err().0,
+            "params"
+        );
+        let e = config("params = { scan_rate = 50 }").unwrap_err();
+        assert!(
+            e.1.contains("scan_rate") && e.1.contains("outside"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn usb_ids_must_be_hex() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/devices/methods");
+        let text = format!("id = \"p\"\nmethod = \"cv\"\nmethods_dir = \"{dir}\"\nusb = {{ vid = \"zz\", pid = \"6015\" }}");
+        let c: Config = toml::from_str(&text).unwrap();
+        assert_eq!(c.validate().unwrap_err().0, "usb.vid");
     }
 }
