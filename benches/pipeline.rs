@@ -373,24 +373,7 @@ runs = 1
         });
         let mut reader = Reader::new(&b, &[topics.results()]);
         let sender = Sender::new(&b);
-        // A new consumer group starting at `latest` resolves its position shortly
-        // after assignment; send warm-up commands until one is answered.
-        let mut warm = 0;
-        loop {
-            let id = format!("warm-{warm}");
-            let payload = json!({"command":"resume","command_id":id,"target":{"agent":"agent-lat","device":"pstat-1"}}).to_string();
-            sender.send(&topics.commands(), "agent-lat", &payload);
-            reader.drain_for(Duration::from_secs(1));
-            if reader.msgs.iter().any(|m| {
-                m.json["command_id"]
-                    .as_str()
-                    .is_some_and(|c| c.starts_with("warm-"))
-            }) {
-                break;
-            }
-            warm += 1;
-            assert!(warm < 30, "agent never answered a command");
-        }
+        wait_until_commands_answered(&sender, &mut reader, &topics.commands(), "agent-lat");
         let n = 200;
         let mut lat = Vec::new();
         for i in 0..n {
@@ -496,22 +479,7 @@ runs = 1
         let cmd = |id: &str, c: &str| {
             json!({"command": c, "command_id": id, "target": {"agent": "agent-ms", "device": "pstat-1"}}).to_string()
         };
-        for n in 0.. {
-            assert!(n < 30, "agent never answered");
-            sender.send(
-                &topics.commands(),
-                "k",
-                &cmd(&format!("probe-{n}"), "resume"),
-            );
-            reader.drain_for(Duration::from_millis(500));
-            if reader.msgs.iter().any(|m| {
-                m.json["command_id"]
-                    .as_str()
-                    .is_some_and(|c| c.starts_with("probe-"))
-            }) {
-                break;
-            }
-        }
+        wait_until_commands_answered(&sender, &mut reader, &topics.commands(), "agent-ms");
         let done = |msgs: &[Msg], id: &str| {
             msgs.iter()
                 .any(|m| m.json["command_id"] == id && m.json["status"] != "accepted")

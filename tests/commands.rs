@@ -124,10 +124,9 @@ fn pause_stops_data_resume_continues_stop_ends_experiment_and_bad_commands_are_r
     reader.until("data after resume", Duration::from_secs(20), |m| {
         data_points(m) > still + 10
     });
-    assert!(reader
-        .msgs
-        .iter()
-        .any(|m| m.json["event"] == "experiment_resumed"));
+    reader.until("experiment_resumed", Duration::from_secs(10), |m| {
+        m.iter().any(|m| m.json["event"] == "experiment_resumed")
+    });
 
     // Stop: experiment_stopped and the device is idle.
     produce(

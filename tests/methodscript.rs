@@ -95,23 +95,7 @@ impl Rig {
             &[topics.events(), topics.data(), topics.results()],
         );
         let sender = Sender::new(&broker.addr());
-        // A new consumer group at `latest` settles its position just after assignment;
-        // probe with a command that is rejected before it reaches any device until one
-        // is answered, so the test's own commands cannot fall into that gap.
-        for n in 0.. {
-            assert!(n < 30, "the agent never answered a command");
-            let id = format!("probe-{n}");
-            let probe = json!({"command":"stop","command_id":id,"target":{"agent":"agent-ms","device":"no-such-device"}});
-            sender.send(&topics.commands(), "agent-ms", &probe.to_string());
-            reader.drain_for(Duration::from_millis(500));
-            if reader.msgs.iter().any(|m| {
-                m.json["command_id"]
-                    .as_str()
-                    .is_some_and(|c| c.starts_with("probe-"))
-            }) {
-                break;
-            }
-        }
+        wait_until_commands_answered(&sender, &mut reader, &topics.commands(), "agent-ms");
         (
             Rig {
                 broker,
@@ -206,7 +190,10 @@ fn pause_resume_stop_through_kafka_reach_the_instrument_as_h_h_z() {
     rig.reader.until("paused", Duration::from_secs(20), |m| {
         statuses(m, "c-pause") == ["accepted", "completed"]
     });
-    assert!(!events(&rig.reader.msgs, "experiment_paused").is_empty());
+    rig.reader
+        .until("experiment_paused", Duration::from_secs(10), |m| {
+            !events(m, "experiment_paused").is_empty()
+        });
     let at_pause = sim.data_lines().len();
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(sim.data_lines().len(), at_pause, "the instrument halted");

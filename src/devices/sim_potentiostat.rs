@@ -292,23 +292,7 @@ impl StepGen {
                     ramp(&mut es, e_vertex2, e_begin, e_step);
                 }
                 es.push(e_begin);
-                let dt = e_step / scan_rate;
-                let points: Vec<(f64, f64)> = es
-                    .iter()
-                    .enumerate()
-                    .map(|(i, e)| (i as f64 * dt, *e))
-                    .collect();
-                let t_total = points.last().map_or(1.0, |p| p.0);
-                StepGen {
-                    diffusion: Some(Diffusion::new(&cell, t_total)),
-                    points,
-                    k: 0,
-                    cell,
-                    last_t: 0.0,
-                    scan_rate,
-                    scan_starts,
-                    ca: false,
-                }
+                StepGen::sweep(es, e_step / scan_rate, scan_rate, scan_starts, cell)
             }
             Step::Lsv {
                 e_begin,
@@ -319,23 +303,7 @@ impl StepGen {
                 let mut es = Vec::new();
                 ramp(&mut es, e_begin, e_end, e_step);
                 es.push(e_end);
-                let dt = e_step / scan_rate;
-                let points: Vec<(f64, f64)> = es
-                    .iter()
-                    .enumerate()
-                    .map(|(i, e)| (i as f64 * dt, *e))
-                    .collect();
-                let t_total = points.last().map_or(1.0, |p| p.0);
-                StepGen {
-                    diffusion: Some(Diffusion::new(&cell, t_total)),
-                    points,
-                    k: 0,
-                    cell,
-                    last_t: 0.0,
-                    scan_rate,
-                    scan_starts: vec![0],
-                    ca: false,
-                }
+                StepGen::sweep(es, e_step / scan_rate, scan_rate, vec![0], cell)
             }
             Step::Ca {
                 e_dc,
@@ -355,6 +323,32 @@ impl StepGen {
                     ca: true,
                 }
             }
+        }
+    }
+
+    /// A potential sweep: potentials `es`, one every `dt` seconds.
+    fn sweep(
+        es: Vec<f64>,
+        dt: f64,
+        scan_rate: f64,
+        scan_starts: Vec<usize>,
+        cell: Cell,
+    ) -> StepGen {
+        let points: Vec<(f64, f64)> = es
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (i as f64 * dt, *e))
+            .collect();
+        let t_total = points.last().map_or(1.0, |p| p.0);
+        StepGen {
+            diffusion: Some(Diffusion::new(&cell, t_total)),
+            points,
+            k: 0,
+            cell,
+            last_t: 0.0,
+            scan_rate,
+            scan_starts,
+            ca: false,
         }
     }
 

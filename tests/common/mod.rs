@@ -707,3 +707,29 @@ pub fn missing_ranges(
     }
     out
 }
+
+/// A new consumer group starting at `latest` settles its position just after it is
+/// assigned, so a command produced in that instant is not seen. Sends a probe that is
+/// rejected before it reaches any device (unknown device) until one is answered; after
+/// that, commands the caller sends are consumed.
+pub fn wait_until_commands_answered(
+    sender: &Sender,
+    reader: &mut Reader,
+    commands_topic: &str,
+    agent: &str,
+) {
+    for n in 0.. {
+        assert!(n < 30, "agent {agent} never answered a command");
+        let id = format!("probe-{n}");
+        let probe = serde_json::json!({"command": "stop", "command_id": id, "target": {"agent": agent, "device": "no-such-device"}});
+        sender.send(commands_topic, agent, &probe.to_string());
+        reader.drain_for(Duration::from_millis(500));
+        if reader.msgs.iter().any(|m| {
+            m.json["command_id"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("probe-"))
+        }) {
+            return;
+        }
+    }
+}
