@@ -4,6 +4,7 @@
 //! Drivers are a plain enum ([`DeviceConfig`]) dispatched with `match`. The supervisor
 //! restarts a driver that fails, with exponential backoff, until shutdown.
 
+pub mod line;
 pub mod methodscript;
 pub mod sim_potentiostat;
 pub mod sim_sensors;
