@@ -6,6 +6,7 @@
 
 pub mod line;
 pub mod methodscript;
+pub mod serial;
 pub mod sim_potentiostat;
 pub mod sim_sensors;
 

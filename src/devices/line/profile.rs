@@ -30,11 +30,11 @@ pub struct Serial {
     #[serde(default = "d_bits")]
     pub data_bits: u8,
     #[serde(default)]
-    pub parity: crate::devices::methodscript::driver::Parity,
+    pub parity: crate::devices::serial::Parity,
     #[serde(default = "d_stop")]
     pub stop_bits: u8,
     #[serde(default)]
-    pub flow_control: crate::devices::methodscript::driver::Flow,
+    pub flow_control: crate::devices::serial::Flow,
 }
 
 fn d_baud() -> u32 {

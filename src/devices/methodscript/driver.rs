@@ -8,20 +8,19 @@
 //! stop → abort-and-sync. A lost port fails the running experiment (partial data is
 //! kept), and the driver reconnects with backoff, by path or by USB identity.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use serialport::{SerialPortType, TTYPort};
+use serialport::TTYPort;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use tokio_util::bytes::BytesMut;
-use tokio_util::codec::Decoder;
 
 use super::method::Method;
 use super::session::{Command, Output, Session, State};
-use super::{Line, LineCodec, LineError};
+use super::Line;
+use crate::devices::serial::{self, Flow, Frame, Incoming, Parity, UsbId};
 use crate::devices::{CommandKind, Control, DeviceCtx, DeviceError};
 use crate::record::{object, Body, Draft, Point, AGENT_DEVICE};
 
@@ -65,17 +64,6 @@ pub struct Config {
     pub max_interval: Duration,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UsbId {
-    /// Vendor id, hex (`0403`).
-    pub vid: String,
-    /// Product id, hex (`6015`).
-    pub pid: String,
-    #[serde(default)]
-    pub serial: Option<String>,
-}
-
 fn d_baud() -> u32 {
     230_400
 }
@@ -86,23 +74,6 @@ fn d_stop_bits() -> u8 {
     1
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Parity {
-    #[default]
-    None,
-    Even,
-    Odd,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Flow {
-    #[default]
-    None,
-    Software,
-    Hardware,
-}
 fn d_methods_dir() -> PathBuf {
     PathBuf::from("devices/methods")
 }
@@ -113,10 +84,6 @@ fn d_interval() -> Duration {
     Duration::from_millis(500)
 }
 
-fn hex16(s: &str) -> Option<u16> {
-    u16::from_str_radix(s.trim_start_matches("0x"), 16).ok()
-}
-
 impl Config {
     pub fn validate(&self) -> Result<(), (String, String)> {
         match (&self.port, &self.usb) {
@@ -124,28 +91,9 @@ impl Config {
             _ => return Err(("port".into(), "give exactly one of port or usb".into())),
         }
         if let Some(u) = &self.usb {
-            if hex16(&u.vid).is_none() {
-                return Err((
-                    "usb.vid".into(),
-                    "must be a hex vendor id such as 0403".into(),
-                ));
-            }
-            if hex16(&u.pid).is_none() {
-                return Err((
-                    "usb.pid".into(),
-                    "must be a hex product id such as 6015".into(),
-                ));
-            }
+            u.validate()?;
         }
-        if self.baud == 0 {
-            return Err(("baud".into(), "must be positive".into()));
-        }
-        if !(5..=8).contains(&self.data_bits) {
-            return Err(("data_bits".into(), "must be 5, 6, 7 or 8".into()));
-        }
-        if !(1..=2).contains(&self.stop_bits) {
-            return Err(("stop_bits".into(), "must be 1 or 2".into()));
-        }
+        self.frame().validate()?;
         if self.points_per_message == 0 || self.points_per_message > 100_000 {
             return Err(("points_per_message".into(), "must be 1..=100000".into()));
         }
@@ -156,83 +104,15 @@ impl Config {
         Ok(())
     }
 
-    /// The port to open now: the path, or the USB port that matches.
-    fn resolve(&self) -> Result<String, String> {
-        if let Some(p) = &self.port {
-            return Ok(p.clone());
+    /// The frame to open the port with.
+    fn frame(&self) -> Frame {
+        Frame {
+            baud: self.baud,
+            data_bits: self.data_bits,
+            parity: self.parity,
+            stop_bits: self.stop_bits,
+            flow_control: self.flow_control,
         }
-        let Some(u) = &self.usb else {
-            return Err("no port configured".into());
-        };
-        let (vid, pid) = (hex16(&u.vid).unwrap_or(0), hex16(&u.pid).unwrap_or(0));
-        let ports = serialport::available_ports().map_err(|e| e.to_string())?;
-        ports
-            .into_iter()
-            .find(|p| match &p.port_type {
-                SerialPortType::UsbPort(i) => {
-                    i.vid == vid
-                        && i.pid == pid
-                        && u.serial
-                            .as_ref()
-                            .is_none_or(|s| i.serial_number.as_ref() == Some(s))
-                }
-                _ => false,
-            })
-            .map(|p| p.port_name)
-            .ok_or_else(|| format!("no USB serial port {}:{} is present", u.vid, u.pid))
-    }
-}
-
-enum Incoming {
-    Line(Result<String, LineError>),
-    Lost(String),
-}
-
-/// Reads the port on a thread (serialport is blocking) and hands lines over.
-fn spawn_reader(mut port: TTYPort, tx: mpsc::Sender<Incoming>) {
-    let spawned = std::thread::Builder::new()
-        .name("serial-reader".into())
-        .spawn(move || {
-            let mut codec = LineCodec::default();
-            let mut buf = BytesMut::with_capacity(4096);
-            let mut chunk = [0u8; 4096];
-            loop {
-                match port.read(&mut chunk) {
-                    Ok(0) => {
-                        let _ = tx.blocking_send(Incoming::Lost("end of file".into()));
-                        return;
-                    }
-                    Ok(n) => {
-                        buf.extend_from_slice(&chunk[..n]);
-                        loop {
-                            match codec.decode(&mut buf) {
-                                Ok(Some(item)) => {
-                                    if tx.blocking_send(Incoming::Line(item)).is_err() {
-                                        return;
-                                    }
-                                }
-                                Ok(None) => break,
-                                Err(e) => {
-                                    let _ = tx.blocking_send(Incoming::Lost(e.to_string()));
-                                    return;
-                                }
-                            }
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                        if tx.is_closed() {
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.blocking_send(Incoming::Lost(e.to_string()));
-                        return;
-                    }
-                }
-            }
-        });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "cannot start the serial reader thread");
     }
 }
 
@@ -777,41 +657,6 @@ impl Conn<'_> {
     }
 }
 
-fn open(cfg: &Config, path: &str) -> Result<TTYPort, String> {
-    use serialport::{DataBits, FlowControl, Parity as P, StopBits};
-    let data_bits = match cfg.data_bits {
-        5 => DataBits::Five,
-        6 => DataBits::Six,
-        7 => DataBits::Seven,
-        _ => DataBits::Eight,
-    };
-    let parity = match cfg.parity {
-        Parity::None => P::None,
-        Parity::Even => P::Even,
-        Parity::Odd => P::Odd,
-    };
-    let stop_bits = if cfg.stop_bits == 2 {
-        StopBits::Two
-    } else {
-        StopBits::One
-    };
-    let flow = match cfg.flow_control {
-        Flow::None => FlowControl::None,
-        Flow::Software => FlowControl::Software,
-        Flow::Hardware => FlowControl::Hardware,
-    };
-    let port = serialport::new(path, cfg.baud)
-        .data_bits(data_bits)
-        .parity(parity)
-        .stop_bits(stop_bits)
-        .flow_control(flow)
-        .timeout(Duration::from_millis(100))
-        .open_native()
-        .map_err(|e| format!("{path}: {e}"))?;
-    // DTR/RTS cannot be set on a pty (ENOTTY); that is not a reason to fail.
-    Ok(port)
-}
-
 /// Driver entry point: connect, run, reconnect with backoff until shutdown.
 pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
     let method = Method::load(&cfg.methods_dir, &cfg.method)
@@ -823,9 +668,8 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
         if ctx.shutdown.is_cancelled() {
             return Ok(());
         }
-        let opened = cfg
-            .resolve()
-            .and_then(|path| open(cfg, &path).map(|p| (path, p)));
+        let opened = serial::resolve(cfg.port.as_deref(), cfg.usb.as_ref())
+            .and_then(|path| serial::open(&path, &cfg.frame()).map(|p| (path, p)));
         let (path, port) = match opened {
             Ok(p) => p,
             Err(e) => {
@@ -860,7 +704,7 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
             }
         };
         let (tx, rx) = mpsc::channel(1024);
-        spawn_reader(reader, tx);
+        serial::spawn_reader(reader, tx);
         let mut conn = Conn {
             cfg,
             ctx,

@@ -1,0 +1,206 @@
+//! Serial ports shared by the drivers: where the port is (path or USB identity), how to
+//! open it (frame), and a reader thread that turns bytes into lines (serialport is
+//! blocking; the driver tasks are async).
+
+use std::io::Read;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serialport::{SerialPortType, TTYPort};
+use tokio::sync::mpsc;
+use tokio_util::bytes::BytesMut;
+use tokio_util::codec::Decoder;
+
+use crate::devices::methodscript::{LineCodec, LineError};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsbId {
+    /// Vendor id, hex (`0403`).
+    pub vid: String,
+    /// Product id, hex (`6015`).
+    pub pid: String,
+    #[serde(default)]
+    pub serial: Option<String>,
+}
+
+impl UsbId {
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if hex16(&self.vid).is_none() {
+            return Err((
+                "usb.vid".into(),
+                "must be a hex vendor id such as 0403".into(),
+            ));
+        }
+        if hex16(&self.pid).is_none() {
+            return Err((
+                "usb.pid".into(),
+                "must be a hex product id such as 6015".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Parity {
+    #[default]
+    None,
+    Even,
+    Odd,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Flow {
+    #[default]
+    None,
+    Software,
+    Hardware,
+}
+/// The serial frame a port is opened with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frame {
+    pub baud: u32,
+    pub data_bits: u8,
+    pub parity: Parity,
+    pub stop_bits: u8,
+    pub flow_control: Flow,
+}
+
+impl Frame {
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.baud == 0 {
+            return Err(("baud".into(), "must be positive".into()));
+        }
+        if !(5..=8).contains(&self.data_bits) {
+            return Err(("data_bits".into(), "must be 5, 6, 7 or 8".into()));
+        }
+        if !(1..=2).contains(&self.stop_bits) {
+            return Err(("stop_bits".into(), "must be 1 or 2".into()));
+        }
+        Ok(())
+    }
+}
+
+fn hex16(s: &str) -> Option<u16> {
+    u16::from_str_radix(s.trim_start_matches("0x"), 16).ok()
+}
+
+/// The port to open now: the path, or the USB port that matches (so a replugged
+/// instrument is found under its new name).
+pub fn resolve(port: Option<&str>, usb: Option<&UsbId>) -> Result<String, String> {
+    if let Some(p) = port {
+        return Ok(p.to_string());
+    }
+    let Some(u) = usb else {
+        return Err("no port configured".into());
+    };
+    let (vid, pid) = (hex16(&u.vid).unwrap_or(0), hex16(&u.pid).unwrap_or(0));
+    let ports = serialport::available_ports().map_err(|e| e.to_string())?;
+    ports
+        .into_iter()
+        .find(|p| match &p.port_type {
+            SerialPortType::UsbPort(i) => {
+                i.vid == vid
+                    && i.pid == pid
+                    && u.serial
+                        .as_ref()
+                        .is_none_or(|s| i.serial_number.as_ref() == Some(s))
+            }
+            _ => false,
+        })
+        .map(|p| p.port_name)
+        .ok_or_else(|| format!("no USB serial port {}:{} is present", u.vid, u.pid))
+}
+
+/// What the reader thread hands over.
+pub enum Incoming {
+    Line(Result<String, LineError>),
+    Lost(String),
+}
+
+/// Reads the port on a thread (serialport is blocking) and hands lines over.
+pub fn spawn_reader(mut port: TTYPort, tx: mpsc::Sender<Incoming>) {
+    let spawned = std::thread::Builder::new()
+        .name("serial-reader".into())
+        .spawn(move || {
+            let mut codec = LineCodec::default();
+            let mut buf = BytesMut::with_capacity(4096);
+            let mut chunk = [0u8; 4096];
+            loop {
+                match port.read(&mut chunk) {
+                    Ok(0) => {
+                        let _ = tx.blocking_send(Incoming::Lost("end of file".into()));
+                        return;
+                    }
+                    Ok(n) => {
+                        buf.extend_from_slice(&chunk[..n]);
+                        loop {
+                            match codec.decode(&mut buf) {
+                                Ok(Some(item)) => {
+                                    if tx.blocking_send(Incoming::Line(item)).is_err() {
+                                        return;
+                                    }
+                                }
+                                Ok(None) => break,
+                                Err(e) => {
+                                    let _ = tx.blocking_send(Incoming::Lost(e.to_string()));
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                        if tx.is_closed() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.blocking_send(Incoming::Lost(e.to_string()));
+                        return;
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the serial reader thread");
+    }
+}
+
+/// Opens a port with a frame. DTR/RTS are never touched: on a pty they fail (ENOTTY).
+pub fn open(path: &str, frame: &Frame) -> Result<TTYPort, String> {
+    use serialport::{DataBits, FlowControl, Parity as P, StopBits};
+    let data_bits = match frame.data_bits {
+        5 => DataBits::Five,
+        6 => DataBits::Six,
+        7 => DataBits::Seven,
+        _ => DataBits::Eight,
+    };
+    let parity = match frame.parity {
+        Parity::None => P::None,
+        Parity::Even => P::Even,
+        Parity::Odd => P::Odd,
+    };
+    let stop_bits = if frame.stop_bits == 2 {
+        StopBits::Two
+    } else {
+        StopBits::One
+    };
+    let flow = match frame.flow_control {
+        Flow::None => FlowControl::None,
+        Flow::Software => FlowControl::Software,
+        Flow::Hardware => FlowControl::Hardware,
+    };
+    let port = serialport::new(path, frame.baud)
+        .data_bits(data_bits)
+        .parity(parity)
+        .stop_bits(stop_bits)
+        .flow_control(flow)
+        .timeout(Duration::from_millis(100))
+        .open_native()
+        .map_err(|e| format!("{path}: {e}"))?;
+    // DTR/RTS cannot be set on a pty (ENOTTY); that is not a reason to fail.
+    Ok(port)
+}
