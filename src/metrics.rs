@@ -44,6 +44,10 @@ pub struct DeviceStatus {
     pub last_durable_seq: Option<u64>,
     /// Lines from the device that could not be parsed (garbage, line noise).
     pub bad_lines: u64,
+    /// Error replies from the device (a profile's error patterns, device error codes).
+    pub error_replies: u64,
+    /// Polls the device did not answer in time.
+    pub timeouts: u64,
 }
 
 #[derive(Default)]
@@ -109,6 +113,16 @@ impl Metrics {
     pub fn count_bad_line(&self, device: &str) {
         let mut d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
         d.entry(device.to_string()).or_default().bad_lines += 1;
+    }
+
+    pub fn count_error_reply(&self, device: &str) {
+        let mut d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        d.entry(device.to_string()).or_default().error_replies += 1;
+    }
+
+    pub fn count_timeout(&self, device: &str) {
+        let mut d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        d.entry(device.to_string()).or_default().timeouts += 1;
     }
 
     pub fn device_snapshot(&self) -> BTreeMap<String, DeviceStatus> {
@@ -246,19 +260,33 @@ impl Metrics {
             ));
             let _ = writeln!(o, "labgate_device_connected{{device=\"{id}\"}} {up}");
         }
-        let _ = writeln!(
-            o,
-            "# HELP labgate_device_bad_lines_total Device lines that could not be parsed.\n# TYPE labgate_device_bad_lines_total counter"
-        );
-        for (id, d) in self.device_snapshot() {
-            if id == crate::record::AGENT_DEVICE {
-                continue;
+        type Field = fn(&DeviceStatus) -> u64;
+        let per_device: [(&str, &str, Field); 3] = [
+            (
+                "labgate_device_bad_lines_total",
+                "Device lines that could not be parsed.",
+                |d| d.bad_lines,
+            ),
+            (
+                "labgate_device_error_replies_total",
+                "Error replies from the device.",
+                |d| d.error_replies,
+            ),
+            (
+                "labgate_device_timeouts_total",
+                "Polls the device did not answer in time.",
+                |d| d.timeouts,
+            ),
+        ];
+        let devices = self.device_snapshot();
+        for (name, help, field) in per_device {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (id, d) in devices
+                .iter()
+                .filter(|(id, _)| id.as_str() != crate::record::AGENT_DEVICE)
+            {
+                let _ = writeln!(o, "{name}{{device=\"{id}\"}} {}", field(d));
             }
-            let _ = writeln!(
-                o,
-                "labgate_device_bad_lines_total{{device=\"{id}\"}} {}",
-                d.bad_lines
-            );
         }
         gauge(
             &mut o,
@@ -310,6 +338,8 @@ mod tests {
                 "labgate_device_running{device=\"pstat-1\"}",
                 "labgate_device_connected{device=\"pstat-1\"}",
                 "labgate_device_bad_lines_total{device=\"pstat-1\"}",
+                "labgate_device_error_replies_total{device=\"pstat-1\"}",
+                "labgate_device_timeouts_total{device=\"pstat-1\"}",
                 "labgate_uptime_seconds",
             ]
         );

@@ -27,6 +27,8 @@ use std::sync::Arc;
 pub enum DeviceConfig {
     /// A PalmSens MethodSCRIPT instrument on a serial port.
     Methodscript(methodscript::driver::Config),
+    /// A profile-driven line instrument (SCPI, MT-SICS, CSV) on a serial port.
+    LineInstrument(line::driver::Config),
     SimulatedPotentiostat(sim_potentiostat::Config),
     SimulatedSensors(sim_sensors::Config),
 }
@@ -35,6 +37,7 @@ impl DeviceConfig {
     pub fn id(&self) -> &str {
         match self {
             DeviceConfig::Methodscript(c) => &c.id,
+            DeviceConfig::LineInstrument(c) => &c.id,
             DeviceConfig::SimulatedPotentiostat(c) => &c.id,
             DeviceConfig::SimulatedSensors(c) => &c.id,
         }
@@ -43,6 +46,7 @@ impl DeviceConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             DeviceConfig::Methodscript(_) => "methodscript",
+            DeviceConfig::LineInstrument(_) => "line_instrument",
             DeviceConfig::SimulatedPotentiostat(_) => "simulated_potentiostat",
             DeviceConfig::SimulatedSensors(_) => "simulated_sensors",
         }
@@ -52,6 +56,7 @@ impl DeviceConfig {
     pub fn validate(&self) -> Result<(), (String, String)> {
         match self {
             DeviceConfig::Methodscript(c) => c.validate(),
+            DeviceConfig::LineInstrument(c) => c.validate(),
             DeviceConfig::SimulatedPotentiostat(c) => c.validate(),
             DeviceConfig::SimulatedSensors(c) => c.validate(),
         }
@@ -61,6 +66,7 @@ impl DeviceConfig {
     pub fn accepts(&self, cmd: CommandKind) -> bool {
         match self {
             DeviceConfig::Methodscript(_)
+            | DeviceConfig::LineInstrument(_)
             | DeviceConfig::SimulatedPotentiostat(_)
             | DeviceConfig::SimulatedSensors(_) => {
                 matches!(
@@ -148,6 +154,7 @@ pub async fn supervise(cfg: DeviceConfig, mut ctx: DeviceCtx) {
     loop {
         let result = match &cfg {
             DeviceConfig::Methodscript(c) => methodscript::driver::run(c, &mut ctx).await,
+            DeviceConfig::LineInstrument(c) => line::driver::run(c, &mut ctx).await,
             DeviceConfig::SimulatedPotentiostat(c) => sim_potentiostat::run(c, &mut ctx).await,
             DeviceConfig::SimulatedSensors(c) => sim_sensors::run(c, &mut ctx).await,
         };

@@ -71,29 +71,10 @@ impl Emstat {
     /// symlink to the device path is (re)created there, so a driver configured with the
     /// link finds a "replugged" simulator again.
     pub fn start(opts: Options, link: Option<&Path>) -> std::io::Result<Emstat> {
-        let (mut master, slave) = TTYPort::pair().map_err(std::io::Error::other)?;
-        // posix_openpt does not set close-on-exec: a process started later (a test's
-        // agent) would inherit the master and keep the line up after an "unplug".
-        nix::fcntl::fcntl(
-            std::os::fd::AsRawFd::as_raw_fd(&master),
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-        )
-        .map_err(std::io::Error::other)?;
-        let path = PathBuf::from(
-            slave
-                .name()
-                .ok_or_else(|| std::io::Error::other("pty has no name"))?,
-        );
-        // The pair's slave handle holds the port's lock; let it go so a driver can open
-        // the path. Until one does, master reads fail with EIO (handled in `serve`).
-        drop(slave);
+        let (mut master, path) = super::open_pty(link)?;
         master
             .set_timeout(Duration::from_millis(5))
             .map_err(std::io::Error::other)?;
-        if let Some(l) = link {
-            let _ = std::fs::remove_file(l);
-            std::os::unix::fs::symlink(&path, l)?;
-        }
         let received = Arc::new(Mutex::new(Vec::new()));
         let data_lines = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
@@ -156,12 +137,7 @@ impl Emstat {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        if let Some(l) = &self.link {
-            // Only remove the link if it still points at this simulator.
-            if std::fs::read_link(l).is_ok_and(|p| p == self.path) {
-                let _ = std::fs::remove_file(l);
-            }
-        }
+        super::remove_link(self.link.as_deref(), &self.path);
     }
 }
 

@@ -2,3 +2,43 @@
 //! use these same simulators). `labgate simulate <kind>` runs one and prints its path.
 
 pub mod emstat;
+pub mod line;
+
+use std::path::{Path, PathBuf};
+
+use serialport::{SerialPort, TTYPort};
+
+/// Creates a pty pair for a simulator: returns the master (the simulator's end, close-on-
+/// exec so processes started later do not inherit it and keep the line up after an
+/// "unplug") and the device path, linked at `link` when given.
+pub fn open_pty(link: Option<&Path>) -> std::io::Result<(TTYPort, PathBuf)> {
+    let (master, slave) = TTYPort::pair().map_err(std::io::Error::other)?;
+    let path = PathBuf::from(
+        slave
+            .name()
+            .ok_or_else(|| std::io::Error::other("pty has no name"))?,
+    );
+    // The pair's slave handle holds the port's lock; let it go so a driver can open the
+    // path. Until one does, master reads fail with EIO, which simulators treat as "no
+    // client yet".
+    drop(slave);
+    nix::fcntl::fcntl(
+        std::os::fd::AsRawFd::as_raw_fd(&master),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(std::io::Error::other)?;
+    if let Some(l) = link {
+        let _ = std::fs::remove_file(l);
+        std::os::unix::fs::symlink(&path, l)?;
+    }
+    Ok((master, path))
+}
+
+/// Removes `link` if it still points at `path` (a newer simulator may own it).
+pub fn remove_link(link: Option<&Path>, path: &Path) {
+    if let Some(l) = link {
+        if std::fs::read_link(l).is_ok_and(|p| p == path) {
+            let _ = std::fs::remove_file(l);
+        }
+    }
+}

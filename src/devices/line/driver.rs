@@ -1,0 +1,402 @@
+//! The `line_instrument` device: an instrument described by a profile, on a serial port.
+//!
+//! On connect the profile's init commands are sent (answers logged). Then, while running,
+//! the poll command is sent every interval and its answer parsed into sensor readings; an
+//! instrument without a poll command streams and every line is parsed. Error replies and
+//! unanswered polls are counted and reported by a rate-limited event; unparseable lines
+//! are counted and skipped. pause/resume/start control polling (or recording, for a
+//! streaming instrument); stop also sends the profile's stop commands.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serialport::TTYPort;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::profile::{Compiled, Parsed};
+use crate::devices::serial::{self, Frame, Incoming, UsbId};
+use crate::devices::{CommandKind, Control, DeviceCtx, DeviceError};
+use crate::record::{object, Body, Draft, AGENT_DEVICE};
+
+/// Device error events are sent at most this often (with the count since the last).
+const ERROR_EVENT_EVERY: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub id: String,
+    #[serde(default)]
+    pub port: Option<String>,
+    #[serde(default)]
+    pub usb: Option<UsbId>,
+    /// A profile name in `profiles_dir` (`mettler-mt-sics`, `keithley-2400`, …) or a path
+    /// to a `.toml` profile.
+    pub profile: String,
+    #[serde(default = "d_profiles_dir")]
+    pub profiles_dir: PathBuf,
+    /// Overrides the profile's baud rate.
+    #[serde(default)]
+    pub baud: Option<u32>,
+    /// Overrides the profile's poll interval.
+    #[serde(default, with = "humantime_serde")]
+    pub interval: Option<Duration>,
+    #[serde(default)]
+    pub location: Option<String>,
+    /// Start polling as soon as the instrument is connected (else wait for `start`).
+    #[serde(default = "d_true")]
+    pub autostart: bool,
+}
+
+fn d_profiles_dir() -> PathBuf {
+    PathBuf::from("devices/profiles")
+}
+fn d_true() -> bool {
+    true
+}
+
+impl Config {
+    fn load_profile(&self) -> Result<Compiled, String> {
+        let direct = std::path::Path::new(&self.profile);
+        let path = if direct.extension().is_some_and(|e| e == "toml") {
+            direct.to_path_buf()
+        } else {
+            self.profiles_dir.join(format!("{}.toml", self.profile))
+        };
+        Compiled::load(&path).map_err(|e| e.to_string())
+    }
+
+    fn frame(&self, p: &Compiled) -> Frame {
+        let s = &p.profile.serial;
+        Frame {
+            baud: self.baud.unwrap_or(s.baud),
+            data_bits: s.data_bits,
+            parity: s.parity,
+            stop_bits: s.stop_bits,
+            flow_control: s.flow_control,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        match (&self.port, &self.usb) {
+            (Some(_), None) | (None, Some(_)) => {}
+            _ => return Err(("port".into(), "give exactly one of port or usb".into())),
+        }
+        if let Some(u) = &self.usb {
+            u.validate()?;
+        }
+        if self.interval.is_some_and(|i| i.is_zero()) {
+            return Err(("interval".into(), "must be greater than zero".into()));
+        }
+        let p = self
+            .load_profile()
+            .map_err(|e| ("profile".to_string(), e))?;
+        self.frame(&p).validate()
+    }
+}
+
+enum Ended {
+    Lost(String),
+    Shutdown,
+}
+
+struct Conn<'a> {
+    cfg: &'a Config,
+    ctx: &'a mut DeviceCtx,
+    profile: &'a Compiled,
+    writer: TTYPort,
+    lines: mpsc::Receiver<Incoming>,
+    port: String,
+    running: bool,
+    /// When the answer to the last poll is due.
+    awaiting: Option<Instant>,
+    /// Error replies and timeouts since the last error event.
+    unreported_errors: u64,
+    last_error: String,
+    last_error_event: Option<Instant>,
+}
+
+impl Conn<'_> {
+    fn write(&mut self, cmd: &str) -> Result<(), String> {
+        let term = &self.profile.profile.commands.terminator;
+        self.writer
+            .write_all(format!("{cmd}{term}").as_bytes())
+            .and_then(|()| self.writer.flush())
+            .map_err(|e| format!("write failed: {e}"))
+    }
+
+    async fn agent_event(
+        &self,
+        event: &str,
+        mut data: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), DeviceError> {
+        data.insert("device_id".into(), self.ctx.id.clone().into());
+        self.ctx
+            .emit(Draft::new(
+                AGENT_DEVICE,
+                Body::AgentEvent {
+                    event: event.into(),
+                    data,
+                },
+            ))
+            .await
+    }
+
+    async fn device_error(&mut self, what: String) -> Result<(), DeviceError> {
+        self.unreported_errors += 1;
+        self.last_error = what;
+        if self
+            .last_error_event
+            .is_none_or(|t| t.elapsed() >= ERROR_EVENT_EVERY)
+        {
+            let data = object([
+                ("count", self.unreported_errors.into()),
+                ("last", self.last_error.clone().into()),
+            ]);
+            tracing::warn!(device = %self.ctx.id, count = self.unreported_errors, last = %self.last_error, "instrument errors");
+            self.agent_event("device_errors", data).await?;
+            self.unreported_errors = 0;
+            self.last_error_event = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    async fn on_line(&mut self, line: &str) -> Result<(), DeviceError> {
+        match self.profile.parse(line) {
+            Parsed::Readings { readings, metadata } => {
+                self.awaiting = None;
+                if !self.running {
+                    return Ok(()); // paused or stopped: a streaming instrument is not recorded
+                }
+                let meta: std::collections::BTreeMap<String, serde_json::Value> = metadata
+                    .into_iter()
+                    .map(|(k, v)| (k, serde_json::Value::String(v)))
+                    .collect();
+                for r in readings {
+                    self.ctx
+                        .emit(Draft::new(
+                            self.ctx.id.clone(),
+                            Body::SensorReading {
+                                sensor_id: self.ctx.id.clone(),
+                                sensor_type: r.sensor_type,
+                                value: r.value,
+                                unit: r.unit,
+                                location: self.cfg.location.clone(),
+                                metadata: meta.clone(),
+                            },
+                        ))
+                        .await?;
+                }
+            }
+            Parsed::DeviceError { line, message } => {
+                self.awaiting = None;
+                self.ctx.metrics.count_error_reply(&self.ctx.id);
+                self.device_error(format!("{message}: {line}")).await?;
+            }
+            Parsed::NoMatch(l) => {
+                self.ctx.metrics.count_bad_line(&self.ctx.id);
+                tracing::debug!(device = %self.ctx.id, line = %l, "line does not match the profile; skipped");
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the init commands, logging whatever answers within a short while.
+    async fn init(&mut self) -> Result<(), String> {
+        for cmd in self.profile.profile.commands.init.clone() {
+            self.write(&cmd)?;
+            let deadline = Instant::now() + Duration::from_millis(300);
+            while let Ok(Some(item)) = tokio::time::timeout_at(deadline, self.lines.recv()).await {
+                match item {
+                    Incoming::Line(Ok(l)) => {
+                        tracing::debug!(device = %self.ctx.id, command = %cmd, answer = %l, "init answer");
+                        break;
+                    }
+                    Incoming::Line(Err(_)) => self.ctx.metrics.count_bad_line(&self.ctx.id),
+                    Incoming::Lost(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_control(&mut self, c: Control) -> Result<(), DeviceError> {
+        if !c.params.is_empty() {
+            let _ = c
+                .reply
+                .send(Err(format!("{} takes no parameters", c.command.as_str())));
+            return Ok(());
+        }
+        let reply = match c.command {
+            CommandKind::Pause => {
+                self.running = false;
+                self.ctx.set_state("paused");
+                Ok("polling paused".to_string())
+            }
+            CommandKind::Resume | CommandKind::Start => {
+                self.running = true;
+                self.ctx.set_state("running");
+                Ok("polling".to_string())
+            }
+            CommandKind::Stop => {
+                self.running = false;
+                self.awaiting = None;
+                let stops = self.profile.profile.commands.stop.clone();
+                let mut sent = Vec::new();
+                let mut failed = None;
+                for s in &stops {
+                    match self.write(s) {
+                        Ok(()) => sent.push(s.clone()),
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
+                self.ctx.set_state("idle");
+                match failed {
+                    Some(e) => Err(format!("stopped polling, but {e}")),
+                    None if sent.is_empty() => Ok("stopped".to_string()),
+                    None => Ok(format!("stopped; sent {}", sent.join(", "))),
+                }
+            }
+        };
+        let _ = c.reply.send(reply);
+        Ok(())
+    }
+
+    async fn run(&mut self) -> Result<Ended, DeviceError> {
+        if let Err(e) = self.init().await {
+            return Ok(Ended::Lost(format!("init failed: {e}")));
+        }
+        let data = object([
+            ("port", self.port.clone().into()),
+            ("profile", self.profile.profile.name.clone().into()),
+        ]);
+        self.agent_event("device_connected", data).await?;
+        tracing::info!(device = %self.ctx.id, port = %self.port, profile = %self.profile.profile.name, "instrument connected");
+        self.running = self.cfg.autostart;
+        self.ctx
+            .set_state(if self.running { "running" } else { "idle" });
+        let cmds = &self.profile.profile.commands;
+        let (poll, timeout) = (cmds.poll.clone(), cmds.timeout);
+        let mut tick = tokio::time::interval(self.cfg.interval.unwrap_or(cmds.interval));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                incoming = self.lines.recv() => match incoming {
+                    Some(Incoming::Line(Ok(l))) => self.on_line(&l).await?,
+                    Some(Incoming::Line(Err(e))) => {
+                        self.ctx.metrics.count_bad_line(&self.ctx.id);
+                        tracing::debug!(device = %self.ctx.id, error = %e, "bad line skipped");
+                    }
+                    Some(Incoming::Lost(e)) => return Ok(Ended::Lost(e)),
+                    None => return Ok(Ended::Lost("reader stopped".into())),
+                },
+                _ = tick.tick(), if poll.is_some() && self.running => {
+                    if self.awaiting.is_some_and(|t| Instant::now() >= t) {
+                        self.ctx.metrics.count_timeout(&self.ctx.id);
+                        self.device_error(format!("no answer to {:?} within {timeout:?}", poll.as_deref().unwrap_or(""))).await?;
+                        self.awaiting = None;
+                    }
+                    if self.awaiting.is_none() {
+                        if let Some(p) = &poll {
+                            if let Err(e) = self.write(p) {
+                                return Ok(Ended::Lost(e));
+                            }
+                            self.awaiting = Some(Instant::now() + timeout);
+                        }
+                    }
+                }
+                c = self.ctx.control.recv() => match c {
+                    Some(c) => self.on_control(c).await?,
+                    None => return Ok(Ended::Shutdown),
+                },
+                () = self.ctx.shutdown.cancelled() => return Ok(Ended::Shutdown),
+            }
+        }
+    }
+}
+
+/// Driver entry point: connect, run, reconnect with backoff until shutdown.
+pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
+    let profile = cfg.load_profile().map_err(DeviceError::Config)?;
+    let frame = cfg.frame(&profile);
+    let mut backoff = Duration::from_millis(250);
+    let mut announced_down = false;
+    loop {
+        if ctx.shutdown.is_cancelled() {
+            return Ok(());
+        }
+        let opened = serial::resolve(cfg.port.as_deref(), cfg.usb.as_ref())
+            .and_then(|path| serial::open(&path, &frame).map(|p| (path, p)));
+        let (path, port) = match opened {
+            Ok(p) => p,
+            Err(e) => {
+                ctx.set_state("disconnected");
+                if !announced_down {
+                    tracing::warn!(device = %ctx.id, error = %e, "instrument not reachable; retrying");
+                    announced_down = true;
+                }
+                let until = Instant::now() + backoff;
+                loop {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(until) => break,
+                        c = ctx.control.recv() => match c {
+                            Some(c) => { let _ = c.reply.send(Err(format!("instrument not connected: {e}"))); }
+                            None => return Ok(()),
+                        },
+                        () = ctx.shutdown.cancelled() => return Ok(()),
+                    }
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(250);
+        announced_down = false;
+        let Ok(reader) = port.try_clone_native() else {
+            tracing::warn!(device = %ctx.id, "cannot clone the port handle");
+            continue;
+        };
+        let (tx, rx) = mpsc::channel(1024);
+        serial::spawn_reader(reader, tx);
+        let mut conn = Conn {
+            cfg,
+            ctx,
+            profile: &profile,
+            writer: port,
+            lines: rx,
+            port: path,
+            running: false,
+            awaiting: None,
+            unreported_errors: 0,
+            last_error: String::new(),
+            last_error_event: None,
+        };
+        match conn.run().await? {
+            Ended::Shutdown => return Ok(()),
+            Ended::Lost(reason) => {
+                tracing::warn!(device = %ctx.id, %reason, "instrument disconnected");
+                ctx.set_state("disconnected");
+                ctx.emit(Draft::new(
+                    AGENT_DEVICE,
+                    Body::AgentEvent {
+                        event: "device_disconnected".into(),
+                        data: object([
+                            ("device_id", ctx.id.clone().into()),
+                            ("reason", reason.into()),
+                        ]),
+                    },
+                ))
+                .await?;
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = ctx.shutdown.cancelled() => return Ok(()),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! Line-instrument simulators on a pty: an MT-SICS balance, Keithley 2400 and 2000 SCPI
+//! meters, and a CSV line sensor that streams. They answer what the shipped profiles in
+//! `devices/profiles/` send, with plausible values, and can inject error replies and
+//! garbage lines.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serialport::{SerialPort, TTYPort};
+
+use crate::devices::Rng;
+
+/// Which instrument to simulate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kind {
+    /// Mettler Toledo balance (MT-SICS).
+    MtSics,
+    /// Keithley 2400 SourceMeter (SCPI).
+    Keithley2400,
+    /// Keithley 2000 DMM (SCPI).
+    Keithley2000,
+    /// Arduino-style CSV sensor that streams lines.
+    CsvSensor,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub kind: Kind,
+    /// Answer every Nth poll with an error reply (0 = never).
+    pub error_every: u32,
+    /// Emit a garbage line after every N answers or streamed lines (0 = never).
+    pub garbage_every: u32,
+    /// Streaming period of the CSV sensor.
+    pub stream_interval: Duration,
+    pub seed: u64,
+}
+
+impl Options {
+    pub fn new(kind: Kind) -> Options {
+        Options {
+            kind,
+            error_every: 0,
+            garbage_every: 0,
+            stream_interval: Duration::from_millis(100),
+            seed: 11,
+        }
+    }
+}
+
+/// A running simulator; dropping it closes the pty.
+pub struct LineSim {
+    path: PathBuf,
+    link: Option<PathBuf>,
+    received: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl LineSim {
+    pub fn start(opts: Options, link: Option<&Path>) -> std::io::Result<LineSim> {
+        let (mut master, path) = super::open_pty(link)?;
+        master
+            .set_timeout(Duration::from_millis(10))
+            .map_err(std::io::Error::other)?;
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut dev = Instrument {
+            rng: Rng::new(opts.seed),
+            opts,
+            port: master,
+            received: received.clone(),
+            answers: 0,
+            polls: 0,
+            output_on: false,
+        };
+        let stop2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("line-sim".into())
+            .spawn(move || dev.serve(&stop2))?;
+        Ok(LineSim {
+            path,
+            link: link.map(Path::to_path_buf),
+            received,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Command lines received, in order.
+    pub fn received(&self) -> Vec<String> {
+        self.received.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// Closes the pty, as pulling the cable would.
+    pub fn unplug(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        super::remove_link(self.link.as_deref(), &self.path);
+    }
+}
+
+impl Drop for LineSim {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+struct Instrument {
+    opts: Options,
+    port: TTYPort,
+    received: Arc<Mutex<Vec<String>>>,
+    rng: Rng,
+    /// Lines written (answers or streamed lines), for garbage injection.
+    answers: u32,
+    /// Measurement polls seen, for error injection.
+    polls: u32,
+    /// Keithley 2400 output state.
+    output_on: bool,
+}
+
+impl Instrument {
+    fn send(&mut self, line: &str) {
+        let _ = self.port.write_all(format!("{line}\r\n").as_bytes());
+        self.answers += 1;
+        if self.opts.garbage_every > 0 && self.answers % self.opts.garbage_every == 0 {
+            let _ = self.port.write_all(b"#\x7f@!garbage\r\n");
+        }
+    }
+
+    fn serve(&mut self, stop: &AtomicBool) {
+        let mut inbuf = Vec::new();
+        let mut buf = [0u8; 512];
+        let mut next_stream = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            if self.opts.kind == Kind::CsvSensor && Instant::now() >= next_stream {
+                next_stream += self.opts.stream_interval;
+                let t = 235.0 + 5.0 * self.rng.symmetric();
+                let line = format!(
+                    "{:.0},{:.1},{:.1}",
+                    t,
+                    45.0 + self.rng.symmetric(),
+                    1013.0 + self.rng.symmetric()
+                );
+                self.send(&line);
+            }
+            match self.port.read(&mut buf) {
+                Ok(n) if n > 0 => {
+                    inbuf.extend_from_slice(&buf[..n]);
+                    while let Some(pos) = inbuf.iter().position(|b| *b == b'\n' || *b == b'\r') {
+                        let raw: Vec<u8> = inbuf.drain(..=pos).collect();
+                        let line = String::from_utf8_lossy(&raw[..raw.len() - 1])
+                            .trim()
+                            .to_string();
+                        if !line.is_empty() {
+                            if let Ok(mut r) = self.received.lock() {
+                                r.push(line.clone());
+                            }
+                            self.answer(&line);
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    }
+
+    /// Whether this measurement poll gets an error reply instead.
+    fn inject_error(&mut self) -> bool {
+        self.polls += 1;
+        self.opts.error_every > 0 && self.polls % self.opts.error_every == 0
+    }
+
+    fn answer(&mut self, line: &str) {
+        match self.opts.kind {
+            Kind::MtSics => match line {
+                "@" => self.send("I4 A \"SIM0001\""),
+                "SI" | "S" => {
+                    if self.inject_error() {
+                        self.send("S I");
+                    } else {
+                        let dynamic = line == "SI" && self.polls % 3 == 1;
+                        let w = 100.0 + if dynamic { 0.02 * self.rng.symmetric() } else { 0.0 };
+                        self.send(&format!("S {}      {w:.2} g", if dynamic { 'D' } else { 'S' }));
+                    }
+                }
+                "Z" | "ZI" => self.send("Z A"),
+                _ => self.send("ES"),
+            },
+            Kind::Keithley2400 => match line {
+                "*IDN?" => self.send("KEITHLEY INSTRUMENTS INC.,MODEL 2400,4000001,C30 Mar 17 2006 09:29:29/A02 /K/J"),
+                ":OUTP ON" => self.output_on = true,
+                ":OUTP OFF" => self.output_on = false,
+                ":READ?" => {
+                    if self.inject_error() {
+                        self.send("-113,\"Undefined header\"");
+                    } else if !self.output_on {
+                        self.send("+9.910000E+37,+9.910000E+37,+9.910000E+37,+0.000000E+00,+0.000000E+00");
+                    } else {
+                        let i = 1.0e-6 * (1.0 + 0.01 * self.rng.symmetric());
+                        self.send(&format!("+1.000000E+00,{i:+.6E},+9.910000E+37,+2.515590E+03,+2.150800E+04"));
+                    }
+                }
+                _ => {} // set commands (*RST, :SOUR…, :SENS…, :ABOR) do not answer
+            },
+            Kind::Keithley2000 => match line {
+                "*IDN?" => self.send("KEITHLEY INSTRUMENTS INC.,MODEL 2000,1234567,A19 /A02"),
+                ":READ?" | ":FETC?" => {
+                    if self.inject_error() {
+                        self.send("-113,\"Undefined header\"");
+                    } else {
+                        let v = 1.12 + 0.001 * self.rng.symmetric();
+                        let n = self.polls;
+                        self.send(&format!("{v:+.8E}VDC,+{:.3}SECS,+{n:05}RDNG#", n as f64 * 0.5));
+                    }
+                }
+                _ => {}
+            },
+            Kind::CsvSensor => {} // streams; ignores input
+        }
+    }
+}
