@@ -80,6 +80,20 @@ enum SimKind {
         #[arg(long)]
         xon_xoff: bool,
     },
+    /// A line instrument: MT-SICS balance, Keithley 2400 / 2000, or a CSV sensor.
+    Line {
+        #[arg(long, value_enum)]
+        kind: labgate::sim::line::Kind,
+        /// Also create this symlink to the port.
+        #[arg(long)]
+        link: Option<PathBuf>,
+        /// Answer every Nth measurement poll with an error reply (0 = never).
+        #[arg(long, default_value_t = 0)]
+        error_every: u32,
+        /// Emit a garbage line after every N lines (0 = never).
+        #[arg(long, default_value_t = 0)]
+        garbage_every: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -184,6 +198,40 @@ fn main() -> ExitCode {
                     println!("{}", link.as_deref().unwrap_or(sim.path()).display());
                     eprintln!(
                         "EmStat Pico simulator on {} (Ctrl-C ends it)",
+                        sim.path().display()
+                    );
+                    report(runtime().and_then(|rt| {
+                        rt.block_on(async {
+                            wait_for_signal().await;
+                            Ok(())
+                        })
+                    }))
+                }
+                Err(e) => {
+                    eprintln!("labgate: cannot create a pty pair: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Simulate {
+            kind:
+                SimKind::Line {
+                    kind,
+                    link,
+                    error_every,
+                    garbage_every,
+                },
+        } => {
+            let opts = labgate::sim::line::Options {
+                error_every,
+                garbage_every,
+                ..labgate::sim::line::Options::new(kind)
+            };
+            match labgate::sim::line::LineSim::start(opts, link.as_deref()) {
+                Ok(sim) => {
+                    println!("{}", link.as_deref().unwrap_or(sim.path()).display());
+                    eprintln!(
+                        "{kind:?} simulator on {} (Ctrl-C ends it)",
                         sim.path().display()
                     );
                     report(runtime().and_then(|rt| {
