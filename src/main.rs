@@ -80,6 +80,15 @@ enum SimKind {
         #[arg(long)]
         xon_xoff: bool,
     },
+    /// A Modbus RTU slave serving devices/profiles/modbus-th-sensor.toml's register map.
+    Modbus {
+        /// Also create this symlink to the port.
+        #[arg(long)]
+        link: Option<PathBuf>,
+        /// Answer every Nth request with ServerDeviceBusy (0 = never).
+        #[arg(long, default_value_t = 0)]
+        busy_every: u32,
+    },
     /// A line instrument: MT-SICS balance, Keithley 2400 / 2000, or a CSV sensor.
     Line {
         #[arg(long, value_enum)]
@@ -213,6 +222,27 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Simulate {
+            kind: SimKind::Modbus { link, busy_every },
+        } => match labgate::sim::modbus::ModbusSim::start(busy_every, link.as_deref()) {
+            Ok(sim) => {
+                println!("{}", link.as_deref().unwrap_or(sim.path()).display());
+                eprintln!(
+                    "Modbus RTU slave 1 on {} (Ctrl-C ends it)",
+                    sim.path().display()
+                );
+                report(runtime().and_then(|rt| {
+                    rt.block_on(async {
+                        wait_for_signal().await;
+                        Ok(())
+                    })
+                }))
+            }
+            Err(e) => {
+                eprintln!("labgate: cannot start the Modbus simulator: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::Simulate {
             kind:
                 SimKind::Line {

@@ -6,6 +6,7 @@
 
 pub mod line;
 pub mod methodscript;
+pub mod modbus;
 pub mod serial;
 pub mod sim_potentiostat;
 pub mod sim_sensors;
@@ -29,6 +30,8 @@ pub enum DeviceConfig {
     Methodscript(methodscript::driver::Config),
     /// A profile-driven line instrument (SCPI, MT-SICS, CSV) on a serial port.
     LineInstrument(line::driver::Config),
+    /// Modbus RTU sensors on a serial bus, read by a register map.
+    ModbusRtu(modbus::Config),
     SimulatedPotentiostat(sim_potentiostat::Config),
     SimulatedSensors(sim_sensors::Config),
 }
@@ -38,6 +41,7 @@ impl DeviceConfig {
         match self {
             DeviceConfig::Methodscript(c) => &c.id,
             DeviceConfig::LineInstrument(c) => &c.id,
+            DeviceConfig::ModbusRtu(c) => &c.id,
             DeviceConfig::SimulatedPotentiostat(c) => &c.id,
             DeviceConfig::SimulatedSensors(c) => &c.id,
         }
@@ -47,6 +51,7 @@ impl DeviceConfig {
         match self {
             DeviceConfig::Methodscript(_) => "methodscript",
             DeviceConfig::LineInstrument(_) => "line_instrument",
+            DeviceConfig::ModbusRtu(_) => "modbus_rtu",
             DeviceConfig::SimulatedPotentiostat(_) => "simulated_potentiostat",
             DeviceConfig::SimulatedSensors(_) => "simulated_sensors",
         }
@@ -57,6 +62,7 @@ impl DeviceConfig {
         match self {
             DeviceConfig::Methodscript(c) => c.validate(),
             DeviceConfig::LineInstrument(c) => c.validate(),
+            DeviceConfig::ModbusRtu(c) => c.validate(),
             DeviceConfig::SimulatedPotentiostat(c) => c.validate(),
             DeviceConfig::SimulatedSensors(c) => c.validate(),
         }
@@ -67,6 +73,7 @@ impl DeviceConfig {
         match self {
             DeviceConfig::Methodscript(_)
             | DeviceConfig::LineInstrument(_)
+            | DeviceConfig::ModbusRtu(_)
             | DeviceConfig::SimulatedPotentiostat(_)
             | DeviceConfig::SimulatedSensors(_) => {
                 matches!(
@@ -155,6 +162,7 @@ pub async fn supervise(cfg: DeviceConfig, mut ctx: DeviceCtx) {
         let result = match &cfg {
             DeviceConfig::Methodscript(c) => methodscript::driver::run(c, &mut ctx).await,
             DeviceConfig::LineInstrument(c) => line::driver::run(c, &mut ctx).await,
+            DeviceConfig::ModbusRtu(c) => modbus::run(c, &mut ctx).await,
             DeviceConfig::SimulatedPotentiostat(c) => sim_potentiostat::run(c, &mut ctx).await,
             DeviceConfig::SimulatedSensors(c) => sim_sensors::run(c, &mut ctx).await,
         };

@@ -3,6 +3,7 @@
 
 pub mod emstat;
 pub mod line;
+pub mod modbus;
 
 use std::path::{Path, PathBuf};
 
@@ -41,4 +42,16 @@ pub fn remove_link(link: Option<&Path>, path: &Path) {
             let _ = std::fs::remove_file(l);
         }
     }
+}
+
+/// Opens the slave side with a plain handle (no lock, never read), so that the master
+/// does not read EIO while no driver is connected: servers that treat a read error as
+/// fatal (tokio-modbus) keep running until a driver opens the port.
+pub fn hold_slave(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags((nix::fcntl::OFlag::O_NOCTTY | nix::fcntl::OFlag::O_CLOEXEC).bits())
+        .open(path)
 }

@@ -1,0 +1,525 @@
+//! `modbus_rtu`: Modbus RTU sensors on a serial bus (tokio-modbus), read by a register-map
+//! profile (`devices/profiles/modbus-*.toml`). One request at a time on the bus; Modbus
+//! exceptions and timeouts are retried, then counted and reported.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use tokio_modbus::client::{Context, Reader};
+use tokio_modbus::prelude::SlaveContext;
+use tokio_modbus::Slave;
+
+use crate::devices::serial::{Flow, Frame, Parity, UsbId};
+use crate::devices::{CommandKind, DeviceCtx, DeviceError};
+use crate::record::{object, Body, Draft, AGENT_DEVICE};
+
+/// How a value is stored in registers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataType {
+    U16,
+    I16,
+    U32,
+    I32,
+    F32,
+    U64,
+    I64,
+    F64,
+}
+
+impl DataType {
+    pub fn registers(self) -> u16 {
+        match self {
+            DataType::U16 | DataType::I16 => 1,
+            DataType::U32 | DataType::I32 | DataType::F32 => 2,
+            DataType::U64 | DataType::I64 | DataType::F64 => 4,
+        }
+    }
+}
+
+/// Order of the bytes of a multi-register value, as letters of the big-endian value
+/// `ABCD`: `abcd` (high word first), `cdab` (word-swapped), `badc` (byte-swapped),
+/// `dcba` (both).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WordOrder {
+    #[default]
+    Abcd,
+    Cdab,
+    Badc,
+    Dcba,
+}
+
+/// Register values (as read, big-endian each) → the value's big-endian bytes.
+fn value_bytes(regs: &[u16], order: WordOrder) -> Vec<u8> {
+    let mut words: Vec<u16> = regs.to_vec();
+    if matches!(order, WordOrder::Cdab | WordOrder::Dcba) {
+        words.reverse();
+    }
+    if matches!(order, WordOrder::Badc | WordOrder::Dcba) {
+        for w in &mut words {
+            *w = w.swap_bytes();
+        }
+    }
+    words.iter().flat_map(|w| w.to_be_bytes()).collect()
+}
+
+/// Decodes registers into a number. `None` if the count does not fit the type.
+pub fn decode(regs: &[u16], ty: DataType, order: WordOrder) -> Option<f64> {
+    if regs.len() != usize::from(ty.registers()) {
+        return None;
+    }
+    let b = value_bytes(regs, order);
+    Some(match ty {
+        DataType::U16 => f64::from(u16::from_be_bytes([b[0], b[1]])),
+        DataType::I16 => f64::from(i16::from_be_bytes([b[0], b[1]])),
+        DataType::U32 => f64::from(u32::from_be_bytes(b[..4].try_into().ok()?)),
+        DataType::I32 => f64::from(i32::from_be_bytes(b[..4].try_into().ok()?)),
+        DataType::F32 => f64::from(f32::from_be_bytes(b[..4].try_into().ok()?)),
+        DataType::U64 => u64::from_be_bytes(b[..8].try_into().ok()?) as f64,
+        DataType::I64 => i64::from_be_bytes(b[..8].try_into().ok()?) as f64,
+        DataType::F64 => f64::from_be_bytes(b[..8].try_into().ok()?),
+    })
+}
+
+/// One register (group) to read.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Register {
+    pub name: String,
+    /// Slave (unit) id, 1–247.
+    pub slave: u8,
+    /// 3 = holding registers, 4 = input registers.
+    pub function: u8,
+    /// 0-based wire address (vendor maps written 40001/30001 are 1-based: subtract).
+    pub address: u16,
+    #[serde(rename = "type")]
+    pub data_type: DataType,
+    #[serde(default)]
+    pub word_order: WordOrder,
+    /// value = raw × scale + offset
+    #[serde(default = "one")]
+    pub scale: f64,
+    #[serde(default)]
+    pub offset: f64,
+    pub unit: String,
+    pub sensor_type: String,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialCfg {
+    #[serde(default = "d_baud")]
+    pub baud: u32,
+    #[serde(default = "d_bits")]
+    pub data_bits: u8,
+    /// Configure explicitly: the Modbus default of even parity is not universal.
+    pub parity: Parity,
+    #[serde(default = "d_stop")]
+    pub stop_bits: u8,
+}
+
+fn d_baud() -> u32 {
+    9600
+}
+fn d_bits() -> u8 {
+    8
+}
+fn d_stop() -> u8 {
+    1
+}
+
+/// A register-map profile.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub serial: SerialCfg,
+    pub registers: Vec<Register>,
+}
+
+impl Profile {
+    pub fn load(path: &std::path::Path) -> Result<Profile, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let p: Profile = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        p.validate()?;
+        Ok(p)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.registers.is_empty() {
+            return Err("registers: at least one register is required".into());
+        }
+        for (i, r) in self.registers.iter().enumerate() {
+            if !(1..=247).contains(&r.slave) {
+                return Err(format!("registers[{i}].slave: must be 1..=247"));
+            }
+            if !matches!(r.function, 3 | 4) {
+                return Err(format!(
+                    "registers[{i}].function: must be 3 (holding) or 4 (input)"
+                ));
+            }
+            if r.address.checked_add(r.data_type.registers()).is_none() {
+                return Err(format!("registers[{i}].address: the value runs past 65535"));
+            }
+            if !r.scale.is_finite() || !r.offset.is_finite() {
+                return Err(format!(
+                    "registers[{i}].scale: scale and offset must be finite"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub id: String,
+    #[serde(default)]
+    pub port: Option<String>,
+    #[serde(default)]
+    pub usb: Option<UsbId>,
+    /// A profile name in `profiles_dir` or a path to a `.toml` profile.
+    pub profile: String,
+    #[serde(default = "d_profiles_dir")]
+    pub profiles_dir: PathBuf,
+    #[serde(default = "d_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// Per request.
+    #[serde(default = "d_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Further attempts after a failed request.
+    #[serde(default = "d_retries")]
+    pub retries: u32,
+    #[serde(default)]
+    pub location: Option<String>,
+}
+
+fn d_profiles_dir() -> PathBuf {
+    PathBuf::from("devices/profiles")
+}
+fn d_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn d_timeout() -> Duration {
+    Duration::from_millis(500)
+}
+fn d_retries() -> u32 {
+    2
+}
+
+impl Config {
+    fn load_profile(&self) -> Result<Profile, String> {
+        let direct = std::path::Path::new(&self.profile);
+        let path = if direct.extension().is_some_and(|e| e == "toml") {
+            direct.to_path_buf()
+        } else {
+            self.profiles_dir.join(format!("{}.toml", self.profile))
+        };
+        Profile::load(&path)
+    }
+
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        match (&self.port, &self.usb) {
+            (Some(_), None) | (None, Some(_)) => {}
+            _ => return Err(("port".into(), "give exactly one of port or usb".into())),
+        }
+        if let Some(u) = &self.usb {
+            u.validate()?;
+        }
+        if self.interval.is_zero() || self.timeout.is_zero() {
+            return Err((
+                "interval".into(),
+                "interval and timeout must be greater than zero".into(),
+            ));
+        }
+        let p = self
+            .load_profile()
+            .map_err(|e| ("profile".to_string(), e))?;
+        frame(&p).validate()
+    }
+}
+
+fn frame(p: &Profile) -> Frame {
+    Frame {
+        baud: p.serial.baud,
+        data_bits: p.serial.data_bits,
+        parity: p.serial.parity,
+        stop_bits: p.serial.stop_bits,
+        flow_control: Flow::None,
+    }
+}
+
+fn open(path: &str, f: &Frame) -> Result<tokio_serial::SerialStream, String> {
+    use tokio_serial::{DataBits, Parity as P, StopBits};
+    let builder = tokio_serial::new(path, f.baud)
+        .data_bits(match f.data_bits {
+            5 => DataBits::Five,
+            6 => DataBits::Six,
+            7 => DataBits::Seven,
+            _ => DataBits::Eight,
+        })
+        .parity(match f.parity {
+            Parity::None => P::None,
+            Parity::Even => P::Even,
+            Parity::Odd => P::Odd,
+        })
+        .stop_bits(if f.stop_bits == 2 {
+            StopBits::Two
+        } else {
+            StopBits::One
+        });
+    tokio_serial::SerialStream::open(&builder).map_err(|e| format!("{path}: {e}"))
+}
+
+/// Why one register could not be read.
+enum ReadError {
+    /// The slave answered with a Modbus exception.
+    Exception(String),
+    /// No (valid) answer in time, or a transport error.
+    Transport(String),
+}
+
+async fn read_once(
+    ctx: &mut Context,
+    r: &Register,
+    timeout: Duration,
+) -> Result<Vec<u16>, ReadError> {
+    ctx.set_slave(Slave(r.slave));
+    let n = r.data_type.registers();
+    let fut = async {
+        if r.function == 3 {
+            ctx.read_holding_registers(r.address, n).await
+        } else {
+            ctx.read_input_registers(r.address, n).await
+        }
+    };
+    match tokio::time::timeout(timeout, fut).await {
+        Err(_) => Err(ReadError::Transport(format!(
+            "no answer within {timeout:?}"
+        ))),
+        Ok(Err(e)) => Err(ReadError::Transport(e.to_string())),
+        Ok(Ok(Err(exception))) => Err(ReadError::Exception(format!("{exception:?}"))),
+        Ok(Ok(Ok(regs))) => Ok(regs),
+    }
+}
+
+/// Driver entry point: poll the register map every interval; pause/resume/start/stop
+/// control polling.
+pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
+    let profile = cfg.load_profile().map_err(DeviceError::Config)?;
+    let frame = frame(&profile);
+    let mut backoff = Duration::from_millis(250);
+    let mut running = true;
+    'connect: loop {
+        let path = crate::devices::serial::resolve(cfg.port.as_deref(), cfg.usb.as_ref());
+        let stream = path.clone().and_then(|p| open(&p, &frame));
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                ctx.set_state("disconnected");
+                tracing::warn!(device = %ctx.id, error = %e, "modbus bus not reachable; retrying");
+                let until = Instant::now() + backoff;
+                loop {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(until) => break,
+                        c = ctx.control.recv() => match c {
+                            Some(c) => { let _ = c.reply.send(Err(format!("bus not connected: {e}"))); }
+                            None => return Ok(()),
+                        },
+                        () = ctx.shutdown.cancelled() => return Ok(()),
+                    }
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(250);
+        let mut bus = tokio_modbus::client::rtu::attach_slave(stream, Slave(1));
+        ctx.set_state(if running { "running" } else { "idle" });
+        ctx.emit(Draft::new(
+            AGENT_DEVICE,
+            Body::AgentEvent {
+                event: "device_connected".into(),
+                data: object([
+                    ("device_id", ctx.id.clone().into()),
+                    ("port", path.unwrap_or_default().into()),
+                    ("profile", profile.name.clone().into()),
+                ]),
+            },
+        ))
+        .await?;
+        let mut tick = tokio::time::interval(cfg.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut consecutive_failures = 0u32;
+        loop {
+            tokio::select! {
+                _ = tick.tick(), if running => {
+                    let mut all_failed = true;
+                    for r in &profile.registers {
+                        let mut last = None;
+                        let mut regs = None;
+                        for _ in 0..=cfg.retries {
+                            match read_once(&mut bus, r, cfg.timeout).await {
+                                Ok(v) => { regs = Some(v); break; }
+                                Err(e) => last = Some(e),
+                            }
+                        }
+                        match (regs, last) {
+                            (Some(v), _) => {
+                                all_failed = false;
+                                let Some(raw) = decode(&v, r.data_type, r.word_order) else { continue };
+                                ctx.emit(Draft::new(
+                                    ctx.id.clone(),
+                                    Body::SensorReading {
+                                        sensor_id: format!("{}.{}", ctx.id, r.name),
+                                        sensor_type: r.sensor_type.clone(),
+                                        value: raw * r.scale + r.offset,
+                                        unit: r.unit.clone(),
+                                        location: cfg.location.clone(),
+                                        metadata: [("slave".to_string(), r.slave.into()), ("register".to_string(), r.address.into())].into_iter().collect(),
+                                    },
+                                ))
+                                .await?;
+                            }
+                            (None, Some(ReadError::Exception(x))) => {
+                                all_failed = false; // the slave is there, it refused
+                                ctx.metrics.count_error_reply(&ctx.id);
+                                tracing::warn!(device = %ctx.id, register = %r.name, exception = %x, "modbus exception");
+                            }
+                            (None, Some(ReadError::Transport(e))) => {
+                                ctx.metrics.count_timeout(&ctx.id);
+                                tracing::warn!(device = %ctx.id, register = %r.name, error = %e, "modbus request failed");
+                            }
+                            (None, None) => {}
+                        }
+                    }
+                    consecutive_failures = if all_failed { consecutive_failures + 1 } else { 0 };
+                    if consecutive_failures >= 3 {
+                        // The bus itself is gone (unplugged adapter): reopen it.
+                        ctx.set_state("disconnected");
+                        ctx.emit(Draft::new(
+                            AGENT_DEVICE,
+                            Body::AgentEvent {
+                                event: "device_disconnected".into(),
+                                data: object([("device_id", ctx.id.clone().into()), ("reason", "no register answered three polls in a row".into())]),
+                            },
+                        ))
+                        .await?;
+                        continue 'connect;
+                    }
+                }
+                c = ctx.control.recv() => {
+                    let Some(c) = c else { return Ok(()) };
+                    let reply = if !c.params.is_empty() {
+                        Err(format!("{} takes no parameters", c.command.as_str()))
+                    } else {
+                        running = matches!(c.command, CommandKind::Start | CommandKind::Resume);
+                        ctx.set_state(match c.command {
+                            CommandKind::Pause => "paused",
+                            CommandKind::Stop => "idle",
+                            _ => "running",
+                        });
+                        Ok(if running { "polling".to_string() } else { "polling stopped".to_string() })
+                    };
+                    let _ = c.reply.send(reply);
+                }
+                () = ctx.shutdown.cancelled() => return Ok(()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f32_in_every_word_order() {
+        // protocols.md §5: 23.5 as f32 is 0x41BC_0000.
+        assert_eq!(
+            decode(&[0x41BC, 0x0000], DataType::F32, WordOrder::Abcd),
+            Some(23.5)
+        );
+        assert_eq!(
+            decode(&[0x0000, 0x41BC], DataType::F32, WordOrder::Cdab),
+            Some(23.5)
+        );
+        assert_eq!(
+            decode(&[0xBC41, 0x0000], DataType::F32, WordOrder::Badc),
+            Some(23.5)
+        );
+        assert_eq!(
+            decode(&[0x0000, 0xBC41], DataType::F32, WordOrder::Dcba),
+            Some(23.5)
+        );
+    }
+
+    #[test]
+    fn sixteen_bit_values_and_scale() {
+        assert_eq!(
+            decode(&[0x00EB], DataType::I16, WordOrder::Abcd).map(|v| v * 0.1),
+            Some(23.5)
+        );
+        assert_eq!(
+            decode(&[0xFF38], DataType::I16, WordOrder::Abcd),
+            Some(-200.0)
+        );
+        assert_eq!(
+            decode(&[0xFF38], DataType::U16, WordOrder::Abcd),
+            Some(65336.0)
+        );
+        assert_eq!(
+            decode(&[0x0001, 0x0000], DataType::U32, WordOrder::Abcd),
+            Some(65536.0)
+        );
+        assert_eq!(
+            decode(&[0x0001, 0x0000], DataType::U32, WordOrder::Cdab),
+            Some(1.0)
+        );
+        assert_eq!(
+            decode(&[0xFFFF, 0xFFFF], DataType::I32, WordOrder::Abcd),
+            Some(-1.0)
+        );
+        let one = 1.0f64.to_be_bytes();
+        let regs: Vec<u16> = one
+            .chunks(2)
+            .map(|c| u16::from_be_bytes([c[0], c[1]]))
+            .collect();
+        assert_eq!(decode(&regs, DataType::F64, WordOrder::Abcd), Some(1.0));
+        assert_eq!(
+            decode(&[1, 2, 3], DataType::F32, WordOrder::Abcd),
+            None,
+            "wrong count"
+        );
+    }
+
+    #[test]
+    fn shipped_profile_is_valid_and_bad_ones_name_the_key() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("devices/profiles/modbus-th-sensor.toml");
+        let p = Profile::load(&path).unwrap();
+        assert_eq!(p.registers.len(), 3);
+        let mut bad = p.clone();
+        bad.registers[1].function = 6;
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .starts_with("registers[1].function"));
+        let mut bad = p;
+        bad.registers[0].slave = 0;
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .starts_with("registers[0].slave"));
+    }
+}

@@ -1,0 +1,163 @@
+//! A Modbus RTU slave on a pty (tokio-modbus' RTU server), serving the register map of
+//! `devices/profiles/modbus-th-sensor.toml`: slave 1, input registers 0 (temperature,
+//! i16 tenths) and 1 (humidity, u16 tenths), holding registers 10–11 (pressure, f32
+//! word-swapped). Unmapped addresses answer IllegalDataAddress, other slaves stay silent,
+//! and a ServerDeviceBusy exception can be injected.
+
+use std::future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use tokio_modbus::prelude::{ExceptionCode, Request, Response, SlaveRequest};
+use tokio_modbus::server::Service;
+
+/// Values served.
+pub const TEMPERATURE_TENTHS: i16 = 235;
+pub const HUMIDITY_TENTHS: u16 = 455;
+pub const PRESSURE_HPA: f32 = 1013.25;
+
+struct Slave {
+    requests: Arc<AtomicU32>,
+    busy_every: u32,
+}
+
+impl Service for Slave {
+    type Request = SlaveRequest<'static>;
+    type Response = Option<Response>;
+    type Exception = ExceptionCode;
+    type Future = future::Ready<Result<Self::Response, Self::Exception>>;
+
+    fn call(&self, req: Self::Request) -> Self::Future {
+        if req.slave != 1 {
+            return future::ready(Ok(None)); // not us: a real bus stays silent
+        }
+        let n = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.busy_every > 0 && n % self.busy_every == 0 {
+            return future::ready(Err(ExceptionCode::ServerDeviceBusy));
+        }
+        let p = PRESSURE_HPA.to_bits();
+        let holding = |addr: u16| match addr {
+            10 => Some((p & 0xFFFF) as u16), // word-swapped: low word first
+            11 => Some((p >> 16) as u16),
+            _ => None,
+        };
+        let input = |addr: u16| match addr {
+            0 => Some(TEMPERATURE_TENTHS as u16),
+            1 => Some(HUMIDITY_TENTHS),
+            _ => None,
+        };
+        let read = |f: &dyn Fn(u16) -> Option<u16>, addr: u16, cnt: u16| -> Option<Vec<u16>> {
+            (0..cnt).map(|i| addr.checked_add(i).and_then(f)).collect()
+        };
+        let res = match req.request {
+            Request::ReadInputRegisters(a, c) => {
+                read(&input, a, c).map(Response::ReadInputRegisters)
+            }
+            Request::ReadHoldingRegisters(a, c) => {
+                read(&holding, a, c).map(Response::ReadHoldingRegisters)
+            }
+            _ => return future::ready(Err(ExceptionCode::IllegalFunction)),
+        };
+        future::ready(res.map(Some).ok_or(ExceptionCode::IllegalDataAddress))
+    }
+}
+
+/// A running simulator; dropping it closes the pty.
+pub struct ModbusSim {
+    path: PathBuf,
+    link: Option<PathBuf>,
+    requests: Arc<AtomicU32>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ModbusSim {
+    /// `busy_every`: answer every Nth request with ServerDeviceBusy (0 = never).
+    pub fn start(busy_every: u32, link: Option<&Path>) -> std::io::Result<ModbusSim> {
+        let (master, path) = super::open_pty(link)?;
+        let holder = super::hold_slave(&path)?;
+        let requests = Arc::new(AtomicU32::new(0));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let service = Slave {
+            requests: requests.clone(),
+            busy_every,
+        };
+        // The async serial stream must be made inside a runtime: build both on the
+        // simulator's thread, and report set-up failures back here.
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
+        let thread = std::thread::Builder::new()
+            .name("modbus-sim".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let stream = match tokio_serial::SerialStream::try_from(master) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(std::io::Error::other(e)));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(()));
+                    let server = tokio_modbus::server::rtu::Server::new(stream);
+                    let abort = async move {
+                        let _ = stopped.await;
+                    };
+                    if let Err(e) = server.serve_until(service, abort).await {
+                        eprintln!("modbus simulator stopped: {e}");
+                    }
+                    drop(holder);
+                });
+            })?;
+        ready_rx
+            .recv()
+            .map_err(|_| std::io::Error::other("modbus simulator thread ended during set-up"))??;
+        Ok(ModbusSim {
+            path,
+            link: link.map(Path::to_path_buf),
+            requests,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Requests addressed to slave 1 so far.
+    pub fn requests(&self) -> u32 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Closes the pty, as unplugging the adapter would.
+    pub fn unplug(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        super::remove_link(self.link.as_deref(), &self.path);
+    }
+}
+
+impl Drop for ModbusSim {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
