@@ -23,14 +23,49 @@ pub const AGENT_DEVICE: &str = "agent";
 pub struct Point {
     /// Seconds since the start of the step.
     pub t: f64,
-    /// Potential, V.
+    /// Potential, V. NaN when the instrument did not send one (EIS); then it is left
+    /// out of the wire message rather than written as null.
+    #[serde(default = "nan", skip_serializing_if = "is_nan")]
     pub e: f64,
-    /// Current, A.
+    /// Current, A. NaN (and left out) when not sent.
+    #[serde(default = "nan", skip_serializing_if = "is_nan")]
     pub i: f64,
     /// Device status bits for this point (0x1 timing, 0x2 overload, 0x4 underload,
     /// 0x8 overload warning); omitted when 0.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub status: u8,
+    /// EIS: applied frequency, Hz.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub f: Option<f64>,
+    /// EIS: real part of the impedance, Ohm.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub z_re: Option<f64>,
+    /// EIS: imaginary part of the impedance, Ohm.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub z_im: Option<f64>,
+}
+
+impl Point {
+    /// A time / potential / current point.
+    pub fn tei(t: f64, e: f64, i: f64) -> Point {
+        Point {
+            t,
+            e,
+            i,
+            status: 0,
+            f: None,
+            z_re: None,
+            z_im: None,
+        }
+    }
+}
+
+fn nan() -> f64 {
+    f64::NAN
+}
+
+fn is_nan(v: &f64) -> bool {
+    v.is_nan()
 }
 
 fn is_zero(v: &u8) -> bool {
@@ -312,6 +347,30 @@ mod tests {
         assert_eq!(v["event_id"].as_str().unwrap().len(), 36);
         assert_eq!(s.key, "exp_001");
         assert_eq!(s.topic, TopicKind::Events);
+    }
+
+    #[test]
+    fn points_leave_out_what_the_instrument_did_not_send() {
+        let eis = Point {
+            f: Some(100.0),
+            z_re: Some(9885.956),
+            z_im: Some(2.9946),
+            ..Point::tei(1.5, f64::NAN, f64::NAN)
+        };
+        let v = serde_json::to_value(eis).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"t": 1.5, "f": 100.0, "z_re": 9885.956, "z_im": 2.9946})
+        );
+        let cv = serde_json::to_value(Point {
+            status: 4,
+            ..Point::tei(0.1, 0.2, 3e-6)
+        })
+        .unwrap();
+        assert_eq!(
+            cv,
+            serde_json::json!({"t": 0.1, "e": 0.2, "i": 3e-6, "status": 4})
+        );
     }
 
     #[test]

@@ -383,7 +383,7 @@ impl StepGen {
         self.last_t = t;
         self.k += 1;
         let i = i * (1.0 + noise * rng.symmetric()) + 1e-9 * noise * rng.symmetric();
-        Some(Point { t, e, i, status: 0 })
+        Some(Point::tei(t, e, i))
     }
 }
 

@@ -429,14 +429,7 @@ impl Conn<'_> {
                     return Ok(());
                 };
                 exp.scan = scan;
-                let value = |code: &str| package.get(code).and_then(|v| v.value);
-                let current = package.get("ba");
-                let point = Point {
-                    t: value("eb").unwrap_or_else(|| exp.started.elapsed().as_secs_f64()),
-                    e: value("da").or_else(|| value("ab")).unwrap_or(f64::NAN),
-                    i: current.and_then(|v| v.value).unwrap_or(f64::NAN),
-                    status: current.and_then(|v| v.status).unwrap_or(0),
-                };
+                let point = point_from(&package, exp.started.elapsed().as_secs_f64());
                 if exp.chunk.is_empty() {
                     exp.chunk_started = Instant::now();
                 }
@@ -657,6 +650,27 @@ impl Conn<'_> {
     }
 }
 
+/// Maps a data package to a point: `eb` time (else `fallback_t`), `da` (or `ab`)
+/// potential, `ba` current with its status bits, and for EIS `dc` frequency, `cc` Z′ and
+/// `cd` Z″.
+pub fn point_from(package: &super::Package, fallback_t: f64) -> Point {
+    let value = |code: &str| package.get(code).and_then(|v| v.value);
+    let current = package.get("ba");
+    Point {
+        t: value("eb").unwrap_or(fallback_t),
+        e: value("da").or_else(|| value("ab")).unwrap_or(f64::NAN),
+        i: current.and_then(|v| v.value).unwrap_or(f64::NAN),
+        status: package
+            .vars
+            .iter()
+            .filter_map(|v| v.status)
+            .fold(0, |acc, s| acc | s),
+        f: value("dc"),
+        z_re: value("cc"),
+        z_im: value("cd"),
+    }
+}
+
 /// Driver entry point: connect, run, reconnect with backoff until shutdown.
 pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
     let method = Method::load(&cfg.methods_dir, &cfg.method)
@@ -785,6 +799,24 @@ mod tests {
             e.1.contains("scan_rate") && e.1.contains("outside"),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn eis_packages_map_to_frequency_and_impedance() {
+        // protocols.md §1.7 exchange C.
+        let p =
+            super::super::Package::parse("dcDF5DFF4u;cc896D904m,10,287;cd82DB1A8u,10,287").unwrap();
+        let pt = point_from(&p, 2.5);
+        assert_eq!(pt.t, 2.5);
+        assert!(pt.e.is_nan() && pt.i.is_nan());
+        assert!((pt.f.unwrap() - 99.999732).abs() < 1e-9);
+        assert!((pt.z_re.unwrap() - 9885.956).abs() < 1e-9);
+        assert!((pt.z_im.unwrap() - 2.9946).abs() < 1e-9);
+        // A CV package keeps status bits (underload) on the point.
+        let p = super::super::Package::parse("da84E63DAn;ba82AB973f,14,284").unwrap();
+        let pt = point_from(&p, 0.0);
+        assert_eq!(pt.status, 4);
+        assert!(pt.f.is_none());
     }
 
     #[test]
