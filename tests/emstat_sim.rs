@@ -303,3 +303,46 @@ fn unplugging_closes_the_port() {
         "reads end in EOF or an error once the device is unplugged"
     );
 }
+
+#[test]
+fn load_run_and_abort_measurement_loop_follow_the_registry() {
+    let sim = Emstat::start(
+        Options {
+            speed: 20.0,
+            ..Options::default()
+        },
+        None,
+    )
+    .unwrap();
+    let mut c = Client::open(sim.path());
+    // r without a loaded script: 000C "No script has been loaded".
+    c.send(b"r\n");
+    assert_eq!(c.line(Duration::from_secs(2)).unwrap(), "r!000C");
+    // l loads without running; r runs it.
+    let script = method("ca", serde_json::json!({"t_run": 100}));
+    c.send(format!("l\n{script}\n").as_bytes());
+    assert_eq!(c.line(Duration::from_secs(2)).unwrap(), "l");
+    assert!(sim.data_lines().is_empty(), "loading does not run");
+    c.send(b"r\n");
+    assert_eq!(c.line(Duration::from_secs(2)).unwrap(), "r");
+    assert_eq!(c.line(Duration::from_secs(2)).unwrap(), "M0007");
+    assert!(c.line(Duration::from_secs(2)).unwrap().starts_with('P'));
+    // Y ends the measurement loop; the script then ends.
+    c.send(b"Y\n");
+    let mut rest = Vec::new();
+    while let Some(l) = c.line(Duration::from_secs(2)) {
+        let end = l.is_empty();
+        rest.push(l);
+        if end {
+            break;
+        }
+    }
+    let y = rest.iter().position(|l| l == "Y").expect("Y echoed");
+    assert_eq!(&rest[y + 1..], ["*", ""], "{rest:?}");
+    c.send(b"Y\n");
+    assert_eq!(
+        c.line(Duration::from_secs(2)).unwrap(),
+        "Y!0006",
+        "nothing to abort when idle"
+    );
+}
