@@ -202,47 +202,25 @@ fn main() -> ExitCode {
                 xon_xoff,
                 ..Default::default()
             };
-            match labgate::sim::emstat::Emstat::start(opts, link.as_deref()) {
-                Ok(sim) => {
-                    println!("{}", link.as_deref().unwrap_or(sim.path()).display());
-                    eprintln!(
-                        "EmStat Pico simulator on {} (Ctrl-C ends it)",
-                        sim.path().display()
-                    );
-                    report(runtime().and_then(|rt| {
-                        rt.block_on(async {
-                            wait_for_signal().await;
-                            Ok(())
-                        })
-                    }))
-                }
-                Err(e) => {
-                    eprintln!("labgate: cannot create a pty pair: {e}");
-                    ExitCode::FAILURE
-                }
+            {
+                let sim = labgate::sim::emstat::Emstat::start(opts, link.as_deref());
+                serve_simulator(
+                    sim.map(|s| (s.path().to_path_buf(), s)),
+                    link,
+                    "EmStat Pico",
+                )
             }
         }
         Cmd::Simulate {
             kind: SimKind::Modbus { link, busy_every },
-        } => match labgate::sim::modbus::ModbusSim::start(busy_every, link.as_deref()) {
-            Ok(sim) => {
-                println!("{}", link.as_deref().unwrap_or(sim.path()).display());
-                eprintln!(
-                    "Modbus RTU slave 1 on {} (Ctrl-C ends it)",
-                    sim.path().display()
-                );
-                report(runtime().and_then(|rt| {
-                    rt.block_on(async {
-                        wait_for_signal().await;
-                        Ok(())
-                    })
-                }))
-            }
-            Err(e) => {
-                eprintln!("labgate: cannot start the Modbus simulator: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        } => {
+            let sim = labgate::sim::modbus::ModbusSim::start(busy_every, link.as_deref());
+            serve_simulator(
+                sim.map(|s| (s.path().to_path_buf(), s)),
+                link,
+                "Modbus RTU slave 1",
+            )
+        }
         Cmd::Simulate {
             kind:
                 SimKind::Line {
@@ -257,24 +235,13 @@ fn main() -> ExitCode {
                 garbage_every,
                 ..labgate::sim::line::Options::new(kind)
             };
-            match labgate::sim::line::LineSim::start(opts, link.as_deref()) {
-                Ok(sim) => {
-                    println!("{}", link.as_deref().unwrap_or(sim.path()).display());
-                    eprintln!(
-                        "{kind:?} simulator on {} (Ctrl-C ends it)",
-                        sim.path().display()
-                    );
-                    report(runtime().and_then(|rt| {
-                        rt.block_on(async {
-                            wait_for_signal().await;
-                            Ok(())
-                        })
-                    }))
-                }
-                Err(e) => {
-                    eprintln!("labgate: cannot create a pty pair: {e}");
-                    ExitCode::FAILURE
-                }
+            {
+                let sim = labgate::sim::line::LineSim::start(opts, link.as_deref());
+                serve_simulator(
+                    sim.map(|s| (s.path().to_path_buf(), s)),
+                    link,
+                    &format!("{kind:?}"),
+                )
             }
         }
         Cmd::Command {
@@ -290,6 +257,32 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Prints where a started simulator is (its link, else its pty), keeps it running until
+/// a signal, and drops it (closing the pty).
+fn serve_simulator<S>(
+    started: std::io::Result<(PathBuf, S)>,
+    link: Option<PathBuf>,
+    what: &str,
+) -> ExitCode {
+    let (path, sim) = match started {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("labgate: cannot start the {what} simulator: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("{}", link.as_deref().unwrap_or(&path).display());
+    eprintln!("{what} simulator on {} (Ctrl-C ends it)", path.display());
+    let code = report(runtime().and_then(|rt| {
+        rt.block_on(async {
+            wait_for_signal().await;
+            Ok(())
+        })
+    }));
+    drop(sim);
+    code
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

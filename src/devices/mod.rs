@@ -153,6 +153,75 @@ impl DeviceCtx {
     pub fn set_state(&self, state: &str) {
         self.metrics.set_device_state(&self.id, state);
     }
+
+    /// An agent event about this device (`device_connected`, `device_errors` …), with
+    /// `device_id` added to its data.
+    pub async fn device_event(
+        &self,
+        event: &str,
+        mut data: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), DeviceError> {
+        data.insert("device_id".into(), self.id.clone().into());
+        self.emit(Draft::new(
+            crate::record::AGENT_DEVICE,
+            crate::record::Body::AgentEvent {
+                event: event.into(),
+                data,
+            },
+        ))
+        .await
+    }
+
+    /// While the instrument cannot be reached: waits `backoff`, answering every command
+    /// with `why` instead of queueing it. False when the agent is shutting down.
+    pub async fn wait_unreachable(&mut self, backoff: Duration, why: &str) -> bool {
+        self.set_state("disconnected");
+        let until = tokio::time::Instant::now() + backoff;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => return true,
+                c = self.control.recv() => match c {
+                    Some(c) => { let _ = c.reply.send(Err(format!("instrument not connected: {why}"))); }
+                    None => return false,
+                },
+                () = self.shutdown.cancelled() => return false,
+            }
+        }
+    }
+
+    /// The link to a connected instrument went away: log, state, event.
+    pub async fn disconnected(&self, reason: String) -> Result<(), DeviceError> {
+        tracing::warn!(device = %self.id, %reason, "instrument disconnected");
+        self.set_state("disconnected");
+        self.device_event(
+            "device_disconnected",
+            crate::record::object([("reason", reason.into())]),
+        )
+        .await
+    }
+}
+
+/// Reconnect delays: 250 ms doubling to 5 s, back to the start after a success.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff(Duration::from_millis(250))
+    }
+}
+
+impl Backoff {
+    /// The delay to wait now; the next one is twice as long (at most 5 s).
+    pub fn step(&mut self) -> Duration {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+        d
+    }
+
+    pub fn reset(&mut self) {
+        *self = Backoff::default();
+    }
 }
 
 /// Runs one device until shutdown, restarting its driver after failures.

@@ -6,14 +6,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::time::Instant;
 use tokio_modbus::client::{Context, Reader};
 use tokio_modbus::prelude::SlaveContext;
 use tokio_modbus::Slave;
 
 use crate::devices::serial::{Flow, Frame, Parity, UsbId};
 use crate::devices::{CommandKind, DeviceCtx, DeviceError};
-use crate::record::{object, Body, Draft, AGENT_DEVICE};
+use crate::record::{object, Body, Draft};
 
 /// How a value is stored in registers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -318,7 +317,7 @@ async fn read_once(
 pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
     let profile = cfg.load_profile().map_err(DeviceError::Config)?;
     let frame = frame(&profile);
-    let mut backoff = Duration::from_millis(250);
+    let mut backoff = crate::devices::Backoff::default();
     let mut running = true;
     'connect: loop {
         let path = crate::devices::serial::resolve(cfg.port.as_deref(), cfg.usb.as_ref());
@@ -326,37 +325,23 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
         let stream = match stream {
             Ok(s) => s,
             Err(e) => {
-                ctx.set_state("disconnected");
                 tracing::warn!(device = %ctx.id, error = %e, "modbus bus not reachable; retrying");
-                let until = Instant::now() + backoff;
-                loop {
-                    tokio::select! {
-                        () = tokio::time::sleep_until(until) => break,
-                        c = ctx.control.recv() => match c {
-                            Some(c) => { let _ = c.reply.send(Err(format!("bus not connected: {e}"))); }
-                            None => return Ok(()),
-                        },
-                        () = ctx.shutdown.cancelled() => return Ok(()),
-                    }
+                if !ctx.wait_unreachable(backoff.step(), &e).await {
+                    return Ok(());
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
             }
         };
-        backoff = Duration::from_millis(250);
+        backoff.reset();
         let mut bus = tokio_modbus::client::rtu::attach_slave(stream, Slave(1));
         ctx.set_state(if running { "running" } else { "idle" });
-        ctx.emit(Draft::new(
-            AGENT_DEVICE,
-            Body::AgentEvent {
-                event: "device_connected".into(),
-                data: object([
-                    ("device_id", ctx.id.clone().into()),
-                    ("port", path.unwrap_or_default().into()),
-                    ("profile", profile.name.clone().into()),
-                ]),
-            },
-        ))
+        ctx.device_event(
+            "device_connected",
+            object([
+                ("port", path.unwrap_or_default().into()),
+                ("profile", profile.name.clone().into()),
+            ]),
+        )
         .await?;
         let mut tick = tokio::time::interval(cfg.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -406,15 +391,7 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
                     consecutive_failures = if all_failed { consecutive_failures + 1 } else { 0 };
                     if consecutive_failures >= 3 {
                         // The bus itself is gone (unplugged adapter): reopen it.
-                        ctx.set_state("disconnected");
-                        ctx.emit(Draft::new(
-                            AGENT_DEVICE,
-                            Body::AgentEvent {
-                                event: "device_disconnected".into(),
-                                data: object([("device_id", ctx.id.clone().into()), ("reason", "no register answered three polls in a row".into())]),
-                            },
-                        ))
-                        .await?;
+                        ctx.disconnected("no register answered three polls in a row".into()).await?;
                         continue 'connect;
                     }
                 }

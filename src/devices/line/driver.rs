@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use super::profile::{Compiled, Parsed};
 use crate::devices::serial::{self, Frame, Incoming, UsbId};
 use crate::devices::{CommandKind, Control, DeviceCtx, DeviceError};
-use crate::record::{object, Body, Draft, AGENT_DEVICE};
+use crate::record::{object, Body, Draft};
 
 /// Device error events are sent at most this often (with the count since the last).
 const ERROR_EVENT_EVERY: Duration = Duration::from_secs(10);
@@ -127,23 +127,6 @@ impl Conn<'_> {
             .map_err(|e| format!("write failed: {e}"))
     }
 
-    async fn agent_event(
-        &self,
-        event: &str,
-        mut data: serde_json::Map<String, serde_json::Value>,
-    ) -> Result<(), DeviceError> {
-        data.insert("device_id".into(), self.ctx.id.clone().into());
-        self.ctx
-            .emit(Draft::new(
-                AGENT_DEVICE,
-                Body::AgentEvent {
-                    event: event.into(),
-                    data,
-                },
-            ))
-            .await
-    }
-
     async fn device_error(&mut self, what: String) -> Result<(), DeviceError> {
         self.unreported_errors += 1;
         self.last_error = what;
@@ -156,7 +139,7 @@ impl Conn<'_> {
                 ("last", self.last_error.clone().into()),
             ]);
             tracing::warn!(device = %self.ctx.id, count = self.unreported_errors, last = %self.last_error, "instrument errors");
-            self.agent_event("device_errors", data).await?;
+            self.ctx.device_event("device_errors", data).await?;
             self.unreported_errors = 0;
             self.last_error_event = Some(Instant::now());
         }
@@ -275,7 +258,7 @@ impl Conn<'_> {
             ("port", self.port.clone().into()),
             ("profile", self.profile.profile.name.clone().into()),
         ]);
-        self.agent_event("device_connected", data).await?;
+        self.ctx.device_event("device_connected", data).await?;
         tracing::info!(device = %self.ctx.id, port = %self.port, profile = %self.profile.profile.name, "instrument connected");
         self.running = self.cfg.autostart;
         self.ctx
@@ -324,7 +307,7 @@ impl Conn<'_> {
 pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
     let profile = cfg.load_profile().map_err(DeviceError::Config)?;
     let frame = cfg.frame(&profile);
-    let mut backoff = Duration::from_millis(250);
+    let mut backoff = crate::devices::Backoff::default();
     let mut announced_down = false;
     loop {
         if ctx.shutdown.is_cancelled() {
@@ -335,27 +318,17 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
         let (path, port) = match opened {
             Ok(p) => p,
             Err(e) => {
-                ctx.set_state("disconnected");
                 if !announced_down {
                     tracing::warn!(device = %ctx.id, error = %e, "instrument not reachable; retrying");
                     announced_down = true;
                 }
-                let until = Instant::now() + backoff;
-                loop {
-                    tokio::select! {
-                        () = tokio::time::sleep_until(until) => break,
-                        c = ctx.control.recv() => match c {
-                            Some(c) => { let _ = c.reply.send(Err(format!("instrument not connected: {e}"))); }
-                            None => return Ok(()),
-                        },
-                        () = ctx.shutdown.cancelled() => return Ok(()),
-                    }
+                if !ctx.wait_unreachable(backoff.step(), &e).await {
+                    return Ok(());
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
             }
         };
-        backoff = Duration::from_millis(250);
+        backoff.reset();
         announced_down = false;
         let Ok(reader) = port.try_clone_native() else {
             tracing::warn!(device = %ctx.id, "cannot clone the port handle");
@@ -379,21 +352,9 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
         match conn.run().await? {
             Ended::Shutdown => return Ok(()),
             Ended::Lost(reason) => {
-                tracing::warn!(device = %ctx.id, %reason, "instrument disconnected");
-                ctx.set_state("disconnected");
-                ctx.emit(Draft::new(
-                    AGENT_DEVICE,
-                    Body::AgentEvent {
-                        event: "device_disconnected".into(),
-                        data: object([
-                            ("device_id", ctx.id.clone().into()),
-                            ("reason", reason.into()),
-                        ]),
-                    },
-                ))
-                .await?;
+                ctx.disconnected(reason).await?;
                 tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
+                    () = tokio::time::sleep(backoff.step()) => {}
                     () = ctx.shutdown.cancelled() => return Ok(()),
                 }
             }

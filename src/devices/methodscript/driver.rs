@@ -22,7 +22,7 @@ use super::session::{Command, Output, Session, State};
 use super::Line;
 use crate::devices::serial::{self, Flow, Frame, Incoming, Parity, UsbId};
 use crate::devices::{CommandKind, Control, DeviceCtx, DeviceError};
-use crate::record::{object, Body, Draft, Point, AGENT_DEVICE};
+use crate::record::{object, Body, Draft, Point};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -181,23 +181,6 @@ impl Conn<'_> {
                 Body::ExperimentEvent {
                     event: event.into(),
                     experiment_id: experiment_id.into(),
-                    data,
-                },
-            ))
-            .await
-    }
-
-    async fn device_event(
-        &self,
-        event: &str,
-        mut data: serde_json::Map<String, serde_json::Value>,
-    ) -> Result<(), DeviceError> {
-        data.insert("device_id".into(), self.ctx.id.clone().into());
-        self.ctx
-            .emit(Draft::new(
-                AGENT_DEVICE,
-                Body::AgentEvent {
-                    event: event.into(),
                     data,
                 },
             ))
@@ -568,7 +551,8 @@ impl Conn<'_> {
         }
         self.ctx.set_state("idle");
         tracing::info!(device = %self.ctx.id, port = %self.info.port, firmware = %self.info.firmware, "instrument connected");
-        self.device_event("device_connected", self.info_json())
+        self.ctx
+            .device_event("device_connected", self.info_json())
             .await?;
         if autostart {
             let (tx, _rx) = oneshot::channel();
@@ -675,7 +659,7 @@ pub fn point_from(package: &super::Package, fallback_t: f64) -> Point {
 pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
     let method = Method::load(&cfg.methods_dir, &cfg.method)
         .map_err(|e| DeviceError::Config(e.to_string()))?;
-    let mut backoff = Duration::from_millis(250);
+    let mut backoff = crate::devices::Backoff::default();
     let mut first = true;
     let mut announced_down = false;
     loop {
@@ -687,28 +671,17 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
         let (path, port) = match opened {
             Ok(p) => p,
             Err(e) => {
-                ctx.set_state("disconnected");
                 if !announced_down {
                     tracing::warn!(device = %ctx.id, error = %e, "instrument not reachable; retrying");
                     announced_down = true;
                 }
-                // While waiting, commands are answered, not queued.
-                let until = Instant::now() + backoff;
-                loop {
-                    tokio::select! {
-                        () = tokio::time::sleep_until(until) => break,
-                        c = ctx.control.recv() => match c {
-                            Some(c) => { let _ = c.reply.send(Err(format!("instrument not connected: {e}"))); }
-                            None => return Ok(()),
-                        },
-                        () = ctx.shutdown.cancelled() => return Ok(()),
-                    }
+                if !ctx.wait_unreachable(backoff.step(), &e).await {
+                    return Ok(());
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
             }
         };
-        backoff = Duration::from_millis(250);
+        backoff.reset();
         announced_down = false;
         let reader = match port.try_clone_native() {
             Ok(r) => r,
@@ -738,21 +711,9 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
         match ended {
             Ended::Shutdown => return Ok(()),
             Ended::Lost(reason) => {
-                tracing::warn!(device = %ctx.id, %reason, "instrument disconnected");
-                ctx.set_state("disconnected");
-                ctx.emit(Draft::new(
-                    AGENT_DEVICE,
-                    Body::AgentEvent {
-                        event: "device_disconnected".into(),
-                        data: object([
-                            ("device_id", ctx.id.clone().into()),
-                            ("reason", reason.into()),
-                        ]),
-                    },
-                ))
-                .await?;
+                ctx.disconnected(reason).await?;
                 tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
+                    () = tokio::time::sleep(backoff.step()) => {}
                     () = ctx.shutdown.cancelled() => return Ok(()),
                 }
             }
