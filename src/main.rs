@@ -99,6 +99,9 @@ enum SimKind {
         /// Answer every Nth measurement poll with an error reply (0 = never).
         #[arg(long, default_value_t = 0)]
         error_every: u32,
+        /// Leave every Nth measurement poll unanswered (0 = never).
+        #[arg(long, default_value_t = 0)]
+        silent_every: u32,
         /// Emit a garbage line after every N lines (0 = never).
         #[arg(long, default_value_t = 0)]
         garbage_every: u32,
@@ -227,11 +230,13 @@ fn main() -> ExitCode {
                     kind,
                     link,
                     error_every,
+                    silent_every,
                     garbage_every,
                 },
         } => {
             let opts = labgate::sim::line::Options {
                 error_every,
+                silent_every,
                 garbage_every,
                 ..labgate::sim::line::Options::new(kind)
             };

@@ -154,6 +154,24 @@ impl DeviceCtx {
         self.metrics.set_device_state(&self.id, state);
     }
 
+    /// An experiment lifecycle event (keyed by its experiment).
+    pub async fn experiment_event(
+        &self,
+        event: &str,
+        experiment_id: &str,
+        data: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), DeviceError> {
+        self.emit(Draft::new(
+            self.id.clone(),
+            crate::record::Body::ExperimentEvent {
+                event: event.into(),
+                experiment_id: experiment_id.into(),
+                data,
+            },
+        ))
+        .await
+    }
+
     /// An agent event about this device (`device_connected`, `device_errors` …), with
     /// `device_id` added to its data.
     pub async fn device_event(

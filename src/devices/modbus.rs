@@ -228,13 +228,7 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), (String, String)> {
-        match (&self.port, &self.usb) {
-            (Some(_), None) | (None, Some(_)) => {}
-            _ => return Err(("port".into(), "give exactly one of port or usb".into())),
-        }
-        if let Some(u) = &self.usb {
-            u.validate()?;
-        }
+        crate::devices::serial::check_port_choice(self.port.as_deref(), self.usb.as_ref())?;
         if self.interval.is_zero() || self.timeout.is_zero() {
             return Err((
                 "interval".into(),

@@ -12,6 +12,7 @@ use tokio_util::bytes::BytesMut;
 use tokio_util::codec::Decoder;
 
 use crate::devices::methodscript::{LineCodec, LineError};
+use crate::devices::{Backoff, DeviceCtx};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -203,4 +204,65 @@ pub fn open(path: &str, frame: &Frame) -> Result<TTYPort, String> {
         .map_err(|e| format!("{path}: {e}"))?;
     // DTR/RTS cannot be set on a pty (ENOTTY); that is not a reason to fail.
     Ok(port)
+}
+
+/// Checks that a device names exactly one of `port` and `usb`, and a valid `usb`.
+pub fn check_port_choice(port: Option<&str>, usb: Option<&UsbId>) -> Result<(), (String, String)> {
+    match (port, usb) {
+        (Some(_), None) => Ok(()),
+        (None, Some(u)) => u.validate(),
+        _ => Err(("port".into(), "give exactly one of port or usb".into())),
+    }
+}
+
+/// An open serial link: where it is, the write half, and lines from the reader thread.
+pub struct Link {
+    pub path: String,
+    pub writer: TTYPort,
+    pub lines: mpsc::Receiver<Incoming>,
+}
+
+/// Opens the instrument's port, retrying with `backoff` (and answering commands with the
+/// reason meanwhile) until it opens; None when the agent shuts down first.
+pub async fn connect(
+    ctx: &mut DeviceCtx,
+    port: Option<&str>,
+    usb: Option<&UsbId>,
+    frame: &Frame,
+    backoff: &mut Backoff,
+) -> Option<Link> {
+    let mut announced = false;
+    loop {
+        if ctx.shutdown.is_cancelled() {
+            return None;
+        }
+        let opened = resolve(port, usb).and_then(|path| {
+            let writer = open(&path, frame)?;
+            let reader = writer
+                .try_clone_native()
+                .map_err(|e| format!("{path}: cannot clone the port handle: {e}"))?;
+            Ok((path, writer, reader))
+        });
+        match opened {
+            Ok((path, writer, reader)) => {
+                backoff.reset();
+                let (tx, lines) = mpsc::channel(1024);
+                spawn_reader(reader, tx);
+                return Some(Link {
+                    path,
+                    writer,
+                    lines,
+                });
+            }
+            Err(e) => {
+                if !announced {
+                    tracing::warn!(device = %ctx.id, error = %e, "instrument not reachable; retrying");
+                    announced = true;
+                }
+                if !ctx.wait_unreachable(backoff.step(), &e).await {
+                    return None;
+                }
+            }
+        }
+    }
 }

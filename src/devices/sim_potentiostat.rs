@@ -462,14 +462,7 @@ impl Runner<'_> {
         data: serde_json::Map<String, serde_json::Value>,
     ) -> Result<(), DeviceError> {
         self.ctx
-            .emit(Draft::new(
-                self.ctx.id.clone(),
-                Body::ExperimentEvent {
-                    event: event.into(),
-                    experiment_id: self.experiment_id.clone(),
-                    data,
-                },
-            ))
+            .experiment_event(event, &self.experiment_id, data)
             .await
     }
 

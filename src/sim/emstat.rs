@@ -8,10 +8,9 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use serialport::{SerialPort, TTYPort};
@@ -58,12 +57,9 @@ impl Default for Options {
 
 /// A running simulator. Dropping it (or [`Emstat::unplug`]) closes the pty.
 pub struct Emstat {
-    path: PathBuf,
-    link: Option<PathBuf>,
+    handle: super::Handle,
     received: Arc<Mutex<Vec<(String, SystemTime)>>>,
     data_lines: Arc<Mutex<Vec<String>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl Emstat {
@@ -77,7 +73,6 @@ impl Emstat {
             .map_err(std::io::Error::other)?;
         let received = Arc::new(Mutex::new(Vec::new()));
         let data_lines = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
         let mut dev = Device {
             opts,
             port: master,
@@ -90,23 +85,17 @@ impl Emstat {
             halted: false,
             lines_out: 0,
         };
-        let stop2 = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("emstat-sim".into())
-            .spawn(move || dev.serve(&stop2))?;
+        let handle = super::Handle::spawn("emstat-sim", path, link, move |stop| dev.serve(&stop))?;
         Ok(Emstat {
-            path,
-            link: link.map(Path::to_path_buf),
+            handle,
             received,
             data_lines,
-            stop,
-            thread: Some(thread),
         })
     }
 
     /// The device path (`/dev/pts/N`).
     pub fn path(&self) -> &Path {
-        &self.path
+        self.handle.path()
     }
 
     /// Command lines the simulator received (a script counts as its `e` or `l` line).
@@ -128,22 +117,8 @@ impl Emstat {
     }
 
     /// Closes the pty, as pulling the USB cable would.
-    pub fn unplug(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        super::remove_link(self.link.as_deref(), &self.path);
-    }
-}
-
-impl Drop for Emstat {
-    fn drop(&mut self) {
-        self.shutdown();
+    pub fn unplug(self) {
+        drop(self.handle);
     }
 }
 

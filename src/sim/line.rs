@@ -4,10 +4,9 @@
 //! garbage lines.
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serialport::{SerialPort, TTYPort};
@@ -32,6 +31,8 @@ pub struct Options {
     pub kind: Kind,
     /// Answer every Nth poll with an error reply (0 = never).
     pub error_every: u32,
+    /// Leave every Nth poll unanswered (0 = never).
+    pub silent_every: u32,
     /// Emit a garbage line after every N answers or streamed lines (0 = never).
     pub garbage_every: u32,
     /// Streaming period of the CSV sensor.
@@ -44,6 +45,7 @@ impl Options {
         Options {
             kind,
             error_every: 0,
+            silent_every: 0,
             garbage_every: 0,
             stream_interval: Duration::from_millis(100),
             seed: 11,
@@ -53,11 +55,8 @@ impl Options {
 
 /// A running simulator; dropping it closes the pty.
 pub struct LineSim {
-    path: PathBuf,
-    link: Option<PathBuf>,
+    handle: super::Handle,
     received: Arc<Mutex<Vec<String>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl LineSim {
@@ -67,7 +66,6 @@ impl LineSim {
             .set_timeout(Duration::from_millis(10))
             .map_err(std::io::Error::other)?;
         let received = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
         let mut dev = Instrument {
             rng: Rng::new(opts.seed),
             opts,
@@ -77,21 +75,12 @@ impl LineSim {
             polls: 0,
             output_on: false,
         };
-        let stop2 = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("line-sim".into())
-            .spawn(move || dev.serve(&stop2))?;
-        Ok(LineSim {
-            path,
-            link: link.map(Path::to_path_buf),
-            received,
-            stop,
-            thread: Some(thread),
-        })
+        let handle = super::Handle::spawn("line-sim", path, link, move |stop| dev.serve(&stop))?;
+        Ok(LineSim { handle, received })
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.handle.path()
     }
 
     /// Command lines received, in order.
@@ -100,23 +89,16 @@ impl LineSim {
     }
 
     /// Closes the pty, as pulling the cable would.
-    pub fn unplug(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        super::remove_link(self.link.as_deref(), &self.path);
+    pub fn unplug(self) {
+        drop(self.handle);
     }
 }
 
-impl Drop for LineSim {
-    fn drop(&mut self) {
-        self.shutdown();
-    }
+/// What a measurement poll gets.
+enum Fate {
+    Answer,
+    Error,
+    Silence,
 }
 
 struct Instrument {
@@ -180,25 +162,32 @@ impl Instrument {
         }
     }
 
-    /// Whether this measurement poll gets an error reply instead.
-    fn inject_error(&mut self) -> bool {
+    /// What this measurement poll gets: silence, an error reply, or the measurement.
+    fn poll_fate(&mut self) -> Fate {
         self.polls += 1;
-        self.opts.error_every > 0 && self.polls % self.opts.error_every == 0
+        let every = |n: u32| n > 0 && self.polls % n == 0;
+        if every(self.opts.silent_every) {
+            Fate::Silence
+        } else if every(self.opts.error_every) {
+            Fate::Error
+        } else {
+            Fate::Answer
+        }
     }
 
     fn answer(&mut self, line: &str) {
         match self.opts.kind {
             Kind::MtSics => match line {
                 "@" => self.send("I4 A \"SIM0001\""),
-                "SI" | "S" => {
-                    if self.inject_error() {
-                        self.send("S I");
-                    } else {
+                "SI" | "S" => match self.poll_fate() {
+                    Fate::Silence => {}
+                    Fate::Error => self.send("S I"),
+                    Fate::Answer => {
                         let dynamic = line == "SI" && self.polls % 3 == 1;
                         let w = 100.0 + if dynamic { 0.02 * self.rng.symmetric() } else { 0.0 };
                         self.send(&format!("S {}      {w:.2} g", if dynamic { 'D' } else { 'S' }));
                     }
-                }
+                },
                 "Z" | "ZI" => self.send("Z A"),
                 _ => self.send("ES"),
             },
@@ -206,29 +195,30 @@ impl Instrument {
                 "*IDN?" => self.send("KEITHLEY INSTRUMENTS INC.,MODEL 2400,4000001,C30 Mar 17 2006 09:29:29/A02 /K/J"),
                 ":OUTP ON" => self.output_on = true,
                 ":OUTP OFF" => self.output_on = false,
-                ":READ?" => {
-                    if self.inject_error() {
-                        self.send("-113,\"Undefined header\"");
-                    } else if !self.output_on {
+                ":READ?" => match self.poll_fate() {
+                    Fate::Silence => {}
+                    Fate::Error => self.send("-113,\"Undefined header\""),
+                    Fate::Answer if !self.output_on => {
                         self.send("+9.910000E+37,+9.910000E+37,+9.910000E+37,+0.000000E+00,+0.000000E+00");
-                    } else {
+                    }
+                    Fate::Answer => {
                         let i = 1.0e-6 * (1.0 + 0.01 * self.rng.symmetric());
                         self.send(&format!("+1.000000E+00,{i:+.6E},+9.910000E+37,+2.515590E+03,+2.150800E+04"));
                     }
-                }
+                },
                 _ => {} // set commands (*RST, :SOUR…, :SENS…, :ABOR) do not answer
             },
             Kind::Keithley2000 => match line {
                 "*IDN?" => self.send("KEITHLEY INSTRUMENTS INC.,MODEL 2000,1234567,A19 /A02"),
-                ":READ?" | ":FETC?" => {
-                    if self.inject_error() {
-                        self.send("-113,\"Undefined header\"");
-                    } else {
+                ":READ?" | ":FETC?" => match self.poll_fate() {
+                    Fate::Silence => {}
+                    Fate::Error => self.send("-113,\"Undefined header\""),
+                    Fate::Answer => {
                         let v = 1.12 + 0.001 * self.rng.symmetric();
                         let n = self.polls;
                         self.send(&format!("{v:+.8E}VDC,+{:.3}SECS,+{n:05}RDNG#", n as f64 * 0.5));
                     }
-                }
+                },
                 _ => {}
             },
             Kind::CsvSensor => {} // streams; ignores input

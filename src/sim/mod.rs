@@ -6,6 +6,9 @@ pub mod line;
 pub mod modbus;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use serialport::{SerialPort, TTYPort};
 
@@ -54,4 +57,64 @@ pub fn hold_slave(path: &Path) -> std::io::Result<std::fs::File> {
         .write(true)
         .custom_flags((nix::fcntl::OFlag::O_NOCTTY | nix::fcntl::OFlag::O_CLOEXEC).bits())
         .open(path)
+}
+
+/// A simulator serving one pty from its own thread. Dropping the handle stops the thread
+/// (which closes the pty, as pulling the cable would) and removes the link.
+pub struct Handle {
+    path: PathBuf,
+    link: Option<PathBuf>,
+    stop: Option<Box<dyn FnOnce() + Send>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Handle {
+    /// Runs `serve` on a thread named `name`; `serve` returns soon after its flag is set.
+    pub fn spawn(
+        name: &str,
+        path: PathBuf,
+        link: Option<&Path>,
+        serve: impl FnOnce(Arc<AtomicBool>) + Send + 'static,
+    ) -> std::io::Result<Handle> {
+        let flag = Arc::new(AtomicBool::new(false));
+        let flag2 = flag.clone();
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || serve(flag2))?;
+        Ok(Handle::new(path, link, thread, move || {
+            flag.store(true, Ordering::Relaxed)
+        }))
+    }
+
+    /// A thread with its own way of being told to stop.
+    pub fn new(
+        path: PathBuf,
+        link: Option<&Path>,
+        thread: JoinHandle<()>,
+        stop: impl FnOnce() + Send + 'static,
+    ) -> Handle {
+        Handle {
+            path,
+            link: link.map(Path::to_path_buf),
+            stop: Some(Box::new(stop)),
+            thread: Some(thread),
+        }
+    }
+
+    /// The device path (`/dev/pts/N`).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        remove_link(self.link.as_deref(), &self.path);
+    }
 }

@@ -5,10 +5,9 @@
 //! and a ServerDeviceBusy exception can be injected.
 
 use std::future;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use tokio_modbus::prelude::{ExceptionCode, Request, Response, SlaveRequest};
 use tokio_modbus::server::Service;
@@ -66,11 +65,8 @@ impl Service for Slave {
 
 /// A running simulator; dropping it closes the pty.
 pub struct ModbusSim {
-    path: PathBuf,
-    link: Option<PathBuf>,
+    handle: super::Handle,
     requests: Arc<AtomicU32>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl ModbusSim {
@@ -122,17 +118,14 @@ impl ModbusSim {
         ready_rx
             .recv()
             .map_err(|_| std::io::Error::other("modbus simulator thread ended during set-up"))??;
-        Ok(ModbusSim {
-            path,
-            link: link.map(Path::to_path_buf),
-            requests,
-            stop: Some(stop),
-            thread: Some(thread),
-        })
+        let handle = super::Handle::new(path, link, thread, move || {
+            let _ = stop.send(());
+        });
+        Ok(ModbusSim { handle, requests })
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.handle.path()
     }
 
     /// Requests addressed to slave 1 so far.
@@ -141,23 +134,7 @@ impl ModbusSim {
     }
 
     /// Closes the pty, as unplugging the adapter would.
-    pub fn unplug(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        super::remove_link(self.link.as_deref(), &self.path);
-    }
-}
-
-impl Drop for ModbusSim {
-    fn drop(&mut self) {
-        self.shutdown();
+    pub fn unplug(self) {
+        drop(self.handle);
     }
 }

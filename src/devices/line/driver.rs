@@ -80,13 +80,7 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), (String, String)> {
-        match (&self.port, &self.usb) {
-            (Some(_), None) | (None, Some(_)) => {}
-            _ => return Err(("port".into(), "give exactly one of port or usb".into())),
-        }
-        if let Some(u) = &self.usb {
-            u.validate()?;
-        }
+        serial::check_port_choice(self.port.as_deref(), self.usb.as_ref())?;
         if self.interval.is_some_and(|i| i.is_zero()) {
             return Err(("interval".into(), "must be greater than zero".into()));
         }
@@ -308,41 +302,25 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
     let profile = cfg.load_profile().map_err(DeviceError::Config)?;
     let frame = cfg.frame(&profile);
     let mut backoff = crate::devices::Backoff::default();
-    let mut announced_down = false;
     loop {
-        if ctx.shutdown.is_cancelled() {
+        let Some(link) = serial::connect(
+            ctx,
+            cfg.port.as_deref(),
+            cfg.usb.as_ref(),
+            &frame,
+            &mut backoff,
+        )
+        .await
+        else {
             return Ok(());
-        }
-        let opened = serial::resolve(cfg.port.as_deref(), cfg.usb.as_ref())
-            .and_then(|path| serial::open(&path, &frame).map(|p| (path, p)));
-        let (path, port) = match opened {
-            Ok(p) => p,
-            Err(e) => {
-                if !announced_down {
-                    tracing::warn!(device = %ctx.id, error = %e, "instrument not reachable; retrying");
-                    announced_down = true;
-                }
-                if !ctx.wait_unreachable(backoff.step(), &e).await {
-                    return Ok(());
-                }
-                continue;
-            }
         };
-        backoff.reset();
-        announced_down = false;
-        let Ok(reader) = port.try_clone_native() else {
-            tracing::warn!(device = %ctx.id, "cannot clone the port handle");
-            continue;
-        };
-        let (tx, rx) = mpsc::channel(1024);
-        serial::spawn_reader(reader, tx);
         let mut conn = Conn {
             cfg,
             ctx,
             profile: &profile,
-            writer: port,
-            lines: rx,
-            port: path,
+            writer: link.writer,
+            lines: link.lines,
+            port: link.path,
             running: false,
             awaiting: None,
             unreported_errors: 0,
@@ -352,10 +330,9 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
         match conn.run().await? {
             Ended::Shutdown => return Ok(()),
             Ended::Lost(reason) => {
-                ctx.disconnected(reason).await?;
-                tokio::select! {
-                    () = tokio::time::sleep(backoff.step()) => {}
-                    () = ctx.shutdown.cancelled() => return Ok(()),
+                ctx.disconnected(reason.clone()).await?;
+                if !ctx.wait_unreachable(backoff.step(), &reason).await {
+                    return Ok(());
                 }
             }
         }

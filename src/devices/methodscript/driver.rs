@@ -86,13 +86,7 @@ fn d_interval() -> Duration {
 
 impl Config {
     pub fn validate(&self) -> Result<(), (String, String)> {
-        match (&self.port, &self.usb) {
-            (Some(_), None) | (None, Some(_)) => {}
-            _ => return Err(("port".into(), "give exactly one of port or usb".into())),
-        }
-        if let Some(u) = &self.usb {
-            u.validate()?;
-        }
+        serial::check_port_choice(self.port.as_deref(), self.usb.as_ref())?;
         self.frame().validate()?;
         if self.points_per_message == 0 || self.points_per_message > 100_000 {
             return Err(("points_per_message".into(), "must be 1..=100000".into()));
@@ -167,24 +161,6 @@ impl Conn<'_> {
             .write_all(bytes)
             .and_then(|()| self.writer.flush())
             .map_err(|e| format!("write failed: {e}"))
-    }
-
-    async fn emit_event(
-        &self,
-        event: &str,
-        experiment_id: &str,
-        data: serde_json::Map<String, serde_json::Value>,
-    ) -> Result<(), DeviceError> {
-        self.ctx
-            .emit(Draft::new(
-                self.ctx.id.clone(),
-                Body::ExperimentEvent {
-                    event: event.into(),
-                    experiment_id: experiment_id.into(),
-                    data,
-                },
-            ))
-            .await
     }
 
     /// Reads lines until one satisfies `want`, for the identification exchange.
@@ -321,7 +297,9 @@ impl Conn<'_> {
             ),
         ]);
         data.insert("device".into(), self.info_json().into());
-        self.emit_event("experiment_started", &id, data).await?;
+        self.ctx
+            .experiment_event("experiment_started", &id, data)
+            .await?;
         self.exp = Some(Experiment {
             id,
             technique: self.method.technique.clone(),
@@ -388,7 +366,8 @@ impl Conn<'_> {
                 self.flush_chunk().await?;
                 if let Some(exp) = &self.exp {
                     let (id, scan) = (exp.id.clone(), exp.scan);
-                    self.emit_event("scan_started", &id, object([("scan", scan.into())]))
+                    self.ctx
+                        .experiment_event("scan_started", &id, object([("scan", scan.into())]))
                         .await?;
                 }
             }
@@ -397,7 +376,8 @@ impl Conn<'_> {
                 if let Some(exp) = &mut self.exp {
                     let (id, scan) = (exp.id.clone(), exp.scan);
                     exp.scan += 1;
-                    self.emit_event("scan_completed", &id, object([("scan", scan.into())]))
+                    self.ctx
+                        .experiment_event("scan_completed", &id, object([("scan", scan.into())]))
                         .await?;
                 }
             }
@@ -425,7 +405,8 @@ impl Conn<'_> {
             Output::Text(t) => {
                 if let Some(exp) = &self.exp {
                     let id = exp.id.clone();
-                    self.emit_event("device_message", &id, object([("text", t.into())]))
+                    self.ctx
+                        .experiment_event("device_message", &id, object([("text", t.into())]))
                         .await?;
                 }
             }
@@ -466,7 +447,7 @@ impl Conn<'_> {
                 } else {
                     "experiment_completed"
                 };
-                self.emit_event(event, &exp.id, data).await?;
+                self.ctx.experiment_event(event, &exp.id, data).await?;
                 if let Some(r) = exp.stop_reply.take() {
                     let _ = r.send(Ok("stopped; script ended, cell off".into()));
                 }
@@ -485,12 +466,14 @@ impl Conn<'_> {
                     match cmd {
                         Command::Halt => {
                             self.ctx.set_state("paused");
-                            self.emit_event("experiment_paused", &id, serde_json::Map::new())
+                            self.ctx
+                                .experiment_event("experiment_paused", &id, serde_json::Map::new())
                                 .await?;
                         }
                         Command::Resume => {
                             self.ctx.set_state("running");
-                            self.emit_event("experiment_resumed", &id, serde_json::Map::new())
+                            self.ctx
+                                .experiment_event("experiment_resumed", &id, serde_json::Map::new())
                                 .await?;
                         }
                         Command::Abort => {}
@@ -530,7 +513,9 @@ impl Conn<'_> {
                 ("points", exp.points.into()),
                 ("partial", true.into()),
             ]);
-            self.emit_event("experiment_failed", &exp.id, data).await?;
+            self.ctx
+                .experiment_event("experiment_failed", &exp.id, data)
+                .await?;
             for r in [exp.start_reply.take(), exp.stop_reply.take()]
                 .into_iter()
                 .flatten()
@@ -661,46 +646,27 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
         .map_err(|e| DeviceError::Config(e.to_string()))?;
     let mut backoff = crate::devices::Backoff::default();
     let mut first = true;
-    let mut announced_down = false;
     loop {
-        if ctx.shutdown.is_cancelled() {
+        let Some(link) = serial::connect(
+            ctx,
+            cfg.port.as_deref(),
+            cfg.usb.as_ref(),
+            &cfg.frame(),
+            &mut backoff,
+        )
+        .await
+        else {
             return Ok(());
-        }
-        let opened = serial::resolve(cfg.port.as_deref(), cfg.usb.as_ref())
-            .and_then(|path| serial::open(&path, &cfg.frame()).map(|p| (path, p)));
-        let (path, port) = match opened {
-            Ok(p) => p,
-            Err(e) => {
-                if !announced_down {
-                    tracing::warn!(device = %ctx.id, error = %e, "instrument not reachable; retrying");
-                    announced_down = true;
-                }
-                if !ctx.wait_unreachable(backoff.step(), &e).await {
-                    return Ok(());
-                }
-                continue;
-            }
         };
-        backoff.reset();
-        announced_down = false;
-        let reader = match port.try_clone_native() {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(device = %ctx.id, error = %e, "cannot clone the port handle");
-                continue;
-            }
-        };
-        let (tx, rx) = mpsc::channel(1024);
-        serial::spawn_reader(reader, tx);
         let mut conn = Conn {
             cfg,
             ctx,
             method: &method,
-            writer: port,
-            lines: rx,
+            writer: link.writer,
+            lines: link.lines,
             session: Session::default(),
             info: Info {
-                port: path,
+                port: link.path,
                 ..Info::default()
             },
             exp: None,
@@ -711,10 +677,9 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
         match ended {
             Ended::Shutdown => return Ok(()),
             Ended::Lost(reason) => {
-                ctx.disconnected(reason).await?;
-                tokio::select! {
-                    () = tokio::time::sleep(backoff.step()) => {}
-                    () = ctx.shutdown.cancelled() => return Ok(()),
+                ctx.disconnected(reason.clone()).await?;
+                if !ctx.wait_unreachable(backoff.step(), &reason).await {
+                    return Ok(());
                 }
             }
         }
