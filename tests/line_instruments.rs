@@ -272,3 +272,44 @@ fn streaming_csv_sensor_is_recorded_unless_paused_and_garbage_is_counted() {
         "a streaming sensor is never polled"
     );
 }
+
+#[test]
+fn polls_the_instrument_leaves_unanswered_are_counted_as_timeouts_and_polling_goes_on() {
+    let mut rig = start(
+        Options {
+            silent_every: 3,
+            ..Options::new(Kind::Keithley2000)
+        },
+        "keithley-2000",
+    );
+    // The profile waits 2 s for an answer; every third poll gets none.
+    rig.agent
+        .wait_status("two timeouts", Duration::from_secs(30), |s| {
+            s["devices"]["instr-1"]["timeouts"].as_u64() >= Some(2)
+        });
+    assert!(
+        rig.agent
+            .metric("labgate_device_timeouts_total{device=\"instr-1\"}")
+            >= 2.0
+    );
+    let msgs = rig
+        .reader
+        .until(
+            "a device_errors event about it",
+            Duration::from_secs(20),
+            |m| {
+                m.iter().any(|m| {
+                    m.json["event"] == "device_errors"
+                        && m.json["data"]["last"]
+                            .as_str()
+                            .is_some_and(|l| l.starts_with("no answer"))
+                })
+            },
+        )
+        .to_vec();
+    let before = readings(&msgs, "voltage").len();
+    rig.reader
+        .until("readings go on", Duration::from_secs(20), |m| {
+            readings(m, "voltage").len() > before + 2
+        });
+}
