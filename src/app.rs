@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use crate::buffer::{Buffer, BufferError};
 use crate::commands::{self, Handler, Router, Validator};
 use crate::config::Config;
+use crate::devices::control;
 use crate::devices::{self, DeviceCtx};
 use crate::http::{self, HttpState};
 use crate::ingest;
@@ -23,8 +24,6 @@ use crate::metrics::Metrics;
 /// takes up to 4,096 per receive; twice that keeps it busy without letting a device at
 /// full speed park tens of MB of drafts in the queue.
 const INGEST_QUEUE: usize = 8_192;
-/// Control messages a device may have queued.
-const CONTROL_QUEUE: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -134,10 +133,10 @@ pub async fn run(cfg: Config, stop: CancellationToken) -> Result<(), AgentError>
     // Devices.
     let dev_stop = CancellationToken::new();
     let devices_tracker = TaskTracker::new();
-    let mut router = Router::default();
+    let router = Router::default();
     for d in &cfg.devices {
-        let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
-        router.devices.insert(d.id().to_string(), (tx, d.clone()));
+        let (tx, rx) = control::inbox();
+        router.insert(d.clone(), tx);
         metrics.set_device_state(d.id(), "starting");
         let ctx = DeviceCtx {
             id: d.id().to_string(),
@@ -155,17 +154,12 @@ pub async fn run(cfg: Config, stop: CancellationToken) -> Result<(), AgentError>
     let cmd_stop = CancellationToken::new();
     let cmd_task = if cfg.kafka.commands_enabled {
         let handler = Handler {
-            validator: Validator {
-                agent_id: cfg.agent.agent_id.clone(),
-                devices: cfg
-                    .devices
-                    .iter()
-                    .map(|d| (d.id().to_string(), d.clone()))
-                    .collect(),
-            },
+            validator: Validator::new(cfg.agent.agent_id.clone(), cfg.commands.clone()),
             router,
             ingest: ingest.clone(),
             metrics: metrics.clone(),
+            replay: commands::replay::ReplayStore::new(buffer.side_tree("command_ids")?),
+            waits: TaskTracker::new(),
         };
         let cfg = cfg.clone();
         let stop = cmd_stop.clone();

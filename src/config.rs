@@ -46,6 +46,9 @@ pub struct Config {
     /// Instruments and sensors this agent reads.
     #[serde(default)]
     pub devices: Vec<DeviceConfig>,
+    /// Who may command which device, and how fresh a command must be.
+    #[serde(default)]
+    pub commands: crate::commands::policy::CommandsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -541,6 +544,9 @@ impl Config {
             d.validate()
                 .map_err(|(key, msg)| invalid(format!("devices[{i}].{key}"), msg))?;
         }
+        self.commands
+            .validate(&self.devices)
+            .map_err(|(key, msg)| invalid(format!("commands.{key}"), msg))?;
         Ok(())
     }
 

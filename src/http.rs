@@ -78,6 +78,8 @@ impl HttpState {
                 "completed": m.commands_completed.load(Relaxed),
                 "failed": m.commands_failed.load(Relaxed),
                 "rejected": m.commands_rejected.load(Relaxed),
+                "duplicate": m.commands_duplicate.load(Relaxed),
+                "timeout": m.commands_timeout.load(Relaxed),
                 "ignored": m.commands_ignored.load(Relaxed),
             },
         })

@@ -69,6 +69,8 @@ pub struct Metrics {
     pub commands_completed: AtomicU64,
     pub commands_failed: AtomicU64,
     pub commands_rejected: AtomicU64,
+    pub commands_duplicate: AtomicU64,
+    pub commands_timeout: AtomicU64,
     pub commands_ignored: AtomicU64,
     /// The command consumer has partitions assigned (commands can arrive).
     pub commands_assigned: AtomicBool,
@@ -227,6 +229,8 @@ impl Metrics {
             ("completed", &self.commands_completed),
             ("failed", &self.commands_failed),
             ("rejected", &self.commands_rejected),
+            ("duplicate", &self.commands_duplicate),
+            ("timeout", &self.commands_timeout),
             ("ignored", &self.commands_ignored),
         ] {
             let _ = writeln!(
@@ -334,6 +338,8 @@ mod tests {
                 "labgate_commands_total{status=\"completed\"}",
                 "labgate_commands_total{status=\"failed\"}",
                 "labgate_commands_total{status=\"rejected\"}",
+                "labgate_commands_total{status=\"duplicate\"}",
+                "labgate_commands_total{status=\"timeout\"}",
                 "labgate_commands_total{status=\"ignored\"}",
                 "labgate_device_running{device=\"pstat-1\"}",
                 "labgate_device_connected{device=\"pstat-1\"}",

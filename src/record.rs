@@ -80,6 +80,10 @@ pub enum CommandStatus {
     Completed,
     Failed,
     Rejected,
+    /// A command id seen before: not executed again.
+    Duplicate,
+    /// The device gave no answer within the command's deadline.
+    Timeout,
 }
 
 impl CommandStatus {
@@ -89,6 +93,8 @@ impl CommandStatus {
             CommandStatus::Completed => "completed",
             CommandStatus::Failed => "failed",
             CommandStatus::Rejected => "rejected",
+            CommandStatus::Duplicate => "duplicate",
+            CommandStatus::Timeout => "timeout",
         }
     }
 }
@@ -150,8 +156,18 @@ pub enum Body {
         status: CommandStatus,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
+        /// Machine-readable class of a rejection: schema, unknown_device, not_allowed,
+        /// expired, not_yet_valid, bad_signature, unsigned.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason_code: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         target_device: Option<String>,
+        /// The operator who signed the command (absent for unsigned commands).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        issuer: Option<String>,
+        /// Unix microseconds: when the command says it was issued.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        issued_at_us: Option<u64>,
         /// Unix microseconds: when the agent received the command and when this status
         /// was reached (lets operators see where time went).
         received_at_us: u64,

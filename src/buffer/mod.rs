@@ -415,6 +415,12 @@ impl Buffer {
     }
 
     /// Synchronous flush, for shutdown paths outside the runtime.
+    /// Another tree in the same store (same durability, same flush), for state that must
+    /// survive restarts alongside the records, such as the command replay store.
+    pub fn side_tree(&self, name: &str) -> Result<sled::Tree, BufferError> {
+        Ok(self.db.open_tree(name)?)
+    }
+
     pub fn flush_blocking(&self) -> Result<(), BufferError> {
         let upto = self.state().next_chunk;
         self.db.flush()?;

@@ -4,6 +4,7 @@
 //! Drivers are a plain enum ([`DeviceConfig`]) dispatched with `match`. The supervisor
 //! restarts a driver that fails, with exponential backoff, until shutdown.
 
+pub mod control;
 pub mod line;
 pub mod methodscript;
 pub mod modbus;
@@ -14,7 +15,7 @@ pub mod sim_sensors;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::ingest::{Ingest, IngestError};
@@ -140,7 +141,7 @@ pub enum DeviceError {
 pub struct DeviceCtx {
     pub id: String,
     pub ingest: Ingest,
-    pub control: mpsc::Receiver<Control>,
+    pub control: control::Inbox,
     pub shutdown: CancellationToken,
     pub metrics: Arc<Metrics>,
 }
