@@ -18,7 +18,7 @@ use labgate::record::{stamp, Body, Draft, Stored};
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use serde_json::json;
+use serde_json::{json, Value};
 
 fn scale() -> f64 {
     std::env::var("LABGATE_BENCH_SCALE")
@@ -362,7 +362,14 @@ runs = 1
   t_interval = 0.1
   t_run = 100000.0
 "#;
-        let mut cfg = agent_config(dir.path(), "agent-lat", &b, &topics, free_port(), extra);
+        let key = labgate::commands::sign::generate().expect("key");
+        let (key_path, _) = labgate::commands::sign::write_pair(&dir.path().join("bench"), &key)
+            .expect("key files");
+        let extra = format!(
+            "{extra}\n[commands]\nallow_unsigned = true\n[[commands.operators]]\nname = \"bench\"\npublic_key = \"{}\"\ncommands = [\"pause\", \"resume\"]\n",
+            labgate::commands::sign::public_base64(&key.verifying_key())
+        );
+        let mut cfg = agent_config(dir.path(), "agent-lat", &b, &topics, free_port(), &extra);
         cfg = cfg.replace("level = \"info,labgate=debug\"", "level = \"warn\"");
         let mut agent = Agent::start(dir.path(), &cfg);
         agent.wait_status("commands assigned", Duration::from_secs(30), |s| {
@@ -393,9 +400,45 @@ runs = 1
             let at = done.json["status_at_us"].as_u64().expect("status_at_us");
             lat.push((at.saturating_sub(sent_us)) as f64 / 1000.0);
         }
-        agent.terminate();
         lat.sort_by(f64::total_cmp);
         line(&mut out, format!("| command latency: produced → pause/resume done by the device task, {n} commands | p50 {:.1} ms, p99 {:.1} ms | goal p99 ≤ 50 ms; max {:.1} ms |", percentile(&lat, 0.5), percentile(&lat, 0.99), lat[lat.len() - 1]));
+
+        // 5b. The operator's round trip: `labgate command send --key … --wait` as a
+        // process, signed, to `completed` printed and exit 0.
+        let n = 100;
+        let mut wall = Vec::new();
+        let mut agent_side = Vec::new();
+        for i in 0..n {
+            let cmd = if i % 2 == 0 { "pause" } else { "resume" };
+            let t = Instant::now();
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_labgate"))
+                .args(["command", "send", "--config"])
+                .arg(&agent.config)
+                .arg("--key")
+                .arg(&key_path)
+                .args(["--agent", "agent-lat", "--device", "pstat-1", "--wait", cmd])
+                .output()
+                .expect("run labgate command send");
+            wall.push(t.elapsed().as_secs_f64() * 1000.0);
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let done: Value = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find(|v| v["status"] == "completed")
+                .expect("completed printed");
+            let issued = done["issued_at_us"].as_u64().unwrap_or(0);
+            let at = done["status_at_us"].as_u64().unwrap_or(0);
+            agent_side.push(at.saturating_sub(issued) as f64 / 1000.0);
+        }
+        agent.terminate();
+        wall.sort_by(f64::total_cmp);
+        agent_side.sort_by(f64::total_cmp);
+        line(&mut out, format!("| operator round trip: `labgate command send --key … --wait` process, signed, → `completed` printed, exit 0; {n} commands | p50 {:.1} ms, p99 {:.1} ms | goal p99 ≤ 100 ms on loopback; includes process start, client set-up and positioning the result reader; issued_at → completed inside it: p50 {:.1} ms, p99 {:.1} ms |", percentile(&wall, 0.5), percentile(&wall, 0.99), percentile(&agent_side, 0.5), percentile(&agent_side, 0.99)));
     }
 
     // 6. Idle RSS: the demo devices at their demo rates for 20 s.

@@ -3,6 +3,8 @@
 //! buffer → the forwarder finishes in-flight sends within the grace period → the buffer
 //! is flushed.
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,7 +53,11 @@ pub fn buffer_dir(cfg: &Config) -> std::path::PathBuf {
 }
 
 /// Runs the agent until `stop` is cancelled (a signal, in `main`).
-pub async fn run(cfg: Config, stop: CancellationToken) -> Result<(), AgentError> {
+pub async fn run(
+    cfg: Config,
+    config_path: Option<PathBuf>,
+    stop: CancellationToken,
+) -> Result<(), AgentError> {
     let cfg = Arc::new(cfg);
     std::fs::create_dir_all(&cfg.agent.data_dir).map_err(|source| AgentError::DataDir {
         path: cfg.agent.data_dir.display().to_string(),
@@ -68,6 +74,8 @@ pub async fn run(cfg: Config, stop: CancellationToken) -> Result<(), AgentError>
         agent_id: cfg.agent.agent_id.clone(),
         metrics: metrics.clone(),
         buffer: buffer.clone(),
+        kafka_unhealthy_after: cfg.http.kafka_unhealthy_after,
+        commands_enabled: cfg.kafka.commands_enabled,
     });
     let http_task = match cfg.http.addr() {
         Some(addr) => {
@@ -130,25 +138,22 @@ pub async fn run(cfg: Config, stop: CancellationToken) -> Result<(), AgentError>
     };
     let fwd_task = tokio::spawn(forwarder.run(fwd_stop.clone(), cfg.agent.shutdown_grace));
 
-    // Devices.
+    // Devices: one supervised task each, with its own stop token so a reload can stop
+    // or replace one device while the others (and the buffer) carry on.
     let dev_stop = CancellationToken::new();
     let devices_tracker = TaskTracker::new();
     let router = Router::default();
+    let mut fleet = Fleet {
+        running: BTreeMap::new(),
+        tracker: devices_tracker.clone(),
+        router: router.clone(),
+        ingest: ingest.clone(),
+        metrics: metrics.clone(),
+        stop: dev_stop.clone(),
+    };
     for d in &cfg.devices {
-        let (tx, rx) = control::inbox();
-        router.insert(d.clone(), tx);
-        metrics.set_device_state(d.id(), "starting");
-        let ctx = DeviceCtx {
-            id: d.id().to_string(),
-            ingest: ingest.clone(),
-            control: rx,
-            shutdown: dev_stop.clone(),
-            metrics: metrics.clone(),
-        };
-        tracing::info!(device = d.id(), kind = d.kind(), "device starting");
-        devices_tracker.spawn(devices::supervise(d.clone(), ctx));
+        fleet.start(d.clone());
     }
-    devices_tracker.close();
 
     // Commands.
     let cmd_stop = CancellationToken::new();
@@ -176,9 +181,39 @@ pub async fn run(cfg: Config, stop: CancellationToken) -> Result<(), AgentError>
     };
     drop(ingest);
 
+    // systemd: ready (the buffer is open and every stage runs); watchdog while loops beat.
+    if let Err(e) = crate::systemd::notify("READY=1") {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+    if let Some(interval) = crate::systemd::watchdog_interval() {
+        tokio::spawn(crate::systemd::feed_watchdog(
+            interval,
+            metrics.clone(),
+            cfg.kafka.commands_enabled,
+            background.clone(),
+        ));
+    }
     tracing::info!(devices = cfg.devices.len(), "agent running");
-    stop.cancelled().await;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut current = (*cfg).clone();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                let _ = crate::systemd::notify("RELOADING=1");
+                if let Some(path) = &config_path {
+                    reload(path, &mut current, &mut fleet).await;
+                } else {
+                    tracing::warn!("SIGHUP ignored: the agent was not started from a config file");
+                }
+                let _ = crate::systemd::notify("READY=1");
+            }
+        }
+    }
+    let _ = crate::systemd::notify("STOPPING=1");
     tracing::info!("shutting down: stopping devices and commands");
+    drop(fleet);
+    devices_tracker.close();
 
     cmd_stop.cancel();
     dev_stop.cancel();
@@ -206,6 +241,165 @@ pub async fn run(cfg: Config, stop: CancellationToken) -> Result<(), AgentError>
     let s = buffer.stats();
     tracing::info!(records_left = s.records, "buffer flushed; agent stopped");
     Ok(())
+}
+
+/// The running devices, by id.
+struct Fleet {
+    running: BTreeMap<String, Running>,
+    tracker: TaskTracker,
+    router: Router,
+    ingest: ingest::Ingest,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+}
+
+struct Running {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Fleet {
+    fn start(&mut self, d: devices::DeviceConfig) {
+        let (tx, rx) = control::inbox();
+        self.router.insert(d.clone(), tx);
+        self.metrics.set_device_state(d.id(), "starting");
+        let stop = self.stop.child_token();
+        let ctx = DeviceCtx {
+            id: d.id().to_string(),
+            ingest: self.ingest.clone(),
+            control: rx,
+            shutdown: stop.clone(),
+            metrics: self.metrics.clone(),
+        };
+        tracing::info!(device = d.id(), kind = d.kind(), "device starting");
+        let task = self.tracker.spawn(devices::supervise(d.clone(), ctx));
+        self.running
+            .insert(d.id().to_string(), Running { stop, task });
+    }
+
+    /// Stops one device and waits until its task has ended (its port is closed, its last
+    /// records are queued for the buffer).
+    async fn stop_one(&mut self, id: &str) {
+        self.router.remove(id);
+        if let Some(r) = self.running.remove(id) {
+            r.stop.cancel();
+            let _ = r.task.await;
+        }
+        self.metrics.remove_device(id);
+    }
+}
+
+/// SIGHUP: reads the config again. Invalid → logged and refused, the running config
+/// stays. Valid → devices added, removed or changed (restarted) without touching the
+/// buffer; changes elsewhere are reported as needing a restart.
+async fn reload(path: &Path, current: &mut Config, fleet: &mut Fleet) {
+    let new = match Config::load(path).and_then(|c| c.validate().map(|()| c)) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "reload refused: the new config is invalid; the running config stays");
+            event(
+                &fleet.ingest,
+                "config_reload_failed",
+                crate::record::object([("error", e.to_string().into())]),
+            )
+            .await;
+            return;
+        }
+    };
+    let mut restart_needed = Vec::new();
+    for (name, a, b) in [
+        ("agent", as_json(&current.agent), as_json(&new.agent)),
+        ("kafka", as_json(&current.kafka), as_json(&new.kafka)),
+        ("buffer", as_json(&current.buffer), as_json(&new.buffer)),
+        ("http", as_json(&current.http), as_json(&new.http)),
+        ("log", as_json(&current.log), as_json(&new.log)),
+        (
+            "commands",
+            as_json(&current.commands),
+            as_json(&new.commands),
+        ),
+    ] {
+        if a != b {
+            restart_needed.push(name);
+        }
+    }
+    let old: BTreeMap<String, serde_json::Value> = current
+        .devices
+        .iter()
+        .map(|d| (d.id().to_string(), as_json(d)))
+        .collect();
+    let want: BTreeMap<String, &devices::DeviceConfig> = new
+        .devices
+        .iter()
+        .map(|d| (d.id().to_string(), d))
+        .collect();
+    let (mut added, mut removed, mut changed) = (Vec::new(), Vec::new(), Vec::new());
+    for id in old.keys() {
+        if !want.contains_key(id) {
+            fleet.stop_one(id).await;
+            removed.push(id.clone());
+        }
+    }
+    for (id, d) in &want {
+        match old.get(id) {
+            None => {
+                fleet.start((*d).clone());
+                added.push(id.clone());
+            }
+            Some(v) if *v != as_json(d) => {
+                fleet.stop_one(id).await;
+                fleet.start((*d).clone());
+                changed.push(id.clone());
+            }
+            Some(_) => {}
+        }
+    }
+    tracing::info!(?added, ?removed, ?changed, "config reloaded");
+    if !restart_needed.is_empty() {
+        tracing::warn!(sections = ?restart_needed, "reload applied to devices only: these sections changed and take effect after a restart");
+    }
+    let list = |v: &[String]| serde_json::Value::from(v.to_vec());
+    event(
+        &fleet.ingest,
+        "config_reloaded",
+        crate::record::object([
+            ("added", list(&added)),
+            ("removed", list(&removed)),
+            ("changed", list(&changed)),
+            (
+                "restart_needed",
+                restart_needed
+                    .iter()
+                    .map(|s| serde_json::Value::from(*s))
+                    .collect(),
+            ),
+        ]),
+    )
+    .await;
+    // What is running now: the new devices; the other sections stay as they started.
+    current.devices = new.devices;
+}
+
+async fn event(
+    ingest: &ingest::Ingest,
+    name: &str,
+    data: serde_json::Map<String, serde_json::Value>,
+) {
+    let draft = crate::record::Draft::new(
+        crate::record::AGENT_DEVICE,
+        crate::record::Body::AgentEvent {
+            event: name.into(),
+            data,
+        },
+    );
+    if let Err(e) = ingest.send(draft).await {
+        tracing::error!(error = %e, event = name, "event not buffered");
+    }
+}
+
+/// Comparable form of any config section.
+fn as_json<T: serde::Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
 }
 
 async fn create_topics_until_done(cfg: &Config, stop: CancellationToken) {

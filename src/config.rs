@@ -309,6 +309,13 @@ pub struct HttpConfig {
     /// Address of /health, /metrics and /status; empty string disables the server.
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// /health reports Kafka unreachable once it has been for this long.
+    #[serde(default = "default_unhealthy_after", with = "humantime_serde")]
+    pub kafka_unhealthy_after: Duration,
+}
+
+fn default_unhealthy_after() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_listen() -> String {
@@ -319,6 +326,7 @@ impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: default_listen(),
+            kafka_unhealthy_after: default_unhealthy_after(),
         }
     }
 }

@@ -16,8 +16,6 @@ use crate::buffer::Buffer;
 use crate::metrics::Metrics;
 use crate::record::unix_ms;
 
-/// Kafka unreachable for longer than this makes `/health` 503.
-pub const KAFKA_UNHEALTHY_AFTER: Duration = Duration::from_secs(30);
 /// Buffer fill above this makes `/health` 503.
 pub const BUFFER_UNHEALTHY_FILL: f64 = 0.9;
 
@@ -25,6 +23,10 @@ pub struct HttpState {
     pub agent_id: String,
     pub metrics: Arc<Metrics>,
     pub buffer: Arc<Buffer>,
+    /// Kafka down this long makes /health unhealthy.
+    pub kafka_unhealthy_after: Duration,
+    /// Whether the command consumer's loop is expected to beat.
+    pub commands_enabled: bool,
 }
 
 impl HttpState {
@@ -39,18 +41,39 @@ impl HttpState {
             } else {
                 Duration::from_millis(unix_ms(SystemTime::now()).saturating_sub(last))
             };
-            if down_for > KAFKA_UNHEALTHY_AFTER {
+            if down_for > self.kafka_unhealthy_after {
                 out.push(format!("kafka unreachable for {}s", down_for.as_secs()));
             }
+        }
+        // A stalled broker keeps its TCP connections open, so "connected" can stay true
+        // for a minute: records waiting with no acknowledgement is the surer sign.
+        let stats = self.buffer.stats();
+        let since_ack = Duration::from_millis(
+            unix_ms(SystemTime::now()).saturating_sub(m.last_delivery_ms.load(Relaxed)),
+        );
+        let limit = self.kafka_unhealthy_after;
+        if out.is_empty()
+            && stats.records > 0
+            && stats.oldest_age_seconds > limit.as_secs_f64()
+            && since_ack > limit
+        {
+            out.push(format!(
+                "kafka unreachable: nothing acknowledged for {}s, {} records waiting",
+                since_ack.as_secs().min(stats.oldest_age_seconds as u64),
+                stats.records
+            ));
         }
         let fill = self.buffer.fill_ratio();
         if fill > BUFFER_UNHEALTHY_FILL {
             out.push(format!("buffer {:.0}% full", fill * 100.0));
         }
         for (id, d) in m.device_snapshot() {
-            if d.state == "failed" {
-                out.push(format!("device {id} failed"));
+            if d.state == "failed" || d.state == "disconnected" {
+                out.push(format!("device {id} {}", d.state));
             }
+        }
+        for stuck in m.beats.stale(self.commands_enabled) {
+            out.push(format!("{stuck} loop not making progress"));
         }
         out
     }

@@ -121,6 +121,7 @@ pub async fn run(
             }
             _ = tick.tick() => {}
         }
+        w.metrics.beats.ingest.beat();
         if !dirty && w.maybe_report_drops()? {
             dirty = true;
         }

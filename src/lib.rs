@@ -32,4 +32,5 @@ pub mod kafka;
 pub mod metrics;
 pub mod record;
 pub mod sim;
+pub mod systemd;
 pub mod tools;

@@ -58,6 +58,8 @@ enum Cmd {
     },
     /// List serial ports with USB vendor/product id, serial number and product name.
     Ports,
+    /// Write an Ed25519 operator key pair for signing commands.
+    Keygen(tools::KeygenArgs),
 }
 
 #[derive(Subcommand)]
@@ -123,8 +125,10 @@ enum BufferCmd {
 
 #[derive(Subcommand)]
 enum CommandCmd {
-    /// Produce one command (and with --wait, follow its results).
+    /// Produce one command, signed with --key (and with --wait, follow its results).
     Send(tools::SendArgs),
+    /// Print command results as they arrive.
+    Tail(tools::ResultsTailArgs),
 }
 
 fn init_logging(format: LogFormat, level: &str) {
@@ -163,7 +167,7 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             init_logging(cfg.log.format, &cfg.log.level);
-            report(runtime().and_then(|rt| rt.block_on(run(cfg))))
+            report(runtime().and_then(|rt| rt.block_on(run(cfg, config))))
         }
         Cmd::Buffer {
             cmd: BufferCmd::Stats { config, json },
@@ -253,13 +257,40 @@ fn main() -> ExitCode {
             cmd: CommandCmd::Send(args),
         } => {
             init_logging(LogFormat::Text, "warn");
-            match runtime().and_then(|rt| rt.block_on(tools::send(args)).context("command send")) {
-                Ok(code) => ExitCode::from(code),
-                Err(e) => {
-                    eprintln!("labgate: {e:#}");
-                    ExitCode::from(EX_UNAVAILABLE)
-                }
-            }
+            tool_exit(
+                "command send",
+                runtime().map(|rt| rt.block_on(tools::send(args))),
+            )
+        }
+        Cmd::Command {
+            cmd: CommandCmd::Tail(args),
+        } => {
+            init_logging(LogFormat::Text, "warn");
+            tool_exit(
+                "command tail",
+                runtime().map(|rt| rt.block_on(tools::results_tail(args)).map(|()| 0)),
+            )
+        }
+        Cmd::Keygen(args) => tool_exit("keygen", Ok(tools::keygen(args).map(|()| 0))),
+    }
+}
+
+/// Exit code of an operator tool: its own code, 64 for what the user got wrong, 69 when
+/// a service (the broker) fails.
+fn tool_exit(what: &str, r: anyhow::Result<Result<u8, tools::ToolError>>) -> ExitCode {
+    match r {
+        Ok(Ok(code)) => ExitCode::from(code),
+        Ok(Err(e)) => {
+            eprintln!("labgate {what}: {e}");
+            ExitCode::from(if e.is_usage() {
+                EX_USAGE
+            } else {
+                EX_UNAVAILABLE
+            })
+        }
+        Err(e) => {
+            eprintln!("labgate {what}: {e:#}");
+            ExitCode::from(EX_UNAVAILABLE)
         }
     }
 }
@@ -307,7 +338,7 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-async fn run(cfg: Config) -> anyhow::Result<()> {
+async fn run(cfg: Config, path: PathBuf) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let signal_stop = stop.clone();
     tokio::spawn(async move {
@@ -319,7 +350,9 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         tracing::warn!("second signal: exiting without draining");
         std::process::exit(130);
     });
-    labgate::app::run(cfg, stop).await.context("agent")
+    labgate::app::run(cfg, Some(path), stop)
+        .await
+        .context("agent")
 }
 
 async fn wait_for_signal() {

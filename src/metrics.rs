@@ -56,6 +56,8 @@ pub struct Metrics {
     pub started: Option<Instant>,
     pub records_ingested: AtomicU64,
     pub records_delivered: AtomicU64,
+    /// Unix ms of the last acknowledged record (0 = none yet).
+    pub last_delivery_ms: AtomicU64,
     pub dropped_drop_oldest: AtomicU64,
     pub dropped_reject_new: AtomicU64,
     pub dropped_dead_letter: AtomicU64,
@@ -75,6 +77,8 @@ pub struct Metrics {
     /// The command consumer has partitions assigned (commands can arrive).
     pub commands_assigned: AtomicBool,
     pub devices: Mutex<BTreeMap<String, DeviceStatus>>,
+    /// Signs of life of the long-running loops (for the systemd watchdog and /health).
+    pub beats: crate::systemd::Beats,
 }
 
 impl Metrics {
@@ -105,6 +109,12 @@ impl Metrics {
     pub fn set_device_state(&self, device: &str, state: &str) {
         let mut d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
         d.entry(device.to_string()).or_default().state = state.to_string();
+    }
+
+    /// Forgets a device removed by a reload.
+    pub fn remove_device(&self, device: &str) {
+        let mut d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        d.remove(device);
     }
 
     pub fn set_durable_seq(&self, device: &str, seq: u64) {

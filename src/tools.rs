@@ -27,6 +27,19 @@ pub enum ToolError {
     Buffer(#[from] crate::buffer::BufferError),
     #[error("{0}")]
     Usage(String),
+    #[error("key: {0}")]
+    Key(#[from] crate::commands::sign::KeyError),
+}
+
+impl ToolError {
+    /// Mistakes in what the user typed or pointed at (exit 64), as opposed to a broker
+    /// or a file system that fails.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            ToolError::Usage(_) | ToolError::Key(_) | ToolError::Config(_)
+        )
+    }
 }
 
 /// Where to find the brokers: a config file, or a broker list.
@@ -112,9 +125,12 @@ fn assign_all(
 }
 
 fn plain_consumer(mut c: ClientConfig) -> Result<BaseConsumer, ToolError> {
+    // A short fetch wait: brokers such as tansu hold an empty fetch for the whole
+    // wait even when data arrives, which would delay every result by up to 500 ms.
     c.set("group.id", "labgate-tools")
         .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", "10");
     Ok(c.create()?)
 }
 
@@ -183,11 +199,25 @@ pub struct SendArgs {
     /// Result topic (default: from the config, else echem_command_results).
     #[arg(long)]
     pub results_topic: Option<String>,
-    /// A parameter, `key=value` (repeatable).
+    /// A parameter, `key=value` (repeatable; the value is JSON if it parses, else text).
     #[arg(long = "param")]
     pub params: Vec<String>,
+    /// Sign with this Ed25519 private key (PKCS#8 PEM, as `labgate keygen` writes).
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// The operator name the agents know the key by (default: the key file's name
+    /// without extension).
+    #[arg(long)]
+    pub issuer: Option<String>,
+    /// How long the command stays valid.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+    /// How long the device may take to carry it out (default: the agent's
+    /// commands.timeout).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub device_timeout: Option<Duration>,
     /// Follow the results topic and exit with a status code: 0 completed, 10 failed,
-    /// 11 rejected, 12 no final result in time.
+    /// 11 rejected, 12 no final result in time, 13 duplicate, 14 timeout.
     #[arg(long)]
     pub wait: bool,
     /// How long --wait waits.
@@ -201,6 +231,8 @@ pub struct SendArgs {
 pub const EXIT_FAILED: u8 = 10;
 pub const EXIT_REJECTED: u8 = 11;
 pub const EXIT_NO_RESULT: u8 = 12;
+pub const EXIT_DUPLICATE: u8 = 13;
+pub const EXIT_TIMEOUT: u8 = 14;
 
 /// Produces one command; with `--wait`, prints its results and returns the exit code.
 pub async fn send(args: SendArgs) -> Result<u8, ToolError> {
@@ -220,16 +252,29 @@ pub async fn send(args: SendArgs) -> Result<u8, ToolError> {
         params.insert(k.to_string(), v);
     }
     let command_id = uuid::Uuid::new_v4().to_string();
-    let mut msg = json!({
-        "type": "command",
-        "command": args.command,
-        "command_id": command_id,
-        "timestamp": humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
-        "params": params,
-    });
-    if args.agent.is_some() || args.device.is_some() {
-        msg["target"] = json!({"agent": args.agent, "device": args.device});
-    }
+    let signer = match &args.key {
+        Some(path) => {
+            let key = crate::commands::sign::load_private(path)?;
+            let issuer = match &args.issuer {
+                Some(i) => i.clone(),
+                None => path
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .ok_or_else(|| ToolError::Usage("give --issuer".into()))?,
+            };
+            Some((key, issuer))
+        }
+        None if args.issuer.is_some() => {
+            return Err(ToolError::Usage("--issuer needs --key".into()))
+        }
+        None => None,
+    };
+    // The producer connects in the background while the result reader is positioned.
+    let mut pc = client.clone();
+    pc.set("enable.idempotence", "false")
+        .set("acks", "all")
+        .set("linger.ms", "0");
+    let producer: FutureProducer = pc.create()?;
     // Position the result reader before producing, so no result can be missed.
     let reader = if args.wait {
         let consumer = plain_consumer(client.clone())?;
@@ -244,10 +289,34 @@ pub async fn send(args: SendArgs) -> Result<u8, ToolError> {
     } else {
         None
     };
-    let mut pc = client.clone();
-    pc.set("enable.idempotence", "true").set("acks", "all");
-    let producer: FutureProducer = pc.create()?;
+    // Stamped and signed at the last moment, so the whole ttl is left for the agent.
+    let mut msg = json!({
+        "type": "command",
+        "command": args.command,
+        "command_id": command_id,
+        "issued_at": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        "ttl": humantime::format_duration(args.ttl).to_string(),
+        "params": params,
+    });
+    if let Some(t) = args.device_timeout {
+        msg["timeout"] = humantime::format_duration(t).to_string().into();
+    }
+    if args.agent.is_some() || args.device.is_some() {
+        let mut target = serde_json::Map::new();
+        if let Some(a) = &args.agent {
+            target.insert("agent".into(), a.clone().into());
+        }
+        if let Some(d) = &args.device {
+            target.insert("device".into(), d.clone().into());
+        }
+        msg["target"] = Value::Object(target);
+    }
+    if let (Some((key, issuer)), Value::Object(env)) = (&signer, &mut msg) {
+        env.insert("issuer".into(), issuer.clone().into());
+        crate::commands::sign::sign(env, key);
+    }
     let payload = msg.to_string();
+    // Key: the agent, so one agent's commands stay in order on one partition.
     let key = args.agent.clone().unwrap_or_default();
     producer
         .send(
@@ -259,9 +328,17 @@ pub async fn send(args: SendArgs) -> Result<u8, ToolError> {
     eprintln!("sent {} {command_id}", args.command);
     let Some(consumer) = reader else { return Ok(0) };
     let timeout = args.timeout;
-    tokio::task::spawn_blocking(move || follow(&consumer, &command_id, timeout))
-        .await
-        .map_err(|e| ToolError::Usage(e.to_string()))?
+    let code = tokio::task::spawn_blocking(move || {
+        let code = follow(&consumer, &command_id, timeout);
+        // The process ends right after this: the command is acknowledged and the reader
+        // commits nothing, so librdkafka's orderly close (about 150 ms) buys nothing.
+        std::mem::forget(consumer);
+        code
+    })
+    .await
+    .map_err(|e| ToolError::Usage(e.to_string()))?;
+    std::mem::forget(producer);
+    code
 }
 
 /// Prints results of `command_id` until every accepting device reached a final status.
@@ -291,6 +368,8 @@ fn follow(consumer: &BaseConsumer, command_id: &str, timeout: Duration) -> Resul
                 worst = worst.max(match s {
                     "completed" => 0,
                     "rejected" => EXIT_REJECTED,
+                    "duplicate" => EXIT_DUPLICATE,
+                    "timeout" => EXIT_TIMEOUT,
                     _ => EXIT_FAILED,
                 });
                 if open.is_empty() {
@@ -301,6 +380,125 @@ fn follow(consumer: &BaseConsumer, command_id: &str, timeout: Duration) -> Resul
     }
     eprintln!("no final result within {timeout:?}");
     Ok(EXIT_NO_RESULT)
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ResultsTailArgs {
+    #[command(flatten)]
+    pub brokers: Brokers,
+    /// Result topic (default: from the config, else echem_command_results).
+    #[arg(long)]
+    pub results_topic: Option<String>,
+    /// Start at the beginning of the topic instead of its end.
+    #[arg(long)]
+    pub from_beginning: bool,
+    /// Print each result as its JSON message.
+    #[arg(long)]
+    pub json: bool,
+    /// Exit after this many results.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Exit after this long without a result.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub idle_timeout: Option<Duration>,
+}
+
+/// `labgate command tail`: one line per command result as it arrives.
+pub async fn results_tail(args: ResultsTailArgs) -> Result<(), ToolError> {
+    let (client, cfg) = args.brokers.resolve()?;
+    let topic = args.results_topic.clone().unwrap_or_else(|| {
+        cfg.map(|c| c.kafka.topics.command_results)
+            .unwrap_or_else(|| crate::config::Topics::default().command_results)
+    });
+    tokio::task::spawn_blocking(move || -> Result<(), ToolError> {
+        let consumer = plain_consumer(client)?;
+        assign_all(&consumer, std::slice::from_ref(&topic), args.from_beginning)?;
+        let mut seen = 0u64;
+        let mut last = Instant::now();
+        loop {
+            if args.count.is_some_and(|n| seen >= n)
+                || args.idle_timeout.is_some_and(|t| last.elapsed() >= t)
+            {
+                return Ok(());
+            }
+            let Some(m) = consumer.poll(Duration::from_millis(200)) else {
+                continue;
+            };
+            let m = match m {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("labgate command tail: {e}");
+                    continue;
+                }
+            };
+            seen += 1;
+            last = Instant::now();
+            let payload = m.payload().unwrap_or(b"");
+            match serde_json::from_slice::<Value>(payload) {
+                Ok(v) if !args.json => println!("{}", result_line(&v)),
+                _ => println!("{}", String::from_utf8_lossy(payload)),
+            }
+        }
+    })
+    .await
+    .map_err(|e| ToolError::Usage(e.to_string()))?
+}
+
+/// `time  agent/device  command  status  command_id  issuer  reason`.
+fn result_line(v: &Value) -> String {
+    let s = |k: &str| v[k].as_str().unwrap_or("-").to_string();
+    let ms = match (v["received_at_us"].as_u64(), v["status_at_us"].as_u64()) {
+        (Some(a), Some(b)) => format!("{:.1}ms", b.saturating_sub(a) as f64 / 1000.0),
+        _ => "-".into(),
+    };
+    format!(
+        "{}  {}/{}  {:<7} {:<9} {}  issuer={}  +{}  {}",
+        s("timestamp"),
+        s("agent_id"),
+        v["target_device"].as_str().unwrap_or("*"),
+        s("command"),
+        s("status"),
+        s("command_id"),
+        s("issuer"),
+        ms,
+        v["reason"].as_str().unwrap_or(""),
+    )
+}
+
+#[derive(clap::Args, Debug)]
+pub struct KeygenArgs {
+    /// Where to write: `<OUT>.key` (private, mode 0600) and `<OUT>.pub`.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The operator name to print in the config snippet (default: OUT's file name).
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+/// `labgate keygen`: writes a key pair and prints the agent config snippet for it.
+pub fn keygen(args: KeygenArgs) -> Result<(), ToolError> {
+    use crate::commands::sign;
+    let key = sign::generate()?;
+    let (private, public) = sign::write_pair(&args.out, &key)?;
+    let name = args.name.clone().unwrap_or_else(|| {
+        args.out
+            .file_stem()
+            .map_or_else(|| "operator".into(), |s| s.to_string_lossy().into_owned())
+    });
+    eprintln!(
+        "wrote {} (private, mode 0600) and {}",
+        private.display(),
+        public.display()
+    );
+    println!("# add to the agent's config:");
+    println!("[[commands.operators]]");
+    println!("name = {:?}", name);
+    println!(
+        "public_key = {:?}",
+        sign::public_base64(&key.verifying_key())
+    );
+    println!("commands = [\"pause\", \"resume\", \"stop\"]");
+    Ok(())
 }
 
 /// `labgate buffer stats`: asks the running agent, else reads the data dir.

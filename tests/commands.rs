@@ -52,7 +52,7 @@ fn command(id: &str, cmd: &str, device: Option<&str>) -> String {
         "type": "command",
         "command": cmd,
         "command_id": id,
-        "timestamp": "2024-01-15T10:30:00.000Z",
+        "timestamp": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
         "params": {},
         "target": {"agent": "agent-cmd", "device": device},
     })

@@ -75,7 +75,7 @@ pub enum Refusal {
     /// Addressed to another agent: not ours to answer.
     NotForUs,
     /// Ours, but not acceptable: answered with a `rejected` result.
-    Rejected(Rejection),
+    Rejected(Box<Rejection>),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -194,11 +194,11 @@ impl Validator {
             reason: String::new(),
         };
         let fail = |r: &Rejection, code: Code, reason: String| {
-            Refusal::Rejected(Rejection {
+            Refusal::Rejected(Box::new(Rejection {
                 code,
                 reason: format!("{}: {reason}", code.as_str()),
                 ..r.clone()
-            })
+            }))
         };
         let v: Value = serde_json::from_slice(payload)
             .map_err(|e| fail(&r, Code::Schema, format!("not JSON: {e}")))?;
@@ -773,7 +773,7 @@ impl Handler {
                     Err(_) => (
                         CommandStatus::Timeout,
                         Some(format!(
-                            "no answer from the device within {}",
+                            "no answer from the device within {} (a command it had not started will not run)",
                             humantime::format_duration(cmd.timeout)
                         )),
                     ),
@@ -870,9 +870,13 @@ pub async fn run(
         lease_stop.clone(),
     ));
     let mut purge_at = Instant::now() + Duration::from_secs(60);
+    let mut beat = tokio::time::interval(crate::systemd::BEAT_EVERY);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        handler.metrics.beats.commands.beat();
         let msg = tokio::select! {
             m = consumer.recv() => m,
+            _ = beat.tick() => continue,
             () = shutdown.cancelled() => break,
         };
         match msg {

@@ -227,12 +227,16 @@ pub fn write_pair(stem: &Path, key: &SigningKey) -> Result<(PathBuf, PathBuf), K
         let path = path.to_path_buf();
         move |source| KeyError::Io { path, source }
     };
-    let pem = key
-        .to_pkcs8_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
-        .map_err(|e| KeyError::NotAKey {
-            path: private.clone(),
-            detail: e.to_string(),
-        })?;
+    // PKCS#8 v1 (no public key inside): the form openssl and Python's cryptography read.
+    let pem = ed25519_dalek::pkcs8::KeypairBytes {
+        secret_key: key.to_bytes(),
+        public_key: None,
+    }
+    .to_pkcs8_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
+    .map_err(|e| KeyError::NotAKey {
+        path: private.clone(),
+        detail: e.to_string(),
+    })?;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -255,6 +259,7 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    #[allow(clippy::excessive_precision)] // RFC 8785's own test values, as printed there
     fn numbers_are_written_as_ecmascript_does() {
         // RFC 8785 appendix B and ECMAScript Number::toString examples.
         for (f, s) in [
@@ -337,5 +342,55 @@ mod tests {
             write_pair(&dir.path().join("alice"), &key),
             Err(KeyError::Exists(_))
         ));
+    }
+}
+
+#[cfg(test)]
+mod readme_example {
+    //! The worked example in README.md ("Signed commands"), checked so the two cannot
+    //! drift apart. Python's `jcs` and `cryptography` give the same bytes and signature.
+
+    pub const PRIVATE_PEM: &str = "-----BEGIN PRIVATE KEY-----
+MC4CAQAwBQYDK2VwBCIEIAEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEB
+-----END PRIVATE KEY-----
+";
+    pub const PUBLIC: &str = "iojj3XQJ8ZX9UtstPLpdcspnCb8dlBIb83SIAbQPb1w=";
+    pub const CANONICAL: &str = r#"{"command":"pause","command_id":"0b6b5b8e-3c1a-4b8e-9d5e-2f1a7c3d9e01","issued_at":"2026-11-21T10:30:00.000Z","issuer":"alice","params":{},"target":{"agent":"lab-pc-07","device":"pstat-1"},"ttl":"30s","type":"command"}"#;
+    pub const SIGNATURE: &str =
+        "i0np6P6edbuVnAuiFneQ969sejrZ7Ucsv28lSFNoY66yMeawwUTR+HV2JrDGT1ArLBhljkuqDY2FpICYLYzbBg==";
+
+    #[test]
+    fn the_readme_example_signs_as_documented() {
+        use ed25519_dalek::pkcs8::DecodePrivateKey;
+        let readme = include_str!("../../README.md");
+        for text in [
+            PRIVATE_PEM.lines().nth(1).unwrap_or("-"),
+            PUBLIC,
+            CANONICAL,
+            SIGNATURE,
+        ] {
+            assert!(readme.contains(text), "README.md lacks {text}");
+        }
+        let key = ed25519_dalek::SigningKey::from_pkcs8_pem(PRIVATE_PEM).unwrap();
+        assert_eq!(super::public_base64(&key.verifying_key()), PUBLIC);
+        let mut env = serde_json::json!({
+            "type": "command",
+            "command_id": "0b6b5b8e-3c1a-4b8e-9d5e-2f1a7c3d9e01",
+            "command": "pause",
+            "issued_at": "2026-11-21T10:30:00.000Z",
+            "ttl": "30s",
+            "target": {"agent": "lab-pc-07", "device": "pstat-1"},
+            "params": {},
+            "issuer": "alice"
+        })
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+        assert_eq!(super::signing_input(&env), CANONICAL);
+        super::sign(&mut env, &key);
+        assert_eq!(env["signature"], SIGNATURE);
+        let dir = tempfile::tempdir().unwrap();
+        let (p, _) = super::write_pair(&dir.path().join("k"), &key).unwrap();
+        assert_eq!(std::fs::read_to_string(p).unwrap(), PRIVATE_PEM);
     }
 }

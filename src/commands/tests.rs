@@ -404,3 +404,83 @@ fn a_hundred_thousand_tampered_commands_are_all_refused() {
     assert!(same < 1_000, "{same} mutations left the command unchanged");
     assert!(rejected > 90_000, "rejected {rejected}, ignored {ignored}");
 }
+
+/// The handler against a real buffer and ingest task, with a device inbox nobody reads
+/// at first: a deadline passes (`timeout`), then a stop overtakes queued work.
+#[tokio::test]
+async fn timeouts_and_a_stop_overtaking_queued_work_are_reported() {
+    use crate::buffer::Buffer;
+    use crate::devices::control;
+    let dir = tempfile::tempdir().unwrap();
+    let buffer = Arc::new(Buffer::open(dir.path(), &Default::default()).unwrap());
+    let metrics = Arc::new(Metrics::new());
+    let (ingest, rx) = crate::ingest::channel(64);
+    let ingest_task = tokio::spawn(crate::ingest::run(
+        rx,
+        buffer.clone(),
+        "a1".into(),
+        Duration::from_millis(5),
+        metrics.clone(),
+    ));
+    let router = Router::default();
+    let (tx, mut inbox) = control::inbox();
+    let pstat = devices().remove("pstat-1").unwrap();
+    router.insert(pstat, tx);
+    let handler = Arc::new(Handler {
+        validator: validator(false),
+        router,
+        ingest,
+        metrics: metrics.clone(),
+        replay: ReplayStore::new(buffer.side_tree("ids").unwrap()),
+        waits: TaskTracker::new(),
+    });
+    let cmd = |id: &str, c: &str, timeout: &str| {
+        json!({"command_id": id, "command": c, "timeout": timeout, "target": {"device": "pstat-1"}})
+            .to_string()
+    };
+    handler
+        .handle(cmd("t1", "pause", "100ms").as_bytes(), Meta::default())
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    handler
+        .handle(cmd("q1", "resume", "10s").as_bytes(), Meta::default())
+        .await;
+    handler
+        .handle(cmd("q2", "start", "10s").as_bytes(), Meta::default())
+        .await;
+    handler
+        .handle(cmd("s1", "stop", "10s").as_bytes(), Meta::default())
+        .await;
+    // The device now reads: only the stop is there (t1 timed out, q1 and q2 superseded).
+    let c = inbox.recv().await.unwrap();
+    assert_eq!(c.command, CommandKind::Stop);
+    let _ = c.reply.send(Ok("stopped".into()));
+    assert!(inbox.try_recv().is_err());
+    handler.waits.close();
+    handler.waits.wait().await;
+    drop(handler);
+    ingest_task.await.unwrap().unwrap();
+
+    let mut got: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    while let Some(batch) = buffer.read_next().unwrap() {
+        for (_, rec) in batch {
+            let v: Value = serde_json::from_slice(&rec.payload).unwrap();
+            if v["type"] == "command_result" {
+                got.entry(v["command_id"].as_str().unwrap_or("").into())
+                    .or_default()
+                    .push((
+                        v["status"].as_str().unwrap_or("").into(),
+                        v["reason"].as_str().unwrap_or("").into(),
+                    ));
+            }
+        }
+    }
+    let statuses = |id: &str| got[id].iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>();
+    assert_eq!(statuses("t1"), ["accepted", "timeout"]);
+    assert!(got["t1"][1].1.contains("100ms"), "{:?}", got["t1"]);
+    assert_eq!(statuses("q1"), ["accepted", "failed"]);
+    assert_eq!(got["q1"][1].1, "superseded by a stop");
+    assert_eq!(statuses("q2"), ["accepted", "failed"]);
+    assert_eq!(statuses("s1"), ["accepted", "completed"]);
+    assert_eq!(metrics.commands_timeout.load(Relaxed), 1);
+}

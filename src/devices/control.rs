@@ -1,6 +1,8 @@
 //! A device's command inbox: a short FIFO in which a `stop` is never queued behind other
 //! work. A stop goes to the front, and the commands it overtakes are answered "superseded"
 //! (a queued pause or start has no meaning once the instrument is told to stop).
+//! A command whose sender stopped waiting (its deadline passed and it was reported
+//! `timeout`) is dropped unexecuted when it reaches the front.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -111,10 +113,18 @@ impl Inbox {
 
     pub fn try_recv(&self) -> Result<Control, TryRecvError> {
         let mut st = lock(&self.0);
-        match st.items.pop_front() {
-            Some(c) => Ok(c),
-            None if st.senders == 0 => Err(TryRecvError::Disconnected),
-            None => Err(TryRecvError::Empty),
+        loop {
+            match st.items.pop_front() {
+                Some(c) if c.reply.is_closed() => {
+                    tracing::info!(
+                        command = c.command.as_str(),
+                        "command dropped unexecuted: its deadline passed while it waited"
+                    );
+                }
+                Some(c) => return Ok(c),
+                None if st.senders == 0 => return Err(TryRecvError::Disconnected),
+                None => return Err(TryRecvError::Empty),
+            }
         }
     }
 }
@@ -160,14 +170,18 @@ mod tests {
     #[tokio::test]
     async fn a_full_queue_refuses_work_but_never_a_stop() {
         let (tx, mut rx) = inbox();
+        let mut waiting = Vec::new();
         for _ in 0..QUEUE_LIMIT {
-            tx.send(control(CommandKind::Pause).0).unwrap();
+            let (c, r) = control(CommandKind::Pause);
+            tx.send(c).unwrap();
+            waiting.push(r);
         }
         assert!(matches!(
             tx.send(control(CommandKind::Resume).0),
             Err(Refused::Busy(_))
         ));
-        tx.send(control(CommandKind::Stop).0).unwrap();
+        let (stop, _stop_rx) = control(CommandKind::Stop);
+        tx.send(stop).unwrap();
         assert_eq!(rx.recv().await.map(|c| c.command), Some(CommandKind::Stop));
     }
 
@@ -176,7 +190,8 @@ mod tests {
         let (tx, mut rx) = inbox();
         let tx2 = tx.clone();
         drop(tx);
-        tx2.send(control(CommandKind::Pause).0).unwrap();
+        let (pause, _pause_rx) = control(CommandKind::Pause);
+        tx2.send(pause).unwrap();
         drop(tx2);
         assert!(rx.recv().await.is_some());
         assert!(rx.recv().await.is_none());
@@ -190,11 +205,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_command_nobody_waits_for_any_more_is_not_executed() {
+        let (tx, mut rx) = inbox();
+        let (pause, pause_rx) = control(CommandKind::Pause);
+        let (resume, _resume_rx) = control(CommandKind::Resume);
+        tx.send(pause).unwrap();
+        tx.send(resume).unwrap();
+        drop(pause_rx);
+        assert_eq!(
+            rx.recv().await.map(|c| c.command),
+            Some(CommandKind::Resume)
+        );
+    }
+
+    #[tokio::test]
     async fn a_waiting_receiver_wakes_on_send() {
         let (tx, mut rx) = inbox();
         let waiter = tokio::spawn(async move { rx.recv().await.map(|c| c.command) });
         tokio::task::yield_now().await;
-        tx.send(control(CommandKind::Resume).0).unwrap();
+        let (resume, _resume_rx) = control(CommandKind::Resume);
+        tx.send(resume).unwrap();
         assert_eq!(waiter.await.unwrap(), Some(CommandKind::Resume));
     }
 }

@@ -125,7 +125,11 @@ impl Forwarder {
         let mut durable = self.buffer.subscribe_durable();
         let mut rewinding = false;
         let mut resume_at: Option<Instant> = None;
+        // Wakes an idle loop so its heartbeat shows it is alive (systemd watchdog).
+        let mut beat = tokio::time::interval(crate::systemd::BEAT_EVERY);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            self.metrics.beats.forwarder.beat();
             // Failed reports first: they decide whether sending may go on.
             while let Ok((id, e)) = self.failures.try_recv() {
                 if self.on_failure(id, e).await? {
@@ -185,6 +189,7 @@ impl Forwarder {
                     }
                 }
                 () = sleep_opt(sleep_for), if sleep_for.is_some() => {}
+                _ = beat.tick() => {}
                 () = shutdown.cancelled() => break,
             }
         }

@@ -113,6 +113,10 @@ impl ProducerContext for AgentContext {
             Ok(_) => match self.sink.buffer.ack(id) {
                 Ok(()) => {
                     self.metrics.records_delivered.fetch_add(1, Relaxed);
+                    self.metrics.last_delivery_ms.store(
+                        crate::record::unix_ms(std::time::SystemTime::now()),
+                        Relaxed,
+                    );
                 }
                 Err(e) => {
                     // The record is in Kafka; failing to delete it means a duplicate
