@@ -212,8 +212,11 @@ fn pause_stops_data_resume_continues_stop_ends_experiment_and_bad_commands_are_r
         .as_str()
         .unwrap()
         .starts_with("schema: not JSON")));
-    assert_eq!(reason("c-unknown-dev"), "unknown device \"nope\"");
-    assert!(reason("c-unknown-cmd").starts_with("unknown command \"explode\""));
+    assert_eq!(
+        reason("c-unknown-dev"),
+        "unknown_device: no device \"nope\""
+    );
+    assert!(reason("c-unknown-cmd").starts_with("schema: unknown command \"explode\""));
     assert_eq!(reason("c-params"), "schema: params must be an object");
     assert!(results_for(&msgs, "c-other").is_empty());
     let mut devices: Vec<String> = results_for(&msgs, "c-all")

@@ -24,7 +24,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use ed25519_dalek::VerifyingKey;
-use rdkafka::consumer::{Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::ClientContext;
@@ -620,6 +620,7 @@ impl Handler {
             Ok(c) => c,
             Err(Refusal::NotForUs) => {
                 self.metrics.commands_ignored.fetch_add(1, Relaxed);
+                tracing::debug!(target: "labgate::audit", status = "ignored", "command for another agent");
                 return;
             }
             Err(Refusal::Rejected(r)) => {
@@ -795,24 +796,73 @@ impl Handler {
     }
 }
 
-/// Notes partition assignment so `/status` can say when commands can arrive.
+/// Assigns the command topic's partitions with concrete positions, so `/status` can say
+/// when commands can arrive.
+///
+/// A new consumer group at `latest` would otherwise resolve its position just after
+/// assignment, and a command produced in that instant would never be seen. So partitions
+/// without a committed offset are assigned at their current end (or start, for
+/// `earliest`) explicitly, before `commands_assigned` turns true.
 pub struct CommandContext {
     pub metrics: Arc<Metrics>,
+    pub earliest: bool,
 }
 
 impl ClientContext for CommandContext {}
 
 impl ConsumerContext for CommandContext {
-    fn post_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Assign(tpl) => {
-                tracing::info!(partitions = tpl.count(), "command topic assigned");
-                self.metrics
-                    .commands_assigned
-                    .store(tpl.count() > 0, Relaxed);
+    fn rebalance(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        err: rdkafka::types::RDKafkaRespErr,
+        tpl: &mut rdkafka::TopicPartitionList,
+    ) {
+        use rdkafka::types::RDKafkaRespErr as E;
+        match err {
+            E::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let timeout = Duration::from_secs(5);
+                let committed = consumer.committed_offsets(tpl.clone(), timeout);
+                let mut fixed = tpl.clone();
+                for p in tpl.elements() {
+                    let known = committed.as_ref().ok().and_then(|c| {
+                        c.find_partition(p.topic(), p.partition())
+                            .map(|e| e.offset())
+                    });
+                    if matches!(known, Some(rdkafka::Offset::Offset(_))) {
+                        continue;
+                    }
+                    let start = match consumer.fetch_watermarks(p.topic(), p.partition(), timeout) {
+                        Ok((low, high)) => {
+                            rdkafka::Offset::Offset(if self.earliest { low } else { high })
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot read the command topic's offsets; librdkafka's reset policy decides");
+                            continue;
+                        }
+                    };
+                    let _ = fixed.set_partition_offset(p.topic(), p.partition(), start);
+                }
+                match consumer.assign(&fixed) {
+                    Ok(()) => {
+                        tracing::info!(partitions = fixed.count(), "command topic assigned");
+                        self.metrics
+                            .commands_assigned
+                            .store(fixed.count() > 0, Relaxed);
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot assign the command topic"),
+                }
             }
-            Rebalance::Revoke(_) => self.metrics.commands_assigned.store(false, Relaxed),
-            Rebalance::Error(e) => tracing::warn!(error = %e, "command consumer rebalance error"),
+            E::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.metrics.commands_assigned.store(false, Relaxed);
+                if let Err(e) = consumer.unassign() {
+                    tracing::warn!(error = %e, "cannot unassign the command topic");
+                }
+            }
+            other => {
+                tracing::warn!(error = ?other, "command consumer rebalance error");
+                self.metrics.commands_assigned.store(false, Relaxed);
+                let _ = consumer.unassign();
+            }
         }
     }
 }
@@ -846,6 +896,7 @@ pub async fn run(
         crate::kafka::consumer_config(cfg, &cfg.consumer_group())?.create_with_context(
             CommandContext {
                 metrics: handler.metrics.clone(),
+                earliest: cfg.kafka.commands_offset_reset == "earliest",
             },
         )?,
     );

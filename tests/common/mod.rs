@@ -708,10 +708,9 @@ pub fn missing_ranges(
     out
 }
 
-/// A new consumer group starting at `latest` settles its position just after it is
-/// assigned, so a command produced in that instant is not seen. Sends a probe that is
-/// rejected before it reaches any device (unknown device) until one is answered; after
-/// that, commands the caller sends are consumed.
+/// Sends a probe that is refused before it reaches any device (unknown device, or
+/// unsigned where keys are required) until one is answered: proof that the agent reads
+/// the command topic and that its results reach the reader.
 pub fn wait_until_commands_answered(
     sender: &Sender,
     reader: &mut Reader,
