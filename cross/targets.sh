@@ -11,7 +11,14 @@ cross_env() {
   local T=${t^^}
   export "CC_$t=$TRIPLE-gcc" "CXX_$t=$TRIPLE-g++" "AR_$t=$TRIPLE-ar"
   export "CARGO_TARGET_${T}_LINKER=$TRIPLE-gcc"
-  export "CARGO_TARGET_${T}_RUNNER=$QEMU -L /usr/$TRIPLE"
+  # -L /: the multiarch libc6:<arch> (pulled in by libudev-dev:<arch>) with its own
+  # loader. The cross sysroot's loader (/usr/$TRIPLE) with the multiarch libc mixes two
+  # glibc builds, and threads then spin forever in pthread_create under qemu.
+  export "CARGO_TARGET_${T}_RUNNER=$QEMU -L /"
+  # C code (librdkafka, OpenSSL) in per-function sections, optimised for size, so the
+  # linker drops what labgate never calls: the gateway binary stays small.
+  export "CFLAGS_$t=-Os -ffunction-sections -fdata-sections" CFLAGS="-Os -ffunction-sections -fdata-sections"
+  export "CXXFLAGS_$t=-Os -ffunction-sections -fdata-sections" CXXFLAGS="-Os -ffunction-sections -fdata-sections"
   # librdkafka's ./configure reads the plain names.
   export CC="$TRIPLE-gcc" CXX="$TRIPLE-g++" AR="$TRIPLE-ar" RANLIB="$TRIPLE-ranlib"
   # pkg-config finds the target's libudev and libssl (multiarch), not the host's.
@@ -21,7 +28,7 @@ cross_env() {
 
 ensure_cross_packages() {
   # OpenSSL is built from source (feature vendored-openssl): no libssl-dev:<arch>.
-  local pkgs=("gcc-$TRIPLE" "g++-$TRIPLE" "binutils-$TRIPLE" "libudev-dev:$DEB_ARCH" qemu-user-static perl make)
+  local pkgs=("gcc-$TRIPLE" "g++-$TRIPLE" "binutils-$TRIPLE" "libudev-dev:$DEB_ARCH" "libc6:$DEB_ARCH" qemu-user-static perl make file)
   local missing=()
   for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
