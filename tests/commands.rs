@@ -9,24 +9,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 
-fn slow_potentiostat() -> String {
-    r#"[[devices]]
-kind = "simulated_potentiostat"
-id = "pstat-1"
-points_per_message = 5
-max_interval = "100ms"
-speed = 2.0
-runs = 1
-
-  [[devices.steps]]
-  technique = "ca"
-  e_dc = 0.5
-  t_interval = 0.05
-  t_run = 600.0
-"#
-    .into()
-}
-
 fn results_for<'a>(msgs: &'a [Msg], id: &str) -> Vec<&'a Msg> {
     msgs.iter()
         .filter(|m| m.json["type"] == "command_result" && m.json["command_id"] == id)
@@ -66,7 +48,7 @@ fn pause_stops_data_resume_continues_stop_ends_experiment_and_bad_commands_are_r
     let topics = Topics::new();
     let extra = format!(
         "{}\n{}",
-        slow_potentiostat(),
+        slow_potentiostat("pstat-1"),
         sensors_device("env-1", "100ms", None)
     );
     let agent = Agent::start(
@@ -257,7 +239,7 @@ fn command_send_tool_waits_for_the_result_and_exits_by_status() {
             &broker.addr(),
             &topics,
             free_port(),
-            &slow_potentiostat(),
+            &slow_potentiostat("pstat-1"),
         ),
     );
     agent.wait_status("command consumer assigned", Duration::from_secs(30), |s| {

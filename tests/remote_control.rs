@@ -13,25 +13,6 @@ use ed25519_dalek::SigningKey;
 use labgate::commands::sign;
 use serde_json::{json, Map, Value};
 
-fn potentiostat(id: &str) -> String {
-    format!(
-        r#"[[devices]]
-kind = "simulated_potentiostat"
-id = "{id}"
-points_per_message = 5
-max_interval = "100ms"
-speed = 2.0
-runs = 1
-
-  [[devices.steps]]
-  technique = "ca"
-  e_dc = 0.5
-  t_interval = 0.05
-  t_run = 600.0
-"#
-    )
-}
-
 /// Operator alice (may pause, resume and stop) and the policy this suite runs under.
 fn alice() -> SigningKey {
     SigningKey::from_bytes(&[42u8; 32])
@@ -167,7 +148,7 @@ fn every_rejection_reason_is_reported_and_nothing_is_executed() {
         "rc-a",
         &format!(
             "{}\n{}",
-            potentiostat("pstat-1"),
+            slow_potentiostat("pstat-1"),
             sensors_device("env-1", "100ms", None)
         ),
         // A device that may be paused and resumed, never stopped or started.
@@ -292,7 +273,12 @@ fn every_rejection_reason_is_reported_and_nothing_is_executed() {
 #[test]
 fn a_replay_after_a_restart_is_a_duplicate() {
     let s = setup();
-    let mut agent = start_agent(&s, "rc-b", &potentiostat("pstat-1"), &commands_section(""));
+    let mut agent = start_agent(
+        &s,
+        "rc-b",
+        &slow_potentiostat("pstat-1"),
+        &commands_section(""),
+    );
     let sender = Sender::new(&s.broker.addr());
     let mut r = reader(&s);
     wait_until_commands_answered(&sender, &mut r, &s.topics.commands(), "rc-b");
@@ -381,7 +367,7 @@ fn the_lease_sends_the_device_to_its_safe_state_when_the_command_topic_is_unreac
     let agent = start_agent(
         &s,
         "rc-lease",
-        &potentiostat("pstat-1"),
+        &slow_potentiostat("pstat-1"),
         &commands_section("\n[commands.devices.pstat-1]\nlease = \"3s\"\nsafe_state = \"pause\"\n"),
     );
     let mut r = reader(&s);
@@ -427,7 +413,12 @@ fn the_lease_sends_the_device_to_its_safe_state_when_the_command_topic_is_unreac
 #[test]
 fn tampered_commands_in_bulk_are_all_rejected_and_none_runs() {
     let s = setup();
-    let agent = start_agent(&s, "rc-t", &potentiostat("pstat-1"), &commands_section(""));
+    let agent = start_agent(
+        &s,
+        "rc-t",
+        &slow_potentiostat("pstat-1"),
+        &commands_section(""),
+    );
     let sender = Sender::new(&s.broker.addr());
     let mut r = reader(&s);
     wait_until_commands_answered(&sender, &mut r, &s.topics.commands(), "rc-t");
@@ -521,7 +512,7 @@ fn keygen_send_and_tail_work_together() {
     let agent = start_agent(
         &s,
         "rc-cli",
-        &potentiostat("pstat-1"),
+        &slow_potentiostat("pstat-1"),
         &format!("[commands]\n{policy}\n"),
     );
     let sender = Sender::new(&s.broker.addr());

@@ -593,6 +593,27 @@ pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")
 }
 
+/// A simulated potentiostat running one long chronoamperometry (10 min at twice real
+/// time, 5 points per message): data flows steadily while commands are tried on it.
+pub fn slow_potentiostat(id: &str) -> String {
+    format!(
+        r#"[[devices]]
+kind = "simulated_potentiostat"
+id = "{id}"
+points_per_message = 5
+max_interval = "100ms"
+speed = 2.0
+runs = 1
+
+  [[devices.steps]]
+  technique = "ca"
+  e_dc = 0.5
+  t_interval = 0.05
+  t_run = 600.0
+"#
+    )
+}
+
 /// Sensor-set device snippet for configs.
 pub fn sensors_device(id: &str, interval: &str, rounds: Option<u64>) -> String {
     let rounds = rounds
