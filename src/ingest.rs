@@ -5,7 +5,8 @@
 //! appends it to the buffer, and group-commits: it flushes at most every
 //! `commit_interval`. A sender that must not acknowledge anything upstream before the
 //! record is durable (an MQTT ack, a command offset) uses [`Ingest::send_durable`],
-//! which returns only after the flush that covers the record.
+//! which returns only after the flush that covers the record; while such a sender waits,
+//! the flush happens at once instead of at the end of the interval.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
@@ -104,7 +105,14 @@ pub async fn run(
     let mut tick = tokio::time::interval(DROP_REPORT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let deadline = last_flush + commit_interval;
+        // Someone waits for durability (a command result, whose offset is stored only
+        // after it): flush now rather than at the end of the commit interval. Commands
+        // are rare, so the group commit of the data path is unaffected.
+        let deadline = if w.waiting.is_empty() {
+            last_flush + commit_interval
+        } else {
+            Instant::now()
+        };
         tokio::select! {
             biased;
             () = tokio::time::sleep_until(deadline), if dirty => {

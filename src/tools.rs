@@ -124,6 +124,16 @@ fn assign_all(
     Ok(())
 }
 
+/// Short-lived tool clients: librdkafka drops the bootstrap connection once it knows the
+/// broker's id and connects again, after `reconnect.backoff.ms` (100 ms, jittered). For a
+/// tool that sends one command that wait was half its run time; it still backs off
+/// exponentially (up to the default 10 s) when a broker is really down.
+fn quick_connect(c: &mut ClientConfig) {
+    if c.get("reconnect.backoff.ms").is_none() {
+        c.set("reconnect.backoff.ms", "1");
+    }
+}
+
 fn plain_consumer(mut c: ClientConfig) -> Result<BaseConsumer, ToolError> {
     // A short fetch wait: brokers such as tansu hold an empty fetch for the whole
     // wait even when data arrives, which would delay every result by up to 500 ms.
@@ -131,6 +141,7 @@ fn plain_consumer(mut c: ClientConfig) -> Result<BaseConsumer, ToolError> {
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
         .set("fetch.wait.max.ms", "10");
+    quick_connect(&mut c);
     Ok(c.create()?)
 }
 
@@ -269,11 +280,13 @@ pub async fn send(args: SendArgs) -> Result<u8, ToolError> {
         }
         None => None,
     };
+    let t0 = Instant::now();
     // The producer connects in the background while the result reader is positioned.
     let mut pc = client.clone();
     pc.set("enable.idempotence", "false")
         .set("acks", "all")
         .set("linger.ms", "0");
+    quick_connect(&mut pc);
     let producer: FutureProducer = pc.create()?;
     // Position the result reader before producing, so no result can be missed.
     let reader = if args.wait {
@@ -289,6 +302,7 @@ pub async fn send(args: SendArgs) -> Result<u8, ToolError> {
     } else {
         None
     };
+    tracing::debug!(elapsed = ?t0.elapsed(), "result reader positioned");
     // Stamped and signed at the last moment, so the whole ttl is left for the agent.
     let mut msg = json!({
         "type": "command",
@@ -325,11 +339,13 @@ pub async fn send(args: SendArgs) -> Result<u8, ToolError> {
         )
         .await
         .map_err(|(e, _)| e)?;
+    tracing::debug!(elapsed = ?t0.elapsed(), "command acknowledged by the broker");
     eprintln!("sent {} {command_id}", args.command);
     let Some(consumer) = reader else { return Ok(0) };
     let timeout = args.timeout;
     let code = tokio::task::spawn_blocking(move || {
         let code = follow(&consumer, &command_id, timeout);
+        tracing::debug!(elapsed = ?t0.elapsed(), "final result read");
         // The process ends right after this: the command is acknowledged and the reader
         // commits nothing, so librdkafka's orderly close (about 150 ms) buys nothing.
         std::mem::forget(consumer);
