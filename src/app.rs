@@ -58,6 +58,8 @@ pub async fn run(
     config_path: Option<PathBuf>,
     stop: CancellationToken,
 ) -> Result<(), AgentError> {
+    // Take SIGHUP first: its default action would end the agent while it starts.
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let cfg = Arc::new(cfg);
     std::fs::create_dir_all(&cfg.agent.data_dir).map_err(|source| AgentError::DataDir {
         path: cfg.agent.data_dir.display().to_string(),
@@ -194,7 +196,6 @@ pub async fn run(
         ));
     }
     tracing::info!(devices = cfg.devices.len(), "agent running");
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut current = (*cfg).clone();
     loop {
         tokio::select! {
