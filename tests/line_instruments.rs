@@ -313,3 +313,28 @@ fn polls_the_instrument_leaves_unanswered_are_counted_as_timeouts_and_polling_go
             readings(m, "voltage").len() > before + 2
         });
 }
+
+/// The agent's `tare` and `zero` commands go to the balance as MT-SICS `T` and `Z`, and
+/// the result carries the balance's answer; weighing goes on.
+#[test]
+fn mt_sics_tare_and_zero_commands_are_sent_and_answered() {
+    let mut rig = start(Options::new(Kind::MtSics), "mettler-mt-sics");
+    rig.send("tare-1", "tare");
+    let r = rig.result("tare-1");
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["reason"], "tare: T S      100.00 g");
+    rig.send("zero-1", "zero");
+    let r = rig.result("zero-1");
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["reason"], "zero: Z A");
+    let sent = rig.sim.received();
+    assert!(
+        sent.iter().any(|l| l == "T") && sent.iter().any(|l| l == "Z"),
+        "{sent:?}"
+    );
+    let before = readings(&rig.reader.msgs, "mass").len();
+    rig.reader
+        .until("weighing goes on", Duration::from_secs(10), |m| {
+            readings(m, "mass").len() > before + 3
+        });
+}

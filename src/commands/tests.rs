@@ -185,6 +185,49 @@ fn device_checks_name_the_device() {
     assert!(check(&v, msg.as_bytes()).is_ok());
 }
 
+/// A balance may tare and zero, never start: the allow-list narrows what its kind takes,
+/// and a kind without tare (a potentiostat) refuses it whatever the list says.
+#[test]
+fn a_balance_may_tare_but_never_start() {
+    let balance: crate::devices::line::driver::Config = toml::from_str(
+        "id = \"balance-1\"\nport = \"/dev/ttyUSB0\"\nprofile = \"mettler-mt-sics\"",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut devs = devices();
+    devs.insert("balance-1".into(), DeviceConfig::LineInstrument(balance));
+    let mut p = policy(false);
+    p.devices.insert(
+        "balance-1".into(),
+        policy::DevicePolicy {
+            allow: Some(vec![CommandKind::Tare, CommandKind::Zero]),
+            ..Default::default()
+        },
+    );
+    let v = Validator::new("a1".into(), p);
+    let msg = |cmd: &str, dev: &str| {
+        format!(
+            r#"{{"command":"{cmd}","issued_at":"{}","target":{{"device":"{dev}"}}}}"#,
+            rfc(now())
+        )
+    };
+    let run = |m: String| v.validate(m.as_bytes(), &Meta::default(), now(), &devs);
+    assert_eq!(
+        run(msg("tare", "balance-1")).map(|c| c.kind),
+        Ok(CommandKind::Tare)
+    );
+    assert_eq!(
+        run(msg("zero", "balance-1")).map(|c| c.kind),
+        Ok(CommandKind::Zero)
+    );
+    assert_eq!(rejected(run(msg("start", "balance-1"))).0, Code::NotAllowed);
+    let (code, reason) = rejected(run(msg("tare", "pstat-1")));
+    assert_eq!(code, Code::NotAllowed);
+    assert!(
+        reason.contains("simulated_potentiostat") && reason.contains("tare"),
+        "{reason}"
+    );
+}
+
 #[test]
 fn stale_and_future_commands_are_refused_outside_the_skew() {
     let v = validator(false);

@@ -69,22 +69,20 @@ impl DeviceConfig {
         }
     }
 
-    /// Commands this kind of device understands.
+    /// Commands this kind of device understands. Every kind takes start, pause, resume
+    /// and stop; line instruments also tare and zero, carried out by their profile's
+    /// `[commands.actions]` (a profile without them answers `failed`).
     pub fn accepts(&self, cmd: CommandKind) -> bool {
+        let lifecycle = matches!(
+            cmd,
+            CommandKind::Start | CommandKind::Pause | CommandKind::Resume | CommandKind::Stop
+        );
         match self {
+            DeviceConfig::LineInstrument(_) => lifecycle || cmd.is_action(),
             DeviceConfig::Methodscript(_)
-            | DeviceConfig::LineInstrument(_)
             | DeviceConfig::ModbusRtu(_)
             | DeviceConfig::SimulatedPotentiostat(_)
-            | DeviceConfig::SimulatedSensors(_) => {
-                matches!(
-                    cmd,
-                    CommandKind::Start
-                        | CommandKind::Pause
-                        | CommandKind::Resume
-                        | CommandKind::Stop
-                )
-            }
+            | DeviceConfig::SimulatedSensors(_) => lifecycle,
         }
     }
 }
@@ -97,15 +95,23 @@ pub enum CommandKind {
     Pause,
     Resume,
     Stop,
+    /// Balances: take the current load as tare (MT-SICS `T`).
+    Tare,
+    /// Balances: set zero (MT-SICS `Z`).
+    Zero,
 }
 
 impl CommandKind {
+    pub const NAMES: &'static str = "start, pause, resume, stop, tare, zero";
+
     pub fn parse(s: &str) -> Option<CommandKind> {
         match s {
             "start" => Some(CommandKind::Start),
             "pause" => Some(CommandKind::Pause),
             "resume" => Some(CommandKind::Resume),
             "stop" => Some(CommandKind::Stop),
+            "tare" => Some(CommandKind::Tare),
+            "zero" => Some(CommandKind::Zero),
             _ => None,
         }
     }
@@ -115,7 +121,13 @@ impl CommandKind {
             CommandKind::Pause => "pause",
             CommandKind::Resume => "resume",
             CommandKind::Stop => "stop",
+            CommandKind::Tare => "tare",
+            CommandKind::Zero => "zero",
         }
+    }
+    /// An instrument action (tare, zero) rather than a change of run state.
+    pub fn is_action(self) -> bool {
+        matches!(self, CommandKind::Tare | CommandKind::Zero)
     }
 }
 

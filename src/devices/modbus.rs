@@ -393,6 +393,8 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
                     let Some(c) = c else { return Ok(()) };
                     let reply = if !c.params.is_empty() {
                         Err(format!("{} takes no parameters", c.command.as_str()))
+                    } else if c.command.is_action() {
+                        Err(format!("a Modbus sensor has no {}", c.command.as_str()))
                     } else {
                         running = matches!(c.command, CommandKind::Start | CommandKind::Resume);
                         ctx.set_state(match c.command {

@@ -487,6 +487,10 @@ impl Runner<'_> {
     /// Handles one control message while an experiment runs.
     async fn on_control(&mut self, c: Control) -> Result<Flow, DeviceError> {
         let (reply, flow) = match c.command {
+            CommandKind::Tare | CommandKind::Zero => (
+                Err(format!("a potentiostat has no {}", c.command.as_str())),
+                Flow::Continue,
+            ),
             CommandKind::Pause if self.paused => (Ok("already paused".to_string()), Flow::Continue),
             CommandKind::Pause => {
                 self.flush_chunk().await?;
@@ -756,6 +760,9 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
                             Ok("already idle".into())
                         }
                         CommandKind::Pause | CommandKind::Resume => Err("no experiment is running".into()),
+                        CommandKind::Tare | CommandKind::Zero => {
+                            Err(format!("a potentiostat has no {}", c.command.as_str()))
+                        }
                     };
                     let start_now = c.command == CommandKind::Start && reply.is_ok();
                     let _ = c.reply.send(reply);

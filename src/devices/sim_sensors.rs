@@ -145,6 +145,11 @@ fn handle(ctx: &DeviceCtx, c: super::Control, running: bool) -> bool {
         CommandKind::Resume => (Ok("resumed".into()), true, Some("running")),
         CommandKind::Stop => (Ok("stopped".into()), false, Some("idle")),
         CommandKind::Start => (Ok("started".into()), true, Some("running")),
+        CommandKind::Tare | CommandKind::Zero => (
+            Err(format!("simulated sensors have no {}", c.command.as_str())),
+            running,
+            None,
+        ),
     };
     if let Some(s) = state {
         ctx.set_state(s);

@@ -189,6 +189,7 @@ impl Instrument {
                     }
                 },
                 "Z" | "ZI" => self.send("Z A"),
+                "T" => self.send("T S      100.00 g"),
                 _ => self.send("ES"),
             },
             Kind::Keithley2400 => match line {

@@ -110,6 +110,15 @@ struct Conn<'a> {
     unreported_errors: u64,
     last_error: String,
     last_error_event: Option<Instant>,
+    /// A tare or zero sent and not yet answered.
+    action: Option<PendingAction>,
+}
+
+struct PendingAction {
+    name: &'static str,
+    ok: regex::Regex,
+    reply: tokio::sync::oneshot::Sender<Result<String, String>>,
+    due: Instant,
 }
 
 impl Conn<'_> {
@@ -141,6 +150,19 @@ impl Conn<'_> {
     }
 
     async fn on_line(&mut self, line: &str) -> Result<(), DeviceError> {
+        if let Some(a) = self.action.take() {
+            let l = line.trim_end_matches('\r');
+            if a.ok.is_match(l) {
+                let _ = a.reply.send(Ok(format!("{}: {l}", a.name)));
+                return Ok(());
+            }
+            if let Parsed::DeviceError { message, .. } = self.profile.parse(l) {
+                // The instrument answers in order: an error now is the action's.
+                let _ = a.reply.send(Err(format!("{}: {message}: {l}", a.name)));
+                return Ok(());
+            }
+            self.action = Some(a);
+        }
         match self.profile.parse(line) {
             Parsed::Readings { readings, metadata } => {
                 self.awaiting = None;
@@ -200,6 +222,33 @@ impl Conn<'_> {
     }
 
     async fn on_control(&mut self, c: Control) -> Result<(), DeviceError> {
+        if c.command.is_action() && c.params.is_empty() {
+            let name = c.command.as_str();
+            let Some((send, ok)) = self.profile.action(name).cloned() else {
+                let _ = c.reply.send(Err(format!(
+                    "profile {} defines no {name} (commands.actions.{name})",
+                    self.profile.profile.name
+                )));
+                return Ok(());
+            };
+            if let Some(a) = &self.action {
+                let _ = c
+                    .reply
+                    .send(Err(format!("busy: {} not answered yet", a.name)));
+                return Ok(());
+            }
+            if let Err(e) = self.write(&send) {
+                let _ = c.reply.send(Err(e));
+                return Ok(());
+            }
+            self.action = Some(PendingAction {
+                name,
+                ok,
+                reply: c.reply,
+                due: Instant::now() + self.profile.profile.commands.timeout,
+            });
+            return Ok(());
+        }
         if !c.params.is_empty() {
             let _ = c
                 .reply
@@ -239,6 +288,7 @@ impl Conn<'_> {
                     None => Ok(format!("stopped; sent {}", sent.join(", "))),
                 }
             }
+            CommandKind::Tare | CommandKind::Zero => Err("tare and zero take no parameters".into()),
         };
         let _ = c.reply.send(reply);
         Ok(())
@@ -291,6 +341,11 @@ impl Conn<'_> {
                     Some(c) => self.on_control(c).await?,
                     None => return Ok(Ended::Shutdown),
                 },
+                () = tokio::time::sleep_until(self.action.as_ref().map_or_else(Instant::now, |a| a.due)), if self.action.is_some() => {
+                    if let Some(a) = self.action.take() {
+                        let _ = a.reply.send(Err(format!("{}: no answer within {:?}", a.name, self.profile.profile.commands.timeout)));
+                    }
+                }
                 () = self.ctx.shutdown.cancelled() => return Ok(Ended::Shutdown),
             }
         }
@@ -326,6 +381,7 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
             unreported_errors: 0,
             last_error: String::new(),
             last_error_event: None,
+            action: None,
         };
         match conn.run().await? {
             Ended::Shutdown => return Ok(()),

@@ -79,6 +79,17 @@ pub struct Commands {
     /// Appended to every command sent (`\r\n` for MT-SICS).
     #[serde(default = "d_term")]
     pub terminator: String,
+    /// Instrument actions the agent's `tare` and `zero` commands carry out: the line to
+    /// send, and a pattern its success reply matches (an `[[errors]]` reply fails it).
+    #[serde(default)]
+    pub actions: BTreeMap<String, Action>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Action {
+    pub send: String,
+    pub ok: String,
 }
 
 fn d_interval() -> Duration {
@@ -167,6 +178,7 @@ pub struct Compiled {
     pub profile: Profile,
     regex: Option<Regex>,
     errors: Vec<(Regex, String)>,
+    actions: BTreeMap<String, (String, Regex)>,
 }
 
 /// What one line means.
@@ -304,11 +316,26 @@ impl Compiled {
                 .map_err(|err| invalid(&format!("errors[{i}].pattern"), err.to_string()))?;
             errors.push((r, e.message.clone()));
         }
+        let mut actions = BTreeMap::new();
+        for (name, a) in &profile.commands.actions {
+            let key = format!("commands.actions.{name}");
+            if !matches!(name.as_str(), "tare" | "zero") {
+                return Err(invalid(&key, "actions are tare and zero".into()));
+            }
+            let r = Regex::new(&a.ok).map_err(|e| invalid(&format!("{key}.ok"), e.to_string()))?;
+            actions.insert(name.clone(), (a.send.clone(), r));
+        }
         Ok(Compiled {
             profile,
             regex,
             errors,
+            actions,
         })
+    }
+
+    /// The line to send for an action, and the pattern of its success reply.
+    pub fn action(&self, name: &str) -> Option<&(String, Regex)> {
+        self.actions.get(name)
     }
 
     /// Parses one reply line (without its terminator). Never panics.

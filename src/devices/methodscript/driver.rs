@@ -328,6 +328,12 @@ impl Conn<'_> {
             CommandKind::Pause => Command::Halt,
             CommandKind::Resume => Command::Resume,
             CommandKind::Stop => Command::Abort,
+            CommandKind::Tare | CommandKind::Zero => {
+                let _ = c
+                    .reply
+                    .send(Err(format!("a potentiostat has no {}", c.command.as_str())));
+                return Ok(());
+            }
         };
         match self.session.command(cmd) {
             Ok(bytes) => {
