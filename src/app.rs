@@ -298,12 +298,13 @@ async fn reload(path: &Path, current: &mut Config, fleet: &mut Fleet) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(path = %path.display(), error = %e, "reload refused: the new config is invalid; the running config stays");
-            event(
-                &fleet.ingest,
-                "config_reload_failed",
-                crate::record::object([("error", e.to_string().into())]),
-            )
-            .await;
+            fleet
+                .ingest
+                .event(
+                    "config_reload_failed",
+                    crate::record::object([("error", e.to_string().into())]),
+                )
+                .await;
             return;
         }
     };
@@ -360,42 +361,26 @@ async fn reload(path: &Path, current: &mut Config, fleet: &mut Fleet) {
         tracing::warn!(sections = ?restart_needed, "reload applied to devices only: these sections changed and take effect after a restart");
     }
     let list = |v: &[String]| serde_json::Value::from(v.to_vec());
-    event(
-        &fleet.ingest,
-        "config_reloaded",
-        crate::record::object([
-            ("added", list(&added)),
-            ("removed", list(&removed)),
-            ("changed", list(&changed)),
-            (
-                "restart_needed",
-                restart_needed
-                    .iter()
-                    .map(|s| serde_json::Value::from(*s))
-                    .collect(),
-            ),
-        ]),
-    )
-    .await;
+    fleet
+        .ingest
+        .event(
+            "config_reloaded",
+            crate::record::object([
+                ("added", list(&added)),
+                ("removed", list(&removed)),
+                ("changed", list(&changed)),
+                (
+                    "restart_needed",
+                    restart_needed
+                        .iter()
+                        .map(|s| serde_json::Value::from(*s))
+                        .collect(),
+                ),
+            ]),
+        )
+        .await;
     // What is running now: the new devices; the other sections stay as they started.
     current.devices = new.devices;
-}
-
-async fn event(
-    ingest: &ingest::Ingest,
-    name: &str,
-    data: serde_json::Map<String, serde_json::Value>,
-) {
-    let draft = crate::record::Draft::new(
-        crate::record::AGENT_DEVICE,
-        crate::record::Body::AgentEvent {
-            event: name.into(),
-            data,
-        },
-    );
-    if let Err(e) = ingest.send(draft).await {
-        tracing::error!(error = %e, event = name, "event not buffered");
-    }
 }
 
 /// Comparable form of any config section.

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use crate::buffer::{AppendOutcome, Buffer, BufferError};
 use crate::metrics::{DropReason, Metrics};
-use crate::record::{object, stamp, Body, Draft, Stored, AGENT_DEVICE};
+use crate::record::{object, stamp, Draft, Stored, AGENT_DEVICE};
 
 /// How many records one receive takes at most (bounds a single sled batch).
 const BATCH: usize = 4096;
@@ -53,6 +53,14 @@ impl Ingest {
             .send(Item { draft, done: None })
             .await
             .map_err(|_| IngestError::Closed)
+    }
+
+    /// Queues an agent event. Events report on the agent; failing to queue one (ingest
+    /// has closed at shutdown) is logged, not passed on.
+    pub async fn event(&self, event: &str, data: serde_json::Map<String, serde_json::Value>) {
+        if let Err(e) = self.send(Draft::agent_event(event, data)).await {
+            tracing::error!(error = %e, event, "event not buffered");
+        }
     }
 
     /// Queues a record and waits until it is durable in the buffer.
@@ -253,17 +261,14 @@ impl Writer {
         {
             return Ok(false);
         }
-        let draft = Draft::new(
-            AGENT_DEVICE,
-            Body::AgentEvent {
-                event: "records_dropped".into(),
-                data: object([
-                    ("count", (drop_oldest + reject_new).into()),
-                    ("drop_oldest", drop_oldest.into()),
-                    ("reject_new", reject_new.into()),
-                    ("reason", "buffer_full".into()),
-                ]),
-            },
+        let draft = Draft::agent_event(
+            "records_dropped",
+            object([
+                ("count", (drop_oldest + reject_new).into()),
+                ("drop_oldest", drop_oldest.into()),
+                ("reject_new", reject_new.into()),
+                ("reason", "buffer_full".into()),
+            ]),
         );
         let seq = self.seqs.entry(AGENT_DEVICE.to_string()).or_insert(0);
         let Ok(s) = stamp(&draft, &self.agent_id, *seq, SystemTime::now()) else {

@@ -117,9 +117,16 @@ impl Metrics {
         d.remove(device);
     }
 
+    /// Records the last durable seq of a device the agent runs (or of the agent itself).
+    /// The last records of a device removed by a reload are flushed after it is gone:
+    /// they do not bring it back into `/status`.
     pub fn set_durable_seq(&self, device: &str, seq: u64) {
         let mut d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
-        d.entry(device.to_string()).or_default().last_durable_seq = Some(seq);
+        if let Some(e) = d.get_mut(device) {
+            e.last_durable_seq = Some(seq);
+        } else if device == crate::record::AGENT_DEVICE {
+            d.entry(device.to_string()).or_default().last_durable_seq = Some(seq);
+        }
     }
 
     pub fn count_bad_line(&self, device: &str) {

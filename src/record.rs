@@ -248,6 +248,17 @@ impl Draft {
             body,
         }
     }
+
+    /// An event about the agent itself (events topic, keyed by the agent).
+    pub fn agent_event(event: &str, data: serde_json::Map<String, serde_json::Value>) -> Draft {
+        Draft::new(
+            AGENT_DEVICE,
+            Body::AgentEvent {
+                event: event.into(),
+                data,
+            },
+        )
+    }
 }
 
 /// A record as the buffer keeps it: routing facts plus the finished wire payload.

@@ -165,27 +165,41 @@ pub async fn tail(args: TailArgs) -> Result<(), ToolError> {
     } else {
         args.topics.clone()
     };
+    let (from_beginning, count, idle) = (args.from_beginning, args.count, args.idle_timeout);
+    print_topics(client, topics, from_beginning, count, idle, |m| {
+        let key = m.key().map(String::from_utf8_lossy).unwrap_or_default();
+        let payload = m.payload().map(String::from_utf8_lossy).unwrap_or_default();
+        println!("{} {} {}", m.topic(), key, payload);
+    })
+    .await
+}
+
+/// Reads `topics` (from their start or their current end) and hands each message to
+/// `print`, until `count` messages or `idle` without one.
+async fn print_topics(
+    client: ClientConfig,
+    topics: Vec<String>,
+    from_beginning: bool,
+    count: Option<u64>,
+    idle: Option<Duration>,
+    print: impl Fn(&rdkafka::message::BorrowedMessage<'_>) + Send + 'static,
+) -> Result<(), ToolError> {
     tokio::task::spawn_blocking(move || -> Result<(), ToolError> {
         let consumer = plain_consumer(client)?;
-        assign_all(&consumer, &topics, args.from_beginning)?;
+        assign_all(&consumer, &topics, from_beginning)?;
         let mut seen = 0u64;
         let mut last = Instant::now();
         loop {
-            if args.count.is_some_and(|n| seen >= n) {
-                return Ok(());
-            }
-            if args.idle_timeout.is_some_and(|t| last.elapsed() >= t) {
+            if count.is_some_and(|n| seen >= n) || idle.is_some_and(|t| last.elapsed() >= t) {
                 return Ok(());
             }
             match consumer.poll(Duration::from_millis(200)) {
                 Some(Ok(m)) => {
                     seen += 1;
                     last = Instant::now();
-                    let key = m.key().map(String::from_utf8_lossy).unwrap_or_default();
-                    let payload = m.payload().map(String::from_utf8_lossy).unwrap_or_default();
-                    println!("{} {} {}", m.topic(), key, payload);
+                    print(&m);
                 }
-                Some(Err(e)) => eprintln!("labgate tail: {e}"),
+                Some(Err(e)) => eprintln!("labgate: {e}"),
                 None => {}
             }
         }
@@ -426,38 +440,22 @@ pub async fn results_tail(args: ResultsTailArgs) -> Result<(), ToolError> {
         cfg.map(|c| c.kafka.topics.command_results)
             .unwrap_or_else(|| crate::config::Topics::default().command_results)
     });
-    tokio::task::spawn_blocking(move || -> Result<(), ToolError> {
-        let consumer = plain_consumer(client)?;
-        assign_all(&consumer, std::slice::from_ref(&topic), args.from_beginning)?;
-        let mut seen = 0u64;
-        let mut last = Instant::now();
-        loop {
-            if args.count.is_some_and(|n| seen >= n)
-                || args.idle_timeout.is_some_and(|t| last.elapsed() >= t)
-            {
-                return Ok(());
-            }
-            let Some(m) = consumer.poll(Duration::from_millis(200)) else {
-                continue;
-            };
-            let m = match m {
-                Ok(m) => m,
-                Err(e) => {
-                    eprintln!("labgate command tail: {e}");
-                    continue;
-                }
-            };
-            seen += 1;
-            last = Instant::now();
+    let json = args.json;
+    print_topics(
+        client,
+        vec![topic],
+        args.from_beginning,
+        args.count,
+        args.idle_timeout,
+        move |m| {
             let payload = m.payload().unwrap_or(b"");
             match serde_json::from_slice::<Value>(payload) {
-                Ok(v) if !args.json => println!("{}", result_line(&v)),
+                Ok(v) if !json => println!("{}", result_line(&v)),
                 _ => println!("{}", String::from_utf8_lossy(payload)),
             }
-        }
-    })
+        },
+    )
     .await
-    .map_err(|e| ToolError::Usage(e.to_string()))?
 }
 
 /// `time  agent/device  command  status  command_id  issuer  reason`.

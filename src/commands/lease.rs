@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::policy::CommandsConfig;
 use super::{CommandContext, Contact, Handler};
 use crate::devices::Control;
-use crate::record::{object, Body, Draft, AGENT_DEVICE};
+use crate::record::object;
 
 pub(super) async fn watch(
     policy: CommandsConfig,
@@ -65,12 +65,10 @@ pub(super) async fn watch(
                 trip(&handler, id, *lease, silent, *safe, policy.timeout).await;
             } else if silent <= *lease && tripped.remove(id) {
                 tracing::info!(device = %id, "command topic reachable again; lease restored");
-                event(
-                    &handler,
-                    "lease_restored",
-                    object([("device_id", id.clone().into())]),
-                )
-                .await;
+                handler
+                    .ingest
+                    .event("lease_restored", object([("device_id", id.clone().into())]))
+                    .await;
             }
         }
     }
@@ -112,30 +110,18 @@ async fn trip(
         Ok(d) => (true, d),
         Err(e) => (false, e),
     };
-    event(
-        handler,
-        "lease_expired",
-        object([
-            ("device_id", id.into()),
-            ("safe_state", command.as_str().into()),
-            ("lease_seconds", lease.as_secs_f64().into()),
-            ("unreachable_seconds", silent.as_secs_f64().into()),
-            ("ok", ok.into()),
-            ("outcome", detail.into()),
-        ]),
-    )
-    .await;
-}
-
-async fn event(handler: &Handler, name: &str, data: serde_json::Map<String, serde_json::Value>) {
-    let draft = Draft::new(
-        AGENT_DEVICE,
-        Body::AgentEvent {
-            event: name.into(),
-            data,
-        },
-    );
-    if let Err(e) = handler.ingest.send(draft).await {
-        tracing::error!(error = %e, event = name, "lease event not buffered");
-    }
+    handler
+        .ingest
+        .event(
+            "lease_expired",
+            object([
+                ("device_id", id.into()),
+                ("safe_state", command.as_str().into()),
+                ("lease_seconds", lease.as_secs_f64().into()),
+                ("unreachable_seconds", silent.as_secs_f64().into()),
+                ("ok", ok.into()),
+                ("outcome", detail.into()),
+            ]),
+        )
+        .await;
 }

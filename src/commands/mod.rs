@@ -577,16 +577,7 @@ impl Handler {
             opt("issuer", o.issuer);
             opt("reason_code", o.code);
             opt("reason", o.reason.as_deref());
-            let ev = Draft::new(
-                AGENT_DEVICE,
-                Body::AgentEvent {
-                    event: "command_audit".into(),
-                    data,
-                },
-            );
-            if let Err(e) = self.ingest.send(ev).await {
-                tracing::error!(command_id = o.command_id, error = %e, "audit event not buffered");
-            }
+            self.ingest.event("command_audit", data).await;
         }
         let draft = Draft::new(
             o.device.unwrap_or(AGENT_DEVICE),

@@ -193,14 +193,7 @@ impl DeviceCtx {
         mut data: serde_json::Map<String, serde_json::Value>,
     ) -> Result<(), DeviceError> {
         data.insert("device_id".into(), self.id.clone().into());
-        self.emit(Draft::new(
-            crate::record::AGENT_DEVICE,
-            crate::record::Body::AgentEvent {
-                event: event.into(),
-                data,
-            },
-        ))
-        .await
+        self.emit(Draft::agent_event(event, data)).await
     }
 
     /// While the instrument cannot be reached: waits `backoff`, answering every command
