@@ -260,9 +260,21 @@ fn every_rejection_reason_is_reported_and_nothing_is_executed() {
     for m in all.iter().filter(|m| m.json["type"] == "command_result") {
         assert_matches_schema(m);
     }
+    // The readiness probes were rejected too (one or more: the probe loop resends until answered).
+    let probes = all
+        .iter()
+        .filter(|m| {
+            m.json["type"] == "command_result"
+                && m.json["status"] == "rejected"
+                && m.json["command_id"]
+                    .as_str()
+                    .is_some_and(|c| c.starts_with("probe-"))
+        })
+        .count();
+    assert!(probes >= 1);
     assert_eq!(
         agent.metric("labgate_commands_total{status=\"rejected\"}") as usize,
-        cases.len() + 1
+        cases.len() + probes
     );
     assert_eq!(
         agent.metric("labgate_commands_total{status=\"duplicate\"}"),
