@@ -104,6 +104,7 @@ pub async fn run(
         cfg.agent.agent_id.clone(),
         cfg.buffer.commit_interval,
         metrics.clone(),
+        crate::pipeline::Pipeline::new(&cfg.pipeline, metrics.clone()),
     ));
 
     let (failures_tx, failures) = mpsc::unbounded_channel();
@@ -146,6 +147,7 @@ pub async fn run(
     let devices_tracker = TaskTracker::new();
     let router = Router::default();
     let mut fleet = Fleet {
+        agent_id: cfg.agent.agent_id.clone(),
         running: BTreeMap::new(),
         tracker: devices_tracker.clone(),
         router: router.clone(),
@@ -246,6 +248,7 @@ pub async fn run(
 
 /// The running devices, by id.
 struct Fleet {
+    agent_id: String,
     running: BTreeMap<String, Running>,
     tracker: TaskTracker,
     router: Router,
@@ -267,6 +270,7 @@ impl Fleet {
         let stop = self.stop.child_token();
         let ctx = DeviceCtx {
             id: d.id().to_string(),
+            agent_id: self.agent_id.clone(),
             ingest: self.ingest.clone(),
             control: rx,
             shutdown: stop.clone(),
@@ -315,6 +319,11 @@ async fn reload(path: &Path, current: &mut Config, fleet: &mut Fleet) {
         ("buffer", as_json(&current.buffer), as_json(&new.buffer)),
         ("http", as_json(&current.http), as_json(&new.http)),
         ("log", as_json(&current.log), as_json(&new.log)),
+        (
+            "pipeline",
+            as_json(&current.pipeline),
+            as_json(&new.pipeline),
+        ),
         (
             "commands",
             as_json(&current.commands),

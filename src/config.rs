@@ -49,6 +49,9 @@ pub struct Config {
     /// Who may command which device, and how fresh a command must be.
     #[serde(default)]
     pub commands: crate::commands::policy::CommandsConfig,
+    /// Edge processing of sensor readings: thresholds, aggregates, downsampling.
+    #[serde(default)]
+    pub pipeline: crate::pipeline::PipelineConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -152,6 +155,9 @@ pub struct Topics {
     pub commands: String,
     #[serde(default = "t_results")]
     pub command_results: String,
+    /// Windowed sensor aggregates (`[pipeline.aggregates]`).
+    #[serde(default = "t_aggregates")]
+    pub aggregates: String,
 }
 
 fn t_events() -> String {
@@ -172,6 +178,9 @@ fn t_commands() -> String {
 fn t_results() -> String {
     "echem_command_results".into()
 }
+fn t_aggregates() -> String {
+    "sensor_aggregates".into()
+}
 
 impl Default for Topics {
     fn default() -> Self {
@@ -182,13 +191,14 @@ impl Default for Topics {
             alerts: t_alerts(),
             commands: t_commands(),
             command_results: t_results(),
+            aggregates: t_aggregates(),
         }
     }
 }
 
 impl Topics {
     /// All topic names, for creation and validation.
-    pub fn all(&self) -> [(&'static str, &str); 6] {
+    pub fn all(&self) -> [(&'static str, &str); 7] {
         [
             ("events", &self.events),
             ("data", &self.data),
@@ -196,6 +206,7 @@ impl Topics {
             ("alerts", &self.alerts),
             ("commands", &self.commands),
             ("command_results", &self.command_results),
+            ("aggregates", &self.aggregates),
         ]
     }
 }
@@ -555,6 +566,9 @@ impl Config {
         self.commands
             .validate(&self.devices)
             .map_err(|(key, msg)| invalid(format!("commands.{key}"), msg))?;
+        self.pipeline
+            .validate()
+            .map_err(|(key, msg)| invalid(format!("pipeline.{key}"), msg))?;
         Ok(())
     }
 

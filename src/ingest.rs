@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use crate::buffer::{AppendOutcome, Buffer, BufferError};
 use crate::metrics::{DropReason, Metrics};
+use crate::pipeline::Pipeline;
 use crate::record::{object, stamp, Draft, Stored, AGENT_DEVICE};
 
 /// How many records one receive takes at most (bounds a single sled batch).
@@ -34,6 +35,9 @@ pub enum IngestError {
     #[error("buffer write failed: {0}")]
     Buffer(String),
 }
+
+/// Resolves when a record sent with [`Ingest::send_tracked`] is durable.
+pub type Receipt = oneshot::Receiver<Result<(), IngestError>>;
 
 struct Item {
     draft: Draft,
@@ -65,6 +69,16 @@ impl Ingest {
 
     /// Queues a record and waits until it is durable in the buffer.
     pub async fn send_durable(&self, draft: Draft) -> Result<(), IngestError> {
+        self.send_tracked(draft)
+            .await?
+            .await
+            .map_err(|_| IngestError::Closed)?
+    }
+
+    /// Queues a record; the receiver resolves once it is durable (or refused). Lets a
+    /// source keep receiving while earlier records are flushed: receipts resolve in
+    /// the order the records were sent (MQTT acks must go out in that order).
+    pub async fn send_tracked(&self, draft: Draft) -> Result<Receipt, IngestError> {
         let (done, rx) = oneshot::channel();
         self.tx
             .send(Item {
@@ -73,7 +87,7 @@ impl Ingest {
             })
             .await
             .map_err(|_| IngestError::Closed)?;
-        rx.await.map_err(|_| IngestError::Closed)?
+        Ok(rx)
     }
 }
 
@@ -94,8 +108,10 @@ pub async fn run(
     agent_id: String,
     commit_interval: Duration,
     metrics: Arc<Metrics>,
+    pipeline: Pipeline,
 ) -> Result<(), BufferError> {
     let mut w = Writer {
+        pipeline,
         seqs: buffer.next_seqs()?,
         buffer,
         agent_id,
@@ -135,18 +151,26 @@ pub async fn run(
                 w.append(&mut items)?;
                 dirty = true;
             }
-            _ = tick.tick() => {}
+            _ = tick.tick() => {
+                if w.pipeline_tick(|p, now| p.tick(now))? {
+                    dirty = true;
+                }
+            }
         }
         w.metrics.beats.ingest.beat();
         if !dirty && w.maybe_report_drops()? {
             dirty = true;
         }
     }
+    // Windows still open are sent as partial aggregates rather than lost.
+    w.pipeline_tick(|p, now| p.finish(now))?;
     w.flush().await?;
     Ok(())
 }
 
 struct Writer {
+    /// Edge processing of sensor readings (thresholds, aggregates, downsampling).
+    pipeline: Pipeline,
     buffer: Arc<Buffer>,
     agent_id: String,
     metrics: Arc<Metrics>,
@@ -168,33 +192,79 @@ impl Writer {
     fn append(&mut self, items: &mut Vec<Item>) -> Result<(), BufferError> {
         let now = SystemTime::now();
         let mut stored: Vec<Stored> = Vec::with_capacity(items.len());
-        let mut dones = Vec::with_capacity(items.len());
+        // Each waiter with the index of its record in `stored` (None: nothing to store,
+        // the reading was downsampled away, which counts as done).
+        let mut dones = Vec::new();
+        let mut derived = Vec::new();
+        let process = !self.pipeline.is_idle();
         for item in items.drain(..) {
-            let seq = self.seqs.entry(item.draft.device_id.clone()).or_insert(0);
-            match stamp(&item.draft, &self.agent_id, *seq, now) {
-                Ok(s) => {
-                    *seq += 1;
-                    stored.push(s);
-                    dones.push(item.done);
+            let keep = !process || self.pipeline.observe(&item.draft, now, &mut derived);
+            let index = if keep {
+                self.stamp_into(&item.draft, now, &mut stored)
+                    .map_err(|e| e.to_string())
+            } else {
+                Ok(None)
+            };
+            for d in derived.drain(..) {
+                // Alerts and aggregates carry no waiter; an encode failure is counted.
+                let _ = self.stamp_into(&d, now, &mut stored);
+            }
+            match (item.done, index) {
+                (Some(d), Ok(i)) => dones.push((d, i)),
+                (Some(d), Err(e)) => {
+                    let _ = d.send(Err(IngestError::Buffer(e)));
                 }
-                Err(e) => {
-                    // Cannot happen for the bodies we define (no non-string map keys),
-                    // but never lose it silently.
-                    tracing::error!(device = %item.draft.device_id, error = %e, "record dropped: cannot encode");
-                    self.metrics.count_drop(DropReason::EncodeError, 1);
-                    if let Some(d) = item.done {
-                        let _ = d.send(Err(IngestError::Buffer(e.to_string())));
-                    }
-                }
+                (None, _) => {}
             }
         }
         let out = self.write(&stored, 0)?;
-        for (i, done) in dones.into_iter().enumerate() {
-            if let Some(d) = done {
-                self.waiting.push((d, i < out.accepted));
-            }
+        for (d, i) in dones {
+            self.waiting.push((d, i.is_none_or(|i| i < out.accepted)));
         }
         Ok(())
+    }
+
+    /// Stamps one draft onto `stored`; returns its index there.
+    fn stamp_into(
+        &mut self,
+        draft: &Draft,
+        now: SystemTime,
+        stored: &mut Vec<Stored>,
+    ) -> Result<Option<usize>, crate::record::EncodeError> {
+        let seq = self.seqs.entry(draft.device_id.clone()).or_insert(0);
+        match stamp(draft, &self.agent_id, *seq, now) {
+            Ok(s) => {
+                *seq += 1;
+                stored.push(s);
+                Ok(Some(stored.len() - 1))
+            }
+            Err(e) => {
+                // Cannot happen for the bodies we define (no non-string map keys), but
+                // never lose it silently.
+                tracing::error!(device = %draft.device_id, error = %e, "record dropped: cannot encode");
+                self.metrics.count_drop(DropReason::EncodeError, 1);
+                Err(e)
+            }
+        }
+    }
+
+    /// Appends what the pipeline emits on its own (windows of quiet sensors, or all of
+    /// them at shutdown). Returns whether it appended anything.
+    fn pipeline_tick(
+        &mut self,
+        f: impl FnOnce(&mut Pipeline, SystemTime) -> Vec<Draft>,
+    ) -> Result<bool, BufferError> {
+        let now = SystemTime::now();
+        let drafts = f(&mut self.pipeline, now);
+        if drafts.is_empty() {
+            return Ok(false);
+        }
+        let mut stored = Vec::with_capacity(drafts.len());
+        for d in &drafts {
+            let _ = self.stamp_into(d, now, &mut stored);
+        }
+        self.write(&stored, 0)?;
+        Ok(true)
     }
 
     /// Appends stamped records and accounts for the outcome.

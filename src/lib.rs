@@ -10,6 +10,8 @@
 //! - [`buffer`]: the sled outbox (chunks, group commit, seq persistence, caps, stats).
 //! - [`ingest`]: the one place records are stamped and group-committed.
 //! - [`kafka`]: producer settings, topic creation, the forwarder.
+//! - [`pipeline`]: edge processing of sensor readings (threshold alerts, aggregates,
+//!   downsampling), run by ingest.
 //! - [`commands`]: command validation, routing to devices, results.
 //! - [`devices`]: device configs, the supervisor, and the drivers.
 //! - [`http`]: `/health`, `/metrics`, `/status`.
@@ -30,6 +32,7 @@ pub mod http;
 pub mod ingest;
 pub mod kafka;
 pub mod metrics;
+pub mod pipeline;
 pub mod record;
 pub mod sim;
 pub mod systemd;

@@ -48,6 +48,25 @@ pub struct DeviceStatus {
     pub error_replies: u64,
     /// Polls the device did not answer in time.
     pub timeouts: u64,
+    /// MQTT: payloads that could not be mapped to readings.
+    pub malformed: u64,
+    /// MQTT: messages received (set for MQTT devices only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mqtt: Option<MqttStats>,
+}
+
+/// Counters of one MQTT connection.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct MqttStats {
+    /// Messages received.
+    pub messages: u64,
+    /// Messages the broker delivered again (DUP flag: not acknowledged before, e.g.
+    /// the agent crashed between receiving and making them durable).
+    pub redelivered: u64,
+    /// Messages acknowledged to the broker (after their records were durable).
+    pub acked: u64,
+    /// Connections made (1 + reconnects).
+    pub connects: u64,
 }
 
 #[derive(Default)]
@@ -74,6 +93,13 @@ pub struct Metrics {
     pub commands_duplicate: AtomicU64,
     pub commands_timeout: AtomicU64,
     pub commands_ignored: AtomicU64,
+    /// Pipeline: threshold alerts raised and cleared, aggregates sent, raw readings left
+    /// out by downsampling, readings too late for their window.
+    pub alerts_raised: AtomicU64,
+    pub alerts_cleared: AtomicU64,
+    pub aggregates_emitted: AtomicU64,
+    pub readings_downsampled: AtomicU64,
+    pub pipeline_late_readings: AtomicU64,
     /// The command consumer has partitions assigned (commands can arrive).
     pub commands_assigned: AtomicBool,
     pub devices: Mutex<BTreeMap<String, DeviceStatus>>,
@@ -137,6 +163,20 @@ impl Metrics {
     pub fn count_error_reply(&self, device: &str) {
         let mut d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
         d.entry(device.to_string()).or_default().error_replies += 1;
+    }
+
+    pub fn count_malformed(&self, device: &str) {
+        let mut d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        d.entry(device.to_string()).or_default().malformed += 1;
+    }
+
+    /// Updates the MQTT counters of a device.
+    pub fn mqtt(&self, device: &str, f: impl FnOnce(&mut MqttStats)) {
+        let mut d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        f(d.entry(device.to_string())
+            .or_default()
+            .mqtt
+            .get_or_insert_with(MqttStats::default));
     }
 
     pub fn count_timeout(&self, device: &str) {
@@ -282,7 +322,7 @@ impl Metrics {
             let _ = writeln!(o, "labgate_device_connected{{device=\"{id}\"}} {up}");
         }
         type Field = fn(&DeviceStatus) -> u64;
-        let per_device: [(&str, &str, Field); 3] = [
+        let per_device: [(&str, &str, Field); 4] = [
             (
                 "labgate_device_bad_lines_total",
                 "Device lines that could not be parsed.",
@@ -298,6 +338,11 @@ impl Metrics {
                 "Polls the device did not answer in time.",
                 |d| d.timeouts,
             ),
+            (
+                "labgate_device_malformed_total",
+                "Messages from the device that could not be mapped to records (MQTT payloads).",
+                |d| d.malformed,
+            ),
         ];
         let devices = self.device_snapshot();
         for (name, help, field) in per_device {
@@ -309,6 +354,67 @@ impl Metrics {
                 let _ = writeln!(o, "{name}{{device=\"{id}\"}} {}", field(d));
             }
         }
+        type MqttField = fn(&MqttStats) -> u64;
+        let per_mqtt: [(&str, &str, MqttField); 4] = [
+            (
+                "labgate_mqtt_messages_total",
+                "MQTT messages received.",
+                |m| m.messages,
+            ),
+            (
+                "labgate_mqtt_redelivered_total",
+                "MQTT messages the broker delivered again (not acknowledged before).",
+                |m| m.redelivered,
+            ),
+            (
+                "labgate_mqtt_acked_total",
+                "MQTT messages acknowledged after their records were durable.",
+                |m| m.acked,
+            ),
+            (
+                "labgate_mqtt_connects_total",
+                "MQTT connections made.",
+                |m| m.connects,
+            ),
+        ];
+        for (name, help, field) in per_mqtt {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (id, m) in devices.iter().filter_map(|(id, d)| d.mqtt.map(|m| (id, m))) {
+                let _ = writeln!(o, "{name}{{device=\"{id}\"}} {}", field(&m));
+            }
+        }
+        let _ = writeln!(
+            o,
+            "# HELP labgate_alerts_total Threshold alerts, by state (active = raised).\n# TYPE labgate_alerts_total counter"
+        );
+        for (state, c) in [
+            ("active", &self.alerts_raised),
+            ("cleared", &self.alerts_cleared),
+        ] {
+            let _ = writeln!(
+                o,
+                "labgate_alerts_total{{state=\"{state}\"}} {}",
+                c.load(Relaxed)
+            );
+        }
+        counter(
+            &mut o,
+            "labgate_aggregates_total",
+            "Window aggregates sent.",
+            self.aggregates_emitted.load(Relaxed),
+        );
+        counter(
+            &mut o,
+            "labgate_readings_downsampled_total",
+            "Raw readings left out by downsampling (aggregates and alerts still saw them).",
+            self.readings_downsampled.load(Relaxed),
+        );
+        counter(
+            &mut o,
+            "labgate_pipeline_late_readings_total",
+            "Readings older than their sensor's open window, left out of aggregates.",
+            self.pipeline_late_readings.load(Relaxed),
+        );
         gauge(
             &mut o,
             "labgate_uptime_seconds",
@@ -328,6 +434,7 @@ mod tests {
     fn metric_names_are_stable() {
         let m = Metrics::new();
         m.set_device_state("pstat-1", "running");
+        m.mqtt("mqtt-1", |s| s.messages += 1);
         let text = m.render(&Stats::default());
         let names: Vec<&str> = text
             .lines()
@@ -358,11 +465,27 @@ mod tests {
                 "labgate_commands_total{status=\"duplicate\"}",
                 "labgate_commands_total{status=\"timeout\"}",
                 "labgate_commands_total{status=\"ignored\"}",
+                "labgate_device_running{device=\"mqtt-1\"}",
                 "labgate_device_running{device=\"pstat-1\"}",
+                "labgate_device_connected{device=\"mqtt-1\"}",
                 "labgate_device_connected{device=\"pstat-1\"}",
+                "labgate_device_bad_lines_total{device=\"mqtt-1\"}",
                 "labgate_device_bad_lines_total{device=\"pstat-1\"}",
+                "labgate_device_error_replies_total{device=\"mqtt-1\"}",
                 "labgate_device_error_replies_total{device=\"pstat-1\"}",
+                "labgate_device_timeouts_total{device=\"mqtt-1\"}",
                 "labgate_device_timeouts_total{device=\"pstat-1\"}",
+                "labgate_device_malformed_total{device=\"mqtt-1\"}",
+                "labgate_device_malformed_total{device=\"pstat-1\"}",
+                "labgate_mqtt_messages_total{device=\"mqtt-1\"}",
+                "labgate_mqtt_redelivered_total{device=\"mqtt-1\"}",
+                "labgate_mqtt_acked_total{device=\"mqtt-1\"}",
+                "labgate_mqtt_connects_total{device=\"mqtt-1\"}",
+                "labgate_alerts_total{state=\"active\"}",
+                "labgate_alerts_total{state=\"cleared\"}",
+                "labgate_aggregates_total",
+                "labgate_readings_downsampled_total",
+                "labgate_pipeline_late_readings_total",
                 "labgate_uptime_seconds",
             ]
         );

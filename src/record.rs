@@ -109,6 +109,14 @@ pub enum Priority {
     Critical,
 }
 
+/// Whether a threshold alert is raised or over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertState {
+    Active,
+    Cleared,
+}
+
 /// What a record says. The `type` tag is the message type on the wire.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -148,6 +156,27 @@ pub enum Body {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         threshold: Option<f64>,
         acknowledged: bool,
+        /// Threshold alerts: `active` when raised, `cleared` (same `alert_id`) when the
+        /// value is back inside its band.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        state: Option<AlertState>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        unit: Option<String>,
+    },
+    /// One closed tumbling window of a sensor's readings.
+    SensorAggregate {
+        sensor_id: String,
+        sensor_type: String,
+        unit: String,
+        window_start: String,
+        window_end: String,
+        count: u64,
+        avg: f64,
+        min: f64,
+        max: f64,
+        /// Closed early (agent shutdown): covers only part of the window.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        partial: bool,
     },
     /// What happened to a command.
     CommandResult {
@@ -188,6 +217,7 @@ pub enum TopicKind {
     Sensors,
     Alerts,
     CommandResults,
+    Aggregates,
 }
 
 impl Body {
@@ -197,6 +227,7 @@ impl Body {
             Body::EchemData { .. } => TopicKind::Data,
             Body::SensorReading { .. } => TopicKind::Sensors,
             Body::Alert { .. } => TopicKind::Alerts,
+            Body::SensorAggregate { .. } => TopicKind::Aggregates,
             Body::CommandResult { .. } => TopicKind::CommandResults,
         }
     }
@@ -208,6 +239,11 @@ impl Body {
                 experiment_id.clone()
             }
             Body::SensorReading {
+                sensor_id,
+                sensor_type,
+                ..
+            }
+            | Body::SensorAggregate {
                 sensor_id,
                 sensor_type,
                 ..
@@ -225,6 +261,7 @@ impl Body {
             Body::EchemData { .. } => "echem_data",
             Body::SensorReading { .. } => "sensor_reading",
             Body::Alert { .. } => "alert",
+            Body::SensorAggregate { .. } => "sensor_aggregate",
             Body::CommandResult { .. } => "command_result",
             Body::AgentEvent { .. } => "agent_event",
         }

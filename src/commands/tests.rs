@@ -464,6 +464,7 @@ async fn timeouts_and_a_stop_overtaking_queued_work_are_reported() {
         "a1".into(),
         Duration::from_millis(5),
         metrics.clone(),
+        crate::pipeline::Pipeline::new(&Default::default(), metrics.clone()),
     ));
     let router = Router::default();
     let (tx, mut inbox) = control::inbox();

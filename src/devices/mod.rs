@@ -8,6 +8,7 @@ pub mod control;
 pub mod line;
 pub mod methodscript;
 pub mod modbus;
+pub mod mqtt;
 pub mod serial;
 pub mod sim_potentiostat;
 pub mod sim_sensors;
@@ -33,6 +34,8 @@ pub enum DeviceConfig {
     LineInstrument(line::driver::Config),
     /// Modbus RTU sensors on a serial bus, read by a register map.
     ModbusRtu(modbus::Config),
+    /// Sensors (and controllable hardware) on an MQTT broker.
+    Mqtt(mqtt::Config),
     SimulatedPotentiostat(sim_potentiostat::Config),
     SimulatedSensors(sim_sensors::Config),
 }
@@ -43,6 +46,7 @@ impl DeviceConfig {
             DeviceConfig::Methodscript(c) => &c.id,
             DeviceConfig::LineInstrument(c) => &c.id,
             DeviceConfig::ModbusRtu(c) => &c.id,
+            DeviceConfig::Mqtt(c) => &c.id,
             DeviceConfig::SimulatedPotentiostat(c) => &c.id,
             DeviceConfig::SimulatedSensors(c) => &c.id,
         }
@@ -53,6 +57,7 @@ impl DeviceConfig {
             DeviceConfig::Methodscript(_) => "methodscript",
             DeviceConfig::LineInstrument(_) => "line_instrument",
             DeviceConfig::ModbusRtu(_) => "modbus_rtu",
+            DeviceConfig::Mqtt(_) => "mqtt",
             DeviceConfig::SimulatedPotentiostat(_) => "simulated_potentiostat",
             DeviceConfig::SimulatedSensors(_) => "simulated_sensors",
         }
@@ -64,6 +69,7 @@ impl DeviceConfig {
             DeviceConfig::Methodscript(c) => c.validate(),
             DeviceConfig::LineInstrument(c) => c.validate(),
             DeviceConfig::ModbusRtu(c) => c.validate(),
+            DeviceConfig::Mqtt(c) => c.validate(),
             DeviceConfig::SimulatedPotentiostat(c) => c.validate(),
             DeviceConfig::SimulatedSensors(c) => c.validate(),
         }
@@ -79,6 +85,8 @@ impl DeviceConfig {
         );
         match self {
             DeviceConfig::LineInstrument(_) => lifecycle || cmd.is_action(),
+            // What its config maps to a publish, nothing else.
+            DeviceConfig::Mqtt(c) => c.accepts(cmd),
             DeviceConfig::Methodscript(_)
             | DeviceConfig::ModbusRtu(_)
             | DeviceConfig::SimulatedPotentiostat(_)
@@ -152,6 +160,8 @@ pub enum DeviceError {
 /// What every driver gets: an output, a control input, a shutdown signal.
 pub struct DeviceCtx {
     pub id: String,
+    /// The agent's id (MQTT client ids are derived from it).
+    pub agent_id: String,
     pub ingest: Ingest,
     pub control: control::Inbox,
     pub shutdown: CancellationToken,
@@ -256,6 +266,7 @@ pub async fn supervise(cfg: DeviceConfig, mut ctx: DeviceCtx) {
             DeviceConfig::Methodscript(c) => methodscript::driver::run(c, &mut ctx).await,
             DeviceConfig::LineInstrument(c) => line::driver::run(c, &mut ctx).await,
             DeviceConfig::ModbusRtu(c) => modbus::run(c, &mut ctx).await,
+            DeviceConfig::Mqtt(c) => mqtt::run(c, &mut ctx).await,
             DeviceConfig::SimulatedPotentiostat(c) => sim_potentiostat::run(c, &mut ctx).await,
             DeviceConfig::SimulatedSensors(c) => sim_sensors::run(c, &mut ctx).await,
         };

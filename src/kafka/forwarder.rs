@@ -71,6 +71,7 @@ impl Forwarder {
             TopicKind::Sensors => &self.topics.sensors,
             TopicKind::Alerts => &self.topics.alerts,
             TopicKind::CommandResults => &self.topics.command_results,
+            TopicKind::Aggregates => &self.topics.aggregates,
         }
     }
 
@@ -233,6 +234,8 @@ impl Forwarder {
                 value: None,
                 threshold: None,
                 acknowledged: false,
+                state: None,
+                unit: None,
             },
         );
         // Ingest runs until every handle is gone; only a shutdown race can fail here, and
