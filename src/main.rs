@@ -91,6 +91,23 @@ enum SimKind {
         #[arg(long, default_value_t = 0)]
         busy_every: u32,
     },
+    /// Environmental sensors publishing to an MQTT broker in a payload convention.
+    MqttSensors {
+        /// mqtt://host:port
+        #[arg(long)]
+        broker: String,
+        #[arg(long, value_enum)]
+        preset: labgate::sim::mqtt::Preset,
+        /// Node / device name used in topics.
+        #[arg(long, default_value = "env1")]
+        node: String,
+        /// Time between rounds of readings.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
+        /// Publish this many rounds, then exit.
+        #[arg(long)]
+        rounds: Option<u64>,
+    },
     /// A line instrument: MT-SICS balance, Keithley 2400 / 2000, or a CSV sensor.
     Line {
         #[arg(long, value_enum)]
@@ -217,6 +234,29 @@ fn main() -> ExitCode {
                     "EmStat Pico",
                 )
             }
+        }
+        Cmd::Simulate {
+            kind:
+                SimKind::MqttSensors {
+                    broker,
+                    preset,
+                    node,
+                    interval,
+                    rounds,
+                },
+        } => {
+            init_logging(LogFormat::Text, "warn");
+            let opts = labgate::sim::mqtt::Options {
+                broker,
+                preset,
+                node,
+                interval,
+                rounds,
+            };
+            report(runtime().and_then(|rt| {
+                rt.block_on(labgate::sim::mqtt::run(opts))
+                    .context("mqtt-sensors simulator")
+            }))
         }
         Cmd::Simulate {
             kind: SimKind::Modbus { link, busy_every },

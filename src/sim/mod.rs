@@ -4,6 +4,7 @@
 pub mod emstat;
 pub mod line;
 pub mod modbus;
+pub mod mqtt;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -200,6 +200,9 @@ impl Topics {
     pub fn results(&self) -> String {
         format!("{}_results", self.prefix)
     }
+    pub fn aggregates(&self) -> String {
+        format!("{}_aggregates", self.prefix)
+    }
     pub fn outputs(&self) -> Vec<String> {
         vec![
             self.events(),
@@ -207,17 +210,19 @@ impl Topics {
             self.sensors(),
             self.alerts(),
             self.results(),
+            self.aggregates(),
         ]
     }
     pub fn toml(&self) -> String {
         format!(
-            "[kafka.topics]\nevents = \"{}\"\ndata = \"{}\"\nsensors = \"{}\"\nalerts = \"{}\"\ncommands = \"{}\"\ncommand_results = \"{}\"\n",
+            "[kafka.topics]\nevents = \"{}\"\ndata = \"{}\"\nsensors = \"{}\"\nalerts = \"{}\"\ncommands = \"{}\"\ncommand_results = \"{}\"\naggregates = \"{}\"\n",
             self.events(),
             self.data(),
             self.sensors(),
             self.alerts(),
             self.commands(),
-            self.results()
+            self.results(),
+            self.aggregates()
         )
     }
 }
@@ -476,7 +481,12 @@ impl Reader {
                 "timed out waiting for {what}; have {} messages",
                 self.msgs.len()
             );
-            self.poll(Duration::from_millis(100));
+            // Take everything already there before checking again: `done` may look
+            // at every message, and checking per message would be quadratic.
+            if self.poll(Duration::from_millis(100)) {
+                let batch_end = Instant::now() + Duration::from_millis(200);
+                while Instant::now() < batch_end && self.poll(Duration::ZERO) {}
+            }
         }
         &self.msgs
     }
@@ -485,12 +495,13 @@ impl Reader {
     pub fn drain_for(&mut self, d: Duration) -> &[Msg] {
         let deadline = Instant::now() + d;
         while Instant::now() < deadline {
-            self.poll(Duration::from_millis(100));
+            let _ = self.poll(Duration::from_millis(100));
         }
         &self.msgs
     }
 
-    fn poll(&mut self, d: Duration) {
+    /// Takes one message if one arrives within `d`; says whether one did.
+    fn poll(&mut self, d: Duration) -> bool {
         match self.consumer.poll(d) {
             Some(Ok(m)) => {
                 let mut headers = HashMap::new();
@@ -511,9 +522,10 @@ impl Reader {
                     headers,
                     json,
                 });
+                true
             }
             Some(Err(e)) => panic!("consume error: {e}"),
-            None => {}
+            None => false,
         }
     }
 }
@@ -750,6 +762,173 @@ pub fn wait_until_commands_answered(
                 .is_some_and(|c| c.starts_with("probe-"))
         }) {
             return;
+        }
+    }
+}
+
+/// Finds mosquitto: `$MOSQUITTO_BIN`, `/usr/sbin/mosquitto`, then `PATH`.
+pub fn mosquitto_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("MOSQUITTO_BIN") {
+        return PathBuf::from(p);
+    }
+    let mut candidates = vec![PathBuf::from("/usr/sbin/mosquitto")];
+    if let Some(paths) = std::env::var_os("PATH") {
+        candidates.extend(std::env::split_paths(&paths).map(|d| d.join("mosquitto")));
+    }
+    candidates.into_iter().find(|p| p.is_file()).expect(
+        "mosquitto not found (MOSQUITTO_BIN, /usr/sbin, PATH): run scripts/test, which installs it",
+    )
+}
+
+/// A real mosquitto broker on a free port, with persistence (so a restart keeps
+/// sessions and queued QoS 1 messages, as a production broker should).
+pub struct Mosquitto {
+    child: Option<Child>,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    pub fn start() -> Mosquitto {
+        let dir = tempdir();
+        let port = free_port();
+        let conf = format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nautosave_interval 1\nmax_queued_messages 1000000\nmax_inflight_messages 1000\nlog_dest file {}/mosquitto.log\n{}",
+            dir.path().display(),
+            dir.path().display(),
+            std::env::var("MOSQUITTO_EXTRA").unwrap_or_default().replace("\\n", "\n")
+        );
+        std::fs::write(dir.path().join("mosquitto.conf"), conf).expect("mosquitto.conf");
+        // mosquitto started as root drops to the `mosquitto` user: let it write its
+        // persistence file and log here.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
+            .expect("chmod mosquitto dir");
+        let mut m = Mosquitto {
+            child: None,
+            port,
+            dir,
+        };
+        m.spawn();
+        m
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(mosquitto_bin())
+            .arg("-c")
+            .arg(self.dir.path().join("mosquitto.conf"))
+            .spawn()
+            .expect("cannot start mosquitto");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("mosquitto did not listen on {}", self.port);
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGTERM (mosquitto saves its state), then start again on the same port.
+    pub fn restart(&mut self, down_for: Duration) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+        std::thread::sleep(down_for);
+        self.spawn();
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// (topic, payload) of every message a test client received.
+pub type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// An MQTT client for tests (rumqttc, its own thread): publishes QoS 1 on a persistent
+/// session and records what arrives on its subscriptions.
+pub struct MqttClient {
+    pub client: rumqttc::Client,
+    pub received: Received,
+    pub acked: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl MqttClient {
+    pub fn connect(url: &str, client_id: &str) -> MqttClient {
+        let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
+        let mut o = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
+        o.set_clean_session(false)
+            .set_keep_alive(Duration::from_secs(5))
+            .set_max_packet_size(1 << 20, 1 << 20)
+            .set_inflight(200);
+        let (client, mut conn) = rumqttc::Client::new(o, 10_000);
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (r, a) = (received.clone(), acked.clone());
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        std::thread::spawn(move || loop {
+            match conn.recv() {
+                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)))) => {
+                    let _ = ready_tx.send(());
+                }
+                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) => {
+                    r.lock()
+                        .unwrap()
+                        .push((p.topic.clone(), p.payload.to_vec()));
+                }
+                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => {
+                    a.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => std::thread::sleep(Duration::from_millis(100)),
+                Err(_) => return,
+            }
+        });
+        ready
+            .recv_timeout(Duration::from_secs(10))
+            .expect("test MQTT client did not connect");
+        MqttClient {
+            client,
+            received,
+            acked,
+        }
+    }
+
+    pub fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>, retain: bool) {
+        self.client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload)
+            .expect("publish");
+    }
+
+    pub fn subscribe(&self, filter: &str) {
+        self.client
+            .subscribe(filter, rumqttc::QoS::AtLeastOnce)
+            .expect("subscribe");
+    }
+
+    pub fn wait_acked(&self, n: u64, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.acked.load(std::sync::atomic::Ordering::Relaxed) < n {
+            assert!(
+                Instant::now() < deadline,
+                "broker acked {} of {n} publishes",
+                self.acked.load(std::sync::atomic::Ordering::Relaxed)
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }

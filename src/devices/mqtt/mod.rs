@@ -305,8 +305,11 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
     ctx.metrics.mqtt(&ctx.id, |_| {});
     ctx.set_state("connecting");
 
-    // Acks in arrival order, each once its records are durable.
-    let (ack_tx, ack_rx) = mpsc::channel::<PendingAck>(4096);
+    // Acks in arrival order, each once its records are durable. Unbounded on purpose:
+    // the driver must never wait on the acker (the acker waits on the client, which
+    // only moves while the driver polls); the broker's in-flight window bounds how many
+    // unacked messages can exist.
+    let (ack_tx, ack_rx) = mpsc::unbounded_channel::<PendingAck>();
     let (refused_tx, mut refused_rx) = mpsc::channel::<()>(1);
     let acker = tokio::spawn(ack_in_order(
         client.clone(),
@@ -447,7 +450,7 @@ async fn on_publish(
     ctx: &mut DeviceCtx,
     mapper: &mut Mapper,
     client: &AsyncClient,
-    acks: &mpsc::Sender<PendingAck>,
+    acks: &mpsc::UnboundedSender<PendingAck>,
     malformed: &mut Malformed,
     p: rumqttc::Publish,
 ) -> Result<(), DeviceError> {
@@ -503,7 +506,6 @@ async fn on_publish(
                 receipt,
                 publish: p,
             })
-            .await
             .is_err()
         {
             return Err(DeviceError::Ingest(IngestError::Closed));
@@ -515,7 +517,7 @@ async fn on_publish(
 /// Acks messages in the order they arrived, each once its records are durable.
 async fn ack_in_order(
     client: AsyncClient,
-    mut rx: mpsc::Receiver<PendingAck>,
+    mut rx: mpsc::UnboundedReceiver<PendingAck>,
     refused: mpsc::Sender<()>,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     device: String,
