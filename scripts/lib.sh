@@ -2,7 +2,7 @@
 # start a local tansu broker. Source it; do not run it.
 
 # Debian packages the build and the tests need.
-LABGATE_PACKAGES=(build-essential pkg-config libssl-dev libudev-dev python3 curl procps systemd)
+LABGATE_PACKAGES=(build-essential pkg-config libssl-dev libudev-dev python3 curl procps systemd mosquitto)
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
@@ -67,6 +67,26 @@ start_tansu() {
     sleep 0.05
   done
   echo "tansu did not listen on $port; its log:" >&2; cat "$logfile" >&2
+  return 1
+}
+
+# start_mosquitto PORT DIR: a broker for the demo / a start check, state and log in DIR.
+# Sets MOSQUITTO_PID. (Integration tests start their own, tests/common.)
+start_mosquitto() {
+  local port=$1 dir=$2
+  mkdir -p "$dir"; chmod 777 "$dir"
+  printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location %s/\nmax_queued_messages 1000000\nlog_dest file %s/mosquitto.log\n' \
+    "$port" "$dir" "$dir" >"$dir/mosquitto.conf"
+  /usr/sbin/mosquitto -c "$dir/mosquitto.conf" &
+  MOSQUITTO_PID=$!
+  for _ in $(seq 1 200); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+    if ! kill -0 "$MOSQUITTO_PID" 2>/dev/null; then
+      echo "mosquitto exited; its log:" >&2; cat "$dir/mosquitto.log" >&2; return 1
+    fi
+    sleep 0.05
+  done
+  echo "mosquitto did not listen on $port" >&2
   return 1
 }
 

@@ -161,6 +161,7 @@ pub async fn tail(args: TailArgs) -> Result<(), ToolError> {
             t.sensors.clone(),
             t.alerts.clone(),
             t.command_results.clone(),
+            t.aggregates.clone(),
         ]
     } else {
         args.topics.clone()
