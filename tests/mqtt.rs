@@ -645,3 +645,135 @@ every = 5
         assert_matches_schema(m);
     }
 }
+
+/// A CA and a server certificate for 127.0.0.1 (openssl CLI), in `dir`.
+fn make_certs(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl (Debian package openssl) is needed for the TLS test");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=labgate-test-ca",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+    for f in ["ca.pem", "server.pem", "server.key"] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+}
+
+#[test]
+fn tls_with_a_private_ca_and_a_password_from_a_file() {
+    let tls_port = free_port();
+    let mqtt = Mosquitto::start_with(|dir| {
+        make_certs(dir);
+        std::fs::write(dir.join("passwd"), "labgate:s3cret\n").unwrap();
+        let out = Command::new("mosquitto_passwd")
+            .args(["-U", "passwd"])
+            .current_dir(dir)
+            .output()
+            .expect("mosquitto_passwd");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let d = dir.display();
+        format!(
+            "per_listener_settings true\nlistener {tls_port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\npassword_file {d}/passwd\nallow_anonymous false\n"
+        )
+    });
+    let broker = Broker::start();
+    let topics = Topics::new();
+    let dir = tempdir();
+    std::fs::write(dir.path().join("mqtt-password"), "s3cret\n").unwrap();
+    let extra = format!(
+        r#"[[devices]]
+kind = "mqtt"
+id = "mqtt-tls"
+broker = "mqtts://127.0.0.1:{tls_port}"
+username = "labgate"
+password_file = "{}"
+ca_file = "{}"
+
+  [[devices.subscriptions]]
+  format = "number"
+  topic = "lab/+id/temperature"
+  sensor_type = "temperature"
+  unit = "°C"
+"#,
+        dir.path().join("mqtt-password").display(),
+        mqtt.dir.path().join("ca.pem").display()
+    );
+    let agent = Agent::start(
+        dir.path(),
+        &agent_config(
+            dir.path(),
+            "mqtt-tls",
+            &broker.addr(),
+            &topics,
+            free_port(),
+            &extra,
+        ),
+    );
+    agent.wait_status("MQTT over TLS connected", Duration::from_secs(20), |st| {
+        st["devices"]["mqtt-tls"]["state"] == "running"
+    });
+    // Published on the broker's plain listener, read by the agent over TLS.
+    let p = MqttClient::connect(&mqtt.url(), "tls-test-publisher");
+    p.publish("lab/t-tls/temperature", "23.5", false);
+    let mut r = Reader::new(&broker.addr(), &topics.outputs());
+    r.until("the reading over TLS", Duration::from_secs(20), |m| {
+        readings(m, "t-tls").len() == 1
+    });
+    assert_eq!(readings(&r.msgs, "t-tls")[0]["value"], 23.5);
+}

@@ -790,13 +790,19 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub fn start() -> Mosquitto {
+        Mosquitto::start_with(|_| String::new())
+    }
+
+    /// With more configuration (e.g. a TLS listener) ahead of the default listener, given
+    /// the broker's state dir.
+    pub fn start_with(extra: impl FnOnce(&Path) -> String) -> Mosquitto {
         let dir = tempdir();
         let port = free_port();
         let conf = format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nautosave_interval 1\nmax_queued_messages 1000000\nmax_inflight_messages 1000\nlog_dest file {}/mosquitto.log\n{}",
+            "{}listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nautosave_interval 1\nmax_queued_messages 1000000\nmax_inflight_messages 1000\nlog_dest file {}/mosquitto.log\n",
+            extra(dir.path()),
             dir.path().display(),
-            dir.path().display(),
-            std::env::var("MOSQUITTO_EXTRA").unwrap_or_default().replace("\\n", "\n")
+            dir.path().display()
         );
         std::fs::write(dir.path().join("mosquitto.conf"), conf).expect("mosquitto.conf");
         // mosquitto started as root drops to the `mosquitto` user: let it write its
