@@ -15,25 +15,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
-fn scale() -> f64 {
-    std::env::var("LABGATE_BENCH_SCALE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1.0)
-}
-
-fn rss_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// Queues `n` QoS 1 messages on `bench/<i % 10>/v` (the broker acks each).
 fn publish_backlog(url: &str, n: u64, tag: &str) {
     let p = MqttClient::connect(url, &format!("bench-pub-{tag}"));

@@ -20,13 +20,6 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{json, Value};
 
-fn scale() -> f64 {
-    std::env::var("LABGATE_BENCH_SCALE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1.0)
-}
-
 fn scaled(n: u64) -> u64 {
     ((n as f64 * scale()) as u64).max(1000)
 }
@@ -45,18 +38,6 @@ fn sample_record(seq: u64) -> Stored {
         },
     );
     stamp(&d, "agent-bench", seq, SystemTime::now()).expect("stamp")
-}
-
-fn rss_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// The baseline: one FutureProducer with the agent's settings, the same in-flight
