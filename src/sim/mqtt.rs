@@ -164,13 +164,12 @@ pub async fn run(o: Options) -> Result<(), SimError> {
     Ok(())
 }
 
+/// The agent's own broker-URL parser; the simulator speaks plain MQTT only.
 fn parse(url: &str) -> Result<(String, u16), String> {
-    let rest = url
-        .strip_prefix("mqtt://")
-        .ok_or("must start with mqtt://")?;
-    let (h, p) = rest.rsplit_once(':').unwrap_or((rest, "1883"));
-    let port = p.parse().map_err(|_| format!("bad port {p:?}"))?;
-    Ok((h.to_string(), port))
+    match crate::devices::mqtt::broker_addr(url)? {
+        (false, host, port) => Ok((host, port)),
+        (true, ..) => Err("the simulator speaks plain mqtt:// only".into()),
+    }
 }
 
 fn ms() -> u64 {

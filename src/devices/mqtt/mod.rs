@@ -213,7 +213,7 @@ impl Config {
 }
 
 /// (tls, host, port) of a broker URL.
-fn broker_addr(url: &str) -> Result<(bool, String, u16), String> {
+pub(crate) fn broker_addr(url: &str) -> Result<(bool, String, u16), String> {
     let (tls, rest) = if let Some(r) = url.strip_prefix("mqtt://") {
         (false, r)
     } else if let Some(r) = url.strip_prefix("mqtts://") {

@@ -250,13 +250,7 @@ impl Host {
                 node.aliases.clear();
                 node.by_name.clear();
                 node.online = true;
-                node.bd_seq = p
-                    .metrics
-                    .iter()
-                    .find(|m| m.name.as_deref() == Some("bdSeq"))
-                    .and_then(|m| m.value.as_ref())
-                    .and_then(|v| number(datatype::UINT64, v))
-                    .map(|x| x as u64);
+                node.bd_seq = bd_seq(&p);
                 if p.seq.is_some_and(|s| s != 0) {
                     let mut d = where_();
                     d.insert("seq".into(), p.seq.into());
@@ -274,13 +268,7 @@ impl Host {
             }
             "NDATA" | "DDATA" => check_seq(node, &p, &mut out, where_),
             "NDEATH" => {
-                let bd = p
-                    .metrics
-                    .iter()
-                    .find(|m| m.name.as_deref() == Some("bdSeq"))
-                    .and_then(|m| m.value.as_ref())
-                    .and_then(|v| number(datatype::UINT64, v))
-                    .map(|x| x as u64);
+                let bd = bd_seq(&p);
                 let mut d = where_();
                 d.insert("bd_seq".into(), bd.into());
                 if node.bd_seq.is_some() && bd != node.bd_seq {
@@ -373,6 +361,16 @@ impl Host {
         }
         Ok(out)
     }
+}
+
+/// The `bdSeq` metric of an NBIRTH or NDEATH.
+fn bd_seq(p: &Payload) -> Option<u64> {
+    p.metrics
+        .iter()
+        .find(|m| m.name.as_deref() == Some("bdSeq"))
+        .and_then(|m| m.value.as_ref())
+        .and_then(|v| number(datatype::UINT64, v))
+        .map(|x| x as u64)
 }
 
 fn learn(node: &mut Node, scope: &str, metrics: &[Metric]) {
