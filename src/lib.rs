@@ -36,4 +36,5 @@ pub mod pipeline;
 pub mod record;
 pub mod sim;
 pub mod systemd;
+pub mod time;
 pub mod tools;

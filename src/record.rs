@@ -321,6 +321,10 @@ struct Wire<'a> {
     seq: u64,
     event_id: &'a str,
     schema_version: u32,
+    /// The source gave a time that cannot be represented (before 1970, after 9999):
+    /// `timestamp` is the agent's receive time instead.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    source_time_rejected: bool,
 }
 
 /// Errors of turning a record into bytes.
@@ -330,15 +334,24 @@ pub enum EncodeError {
     Json(&'static str, serde_json::Error),
 }
 
-/// Stamps `draft` with its envelope and encodes its JSON wire message.
+/// Stamps `draft` with its envelope and encodes its JSON wire message. Never panics: a
+/// source time outside 1970…9999 is replaced by `now` and flagged
+/// (`source_time_rejected`), and a clock outside that range is clamped.
 pub fn stamp(
     draft: &Draft,
     agent_id: &str,
     seq: u64,
     now: SystemTime,
 ) -> Result<Stored, EncodeError> {
-    let time = draft.time.unwrap_or(now);
-    let ts = humantime::format_rfc3339_millis(time).to_string();
+    let now = crate::time::checked(now).unwrap_or(SystemTime::UNIX_EPOCH);
+    let (time, source_time_rejected) = match draft.time {
+        None => (now, false),
+        Some(t) => match crate::time::checked(t) {
+            Some(t) => (t, false),
+            None => (now, true),
+        },
+    };
+    let ts = crate::time::format_rfc3339_millis(time).unwrap_or_default();
     let event_id = uuid::Uuid::new_v4();
     let mut id_buf = uuid::Uuid::encode_buffer();
     let wire = Wire {
@@ -349,6 +362,7 @@ pub fn stamp(
         seq,
         event_id: event_id.hyphenated().encode_lower(&mut id_buf),
         schema_version: SCHEMA_VERSION,
+        source_time_rejected,
     };
     let payload =
         serde_json::to_vec(&wire).map_err(|e| EncodeError::Json(draft.body.type_name(), e))?;
@@ -411,6 +425,34 @@ mod tests {
         assert_eq!(v["event_id"].as_str().unwrap().len(), 36);
         assert_eq!(s.key, "exp_001");
         assert_eq!(s.topic, TopicKind::Events);
+    }
+
+    #[test]
+    fn an_impossible_source_time_falls_back_to_the_receive_time_and_is_flagged() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_millis(1_705_314_600_000);
+        for bad in [
+            SystemTime::UNIX_EPOCH - Duration::from_secs(60),
+            SystemTime::UNIX_EPOCH + Duration::from_millis(253_402_300_800_000),
+            SystemTime::UNIX_EPOCH + Duration::from_secs(9_000_000_000_000),
+        ] {
+            let d = Draft {
+                time: Some(bad),
+                ..Draft::agent_event("x", serde_json::Map::new())
+            };
+            let s = stamp(&d, "a", 0, now).unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&s.payload).unwrap();
+            assert_eq!(v["timestamp"], "2024-01-15T10:30:00.000Z");
+            assert_eq!(v["source_time_rejected"], true);
+        }
+        let ok = stamp(
+            &Draft::agent_event("x", serde_json::Map::new()),
+            "a",
+            0,
+            now,
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&ok.payload).unwrap();
+        assert!(v.get("source_time_rejected").is_none());
     }
 
     #[test]

@@ -59,10 +59,11 @@
 //! the order of index change and write must be atomic (append).
 
 mod model_test;
+pub mod store;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -212,6 +213,7 @@ impl State {
 
 /// The sled outbox. See the module docs for its invariants.
 pub struct Buffer {
+    store: Arc<store::Store>,
     db: sled::Db,
     outbox: sled::Tree,
     dead: sled::Tree,
@@ -240,12 +242,8 @@ fn from_be(b: &[u8]) -> Option<u64> {
 impl Buffer {
     /// Opens (or creates) the buffer in `dir` and rebuilds its index from disk.
     pub fn open(dir: &Path, cfg: &BufferConfig) -> Result<Buffer, BufferError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(cfg.cache_capacity)
-            .mode(sled::Mode::HighThroughput)
-            .flush_every_ms(None)
-            .open()?;
+        let store = Arc::new(store::open(dir, cfg.cache_capacity).map_err(sled::Error::Io)?);
+        let db = store.db().clone();
         let outbox = db.open_tree("outbox")?;
         let dead = db.open_tree("dead")?;
         let mut st = State::default();
@@ -275,6 +273,7 @@ impl Buffer {
             .unwrap_or(0);
         let (durable_tx, _) = watch::channel(0);
         Ok(Buffer {
+            store,
             db,
             outbox,
             dead,
@@ -404,7 +403,7 @@ impl Buffer {
     /// Makes every earlier append durable, then lets the forwarder read it.
     pub async fn flush(&self) -> Result<(), BufferError> {
         let upto = self.state().next_chunk;
-        self.db.flush_async().await?;
+        self.store.sync().await?;
         let mut st = self.state();
         if upto > st.durable_end {
             st.durable_end = upto;
@@ -414,16 +413,16 @@ impl Buffer {
         Ok(())
     }
 
-    /// Synchronous flush, for shutdown paths outside the runtime.
-    /// Another tree in the same store (same durability, same flush), for state that must
-    /// survive restarts alongside the records, such as the command replay store.
-    pub fn side_tree(&self, name: &str) -> Result<sled::Tree, BufferError> {
-        Ok(self.db.open_tree(name)?)
+    /// Another tree in the same store, for state that must survive restarts alongside
+    /// the records (the command replay store), with the store's durability point.
+    pub fn side_tree(&self, name: &str) -> Result<(sled::Tree, Arc<store::Store>), BufferError> {
+        Ok((self.db.open_tree(name)?, self.store.clone()))
     }
 
+    /// Synchronous [`Buffer::flush`], for shutdown paths outside the runtime.
     pub fn flush_blocking(&self) -> Result<(), BufferError> {
         let upto = self.state().next_chunk;
-        self.db.flush()?;
+        self.store.sync_blocking()?;
         let mut st = self.state();
         st.durable_end = st.durable_end.max(upto);
         Ok(())

@@ -146,22 +146,17 @@ pub struct Validator {
     keys: BTreeMap<String, (VerifyingKey, Vec<CommandKind>)>,
 }
 
-/// An RFC 3339 UTC time (`Z` or `+00:00`).
+/// An RFC 3339 time (the rules of [`crate::time::parse_rfc3339`]).
 fn parse_time(s: &str) -> Option<SystemTime> {
-    let s = s
-        .strip_suffix("+00:00")
-        .map_or(s.to_string(), |b| format!("{b}Z"));
-    humantime::parse_rfc3339_weak(&s).ok()
+    crate::time::parse_rfc3339(s)
 }
 
-/// A duration: a number of seconds or a humantime string (`30s`, `2m`).
+/// A duration: a number of seconds or a humantime string (`30s`, `2m`), at most
+/// [`crate::time::MAX_DURATION`].
 fn parse_duration(v: &Value) -> Option<Duration> {
     match v {
-        Value::Number(n) => n
-            .as_f64()
-            .filter(|f| f.is_finite() && *f >= 0.0 && *f < 1e9)
-            .map(Duration::from_secs_f64),
-        Value::String(s) => humantime::parse_duration(s).ok(),
+        Value::Number(n) => n.as_f64().and_then(crate::time::duration_from_secs_f64),
+        Value::String(s) => crate::time::parse_duration_text(s),
         _ => None,
     }
 }
@@ -389,10 +384,20 @@ impl Validator {
 
         // Is it fresh?
         let issued = issued_at.or(timestamp).or(meta.kafka_time).unwrap_or(now);
+        // Every sum below is checked: times and durations come from the sender.
+        let too_far = || {
+            fail(
+                &r,
+                Code::Schema,
+                "the command's lifetime ends after 9999".into(),
+            )
+        };
         let expires = match (expires_at, ttl) {
             (Some(e), _) => e,
-            (None, Some(t)) => issued + t,
-            (None, None) => issued + self.policy.default_ttl,
+            (None, Some(t)) => crate::time::add(issued, t).ok_or_else(too_far)?,
+            (None, None) => {
+                crate::time::add(issued, self.policy.default_ttl).ok_or_else(too_far)?
+            }
         };
         let life = expires
             .duration_since(issued)
@@ -409,7 +414,7 @@ impl Validator {
             ));
         }
         let skew = self.policy.clock_skew;
-        if issued > now + skew {
+        if now.checked_add(skew).is_none_or(|latest| issued > latest) {
             return Err(fail(
                 &r,
                 Code::NotYetValid,
@@ -420,7 +425,7 @@ impl Validator {
                 ),
             ));
         }
-        if now > expires + skew {
+        if expires.checked_add(skew).is_some_and(|last| now > last) {
             return Err(fail(
                 &r,
                 Code::Expired,
@@ -657,7 +662,11 @@ impl Handler {
                 received,
             }
         }
-        let keep_until = cmd.expires_at + self.validator.policy.clock_skew + REPLAY_MARGIN;
+        let keep_until = cmd
+            .expires_at
+            .checked_add(self.validator.policy.clock_skew)
+            .and_then(|t| t.checked_add(REPLAY_MARGIN))
+            .unwrap_or(cmd.expires_at);
         match self
             .replay
             .claim(&cmd.command_id, keep_until, received)
@@ -665,7 +674,8 @@ impl Handler {
         {
             Ok(None) => {}
             Ok(Some(seen)) => {
-                let first = SystemTime::UNIX_EPOCH + Duration::from_micros(seen.first_seen_us);
+                let first = crate::time::from_unix_ms(seen.first_seen_us / 1000)
+                    .unwrap_or(SystemTime::UNIX_EPOCH);
                 let reason = format!(
                     "command_id already executed (first received {}); not run again",
                     humantime::format_rfc3339_millis(first)
@@ -929,7 +939,7 @@ pub async fn run(
                         .timestamp()
                         .to_millis()
                         .and_then(|ms| u64::try_from(ms).ok())
-                        .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms)),
+                        .and_then(crate::time::from_unix_ms),
                     position: Some((m.partition(), m.offset())),
                 };
                 handler.handle(m.payload().unwrap_or(b""), meta).await;

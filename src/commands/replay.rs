@@ -3,8 +3,10 @@
 //! attacker or by Kafka redelivery after a crash, is answered `duplicate` and not run
 //! again, also after a restart.
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
+use crate::buffer::store::Store;
 use crate::record::unix_us;
 
 #[derive(Debug, thiserror::Error)]
@@ -14,6 +16,8 @@ pub struct ReplayError(#[from] sled::Error);
 #[derive(Clone)]
 pub struct ReplayStore {
     tree: sled::Tree,
+    /// The buffer's store: a claim is durable only after its sync (fdatasync).
+    store: Arc<Store>,
 }
 
 /// A command id seen before, and when.
@@ -36,8 +40,8 @@ fn field(v: &[u8], at: usize) -> u64 {
 }
 
 impl ReplayStore {
-    pub fn new(tree: sled::Tree) -> ReplayStore {
-        ReplayStore { tree }
+    pub fn new((tree, store): (sled::Tree, Arc<Store>)) -> ReplayStore {
+        ReplayStore { tree, store }
     }
 
     /// Records `id` (kept until `keep_until`) unless it is there already, and makes the
@@ -54,7 +58,7 @@ impl ReplayStore {
             .compare_and_swap(id.as_bytes(), None as Option<&[u8]>, Some(&new[..]))?
         {
             Ok(()) => {
-                self.tree.flush_async().await?;
+                self.store.sync().await?;
                 Ok(None)
             }
             Err(cas) => Ok(Some(Seen {
@@ -95,9 +99,12 @@ mod tests {
     async fn a_claimed_id_is_a_replay_until_purged_and_survives_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let open = || {
+            let store = Arc::new(crate::buffer::store::open(dir.path(), 1 << 20).unwrap());
+            ReplayStore::new((store.db().open_tree("ids").unwrap(), store))
+        };
         {
-            let db = sled::open(dir.path()).unwrap();
-            let s = ReplayStore::new(db.open_tree("ids").unwrap());
+            let s = open();
             assert_eq!(
                 s.claim("a", t0 + Duration::from_secs(60), t0)
                     .await
@@ -117,8 +124,7 @@ mod tests {
                 })
             );
         }
-        let db = sled::open(dir.path()).unwrap();
-        let s = ReplayStore::new(db.open_tree("ids").unwrap());
+        let s = open();
         assert!(s.claim("a", t0, t0).await.unwrap().is_some());
         assert_eq!(s.purge(t0 + Duration::from_secs(59)).unwrap(), 0);
         assert_eq!(s.purge(t0 + Duration::from_secs(61)).unwrap(), 1);

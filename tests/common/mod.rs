@@ -2,6 +2,8 @@
 //! reader for topics. Nothing here is a mock: a missing broker binary fails the test.
 #![allow(dead_code)]
 
+pub mod faultfs;
+
 use std::collections::HashMap;
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};

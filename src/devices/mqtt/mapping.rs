@@ -4,7 +4,7 @@
 //! alias tables); never panics on any input (a property test feeds it 10⁶ payloads).
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -635,64 +635,32 @@ pub fn lookup<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
     Some(cur)
 }
 
-/// A timestamp: Unix seconds or milliseconds (by magnitude), or RFC 3339 with `Z` or
-/// an offset; a time without a zone is taken as UTC.
+/// A timestamp: Unix seconds or milliseconds (by magnitude: 10^11 and above are
+/// milliseconds), or RFC 3339 with `Z` or an offset; a time without a zone is taken as
+/// UTC. Times that cannot be represented (before 1970, after 9999) are `None`.
 pub fn parse_time(v: &Value) -> Option<SystemTime> {
     match v {
         Value::Number(n) => {
             if let Some(i) = n.as_u64() {
-                return Some(if i >= 100_000_000_000 {
-                    if i > 100_000_000_000_000 {
-                        return None;
-                    }
-                    SystemTime::UNIX_EPOCH + Duration::from_millis(i)
+                return if i >= 100_000_000_000 {
+                    crate::time::from_unix_ms(i)
                 } else {
-                    SystemTime::UNIX_EPOCH + Duration::from_secs(i)
-                });
+                    crate::time::from_unix_ms(i.checked_mul(1000)?)
+                };
             }
             let x = n.as_f64()?;
-            if !x.is_finite() || !(0.0..=1e14).contains(&x) {
-                return None;
-            }
             let secs = if x >= 1e11 { x / 1000.0 } else { x };
-            Some(SystemTime::UNIX_EPOCH + Duration::from_secs_f64(secs))
+            crate::time::from_unix_secs_f64(secs)
         }
-        Value::String(s) => parse_rfc3339(s),
+        Value::String(s) => crate::time::parse_rfc3339(s),
         _ => None,
-    }
-}
-
-fn parse_rfc3339(s: &str) -> Option<SystemTime> {
-    let s = s.trim();
-    if s.len() < 19 || !s.is_char_boundary(19) {
-        return None;
-    }
-    let (main, zone) = match s.rfind(['+', '-']) {
-        Some(i) if i >= 19 && s.is_char_boundary(i) => (&s[..i], &s[i..]),
-        _ => (s.trim_end_matches(['Z', 'z']), ""),
-    };
-    let t = humantime::parse_rfc3339_weak(main).ok()?;
-    if zone.is_empty() {
-        return Some(t);
-    }
-    let sign = if zone.starts_with('-') { -1i64 } else { 1 };
-    let hm = zone[1..].replace(':', "");
-    if hm.len() != 4 || !hm.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let h: i64 = hm[..2].parse().ok()?;
-    let m: i64 = hm[2..].parse().ok()?;
-    let offset = sign * (h * 3600 + m * 60);
-    if offset >= 0 {
-        t.checked_sub(Duration::from_secs(offset as u64))
-    } else {
-        t.checked_add(Duration::from_secs((-offset) as u64))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn sub(toml_text: &str) -> Subscription {
         let s: Subscription = toml::from_str(toml_text).unwrap();

@@ -344,7 +344,7 @@ impl Host {
                 sensor_type: info.name.clone(),
                 value,
                 unit: info.unit.clone(),
-                time: ms.map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms)),
+                time: ms.and_then(crate::time::from_unix_ms),
                 metadata,
             });
         }

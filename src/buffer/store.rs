@@ -1,0 +1,142 @@
+//! The sled store under the buffer and its durability point.
+//!
+//! sled 0.34's own flush writes its log with `pwrite` and then calls `sync_file_range`,
+//! which starts write-back of the page range but does not flush the disk's cache or the
+//! file's metadata (its size): after a power cut, what sled called flushed can be gone.
+//! [`Store::sync`] is the agent's one durability point: sled's flush, then
+//!
+//! 1. fdatasync of every blob file sled created since the last sync (values too large for
+//!    the log live in `blobs/`), and fsync of `blobs/` when its entries changed;
+//! 2. fdatasync of the log file `db`;
+//! 3. fsync of the store's directory when its entries changed (sled renames snapshot
+//!    files into place and deletes old ones).
+//!
+//! Blobs go before the log so that a log entry never points at a blob that is not on
+//! disk. Nothing is acknowledged upstream, made readable for the forwarder, or executed
+//! before the sync that covers it has returned.
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// The open store and what of its directory is known to be durable.
+pub struct Store {
+    db: sled::Db,
+    dir: PathBuf,
+    log: File,
+    synced: Mutex<Synced>,
+}
+
+/// Directory entries as of the last directory fsync.
+#[derive(Default)]
+struct Synced {
+    top: BTreeSet<OsString>,
+    blobs: BTreeSet<OsString>,
+}
+
+/// Opens sled in `dir` and makes everything sled created while opening durable (a new
+/// store's files and the directory entries leading to them).
+pub fn open(dir: &Path, cache_capacity: u64) -> std::io::Result<Store> {
+    std::fs::create_dir_all(dir)?;
+    let db = sled::Config::new()
+        .path(dir)
+        .cache_capacity(cache_capacity)
+        .mode(sled::Mode::HighThroughput)
+        .flush_every_ms(None)
+        .open()
+        .map_err(std::io::Error::other)?;
+    let log = File::open(dir.join("db"))?;
+    let store = Store {
+        db,
+        dir: dir.to_path_buf(),
+        log,
+        synced: Mutex::new(Synced::default()),
+    };
+    store.sync_files()?;
+    // The entries leading to the store, in case `create_dir_all` just made them: the
+    // parent must sync; higher up it is best effort (a directory we may not open).
+    let mut up = dir.parent();
+    let mut first = true;
+    while let Some(d) = up {
+        match sync_dir(d) {
+            Err(e) if first => return Err(e),
+            _ => {}
+        }
+        first = false;
+        up = d.parent();
+    }
+    Ok(store)
+}
+
+impl Store {
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    /// Makes every write to the store so far durable (see the module docs).
+    pub async fn sync(self: &Arc<Self>) -> Result<(), sled::Error> {
+        self.db.flush_async().await?;
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.sync_files())
+            .await
+            .map_err(|e| sled::Error::Io(std::io::Error::other(e)))?
+            .map_err(sled::Error::Io)
+    }
+
+    /// [`Store::sync`] for code outside the runtime (shutdown paths, tools, tests).
+    pub fn sync_blocking(&self) -> Result<(), sled::Error> {
+        self.db.flush()?;
+        self.sync_files().map_err(sled::Error::Io)
+    }
+
+    /// fdatasync / fsync of what sled wrote, in the order the module docs give.
+    fn sync_files(&self) -> std::io::Result<()> {
+        let mut synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
+        let blob_dir = self.dir.join("blobs");
+        if blob_dir.is_dir() {
+            let now = entries(&blob_dir)?;
+            if now != synced.blobs {
+                for name in now.difference(&synced.blobs) {
+                    sync_file(&blob_dir.join(name))?;
+                }
+                sync_dir(&blob_dir)?;
+                synced.blobs = now;
+            }
+        }
+        self.log.sync_data()?;
+        let now = entries(&self.dir)?;
+        if now != synced.top {
+            for name in now.difference(&synced.top) {
+                let p = self.dir.join(name);
+                if p.is_file() {
+                    sync_file(&p)?;
+                }
+            }
+            sync_dir(&self.dir)?;
+            synced.top = now;
+        }
+        Ok(())
+    }
+}
+
+fn entries(dir: &Path) -> std::io::Result<BTreeSet<OsString>> {
+    std::fs::read_dir(dir)?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect()
+}
+
+fn sync_file(path: &Path) -> std::io::Result<()> {
+    match File::open(path) {
+        Ok(f) => f.sync_data(),
+        // sled removes old snapshot and blob files on its own; a file gone between the
+        // listing and the open needs no sync.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
