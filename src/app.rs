@@ -1,14 +1,21 @@
-//! The running agent: builds every subsystem from the config, runs them, and shuts them
-//! down in order (design.md): devices and commands stop → pending records reach the
-//! buffer → the forwarder finishes in-flight sends within the grace period → the buffer
-//! is flushed.
+//! The running agent: builds every subsystem from the config, runs and supervises them,
+//! and shuts them down in order: devices and commands stop → what they said last (and the
+//! pipeline's open windows) reaches the buffer → the forwarder delivers what is durable
+//! within the grace period → the buffer is flushed.
+//!
+//! Supervision: ingest, the forwarder, the command consumer and the HTTP server must run
+//! as long as the agent does. The first of them to end or panic is logged with its cause
+//! and the agent exits non-zero (74 for disk failures, 70 otherwise), so systemd starts it
+//! again on what is on disk. Devices are supervised one by one ([`devices::supervise`]):
+//! a failing or panicking driver is restarted with backoff.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -19,7 +26,7 @@ use crate::devices::control;
 use crate::devices::{self, DeviceCtx};
 use crate::http::{self, HttpState};
 use crate::ingest;
-use crate::kafka::{self, forwarder::Forwarder};
+use crate::kafka::{self, forwarder::Forwarder, forwarder::ForwarderError};
 use crate::metrics::Metrics;
 
 /// Capacity of the ingest channel (records waiting to be stamped and appended). Ingest
@@ -43,8 +50,28 @@ pub enum AgentError {
         addr: String,
         source: std::io::Error,
     },
-    #[error("task failed: {0}")]
-    Task(String),
+    /// A long-running stage ended or panicked while the agent was running: the agent
+    /// exits so that systemd starts it again on what is on disk.
+    #[error("{stage} stopped: {cause}")]
+    Stage {
+        stage: &'static str,
+        cause: String,
+        /// A buffer storage failure (disk full, I/O error, read-only).
+        disk: bool,
+    },
+}
+
+impl AgentError {
+    /// The process exit code: 74 (EX_IOERR) for disk failures, 70 (EX_SOFTWARE) for a
+    /// stage that stopped, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            AgentError::Buffer(_) | AgentError::DataDir { .. } => 74,
+            AgentError::Stage { disk: true, .. } => 74,
+            AgentError::Stage { .. } => 70,
+            _ => 1,
+        }
+    }
 }
 
 /// Path of the buffer inside the data dir.
@@ -52,7 +79,77 @@ pub fn buffer_dir(cfg: &Config) -> std::path::PathBuf {
     cfg.agent.data_dir.join("buffer")
 }
 
-/// Runs the agent until `stop` is cancelled (a signal, in `main`).
+/// The long-running stages; each one ending before shutdown ends the agent.
+struct Stages {
+    ingest: Option<JoinHandle<Result<(), BufferError>>>,
+    forwarder: Option<JoinHandle<Result<(), ForwarderError>>>,
+    commands: Option<JoinHandle<Result<(), commands::CommandError>>>,
+    http: Option<JoinHandle<()>>,
+}
+
+/// Waits for a task that may not exist (then forever).
+async fn join<T>(h: &mut Option<JoinHandle<T>>) -> Result<T, tokio::task::JoinError> {
+    match h.as_mut() {
+        Some(h) => h.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What a panic said, for the log.
+fn panic_text(e: &tokio::task::JoinError) -> String {
+    if e.is_cancelled() {
+        return "cancelled".into();
+    }
+    format!("panicked: {e}")
+}
+
+impl Stages {
+    /// Resolves with the first stage that ends, and why.
+    async fn first_to_end(&mut self) -> AgentError {
+        let fail = |stage: &'static str, cause: String, disk: bool| AgentError::Stage {
+            stage,
+            cause,
+            disk,
+        };
+        tokio::select! {
+            r = join(&mut self.ingest) => {
+                self.ingest = None;
+                match r {
+                    Ok(Err(e)) => { let disk = e.disk_kind().is_some(); fail("ingest", e.to_string(), disk) }
+                    Ok(Ok(())) => fail("ingest", "ended early".into(), false),
+                    Err(e) => fail("ingest", panic_text(&e), false),
+                }
+            }
+            r = join(&mut self.forwarder) => {
+                self.forwarder = None;
+                match r {
+                    Ok(Err(ForwarderError::Buffer(e))) => { let disk = e.disk_kind().is_some(); fail("forwarder", e.to_string(), disk) }
+                    Ok(Err(e)) => fail("forwarder", e.to_string(), false),
+                    Ok(Ok(())) => fail("forwarder", "ended early".into(), false),
+                    Err(e) => fail("forwarder", panic_text(&e), false),
+                }
+            }
+            r = join(&mut self.commands) => {
+                self.commands = None;
+                match r {
+                    Ok(Err(e)) => fail("command consumer", e.to_string(), false),
+                    Ok(Ok(())) => fail("command consumer", "ended early".into(), false),
+                    Err(e) => fail("command consumer", panic_text(&e), false),
+                }
+            }
+            r = join(&mut self.http) => {
+                self.http = None;
+                match r {
+                    Ok(()) => fail("http server", "ended early".into(), false),
+                    Err(e) => fail("http server", panic_text(&e), false),
+                }
+            }
+        }
+    }
+}
+
+/// Runs the agent until `stop` is cancelled (a signal, in `main`). Returns an error
+/// when a stage failed; the process then exits non-zero and systemd restarts it.
 pub async fn run(
     cfg: Config,
     config_path: Option<PathBuf>,
@@ -68,7 +165,16 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new());
     let buffer = Arc::new(Buffer::open(&buffer_dir(&cfg), &cfg.buffer)?);
     let stats = buffer.stats();
-    tracing::info!(agent_id = %cfg.agent.agent_id, records = stats.records, bytes = stats.bytes, "buffer open");
+    tracing::info!(agent_id = %cfg.agent.agent_id, records = stats.records, bytes = stats.bytes, quarantined = stats.quarantined_chunks, "buffer open");
+    let last_error = ingest::take_error_note(&buffer);
+    if let Some(note) = &last_error {
+        let kind = note.get("kind").and_then(|k| k.as_str()).unwrap_or("other");
+        metrics.count_buffer_error(kind);
+        tracing::warn!(?note, "the last run stopped on a buffer failure");
+    }
+    if cfg.kafka.commands_enabled && cfg.commands.allow_unsigned() {
+        tracing::warn!("commands.allow_unsigned = true: anyone who can write the command topic can pause, resume and stop instruments");
+    }
 
     // HTTP first, so /health answers while everything else starts.
     let http_stop = CancellationToken::new();
@@ -98,22 +204,35 @@ pub async fn run(
     };
 
     let (ingest, ingest_rx) = ingest::channel(INGEST_QUEUE);
+    let ingest_drain = CancellationToken::new();
+    let (drained_tx, drained_rx) = oneshot::channel();
     let ingest_task = tokio::spawn(ingest::run(
         ingest_rx,
-        buffer.clone(),
-        cfg.agent.agent_id.clone(),
-        cfg.buffer.commit_interval,
-        metrics.clone(),
-        crate::pipeline::Pipeline::new(&cfg.pipeline, metrics.clone()),
+        ingest::IngestStage {
+            buffer: buffer.clone(),
+            agent_id: cfg.agent.agent_id.clone(),
+            commit_interval: cfg.buffer.commit_interval,
+            metrics: metrics.clone(),
+            pipeline: crate::pipeline::Pipeline::new(&cfg.pipeline, metrics.clone()),
+            drain: ingest_drain.clone(),
+            drained: Some(drained_tx),
+        },
     ));
+    if let Some(note) = last_error {
+        ingest.event("buffer_error", note).await;
+    }
+    let stats = buffer.stats();
+    if stats.quarantined_chunks > 0 {
+        ingest
+            .event(
+                "buffer_chunks_quarantined",
+                crate::record::object([("chunks", stats.quarantined_chunks.into())]),
+            )
+            .await;
+    }
 
     let (failures_tx, failures) = mpsc::unbounded_channel();
-    let sink = Arc::new(kafka::DeliverySink {
-        buffer: buffer.clone(),
-        in_flight: std::sync::atomic::AtomicUsize::new(0),
-        failures: failures_tx,
-        wake: tokio::sync::Notify::new(),
-    });
+    let sink = Arc::new(kafka::DeliverySink::new(buffer.clone(), failures_tx));
     let producer = kafka::producer(
         &cfg,
         kafka::AgentContext {
@@ -173,17 +292,19 @@ pub async fn run(
         let cfg = cfg.clone();
         let stop = cmd_stop.clone();
         Some(tokio::spawn(async move {
-            // A consumer that cannot even be created (bad config) is retried; commands
-            // matter too much to give up on, and data keeps flowing meanwhile.
-            if let Err(e) = commands::run(&cfg, handler, stop).await {
-                tracing::error!(error = %e, "command consumer stopped");
-            }
+            commands::run(&cfg, handler, stop).await
         }))
     } else {
         drop(router);
         None
     };
     drop(ingest);
+    let mut stages = Stages {
+        ingest: Some(ingest_task),
+        forwarder: Some(fwd_task),
+        commands: cmd_task,
+        http: http_task,
+    };
 
     // systemd: ready (the buffer is open and every stage runs); watchdog while loops beat.
     if let Err(e) = crate::systemd::notify("READY=1") {
@@ -199,9 +320,10 @@ pub async fn run(
     }
     tracing::info!(devices = cfg.devices.len(), "agent running");
     let mut current = (*cfg).clone();
-    loop {
+    let failed = loop {
         tokio::select! {
-            () = stop.cancelled() => break,
+            () = stop.cancelled() => break None,
+            e = stages.first_to_end() => break Some(e),
             Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
                 let _ = crate::systemd::notify("RELOADING=1");
                 if let Some(path) = &config_path {
@@ -212,38 +334,117 @@ pub async fn run(
                 let _ = crate::systemd::notify("READY=1");
             }
         }
-    }
+    };
     let _ = crate::systemd::notify("STOPPING=1");
-    tracing::info!("shutting down: stopping devices and commands");
-    drop(fleet);
-    devices_tracker.close();
-
-    cmd_stop.cancel();
-    dev_stop.cancel();
-    background.cancel();
-    devices_tracker.wait().await;
-    if let Some(t) = cmd_task {
-        let _ = t.await;
+    if let Some(e) = failed {
+        // Whatever was acknowledged is on disk; the rest of the process goes down
+        // with the runtime, and systemd starts the agent again.
+        tracing::error!(error = %e, "a stage of the agent failed; exiting so that it restarts");
+        let _ = crate::systemd::notify(&format!("STATUS=failed: {e}"));
+        return Err(e);
     }
-    tracing::info!(grace = ?cfg.agent.shutdown_grace, "devices stopped; finishing in-flight sends");
-    fwd_stop.cancel();
-    let fwd_result = fwd_task
-        .await
-        .map_err(|e| AgentError::Task(e.to_string()))?;
-    // The forwarder held the last ingest handle: ingest now drains and flushes.
-    let ingest_result = ingest_task
-        .await
-        .map_err(|e| AgentError::Task(e.to_string()))?;
-    buffer.flush().await?;
-    http_stop.cancel();
-    if let Some(t) = http_task {
-        let _ = t.await;
-    }
-    fwd_result?;
-    ingest_result?;
+    drain(
+        stages,
+        Drain {
+            fleet,
+            devices: devices_tracker,
+            dev_stop,
+            cmd_stop,
+            background,
+            ingest_drain,
+            drained: drained_rx,
+            fwd_stop,
+            http_stop,
+            grace: cfg.agent.shutdown_grace,
+        },
+    )
+    .await?;
     let s = buffer.stats();
     tracing::info!(records_left = s.records, "buffer flushed; agent stopped");
     Ok(())
+}
+
+/// What an orderly shutdown stops, in order.
+struct Drain {
+    fleet: Fleet,
+    devices: TaskTracker,
+    dev_stop: CancellationToken,
+    cmd_stop: CancellationToken,
+    background: CancellationToken,
+    ingest_drain: CancellationToken,
+    drained: oneshot::Receiver<()>,
+    fwd_stop: CancellationToken,
+    http_stop: CancellationToken,
+    grace: Duration,
+}
+
+/// Orderly shutdown: devices and commands stop → ingest stores what they said last
+/// and the pipeline's open windows → the forwarder delivers what is durable within the
+/// grace period → ingest ends and flushes. Every wait is bounded.
+async fn drain(mut stages: Stages, d: Drain) -> Result<(), AgentError> {
+    tracing::info!("shutting down: stopping devices and commands");
+    drop(d.fleet);
+    d.devices.close();
+    d.cmd_stop.cancel();
+    d.dev_stop.cancel();
+    d.background.cancel();
+    let bound = d.grace.max(Duration::from_secs(5));
+    if tokio::time::timeout(bound, d.devices.wait()).await.is_err() {
+        tracing::warn!("devices did not stop within the grace period");
+    }
+    if let Some(t) = stages.commands.take() {
+        match tokio::time::timeout(bound, t).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "command consumer ended with an error"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "command consumer task failed"),
+            Err(_) => tracing::warn!("command consumer did not stop within the grace period"),
+            Ok(Ok(Ok(()))) => {}
+        }
+    }
+    d.ingest_drain.cancel();
+    if tokio::time::timeout(bound, d.drained).await.is_err() {
+        tracing::warn!("ingest did not store the last records within the grace period");
+    }
+    tracing::info!(grace = ?d.grace, "devices stopped; delivering what is buffered");
+    d.fwd_stop.cancel();
+    let fwd = match stages.forwarder.take() {
+        Some(t) => tokio::time::timeout(d.grace + bound, t).await,
+        None => Ok(Ok(Ok(()))),
+    };
+    // The forwarder held the last ingest handle: ingest now ends and flushes.
+    let ing = match stages.ingest.take() {
+        Some(t) => tokio::time::timeout(bound, t).await,
+        None => Ok(Ok(Ok(()))),
+    };
+    d.http_stop.cancel();
+    if let Some(t) = stages.http.take() {
+        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+    }
+    let stage = |stage: &'static str, cause: String| AgentError::Stage {
+        stage,
+        cause,
+        disk: false,
+    };
+    match ing {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => return Err(e.into()),
+        Ok(Err(e)) => return Err(stage("ingest", panic_text(&e))),
+        Err(_) => {
+            return Err(stage(
+                "ingest",
+                "did not finish within the grace period".into(),
+            ))
+        }
+    }
+    match fwd {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(ForwarderError::Buffer(e)))) => Err(e.into()),
+        Ok(Ok(Err(e))) => Err(stage("forwarder", e.to_string())),
+        Ok(Err(e)) => Err(stage("forwarder", panic_text(&e))),
+        Err(_) => Err(stage(
+            "forwarder",
+            "did not finish within the grace period".into(),
+        )),
+    }
 }
 
 /// The running devices, by id.

@@ -95,9 +95,10 @@ pub struct KafkaConfig {
     pub sasl_mechanism: Option<SaslMechanism>,
     #[serde(default)]
     pub sasl_username: Option<String>,
-    /// Inline password; prefer `sasl_password_file` or `sasl_password_env`.
+    /// Inline password; prefer `sasl_password_file` or `sasl_password_env`. Never
+    /// printed (`***`).
     #[serde(default)]
-    pub sasl_password: Option<String>,
+    pub sasl_password: Option<crate::secret::Secret>,
     #[serde(default)]
     pub sasl_password_file: Option<PathBuf>,
     /// Name of an environment variable holding the password.
@@ -287,6 +288,11 @@ pub struct BufferConfig {
     /// Records per sled value.
     #[serde(default = "default_chunk")]
     pub records_per_chunk: usize,
+    /// Free space the data dir's filesystem must keep: below it the buffer counts as
+    /// full (the overflow policy applies) so that sled never meets ENOSPC in the middle
+    /// of a write, and deliveries (which also write) can still go on.
+    #[serde(default = "default_min_free")]
+    pub min_free_bytes: u64,
 }
 
 fn default_max_bytes() -> u64 {
@@ -301,6 +307,9 @@ fn default_cache() -> u64 {
 fn default_chunk() -> usize {
     64
 }
+fn default_min_free() -> u64 {
+    64 << 20
+}
 
 impl Default for BufferConfig {
     fn default() -> Self {
@@ -310,6 +319,7 @@ impl Default for BufferConfig {
             commit_interval: default_commit(),
             cache_capacity: default_cache(),
             records_per_chunk: default_chunk(),
+            min_free_bytes: default_min_free(),
         }
     }
 }
@@ -573,26 +583,16 @@ impl Config {
     }
 
     /// The SASL password from whichever source is configured.
-    pub fn sasl_password(&self) -> Result<Option<String>, ConfigError> {
+    pub fn sasl_password(&self) -> Result<Option<crate::secret::Secret>, ConfigError> {
         let k = &self.kafka;
-        if let Some(p) = &k.sasl_password {
-            return Ok(Some(p.clone()));
+        crate::secret::Sources {
+            key: "sasl_password",
+            inline: k.sasl_password.as_ref(),
+            file: k.sasl_password_file.as_deref(),
+            env: k.sasl_password_env.as_deref(),
         }
-        if let Some(f) = &k.sasl_password_file {
-            let text = std::fs::read_to_string(f).map_err(|e| {
-                invalid("kafka.sasl_password_file", format!("{}: {e}", f.display()))
-            })?;
-            return Ok(Some(text.trim_end_matches(['\r', '\n']).to_string()));
-        }
-        if let Some(var) = &k.sasl_password_env {
-            return std::env::var(var).map(Some).map_err(|_| {
-                invalid(
-                    "kafka.sasl_password_env",
-                    format!("environment variable {var} is not set"),
-                )
-            });
-        }
-        Ok(None)
+        .read()
+        .map_err(|(key, m)| invalid(format!("kafka.{key}"), m))
     }
 
     /// The consumer group of the command consumer.
@@ -605,10 +605,8 @@ impl Config {
 
     /// The effective config as TOML with every secret replaced by "***".
     pub fn redacted_toml(&self) -> String {
+        // Secrets print as "***" by themselves; passthrough properties are plain text.
         let mut c = self.clone();
-        if c.kafka.sasl_password.is_some() {
-            c.kafka.sasl_password = Some("***".into());
-        }
         for (key, value) in c.kafka.properties.iter_mut() {
             let k = key.to_ascii_lowercase();
             if k.contains("password") || k.contains("secret") || k.contains("key") {

@@ -1,7 +1,8 @@
 //! `/health`, `/metrics` (Prometheus text) and `/status` (JSON) over plain HTTP/1.1.
 //!
 //! Three read-only GET endpoints on loopback do not need a web framework: requests are
-//! read up to a small limit with a timeout, answered, and the connection closed.
+//! read up to a small limit with a timeout, answered within a timeout, and the
+//! connection closed; at most [`MAX_CONNECTIONS`] are served at once.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -61,6 +62,15 @@ impl HttpState {
                 "kafka unreachable: nothing acknowledged for {}s, {} records waiting",
                 since_ack.as_secs().min(stats.oldest_age_seconds as u64),
                 stats.records
+            ));
+        }
+        if let Some(e) = m.auth_error() {
+            out.push(format!("kafka refuses this agent: {e}"));
+        }
+        if stats.low_disk {
+            out.push(format!(
+                "disk nearly full: {} bytes free on the data dir's filesystem (buffer.min_free_bytes)",
+                stats.disk_free_bytes
             ));
         }
         let fill = self.buffer.fill_ratio();
@@ -128,9 +138,23 @@ impl HttpState {
     }
 }
 
+/// Connections served at once; more wait in the listen backlog, so a flood of idle
+/// clients cannot exhaust the agent.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Each of reading the request and writing the answer must finish within this.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Serves until shutdown.
 pub async fn serve(listener: TcpListener, state: Arc<HttpState>, shutdown: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            () = shutdown.cancelled() => return,
+        };
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(s) => s,
@@ -147,6 +171,7 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>, shutdown: Cance
             if let Err(e) = answer(stream, &state).await {
                 tracing::debug!(error = %e, "http request failed");
             }
+            drop(permit);
         });
     }
 }
@@ -167,7 +192,7 @@ async fn answer(mut stream: TcpStream, state: &HttpState) -> std::io::Result<()>
         }
         Ok::<_, std::io::Error>(())
     };
-    tokio::time::timeout(Duration::from_secs(5), read)
+    tokio::time::timeout(IO_TIMEOUT, read)
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request timeout"))??;
     let head = String::from_utf8_lossy(&buf[..len]);
@@ -188,8 +213,13 @@ async fn answer(mut stream: TcpStream, state: &HttpState) -> std::io::Result<()>
         "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    stream.write_all(resp.as_bytes()).await?;
-    stream.shutdown().await
+    let write = async {
+        stream.write_all(resp.as_bytes()).await?;
+        stream.shutdown().await
+    };
+    tokio::time::timeout(IO_TIMEOUT, write)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "response timeout"))?
 }
 
 /// A minimal GET for the CLI (`labgate buffer stats` asks the running agent).

@@ -101,15 +101,79 @@ pub struct IngestReceiver {
     rx: mpsc::Receiver<Item>,
 }
 
+/// What [`run`] needs besides its input.
+pub struct IngestStage {
+    pub buffer: Arc<Buffer>,
+    pub agent_id: String,
+    pub commit_interval: Duration,
+    pub metrics: Arc<Metrics>,
+    pub pipeline: Pipeline,
+    /// Cancelled at shutdown once the devices have stopped: ingest then stores what is
+    /// queued, closes the pipeline's open windows, flushes, and sends on `drained`, so
+    /// the forwarder can still deliver what the shutdown itself produced. It keeps
+    /// running (for dead-letter alerts) until every handle is gone.
+    pub drain: tokio_util::sync::CancellationToken,
+    pub drained: Option<oneshot::Sender<()>>,
+}
+
 /// Runs until every [`Ingest`] handle is dropped, then appends and flushes what is left.
-pub async fn run(
-    mut input: IngestReceiver,
-    buffer: Arc<Buffer>,
-    agent_id: String,
-    commit_interval: Duration,
-    metrics: Arc<Metrics>,
-    pipeline: Pipeline,
-) -> Result<(), BufferError> {
+/// A buffer error (disk full, I/O error, read-only disk) ends it with the error, after
+/// logging it with its cause and leaving a note for the next start
+/// ([`take_error_note`]): nothing waiting for durability is acknowledged.
+pub async fn run(input: IngestReceiver, stage: IngestStage) -> Result<(), BufferError> {
+    let buffer = stage.buffer.clone();
+    let metrics = stage.metrics.clone();
+    let r = run_inner(input, stage).await;
+    if let Err(e) = &r {
+        let kind = e.disk_kind().unwrap_or("other");
+        metrics.count_buffer_error(kind);
+        tracing::error!(error = %e, kind, "buffer write failed: records waiting for durability were not acknowledged; exiting so the agent restarts on what is on disk");
+        write_error_note(&buffer, kind, &e.to_string());
+    }
+    r
+}
+
+/// Where the note about a buffer failure is left: beside the buffer, outside sled.
+fn error_note_path(buffer: &Buffer) -> std::path::PathBuf {
+    let dir = buffer.dir();
+    dir.parent().unwrap_or(dir).join("last-buffer-error.json")
+}
+
+fn write_error_note(buffer: &Buffer, kind: &str, error: &str) {
+    let note = serde_json::json!({
+        "kind": kind,
+        "error": error,
+        "at": crate::time::format_rfc3339_millis(SystemTime::now()),
+    });
+    // Best effort: on a full or failing disk this may fail too.
+    let path = error_note_path(buffer);
+    if let Err(e) = std::fs::write(&path, note.to_string()) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot leave a note of the buffer failure");
+    }
+}
+
+/// The note a failed buffer left at the last run, removed once read: the agent reports
+/// it as a `buffer_error` event at start.
+pub fn take_error_note(buffer: &Buffer) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let path = error_note_path(buffer);
+    let text = std::fs::read_to_string(&path).ok()?;
+    let _ = std::fs::remove_file(&path);
+    match serde_json::from_str(&text) {
+        Ok(serde_json::Value::Object(m)) => Some(m),
+        _ => Some(object([("error", text.into())])),
+    }
+}
+
+async fn run_inner(mut input: IngestReceiver, stage: IngestStage) -> Result<(), BufferError> {
+    let IngestStage {
+        buffer,
+        agent_id,
+        commit_interval,
+        metrics,
+        pipeline,
+        drain,
+        mut drained,
+    } = stage;
     let mut w = Writer {
         pipeline,
         seqs: buffer.next_seqs()?,
@@ -139,6 +203,25 @@ pub async fn run(
         };
         tokio::select! {
             biased;
+            () = drain.cancelled(), if drained.is_some() => {
+                // Shutdown: what is queued now, then the open windows, then one flush.
+                while let Ok(item) = input.rx.try_recv() {
+                    items.push(item);
+                    if items.len() == BATCH {
+                        w.append(&mut items)?;
+                    }
+                }
+                if !items.is_empty() {
+                    w.append(&mut items)?;
+                }
+                w.pipeline_tick(|p, now| p.finish(now))?;
+                w.flush().await?;
+                last_flush = Instant::now();
+                dirty = false;
+                if let Some(tx) = drained.take() {
+                    let _ = tx.send(());
+                }
+            }
             () = tokio::time::sleep_until(deadline), if dirty => {
                 w.flush().await?;
                 last_flush = Instant::now();
@@ -162,9 +245,13 @@ pub async fn run(
             dirty = true;
         }
     }
-    // Windows still open are sent as partial aggregates rather than lost.
+    // Windows still open are sent as partial aggregates rather than lost (when the
+    // drain above did not already close them).
     w.pipeline_tick(|p, now| p.finish(now))?;
     w.flush().await?;
+    if let Some(tx) = drained.take() {
+        let _ = tx.send(());
+    }
     Ok(())
 }
 

@@ -34,6 +34,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod pipeline;
 pub mod record;
+pub mod secret;
 pub mod sim;
 pub mod systemd;
 pub mod time;

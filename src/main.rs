@@ -184,7 +184,18 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             init_logging(cfg.log.format, &cfg.log.level);
-            report(runtime().and_then(|rt| rt.block_on(run(cfg, config))))
+            log_panics();
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(e) => return report(Err(e)),
+            };
+            match rt.block_on(run(cfg, config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("labgate: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            }
         }
         Cmd::Buffer {
             cmd: BufferCmd::Stats { config, json },
@@ -378,7 +389,22 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-async fn run(cfg: Config, path: PathBuf) -> anyhow::Result<()> {
+/// Panics go to the log with where they happened (a task's panic is also reported by
+/// its supervisor, which then decides what happens next).
+fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let at = info.location().map(|l| l.to_string()).unwrap_or_default();
+        tracing::error!(panic = %msg, at = %at, "panic");
+    }));
+}
+
+async fn run(cfg: Config, path: PathBuf) -> Result<(), labgate::app::AgentError> {
     let stop = CancellationToken::new();
     let signal_stop = stop.clone();
     tokio::spawn(async move {
@@ -390,9 +416,7 @@ async fn run(cfg: Config, path: PathBuf) -> anyhow::Result<()> {
         tracing::warn!("second signal: exiting without draining");
         std::process::exit(130);
     });
-    labgate::app::run(cfg, Some(path), stop)
-        .await
-        .context("agent")
+    labgate::app::run(cfg, Some(path), stop).await
 }
 
 async fn wait_for_signal() {

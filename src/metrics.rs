@@ -105,6 +105,18 @@ pub struct Metrics {
     pub devices: Mutex<BTreeMap<String, DeviceStatus>>,
     /// Signs of life of the long-running loops (for the systemd watchdog and /health).
     pub beats: crate::systemd::Beats,
+    /// Buffer storage failures by kind (enospc, eio, erofs, corruption, other); the one
+    /// that stopped the last run is counted again at the next start.
+    pub buffer_errors: Mutex<BTreeMap<String, u64>>,
+    /// Failed delivery reports and producer errors that name the credentials or the
+    /// authorisation (wrong password, ACL): retried, never dead-lettered.
+    pub kafka_auth_errors: AtomicU64,
+    /// The last such error, for /health while it lasts (cleared by a delivery).
+    pub kafka_auth_error: Mutex<Option<String>>,
+    /// `kafka_auth_error` is set (checked on every delivery without the lock).
+    pub kafka_auth_failing: AtomicBool,
+    /// Unix ms of the last delivery report of any outcome (0 = none yet).
+    pub last_report_ms: AtomicU64,
 }
 
 impl Metrics {
@@ -123,6 +135,28 @@ impl Metrics {
             DropReason::EncodeError => &self.dropped_encode_error,
         };
         c.fetch_add(n, Relaxed);
+    }
+
+    /// Sets or clears the standing credentials / authorisation error.
+    pub fn set_auth_error(&self, e: Option<String>) {
+        self.kafka_auth_failing.store(e.is_some(), Relaxed);
+        *self
+            .kafka_auth_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = e;
+    }
+
+    /// The standing credentials / authorisation error, if any.
+    pub fn auth_error(&self) -> Option<String> {
+        self.kafka_auth_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn count_buffer_error(&self, kind: &str) {
+        let mut m = self.buffer_errors.lock().unwrap_or_else(|p| p.into_inner());
+        *m.entry(kind.to_string()).or_default() += 1;
     }
 
     pub fn dropped_total(&self) -> u64 {
@@ -270,6 +304,44 @@ impl Metrics {
             "labgate_buffer_dead_letters",
             "Records in the dead-letter tree.",
             buffer.dead_letters as f64,
+        );
+        gauge(
+            &mut o,
+            "labgate_buffer_quarantined_chunks",
+            "Undecodable chunks moved aside to the quarantine tree.",
+            buffer.quarantined_chunks as f64,
+        );
+        gauge(
+            &mut o,
+            "labgate_buffer_disk_free_bytes",
+            "Free bytes on the data dir's filesystem.",
+            buffer.disk_free_bytes as f64,
+        );
+        gauge(
+            &mut o,
+            "labgate_buffer_low_disk",
+            "1 while free space is below buffer.min_free_bytes (the buffer counts as full).",
+            f64::from(u8::from(buffer.low_disk)),
+        );
+        let _ = writeln!(
+            o,
+            "# HELP labgate_buffer_errors_total Buffer storage failures, by kind.\n# TYPE labgate_buffer_errors_total counter"
+        );
+        {
+            let errs = self.buffer_errors.lock().unwrap_or_else(|p| p.into_inner());
+            for kind in ["enospc", "eio", "erofs", "corruption", "other"] {
+                let _ = writeln!(
+                    o,
+                    "labgate_buffer_errors_total{{kind=\"{kind}\"}} {}",
+                    errs.get(kind).copied().unwrap_or(0)
+                );
+            }
+        }
+        counter(
+            &mut o,
+            "labgate_kafka_auth_errors_total",
+            "Kafka errors naming credentials or authorisation (retried, never dead-lettered).",
+            self.kafka_auth_errors.load(Relaxed),
         );
         counter(
             &mut o,
@@ -457,6 +529,15 @@ mod tests {
                 "labgate_buffer_disk_bytes",
                 "labgate_buffer_oldest_record_age_seconds",
                 "labgate_buffer_dead_letters",
+                "labgate_buffer_quarantined_chunks",
+                "labgate_buffer_disk_free_bytes",
+                "labgate_buffer_low_disk",
+                "labgate_buffer_errors_total{kind=\"enospc\"}",
+                "labgate_buffer_errors_total{kind=\"eio\"}",
+                "labgate_buffer_errors_total{kind=\"erofs\"}",
+                "labgate_buffer_errors_total{kind=\"corruption\"}",
+                "labgate_buffer_errors_total{kind=\"other\"}",
+                "labgate_kafka_auth_errors_total",
                 "labgate_buffer_flushes_total",
                 "labgate_commands_total{status=\"accepted\"}",
                 "labgate_commands_total{status=\"completed\"}",

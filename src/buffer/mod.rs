@@ -62,8 +62,10 @@ mod model_test;
 pub mod store;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -78,12 +80,39 @@ const UNREPORTED: &[u8] = b"u";
 /// Errors of the buffer. All are sled or corruption errors: fatal for the agent.
 #[derive(Debug, thiserror::Error)]
 pub enum BufferError {
-    #[error("buffer storage error: {0}")]
+    #[error("buffer storage error ({kind}): {0}", kind = disk_error_kind(.0))]
     Sled(#[from] sled::Error),
     #[error("buffer chunk {chunk} is corrupt: {message}")]
     Corrupt { chunk: u64, message: String },
     #[error("cannot encode buffer chunk: {0}")]
     Encode(String),
+}
+
+/// What kind of disk trouble a storage error is, for logs and the
+/// `labgate_buffer_errors_total{kind}` metric: `enospc`, `eio`, `erofs`, `other`.
+pub fn disk_error_kind(e: &sled::Error) -> &'static str {
+    match e {
+        sled::Error::Io(io) => match io.raw_os_error() {
+            Some(28) => "enospc",
+            Some(5) => "eio",
+            Some(30) => "erofs",
+            _ if io.kind() == std::io::ErrorKind::StorageFull => "enospc",
+            _ if io.kind() == std::io::ErrorKind::ReadOnlyFilesystem => "erofs",
+            _ => "other",
+        },
+        sled::Error::Corruption { .. } => "corruption",
+        _ => "other",
+    }
+}
+
+impl BufferError {
+    /// The disk-error kind when this is a storage error.
+    pub fn disk_kind(&self) -> Option<&'static str> {
+        match self {
+            BufferError::Sled(e) => Some(disk_error_kind(e)),
+            _ => None,
+        }
+    }
 }
 
 /// Where a record sits: its chunk and its index in the chunk.
@@ -121,8 +150,18 @@ pub struct Stats {
     pub oldest_age_seconds: f64,
     pub per_device: BTreeMap<String, u64>,
     pub dead_letters: u64,
+    /// Encoded bytes of the dead-letter tree (counted against `max_bytes`).
+    pub dead_letter_bytes: u64,
+    /// Bytes of the other trees that count against `max_bytes` (command replay ids).
+    pub side_bytes: u64,
     pub unreported_drops: u64,
     pub disk_bytes: u64,
+    /// Undecodable chunks moved aside to the `quarantine` tree.
+    pub quarantined_chunks: u64,
+    /// Free bytes on the data dir's filesystem at the last check.
+    pub disk_free_bytes: u64,
+    /// Free space is below `buffer.min_free_bytes`: the buffer counts as full.
+    pub low_disk: bool,
 }
 
 #[derive(Debug)]
@@ -165,6 +204,10 @@ struct State {
     per_device: Vec<u64>,
     next_dead: u64,
     dead_letters: u64,
+    dead_bytes: u64,
+    /// Size of each dead letter, oldest first, for eviction under the cap.
+    dead_sizes: std::collections::VecDeque<(u64, u64)>,
+    quarantined: u64,
     unreported_drops: u64,
     /// Interned device ids (devices come from config, so there are few).
     device_names: Vec<String>,
@@ -217,12 +260,36 @@ pub struct Buffer {
     db: sled::Db,
     outbox: sled::Tree,
     dead: sled::Tree,
+    quarantine: sled::Tree,
+    dir: PathBuf,
     max_bytes: u64,
+    min_free_bytes: u64,
     overflow: OverflowPolicy,
     per_chunk: usize,
     state: Mutex<State>,
+    /// Bytes kept by side trees (replay ids), each counted against the cap.
+    side_bytes: Mutex<Vec<Arc<AtomicU64>>>,
+    disk: Mutex<DiskCheck>,
     /// Bumped after every flush so the forwarder wakes when new records are readable.
     durable_tx: watch::Sender<u64>,
+}
+
+/// The last free-space reading; statvfs is asked at most every [`DISK_CHECK_EVERY`].
+#[derive(Debug, Default)]
+struct DiskCheck {
+    at: Option<Instant>,
+    free: u64,
+}
+
+const DISK_CHECK_EVERY: Duration = Duration::from_millis(250);
+
+/// A tree beside the buffer's own, in the same store: its writes become durable with the
+/// store's sync, and the bytes it keeps count against `buffer.max_bytes`.
+pub struct SideTree {
+    pub tree: sled::Tree,
+    pub store: Arc<store::Store>,
+    /// Bytes the owner keeps in the tree; it adds and subtracts as it writes.
+    pub bytes: Arc<AtomicU64>,
 }
 
 fn be(n: u64) -> [u8; 8] {
@@ -246,14 +313,23 @@ impl Buffer {
         let db = store.db().clone();
         let outbox = db.open_tree("outbox")?;
         let dead = db.open_tree("dead")?;
+        let quarantine = db.open_tree("quarantine")?;
         let mut st = State::default();
         for kv in outbox.scan_prefix([CHUNK_PREFIX]) {
             let (k, v) = kv?;
-            let id = from_be(&k[1..]).ok_or(BufferError::Corrupt {
-                chunk: 0,
-                message: "chunk key is not 9 bytes".into(),
-            })?;
-            let recs = decode(id, &v)?;
+            let decoded = from_be(&k[1..])
+                .ok_or_else(|| "chunk key is not 9 bytes".to_string())
+                .and_then(|id| decode(id, &v).map(|r| (id, r)).map_err(|e| e.to_string()));
+            let (id, recs) = match decoded {
+                Ok(x) => x,
+                Err(message) => {
+                    // One bad chunk must not keep the rest of the backlog from opening.
+                    tracing::error!(key = ?k, %message, "undecodable buffer chunk moved to quarantine");
+                    quarantine.insert(&k, v)?;
+                    outbox.remove(&k)?;
+                    continue;
+                }
+            };
             st.records += recs.len() as u64;
             st.bytes += v.len() as u64;
             let info = st.info_for(&recs, v.len());
@@ -266,23 +342,40 @@ impl Buffer {
         if let Some(kv) = dead.last()? {
             st.next_dead = from_be(&kv.0).map_or(0, |n| n + 1);
         }
-        st.dead_letters = dead.len() as u64;
+        for kv in dead.iter() {
+            let (k, v) = kv?;
+            st.dead_letters += 1;
+            st.dead_bytes += v.len() as u64;
+            st.dead_sizes
+                .push_back((from_be(&k).unwrap_or(0), v.len() as u64));
+        }
+        st.quarantined = quarantine.len() as u64;
         st.unreported_drops = outbox
             .get(UNREPORTED)?
             .and_then(|v| from_be(&v))
             .unwrap_or(0);
         let (durable_tx, _) = watch::channel(0);
-        Ok(Buffer {
+        let b = Buffer {
             store,
             db,
             outbox,
             dead,
+            quarantine,
+            dir: dir.to_path_buf(),
             max_bytes: cfg.max_bytes,
+            min_free_bytes: cfg.min_free_bytes,
             overflow: cfg.overflow,
             per_chunk: cfg.records_per_chunk,
             state: Mutex::new(st),
+            side_bytes: Mutex::new(Vec::new()),
+            disk: Mutex::new(DiskCheck::default()),
             durable_tx,
-        })
+        };
+        if b.state().quarantined > 0 {
+            // The moves into quarantine must be durable before anything relies on them.
+            b.store.sync_blocking()?;
+        }
+        Ok(b)
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -300,6 +393,11 @@ impl Buffer {
             out.insert(dev, from_be(&v).unwrap_or(0));
         }
         Ok(out)
+    }
+
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Dropped records not yet reported by an event.
@@ -321,13 +419,22 @@ impl Buffer {
         for part in records.chunks(self.per_chunk) {
             encoded.push((encode(part)?, part));
         }
+        let low_disk = self.low_disk();
+        let side = self.side_total();
         let mut st = self.state();
+        // The cap covers every tree; with too little free disk, no growth at all.
+        let others = side + st.dead_bytes;
+        let cap = if low_disk {
+            st.bytes.min(self.max_bytes.saturating_sub(others))
+        } else {
+            self.max_bytes.saturating_sub(others)
+        };
         let mut batch = sled::Batch::default();
         let mut incoming: u64 = 0;
         let mut keep = encoded.len();
         for (i, (bytes, _)) in encoded.iter().enumerate() {
             if self.overflow == OverflowPolicy::RejectNew
-                && st.bytes + incoming + bytes.len() as u64 > self.max_bytes
+                && st.bytes + incoming + bytes.len() as u64 > cap
             {
                 keep = i;
                 break;
@@ -337,7 +444,7 @@ impl Buffer {
         // Make room under drop_oldest: unread chunks only, oldest first.
         let mut dropped_chunks = Vec::new();
         if self.overflow == OverflowPolicy::DropOldest {
-            let mut excess = (st.bytes + incoming).saturating_sub(self.max_bytes);
+            let mut excess = (st.bytes + incoming).saturating_sub(cap);
             for (id, info) in st.index.range(st.read_cursor..) {
                 if excess == 0 {
                     break;
@@ -415,8 +522,59 @@ impl Buffer {
 
     /// Another tree in the same store, for state that must survive restarts alongside
     /// the records (the command replay store), with the store's durability point.
-    pub fn side_tree(&self, name: &str) -> Result<(sled::Tree, Arc<store::Store>), BufferError> {
-        Ok((self.db.open_tree(name)?, self.store.clone()))
+    pub fn side_tree(&self, name: &str) -> Result<SideTree, BufferError> {
+        let tree = self.db.open_tree(name)?;
+        let mut n = 0u64;
+        for kv in tree.iter() {
+            let (k, v) = kv?;
+            n += (k.len() + v.len()) as u64;
+        }
+        let bytes = Arc::new(AtomicU64::new(n));
+        self.side_bytes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(bytes.clone());
+        Ok(SideTree {
+            tree,
+            store: self.store.clone(),
+            bytes,
+        })
+    }
+
+    fn side_total(&self) -> u64 {
+        self.side_bytes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|b| b.load(Relaxed))
+            .sum()
+    }
+
+    /// Whether the data dir's filesystem has less free space than `min_free_bytes`
+    /// (asked at most every 250 ms). An unreadable figure counts as enough space: the
+    /// write itself will then say what is wrong.
+    pub fn low_disk(&self) -> bool {
+        if self.min_free_bytes == 0 {
+            return false;
+        }
+        self.disk_free() < self.min_free_bytes
+    }
+
+    fn disk_free(&self) -> u64 {
+        let mut d = self.disk.lock().unwrap_or_else(|p| p.into_inner());
+        if d.at.is_none_or(|t| t.elapsed() >= DISK_CHECK_EVERY) {
+            // The field types are 32-bit on armv7: the conversions are not useless there.
+            #[allow(clippy::useless_conversion)]
+            let free = |v: nix::sys::statvfs::Statvfs| {
+                u64::from(v.blocks_available()).saturating_mul(u64::from(v.fragment_size()))
+            };
+            d.free = match nix::sys::statvfs::statvfs(&self.dir) {
+                Ok(v) => free(v),
+                Err(_) => u64::MAX,
+            };
+            d.at = Some(Instant::now());
+        }
+        d.free
     }
 
     /// Synchronous [`Buffer::flush`], for shutdown paths outside the runtime.
@@ -453,7 +611,13 @@ impl Buffer {
             let Some(v) = self.outbox.get(chunk_key(id))? else {
                 continue; // dropped or fully acked meanwhile
             };
-            let recs = decode(id, &v)?;
+            let recs = match decode(id, &v) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.quarantine_chunk(id, &v, &e)?;
+                    continue;
+                }
+            };
             let out: Vec<(RecordId, Stored)> = recs
                 .into_iter()
                 .enumerate()
@@ -472,6 +636,26 @@ impl Buffer {
                 return Ok(Some(out));
             }
         }
+    }
+
+    /// Moves a chunk that cannot be decoded out of the way, so the rest drains. Its
+    /// records are counted as lost (`quarantined`); the bytes stay for a human.
+    fn quarantine_chunk(&self, id: u64, raw: &[u8], e: &BufferError) -> Result<(), BufferError> {
+        tracing::error!(chunk = id, error = %e, "undecodable buffer chunk moved to quarantine");
+        self.quarantine.insert(chunk_key(id), raw)?;
+        self.outbox.remove(chunk_key(id))?;
+        let mut st = self.state();
+        if let Some(info) = st.index.remove(&id) {
+            for (i, d) in info.devices.iter().enumerate() {
+                if !info.is_acked(i as u32) {
+                    st.dec_device(*d);
+                }
+            }
+            st.records -= u64::from(info.unacked);
+            st.bytes -= info.bytes;
+        }
+        st.quarantined += 1;
+        Ok(())
     }
 
     /// One buffered record, if it is still there.
@@ -538,8 +722,93 @@ impl Buffer {
         };
         let mut v = Vec::new();
         ciborium::into_writer(&dl, &mut v).map_err(|e| BufferError::Encode(e.to_string()))?;
+        let size = v.len() as u64;
         self.dead.insert(be(n), v)?;
+        // Dead letters may take a quarter of the cap; past it the oldest go (counted).
+        let evict = {
+            let mut st = self.state();
+            st.dead_bytes += size;
+            st.dead_sizes.push_back((n, size));
+            let mut evict = Vec::new();
+            while st.dead_bytes > self.max_bytes / 4 && st.dead_sizes.len() > 1 {
+                let Some((k, sz)) = st.dead_sizes.pop_front() else {
+                    break;
+                };
+                st.dead_bytes -= sz;
+                st.dead_letters -= 1;
+                evict.push(k);
+            }
+            evict
+        };
+        for k in &evict {
+            self.dead.remove(be(*k))?;
+        }
+        if !evict.is_empty() {
+            tracing::warn!(evicted = evict.len(), "oldest dead letters removed: the dead-letter tree may hold a quarter of buffer.max_bytes");
+        }
         self.ack(id)
+    }
+
+    /// Dead letters with their ids, oldest first.
+    pub fn dead_letters_with_ids(&self) -> Result<Vec<(u64, DeadLetter)>, BufferError> {
+        let mut out = Vec::new();
+        for kv in self.dead.iter() {
+            let (k, v) = kv?;
+            let id = from_be(&k).unwrap_or(0);
+            let dl: DeadLetter =
+                ciborium::from_reader(v.as_ref()).map_err(|e| BufferError::Corrupt {
+                    chunk: id,
+                    message: format!("dead letter: {e}"),
+                })?;
+            out.push((id, dl));
+        }
+        Ok(out)
+    }
+
+    /// Puts dead letters back in the outbox (as they were: same seq, same payload) so the
+    /// forwarder sends them again, then removes them from the dead-letter tree. `ids`
+    /// empty means all. Durable before it returns; a crash in between sends a record
+    /// twice, never loses it. Returns how many were requeued.
+    pub fn requeue_dead_letters(&self, ids: &[u64]) -> Result<usize, BufferError> {
+        let all = self.dead_letters_with_ids()?;
+        let chosen: Vec<(u64, DeadLetter)> = all
+            .into_iter()
+            .filter(|(id, _)| ids.is_empty() || ids.contains(id))
+            .collect();
+        if chosen.is_empty() {
+            return Ok(0);
+        }
+        let recs: Vec<Stored> = chosen.iter().map(|(_, d)| d.record.clone()).collect();
+        let mut batch = sled::Batch::default();
+        let mut infos = Vec::new();
+        {
+            let mut st = self.state();
+            for part in recs.chunks(self.per_chunk) {
+                let bytes = encode(part)?;
+                let id = st.next_chunk + infos.len() as u64;
+                batch.insert(&chunk_key(id), bytes.as_slice());
+                infos.push((id, st.info_for(part, bytes.len())));
+            }
+            self.outbox.apply_batch(batch)?;
+            for (id, info) in infos {
+                st.records += u64::from(info.len);
+                st.bytes += info.bytes;
+                st.add_device_counts(&info);
+                st.index.insert(id, info);
+                st.next_chunk = id + 1;
+            }
+        }
+        self.store.sync_blocking()?;
+        for (id, _) in &chosen {
+            if let Some(v) = self.dead.remove(be(*id))? {
+                let mut st = self.state();
+                st.dead_letters = st.dead_letters.saturating_sub(1);
+                st.dead_bytes = st.dead_bytes.saturating_sub(v.len() as u64);
+                st.dead_sizes.retain(|(k, _)| k != id);
+            }
+        }
+        self.flush_blocking()?;
+        Ok(chosen.len())
     }
 
     /// Every dead letter, oldest first (for operators and tests).
@@ -558,6 +827,9 @@ impl Buffer {
     }
 
     pub fn stats(&self) -> Stats {
+        let side_bytes = self.side_total();
+        let disk_free_bytes = self.disk_free();
+        let low_disk = self.min_free_bytes > 0 && disk_free_bytes < self.min_free_bytes;
         let st = self.state();
         let now = unix_ms(std::time::SystemTime::now());
         let oldest = st
@@ -578,14 +850,22 @@ impl Buffer {
                 .map(|(k, v)| (k.clone(), *v))
                 .collect(),
             dead_letters: st.dead_letters,
+            dead_letter_bytes: st.dead_bytes,
+            side_bytes,
             unreported_drops: st.unreported_drops,
             disk_bytes: self.db.size_on_disk().unwrap_or(0),
+            quarantined_chunks: st.quarantined,
+            disk_free_bytes: disk_free_bytes.min(i64::MAX as u64),
+            low_disk,
         }
     }
 
-    /// Ratio of buffered bytes to the cap, for health.
+    /// Ratio of the bytes under the cap (records, dead letters, side trees) to the cap,
+    /// for health.
     pub fn fill_ratio(&self) -> f64 {
-        self.state().bytes as f64 / self.max_bytes as f64
+        let side = self.side_total();
+        let st = self.state();
+        (st.bytes + st.dead_bytes + side) as f64 / self.max_bytes as f64
     }
 }
 

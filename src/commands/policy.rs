@@ -13,8 +13,8 @@ use crate::devices::{CommandKind, DeviceConfig};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CommandsConfig {
-    /// Accept commands without a signature. Default: yes when no operator keys are
-    /// configured, no as soon as one is.
+    /// Accept commands without a signature. Default: no. The demo sets it; the agent
+    /// warns at start while it is on.
     #[serde(default)]
     pub allow_unsigned: Option<bool>,
     /// How far a command's times may be off this machine's clock.
@@ -108,8 +108,11 @@ impl SafeState {
 }
 
 impl CommandsConfig {
+    /// Unsigned commands run only where the config says so in as many words: without
+    /// operator keys and without `allow_unsigned = true`, every command is refused
+    /// (`unsigned`), so a writable command topic alone cannot stop an instrument.
     pub fn allow_unsigned(&self) -> bool {
-        self.allow_unsigned.unwrap_or(self.operators.is_empty())
+        self.allow_unsigned.unwrap_or(false)
     }
 
     /// Operator name → (key, allowed commands). Call after `validate`.

@@ -3,10 +3,12 @@
 //! attacker or by Kafka redelivery after a crash, is answered `duplicate` and not run
 //! again, also after a restart.
 
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use crate::buffer::store::Store;
+use crate::buffer::SideTree;
 use crate::record::unix_us;
 
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +20,8 @@ pub struct ReplayStore {
     tree: sled::Tree,
     /// The buffer's store: a claim is durable only after its sync (fdatasync).
     store: Arc<Store>,
+    /// Bytes kept, counted against `buffer.max_bytes`.
+    bytes: Arc<AtomicU64>,
 }
 
 /// A command id seen before, and when.
@@ -40,8 +44,12 @@ fn field(v: &[u8], at: usize) -> u64 {
 }
 
 impl ReplayStore {
-    pub fn new((tree, store): (sled::Tree, Arc<Store>)) -> ReplayStore {
-        ReplayStore { tree, store }
+    pub fn new(side: SideTree) -> ReplayStore {
+        ReplayStore {
+            tree: side.tree,
+            store: side.store,
+            bytes: side.bytes,
+        }
     }
 
     /// Records `id` (kept until `keep_until`) unless it is there already, and makes the
@@ -58,6 +66,7 @@ impl ReplayStore {
             .compare_and_swap(id.as_bytes(), None as Option<&[u8]>, Some(&new[..]))?
         {
             Ok(()) => {
+                self.bytes.fetch_add((id.len() + new.len()) as u64, Relaxed);
                 self.store.sync().await?;
                 Ok(None)
             }
@@ -74,7 +83,11 @@ impl ReplayStore {
         for kv in self.tree.iter() {
             let (k, v) = kv?;
             if field(&v, 0) < now {
-                self.tree.remove(k)?;
+                self.tree.remove(&k)?;
+                let n = (k.len() + v.len()) as u64;
+                let _ = self
+                    .bytes
+                    .fetch_update(Relaxed, Relaxed, |b| Some(b.saturating_sub(n)));
                 gone += 1;
             }
         }
@@ -101,7 +114,11 @@ mod tests {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         let open = || {
             let store = Arc::new(crate::buffer::store::open(dir.path(), 1 << 20).unwrap());
-            ReplayStore::new((store.db().open_tree("ids").unwrap(), store))
+            ReplayStore::new(SideTree {
+                tree: store.db().open_tree("ids").unwrap(),
+                store,
+                bytes: Arc::new(AtomicU64::new(0)),
+            })
         };
         {
             let s = open();

@@ -53,8 +53,20 @@ fn policy(signed: bool) -> CommandsConfig {
             public_key: sign::public_base64(&alice().verifying_key()),
             commands: vec![CommandKind::Pause, CommandKind::Resume, CommandKind::Stop],
         });
+    } else {
+        p.allow_unsigned = Some(true);
     }
     p
+}
+
+#[test]
+fn without_keys_and_without_allow_unsigned_every_command_is_refused() {
+    let mut p = policy(false);
+    p.allow_unsigned = None;
+    let v = Validator::new("a1".into(), p);
+    let plain = json!({"command": "stop", "target": {"agent": "a1", "device": "pstat-1"}});
+    let (code, reason) = rejected(check(&v, plain.to_string().as_bytes()));
+    assert_eq!(code, Code::Unsigned, "{reason}");
 }
 
 fn validator(signed: bool) -> Validator {
@@ -460,11 +472,15 @@ async fn timeouts_and_a_stop_overtaking_queued_work_are_reported() {
     let (ingest, rx) = crate::ingest::channel(64);
     let ingest_task = tokio::spawn(crate::ingest::run(
         rx,
-        buffer.clone(),
-        "a1".into(),
-        Duration::from_millis(5),
-        metrics.clone(),
-        crate::pipeline::Pipeline::new(&Default::default(), metrics.clone()),
+        crate::ingest::IngestStage {
+            buffer: buffer.clone(),
+            agent_id: "a1".into(),
+            commit_interval: Duration::from_millis(5),
+            metrics: metrics.clone(),
+            pipeline: crate::pipeline::Pipeline::new(&Default::default(), metrics.clone()),
+            drain: Default::default(),
+            drained: None,
+        },
     ));
     let router = Router::default();
     let (tx, mut inbox) = control::inbox();

@@ -155,6 +155,9 @@ pub enum DeviceError {
     Ingest(#[from] IngestError),
     #[error("device configuration: {0}")]
     Config(String),
+    /// The driver panicked (a bug, never an input's fault): restarted like a failure.
+    #[error("driver panicked: {0}")]
+    Panic(String),
 }
 
 /// What every driver gets: an output, a control input, a shutdown signal.
@@ -258,24 +261,52 @@ impl Backoff {
     }
 }
 
-/// Runs one device until shutdown, restarting its driver after failures.
+/// Runs one driver attempt; a panic in the driver comes back as an error.
+async fn run_driver(cfg: &DeviceConfig, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
+    use futures_util::FutureExt;
+    let attempt = async {
+        match cfg {
+            DeviceConfig::Methodscript(c) => methodscript::driver::run(c, ctx).await,
+            DeviceConfig::LineInstrument(c) => line::driver::run(c, ctx).await,
+            DeviceConfig::ModbusRtu(c) => modbus::run(c, ctx).await,
+            DeviceConfig::Mqtt(c) => mqtt::run(c, ctx).await,
+            DeviceConfig::SimulatedPotentiostat(c) => sim_potentiostat::run(c, ctx).await,
+            DeviceConfig::SimulatedSensors(c) => sim_sensors::run(c, ctx).await,
+        }
+    };
+    // The driver's state lives in the attempt and is dropped with it; the context
+    // (inbox, ingest handle) holds nothing a panic can leave half-changed.
+    match std::panic::AssertUnwindSafe(attempt).catch_unwind().await {
+        Ok(r) => r,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panic".into());
+            Err(DeviceError::Panic(msg))
+        }
+    }
+}
+
+/// Runs one device until shutdown, restarting its driver after failures (a panic
+/// included): the device is `failed` meanwhile, which `/health` reports.
 pub async fn supervise(cfg: DeviceConfig, mut ctx: DeviceCtx) {
     let mut backoff = Duration::from_millis(200);
     loop {
-        let result = match &cfg {
-            DeviceConfig::Methodscript(c) => methodscript::driver::run(c, &mut ctx).await,
-            DeviceConfig::LineInstrument(c) => line::driver::run(c, &mut ctx).await,
-            DeviceConfig::ModbusRtu(c) => modbus::run(c, &mut ctx).await,
-            DeviceConfig::Mqtt(c) => mqtt::run(c, &mut ctx).await,
-            DeviceConfig::SimulatedPotentiostat(c) => sim_potentiostat::run(c, &mut ctx).await,
-            DeviceConfig::SimulatedSensors(c) => sim_sensors::run(c, &mut ctx).await,
-        };
+        let result = run_driver(&cfg, &mut ctx).await;
         match result {
             Ok(()) => break,
             Err(DeviceError::Ingest(_)) if ctx.shutdown.is_cancelled() => break,
             Err(e) => {
                 ctx.set_state("failed");
                 tracing::error!(device = %ctx.id, error = %e, retry_in = ?backoff, "device failed");
+                let _ = ctx
+                    .device_event(
+                        "device_failed",
+                        crate::record::object([("error", e.to_string().into())]),
+                    )
+                    .await;
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
                     () = ctx.shutdown.cancelled() => break,

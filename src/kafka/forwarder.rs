@@ -37,6 +37,25 @@ use crate::record::{Body, Draft, Priority, Stored, TopicKind, AGENT_DEVICE, SCHE
 
 /// How long to wait before sending again after a failed delivery.
 const RETRY_BACKOFF: Duration = Duration::from_millis(500);
+/// ... and after the broker refused the credentials or the authorisation: a human has
+/// to fix those, so there is no point in asking often.
+const AUTH_BACKOFF: Duration = Duration::from_secs(5);
+/// Records in flight with no delivery report for this long, while librdkafka says a
+/// broker is up, mean the producer is wedged: the forwarder stops beating, and the
+/// systemd watchdog restarts the agent.
+pub const DELIVERY_STALL: Duration = Duration::from_secs(90);
+
+/// Why the forwarder stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwarderError {
+    #[error(transparent)]
+    Buffer(#[from] BufferError),
+    /// librdkafka's idempotent producer hit a fatal error: it cannot send again. The
+    /// agent exits and systemd starts it with a new producer; the records wait in the
+    /// buffer.
+    #[error("kafka producer failed fatally: {0}")]
+    Fatal(String),
+}
 /// How long to wait when librdkafka's queue is full.
 const QUEUE_FULL_WAIT: Duration = Duration::from_millis(2);
 
@@ -115,28 +134,40 @@ impl Forwarder {
         self.sink.in_flight.load(Relaxed)
     }
 
-    /// Runs until `shutdown`, then waits up to `grace` for records in flight.
+    /// Runs until `shutdown`, then delivers what is durable (the shutdown's own records
+    /// among it) for up to `grace`.
     pub async fn run(
         mut self,
         shutdown: CancellationToken,
         grace: Duration,
-    ) -> Result<(), BufferError> {
+    ) -> Result<(), ForwarderError> {
         let version = SCHEMA_VERSION.to_string();
         let mut pending: VecDeque<(RecordId, Stored)> = VecDeque::new();
         let mut durable = self.buffer.subscribe_durable();
         let mut rewinding = false;
         let mut resume_at: Option<Instant> = None;
+        let mut auth_alerted = false;
+        let mut progress = Progress::new();
         // Wakes an idle loop so its heartbeat shows it is alive (systemd watchdog).
         let mut beat = tokio::time::interval(crate::systemd::BEAT_EVERY);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            self.metrics.beats.forwarder.beat();
+            self.check_fatal()?;
+            if progress.moving(self.in_flight(), &self.metrics) {
+                self.metrics.beats.forwarder.beat();
+            }
             // Failed reports first: they decide whether sending may go on.
             while let Ok((id, e)) = self.failures.try_recv() {
-                if self.on_failure(id, e).await? {
-                    rewinding = true;
+                match self.on_failure(id, e).await? {
+                    Retry::No => {}
+                    Retry::Soon => rewinding = true,
+                    Retry::Later => {
+                        rewinding = true;
+                        resume_at = Some(Instant::now() + AUTH_BACKOFF);
+                    }
                 }
             }
+            auth_alerted = self.alert_auth(auth_alerted).await;
             let mut wait_short = false;
             let may_send = !rewinding && resume_at.is_none_or(|t| Instant::now() >= t);
             if may_send {
@@ -174,7 +205,8 @@ impl Forwarder {
                 self.buffer.rewind();
                 pending.clear();
                 rewinding = false;
-                resume_at = Some(Instant::now() + RETRY_BACKOFF);
+                let backoff = Instant::now() + RETRY_BACKOFF;
+                resume_at = Some(resume_at.map_or(backoff, |t| t.max(backoff)));
             }
             let sleep_for = if wait_short {
                 Some(QUEUE_FULL_WAIT)
@@ -194,20 +226,62 @@ impl Forwarder {
                 () = shutdown.cancelled() => break,
             }
         }
-        self.drain(grace).await
+        self.drain(pending, grace, &version).await
     }
 
-    /// Handles a failed report; returns true when the caller must rewind.
-    async fn on_failure(&self, id: RecordId, e: KafkaError) -> Result<bool, BufferError> {
+    fn check_fatal(&self) -> Result<(), ForwarderError> {
+        let fatal = self
+            .sink
+            .fatal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match fatal {
+            Some(reason) => Err(ForwarderError::Fatal(reason)),
+            None => Ok(()),
+        }
+    }
+
+    /// Handles a failed report: dead-letters it, or says when to send again.
+    async fn on_failure(&self, id: RecordId, e: KafkaError) -> Result<Retry, ForwarderError> {
+        if e.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
+            return Err(ForwarderError::Fatal(e.to_string()));
+        }
         if is_permanent(&e) {
             if let Some(rec) = self.buffer.get(id)? {
                 self.dead_letter(id, &rec, &e).await?;
             }
-            return Ok(false);
+            return Ok(Retry::No);
         }
         self.metrics.delivery_errors.fetch_add(1, Relaxed);
+        if is_auth(&e) {
+            self.metrics.kafka_auth_errors.fetch_add(1, Relaxed);
+            self.metrics.set_auth_error(Some(e.to_string()));
+            tracing::error!(error = %e, chunk = id.chunk, retry_in = ?AUTH_BACKOFF, "kafka refused the credentials or the authorisation; records stay in the buffer and are sent again");
+            return Ok(Retry::Later);
+        }
         tracing::warn!(error = %e, chunk = id.chunk, "delivery failed; will resend from the oldest unacked record");
-        Ok(true)
+        Ok(Retry::Soon)
+    }
+
+    /// Raises one alert per episode of refused credentials or authorisation (the alert
+    /// may itself wait in the buffer if the alerts topic is refused too: it is not
+    /// raised again). Returns whether an alert stands for the current episode.
+    async fn alert_auth(&self, alerted: bool) -> bool {
+        let Some(reason) = self.metrics.auth_error() else {
+            return false;
+        };
+        if alerted {
+            return true;
+        }
+        let alert = agent_alert(
+            "kafka",
+            format!("Kafka refuses this agent ({reason}); records are kept in the buffer and sent again once the credentials or ACLs are fixed"),
+        );
+        if self.ingest.send(alert).await.is_err() {
+            tracing::warn!("kafka authorisation alert not sent: ingest is shutting down");
+        }
+        true
     }
 
     async fn dead_letter(
@@ -220,23 +294,17 @@ impl Forwarder {
         self.buffer.dead_letter(id, rec, &reason)?;
         self.metrics.count_drop(DropReason::DeadLetter, 1);
         tracing::error!(device = %rec.device_id, seq = rec.seq, topic = self.topic(rec.topic), error = %reason, "record dead-lettered: broker refused it");
-        let alert = Draft::new(
-            AGENT_DEVICE,
-            Body::Alert {
-                alert_id: uuid::Uuid::new_v4().to_string(),
-                sensor_id: rec.device_id.clone(),
-                sensor_type: "agent".into(),
-                priority: Priority::High,
-                message: format!(
-                    "record seq {} of device {} refused by Kafka and kept in the dead-letter tree: {reason}",
-                    rec.seq, rec.device_id
-                ),
-                value: None,
-                threshold: None,
-                acknowledged: false,
-                state: None,
-                unit: None,
-            },
+        if rec.topic == TopicKind::Alerts && rec.device_id == AGENT_DEVICE {
+            // An alert of the agent's own (about a dead letter, say) refused in turn: it
+            // is counted and kept, and not alerted about again, which could loop.
+            return Ok(());
+        }
+        let alert = agent_alert(
+            &rec.device_id,
+            format!(
+                "record seq {} of device {} refused by Kafka and kept in the dead-letter tree: {reason}",
+                rec.seq, rec.device_id
+            ),
         );
         // Ingest runs until every handle is gone; only a shutdown race can fail here, and
         // then the dead letter itself is still on disk.
@@ -246,16 +314,54 @@ impl Forwarder {
         Ok(())
     }
 
-    /// Waits up to `grace` for the in-flight window to report, then flushes.
-    async fn drain(mut self, grace: Duration) -> Result<(), BufferError> {
+    /// At shutdown: keeps sending what is durable (what the shutdown itself produced
+    /// among it: stop events, final aggregates) and waits for reports, up to `grace`.
+    async fn drain(
+        mut self,
+        mut pending: VecDeque<(RecordId, Stored)>,
+        grace: Duration,
+        version: &str,
+    ) -> Result<(), ForwarderError> {
         let n = self.in_flight();
         let deadline = Instant::now() + grace;
-        while self.in_flight() > 0 && Instant::now() < deadline {
-            let sink = self.sink.clone();
-            let _ = tokio::time::timeout_at(deadline, sink.wake.notified()).await;
+        let mut sending = true;
+        while Instant::now() < deadline {
+            self.check_fatal()?;
             while let Ok((id, e)) = self.failures.try_recv() {
-                self.on_failure(id, e).await?;
+                if self.on_failure(id, e).await? != Retry::No {
+                    // No resending at shutdown: what failed waits for the next start.
+                    sending = false;
+                }
             }
+            while sending && self.in_flight() < self.window {
+                if pending.is_empty() {
+                    match self.buffer.read_next()? {
+                        Some(recs) => pending.extend(recs),
+                        None => break,
+                    }
+                }
+                let Some((id, rec)) = pending.pop_front() else {
+                    break;
+                };
+                match self.hand(id, &rec, version) {
+                    Handed::Sent => {}
+                    Handed::QueueFull => {
+                        pending.push_front((id, rec));
+                        break;
+                    }
+                    Handed::Failed(e) if is_permanent(&e) => self.dead_letter(id, &rec, &e).await?,
+                    Handed::Failed(_) => sending = false,
+                }
+            }
+            if self.in_flight() == 0 && (pending.is_empty() || !sending) {
+                break;
+            }
+            let sink = self.sink.clone();
+            let _ = tokio::time::timeout_at(
+                deadline.min(Instant::now() + QUEUE_FULL_WAIT * 5),
+                sink.wake.notified(),
+            )
+            .await;
         }
         let left = self.in_flight();
         if left == 0 {
@@ -270,6 +376,68 @@ impl Forwarder {
         let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(1))).await;
         Ok(())
     }
+}
+
+/// When a failed record may be sent again.
+#[derive(Debug, PartialEq, Eq)]
+enum Retry {
+    /// Dead-lettered: never.
+    No,
+    /// After the short backoff.
+    Soon,
+    /// After the long one (credentials, ACLs).
+    Later,
+}
+
+/// Whether delivery is moving, for the forwarder's heartbeat: nothing in flight, a
+/// report within [`DELIVERY_STALL`], or no broker up (then waiting is expected).
+struct Progress {
+    last: Instant,
+    in_flight: usize,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        Progress {
+            last: Instant::now(),
+            in_flight: 0,
+        }
+    }
+
+    fn moving(&mut self, in_flight: usize, metrics: &Metrics) -> bool {
+        if in_flight == 0 || in_flight < self.in_flight || !metrics.kafka_connected.load(Relaxed) {
+            self.last = Instant::now();
+        }
+        self.in_flight = in_flight;
+        let reported = metrics.last_report_ms.load(Relaxed);
+        let since_report =
+            crate::record::unix_ms(std::time::SystemTime::now()).saturating_sub(reported);
+        if reported > 0 && since_report < DELIVERY_STALL.as_millis() as u64 {
+            self.last = self
+                .last
+                .max(Instant::now() - Duration::from_millis(since_report));
+        }
+        self.last.elapsed() < DELIVERY_STALL
+    }
+}
+
+/// An alert of the agent's own about `subject`.
+fn agent_alert(subject: &str, message: String) -> Draft {
+    Draft::new(
+        AGENT_DEVICE,
+        Body::Alert {
+            alert_id: uuid::Uuid::new_v4().to_string(),
+            sensor_id: subject.to_string(),
+            sensor_type: "agent".into(),
+            priority: Priority::High,
+            message,
+            value: None,
+            threshold: None,
+            acknowledged: false,
+            state: None,
+            unit: None,
+        },
+    )
 }
 
 async fn sleep_opt(d: Option<Duration>) {
@@ -294,11 +462,32 @@ pub fn is_permanent(e: &KafkaError) -> bool {
             | C::InvalidMessageSize
             | C::InvalidMessage
             | C::InvalidRecord
-            | C::TopicAuthorizationFailed
-            | C::ClusterAuthorizationFailed
             | C::InvalidTopic
             | C::PolicyViolation
             | C::UnsupportedForMessageFormat
+    )
+}
+
+/// Errors that name the credentials or the authorisation: a person can fix them, and
+/// then the same records go through, so they are retried (with an alert), never
+/// dead-lettered.
+pub fn is_auth(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    let code = match e {
+        KafkaError::MessageProduction(c) => Some(*c),
+        _ => e.rdkafka_error_code(),
+    };
+    matches!(
+        code,
+        Some(
+            C::TopicAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+                | C::GroupAuthorizationFailed
+                | C::TransactionalIdAuthorizationFailed
+                | C::SaslAuthenticationFailed
+                | C::Authentication
+                | C::DelegationTokenAuthorizationFailed
+        )
     )
 }
 
@@ -311,8 +500,18 @@ mod tests {
         assert!(is_permanent(&KafkaError::MessageProduction(
             RDKafkaErrorCode::MessageSizeTooLarge
         )));
-        assert!(is_permanent(&KafkaError::MessageProduction(
+        // Refused credentials or ACLs are fixed by a person, then sent again.
+        assert!(!is_permanent(&KafkaError::MessageProduction(
             RDKafkaErrorCode::TopicAuthorizationFailed
+        )));
+        assert!(is_auth(&KafkaError::MessageProduction(
+            RDKafkaErrorCode::TopicAuthorizationFailed
+        )));
+        assert!(is_auth(&KafkaError::MessageProduction(
+            RDKafkaErrorCode::SaslAuthenticationFailed
+        )));
+        assert!(!is_auth(&KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageSizeTooLarge
         )));
         assert!(!is_permanent(&KafkaError::MessageProduction(
             RDKafkaErrorCode::MessageTimedOut

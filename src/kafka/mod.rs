@@ -50,7 +50,7 @@ pub fn base_config(cfg: &Config) -> Result<ClientConfig, KafkaSetupError> {
         .sasl_password()
         .map_err(|e| KafkaSetupError::Config(e.to_string()))?
     {
-        c.set("sasl.password", p);
+        c.set("sasl.password", p.expose());
     }
     Ok(c)
 }
@@ -71,6 +71,24 @@ pub struct DeliverySink {
     pub failures: tokio::sync::mpsc::UnboundedSender<(RecordId, KafkaError)>,
     /// Wakes the forwarder when a report frees room in the window or fails.
     pub wake: tokio::sync::Notify,
+    /// A fatal producer error (librdkafka's idempotence guarantee is broken): the
+    /// forwarder stops with it and the agent exits.
+    pub fatal: std::sync::Mutex<Option<String>>,
+}
+
+impl DeliverySink {
+    pub fn new(
+        buffer: Arc<Buffer>,
+        failures: tokio::sync::mpsc::UnboundedSender<(RecordId, KafkaError)>,
+    ) -> DeliverySink {
+        DeliverySink {
+            buffer,
+            in_flight: AtomicUsize::new(0),
+            failures,
+            wake: tokio::sync::Notify::new(),
+            fatal: std::sync::Mutex::new(None),
+        }
+    }
 }
 
 /// Context of the producer: turns librdkafka statistics into the connection state and
@@ -99,7 +117,23 @@ impl ClientContext for AgentContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::debug!(%error, reason, "kafka client error");
+        let code = error.rdkafka_error_code();
+        if code == Some(RDKafkaErrorCode::Fatal) {
+            tracing::error!(%error, reason, "kafka producer fatal error");
+            *self.sink.fatal.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(format!("{error}: {reason}"));
+            self.sink.wake.notify_one();
+        } else if forwarder::is_auth(&error) {
+            self.metrics.kafka_auth_errors.fetch_add(1, Relaxed);
+            if !self.metrics.kafka_auth_failing.load(Relaxed) {
+                tracing::error!(%error, reason, "kafka refuses this agent's credentials; records stay in the buffer");
+            }
+            self.metrics
+                .set_auth_error(Some(format!("{error}: {reason}")));
+            self.sink.wake.notify_one();
+        } else {
+            tracing::debug!(%error, reason, "kafka client error");
+        }
     }
 }
 
@@ -109,10 +143,18 @@ impl ProducerContext for AgentContext {
 
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
         let id = unpack_id(opaque);
+        self.metrics
+            .last_report_ms
+            .store(unix_ms(SystemTime::now()), Relaxed);
         match result {
             Ok(_) => match self.sink.buffer.ack(id) {
                 Ok(()) => {
                     self.metrics.records_delivered.fetch_add(1, Relaxed);
+                    if self.metrics.kafka_auth_failing.swap(false, Relaxed) {
+                        // Deliveries go through again: credentials and ACLs are fine.
+                        self.metrics.set_auth_error(None);
+                        tracing::info!("kafka accepts this agent again");
+                    }
                     self.metrics.last_delivery_ms.store(
                         crate::record::unix_ms(std::time::SystemTime::now()),
                         Relaxed,

@@ -230,7 +230,8 @@ impl Topics {
 }
 
 /// An agent config for a test: brokers, topics, a data dir, a free HTTP port, and the
-/// given extra sections (buffer, devices).
+/// given extra sections (buffer, devices). Unsigned commands are allowed unless the
+/// extra sections bring a `[commands]` section of their own.
 pub fn agent_config(
     dir: &Path,
     agent_id: &str,
@@ -239,6 +240,11 @@ pub fn agent_config(
     http: u16,
     extra: &str,
 ) -> String {
+    let commands = if extra.contains("[commands]") {
+        ""
+    } else {
+        "[commands]\nallow_unsigned = true\n"
+    };
     format!(
         r#"[agent]
 agent_id = "{agent_id}"
@@ -256,6 +262,7 @@ listen = "127.0.0.1:{http}"
 [log]
 level = "info,labgate=debug"
 
+{commands}
 {extra}
 "#,
         dir.join("data").display(),

@@ -40,9 +40,10 @@ pub struct Config {
     pub client_id: Option<String>,
     #[serde(default)]
     pub username: Option<String>,
-    /// Prefer `password_file` (e.g. a systemd credential) or `password_env`.
+    /// Prefer `password_file` (e.g. a systemd credential) or `password_env`. Never
+    /// printed (`***`).
     #[serde(default)]
-    pub password: Option<String>,
+    pub password: Option<crate::secret::Secret>,
     #[serde(default)]
     pub password_file: Option<PathBuf>,
     #[serde(default)]
@@ -103,18 +104,7 @@ impl Config {
                 return Err(("client_id".into(), "must be 1-128 characters".into()));
             }
         }
-        let sources = [
-            self.password.is_some(),
-            self.password_file.is_some(),
-            self.password_env.is_some(),
-        ];
-        if sources.iter().filter(|s| **s).count() > 1 {
-            return Err((
-                "password".into(),
-                "set at most one of password, password_file, password_env".into(),
-            ));
-        }
-        if sources.iter().any(|s| *s) && self.username.is_none() {
+        if self.password_sources().count() > 0 && self.username.is_none() {
             return Err(("username".into(), "is required with a password".into()));
         }
         self.password()?;
@@ -186,25 +176,18 @@ impl Config {
         Ok(())
     }
 
+    fn password_sources(&self) -> crate::secret::Sources<'_> {
+        crate::secret::Sources {
+            key: "password",
+            inline: self.password.as_ref(),
+            file: self.password_file.as_deref(),
+            env: self.password_env.as_deref(),
+        }
+    }
+
     /// The password from whichever source is configured.
-    pub fn password(&self) -> Result<Option<String>, (String, String)> {
-        if let Some(p) = &self.password {
-            return Ok(Some(p.clone()));
-        }
-        if let Some(f) = &self.password_file {
-            let text = std::fs::read_to_string(f)
-                .map_err(|e| ("password_file".to_string(), format!("{}: {e}", f.display())))?;
-            return Ok(Some(text.trim_end_matches(['\r', '\n']).to_string()));
-        }
-        if let Some(var) = &self.password_env {
-            return std::env::var(var).map(Some).map_err(|_| {
-                (
-                    "password_env".to_string(),
-                    format!("environment variable {var} is not set"),
-                )
-            });
-        }
-        Ok(None)
+    pub fn password(&self) -> Result<Option<crate::secret::Secret>, (String, String)> {
+        self.password_sources().read()
     }
 
     pub fn accepts(&self, cmd: CommandKind) -> bool {
@@ -244,7 +227,10 @@ fn options(cfg: &Config, client_id: &str) -> Result<MqttOptions, String> {
         .set_inflight(32);
     if let Some(user) = &cfg.username {
         let pw = cfg.password().map_err(|(k, m)| format!("{k}: {m}"))?;
-        o.set_credentials(user.clone(), pw.unwrap_or_default());
+        o.set_credentials(
+            user.clone(),
+            pw.map(|p| p.expose().to_string()).unwrap_or_default(),
+        );
     }
     if tls {
         let mut b = native_tls::TlsConnector::builder();
