@@ -133,10 +133,18 @@ pub async fn run(input: IngestReceiver, stage: IngestStage) -> Result<(), Buffer
     r
 }
 
-/// Where the note about a buffer failure is left: beside the buffer, outside sled.
+/// Where the note about a buffer failure is left: systemd's runtime directory
+/// (`RuntimeDirectory=`, a tmpfs that outlives a restart of the unit), because the data
+/// dir's disk is the one that just failed; beside the buffer without systemd.
 fn error_note_path(buffer: &Buffer) -> std::path::PathBuf {
+    const NAME: &str = "last-buffer-error.json";
+    if let Some(run) = std::env::var_os("RUNTIME_DIRECTORY") {
+        if let Some(first) = std::env::split_paths(&run).next() {
+            return first.join(NAME);
+        }
+    }
     let dir = buffer.dir();
-    dir.parent().unwrap_or(dir).join("last-buffer-error.json")
+    dir.parent().unwrap_or(dir).join(NAME)
 }
 
 fn write_error_note(buffer: &Buffer, kind: &str, error: &str) {

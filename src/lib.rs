@@ -33,6 +33,7 @@ pub mod ingest;
 pub mod kafka;
 pub mod metrics;
 pub mod pipeline;
+mod poison_test;
 pub mod record;
 pub mod secret;
 pub mod sim;

@@ -14,6 +14,16 @@ use serde::{Deserialize, Serialize};
 /// Version of the wire message shapes (`schemas/*.json`).
 pub const SCHEMA_VERSION: u32 = 1;
 
+/// The largest magnitude a measured value may have. Anything larger (or NaN, ±inf) is
+/// refused where it enters, as a malformed reading: no instrument measures 1e100 of
+/// anything, and below it sums and averages of any number of readings stay finite.
+pub const MAX_VALUE_ABS: f64 = 1e100;
+
+/// Whether `v` is a value a record may carry (finite, at most [`MAX_VALUE_ABS`]).
+pub fn usable_value(v: f64) -> bool {
+    v.is_finite() && v.abs() <= MAX_VALUE_ABS
+}
+
 /// The device id of records the agent itself emits (drops, dead letters, command
 /// rejections that name no device).
 pub const AGENT_DEVICE: &str = "agent";

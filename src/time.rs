@@ -48,6 +48,21 @@ pub fn add(t: SystemTime, d: Duration) -> Option<SystemTime> {
     t.checked_add(d).and_then(checked)
 }
 
+/// `t` moved into the representable range (the nearer end of it).
+pub fn clamp(t: SystemTime) -> SystemTime {
+    if t < SystemTime::UNIX_EPOCH {
+        return SystemTime::UNIX_EPOCH;
+    }
+    let max = SystemTime::UNIX_EPOCH + Duration::from_millis(MAX_UNIX_MS);
+    t.min(max)
+}
+
+/// RFC 3339 with milliseconds of `t` clamped into range: for times the agent derives
+/// (a window's end one second after 9999-12-31T23:59:59), never a panic.
+pub fn format_clamped(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(clamp(t)).to_string()
+}
+
 /// RFC 3339 with milliseconds (`2024-01-15T10:30:00.000Z`), or `None` when `t` is out of
 /// range (the formatter would panic).
 pub fn format_rfc3339_millis(t: SystemTime) -> Option<String> {
@@ -165,6 +180,8 @@ mod tests {
         let before = SystemTime::UNIX_EPOCH - Duration::from_secs(1);
         assert_eq!(format_rfc3339_millis(before), None);
         assert_eq!(add(far, Duration::from_secs(1)), None);
+        assert_eq!(format_clamped(far), "9999-12-31T23:59:59.999Z");
+        assert_eq!(format_clamped(before), "1970-01-01T00:00:00.000Z");
     }
 
     #[test]

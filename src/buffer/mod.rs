@@ -92,14 +92,27 @@ pub enum BufferError {
 /// `labgate_buffer_errors_total{kind}` metric: `enospc`, `eio`, `erofs`, `other`.
 pub fn disk_error_kind(e: &sled::Error) -> &'static str {
     match e {
-        sled::Error::Io(io) => match io.raw_os_error() {
-            Some(28) => "enospc",
-            Some(5) => "eio",
-            Some(30) => "erofs",
-            _ if io.kind() == std::io::ErrorKind::StorageFull => "enospc",
-            _ if io.kind() == std::io::ErrorKind::ReadOnlyFilesystem => "erofs",
-            _ => "other",
-        },
+        sled::Error::Io(io) => {
+            // sled clones I/O errors into new ones that keep only the kind and the
+            // original's Debug text (`Os { code: 5, … }`): read the code back from it.
+            let code = io.raw_os_error().or_else(|| {
+                let text = format!("{io:?}");
+                let at = text.find("code: ")? + 6;
+                let digits: String = text[at..]
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                digits.parse().ok()
+            });
+            match code {
+                Some(28) => "enospc",
+                Some(5) => "eio",
+                Some(30) => "erofs",
+                _ if io.kind() == std::io::ErrorKind::StorageFull => "enospc",
+                _ if io.kind() == std::io::ErrorKind::ReadOnlyFilesystem => "erofs",
+                _ => "other",
+            }
+        }
         sled::Error::Corruption { .. } => "corruption",
         _ => "other",
     }
@@ -883,4 +896,146 @@ fn decode(chunk: u64, v: &[u8]) -> Result<Vec<Stored>, BufferError> {
     let corrupt = |message: String| BufferError::Corrupt { chunk, message };
     let raw = lz4_flex::decompress_size_prepended(v).map_err(|e| corrupt(format!("lz4: {e}")))?;
     ciborium::from_reader(raw.as_slice()).map_err(|e| corrupt(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::TopicKind;
+
+    #[test]
+    fn disk_errors_are_named_also_after_sled_cloned_them() {
+        let eio = std::io::Error::from_raw_os_error(5);
+        assert_eq!(disk_error_kind(&sled::Error::Io(eio)), "eio");
+        // What sled's Clone makes of it.
+        let cloned = std::io::Error::other(format!("{:?}", std::io::Error::from_raw_os_error(5)));
+        assert_eq!(disk_error_kind(&sled::Error::Io(cloned)), "eio");
+        let full = std::io::Error::from_raw_os_error(28);
+        assert_eq!(disk_error_kind(&sled::Error::Io(full)), "enospc");
+        let ro = std::io::Error::from_raw_os_error(30);
+        assert_eq!(disk_error_kind(&sled::Error::Io(ro)), "erofs");
+        let other = std::io::Error::from_raw_os_error(13);
+        assert_eq!(disk_error_kind(&sled::Error::Io(other)), "other");
+    }
+
+    fn rec(device: &str, seq: u64) -> Stored {
+        Stored {
+            topic: TopicKind::Sensors,
+            key: "k".into(),
+            device_id: device.into(),
+            seq,
+            ingested_ms: 1,
+            payload: vec![b'x'; 100],
+        }
+    }
+
+    fn cfg() -> BufferConfig {
+        BufferConfig {
+            records_per_chunk: 4,
+            min_free_bytes: 0,
+            ..BufferConfig::default()
+        }
+    }
+
+    fn drain(b: &Buffer) -> Vec<u64> {
+        let mut out = Vec::new();
+        while let Some(recs) = b.read_next().unwrap() {
+            out.extend(recs.into_iter().map(|(_, r)| r.seq));
+        }
+        out
+    }
+
+    #[test]
+    fn an_undecodable_chunk_is_quarantined_and_the_rest_still_opens_and_drains() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let b = Buffer::open(dir.path(), &cfg()).unwrap();
+            let recs: Vec<Stored> = (0..12).map(|i| rec("d", i)).collect();
+            b.append(&recs, 0).unwrap();
+            b.flush_blocking().unwrap();
+            // The middle chunk (seqs 4..8) is damaged on disk.
+            b.outbox
+                .insert(chunk_key(1), &b"not lz4 at all"[..])
+                .unwrap();
+            b.flush_blocking().unwrap();
+        }
+        let b = Buffer::open(dir.path(), &cfg()).unwrap();
+        assert_eq!(b.stats().quarantined_chunks, 1);
+        assert_eq!(b.stats().records, 8);
+        assert_eq!(drain(&b), [0, 1, 2, 3, 8, 9, 10, 11]);
+        assert_eq!(b.quarantine.len(), 1);
+    }
+
+    #[test]
+    fn a_chunk_damaged_while_running_is_quarantined_at_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Buffer::open(dir.path(), &cfg()).unwrap();
+        let recs: Vec<Stored> = (0..8).map(|i| rec("d", i)).collect();
+        b.append(&recs, 0).unwrap();
+        b.flush_blocking().unwrap();
+        b.outbox
+            .insert(chunk_key(0), &b"\x05\x00\x00\x00junk"[..])
+            .unwrap();
+        assert_eq!(drain(&b), [4, 5, 6, 7]);
+        let s = b.stats();
+        assert_eq!((s.quarantined_chunks, s.records), (1, 4));
+    }
+
+    #[test]
+    fn dead_letters_and_side_trees_count_against_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = BufferConfig {
+            max_bytes: 64 * 1024,
+            overflow: OverflowPolicy::RejectNew,
+            ..cfg()
+        };
+        let b = Buffer::open(dir.path(), &c).unwrap();
+        let side = b.side_tree("ids").unwrap();
+        side.bytes.store(60 * 1024, Relaxed);
+        let recs: Vec<Stored> = (0..400).map(|i| rec("d", i)).collect();
+        let out = b.append(&recs, 0).unwrap();
+        assert!(out.rejected > 0, "{out:?}");
+        let kept = out.accepted;
+        assert!(kept < 400);
+        side.bytes.store(0, Relaxed);
+        let more = b.append(&recs[kept..], 0).unwrap();
+        assert!(more.accepted > 0);
+        assert!(b.fill_ratio() <= 1.0);
+    }
+
+    #[test]
+    fn dead_letters_are_bounded_and_can_be_requeued_as_they_were() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = BufferConfig {
+            max_bytes: 64 * 1024,
+            ..cfg()
+        };
+        let b = Buffer::open(dir.path(), &c).unwrap();
+        let recs: Vec<Stored> = (0..400).map(|i| rec("d", i)).collect();
+        b.append(&recs, 0).unwrap();
+        b.flush_blocking().unwrap();
+        let mut read = Vec::new();
+        while let Some(r) = b.read_next().unwrap() {
+            read.extend(r);
+        }
+        for (id, r) in &read {
+            b.dead_letter(*id, r, "refused").unwrap();
+        }
+        let s = b.stats();
+        assert!(s.dead_letter_bytes <= 16 * 1024 + 512, "{s:?}");
+        assert!(s.dead_letters < 400 && s.dead_letters > 0, "{s:?}");
+        assert_eq!(s.records, 0);
+        let kept: Vec<u64> = b
+            .dead_letters_with_ids()
+            .unwrap()
+            .iter()
+            .map(|(_, d)| d.record.seq)
+            .collect();
+        // The newest are kept.
+        assert_eq!(kept.last(), Some(&399));
+        let n = b.requeue_dead_letters(&[]).unwrap();
+        assert_eq!(n, kept.len());
+        assert_eq!(b.stats().dead_letters, 0);
+        assert_eq!(drain(&b), kept);
+    }
 }

@@ -357,12 +357,19 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
                             (Some(v), _) => {
                                 all_failed = false;
                                 let Some(raw) = decode(&v, r.data_type, r.word_order) else { continue };
+                                let value = raw * r.scale + r.offset;
+                                if !crate::record::usable_value(value) {
+                                    // An f32 register holding NaN or infinity (a sensor fault).
+                                    ctx.metrics.count_malformed(&ctx.id);
+                                    tracing::warn!(device = %ctx.id, register = r.address, value, "register value not usable (NaN, infinite or beyond ±1e100)");
+                                    continue;
+                                }
                                 ctx.emit(Draft::new(
                                     ctx.id.clone(),
                                     Body::SensorReading {
                                         sensor_id: format!("{}.{}", ctx.id, r.name),
                                         sensor_type: r.sensor_type.clone(),
-                                        value: raw * r.scale + r.offset,
+                                        value,
                                         unit: r.unit.clone(),
                                         location: cfg.location.clone(),
                                         metadata: [("slave".to_string(), r.slave.into()), ("register".to_string(), r.address.into())].into_iter().collect(),

@@ -276,11 +276,11 @@ impl Pipeline {
         let avg = a.avg();
         Draft {
             device_id: a.device_id,
-            time: Some(a.end),
+            time: Some(crate::time::clamp(a.end)),
             body: Body::SensorAggregate {
                 avg,
-                window_start: humantime::format_rfc3339_millis(a.start).to_string(),
-                window_end: humantime::format_rfc3339_millis(a.end).to_string(),
+                window_start: crate::time::format_clamped(a.start),
+                window_end: crate::time::format_clamped(a.end),
                 sensor_id: a.sensor_id,
                 sensor_type: a.sensor_type,
                 unit: a.unit,

@@ -301,9 +301,14 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .expect("agent log");
+        // What systemd's RuntimeDirectory= gives the service: a directory that outlives
+        // a restart, on another filesystem than the data dir.
+        let run = self.log.with_file_name("run");
+        std::fs::create_dir_all(&run).expect("runtime dir");
         let child = Command::new(env!("CARGO_BIN_EXE_labgate"))
             .args(["run", "--config"])
             .arg(&self.config)
+            .env("RUNTIME_DIRECTORY", &run)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -387,6 +392,25 @@ impl Agent {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// Waits for the agent to exit on its own; returns its exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let mut c = self.child.take()?;
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!(
+                    "agent did not exit within {within:?}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 

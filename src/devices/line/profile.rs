@@ -399,10 +399,15 @@ impl Compiled {
                 (None, Some(f)) => fields.get(f).cloned().unwrap_or_default(),
                 (None, None) => String::new(),
             };
+            let value = raw * q.scale + q.offset;
+            if !crate::record::usable_value(value) {
+                // `1e400` reads as infinity: a garbled line, not a measurement.
+                return Parsed::NoMatch(line.to_string());
+            }
             readings.push(Reading {
                 sensor_type: q.sensor_type.clone(),
                 field: q.field.clone(),
-                value: raw * q.scale + q.offset,
+                value,
                 unit,
             });
         }

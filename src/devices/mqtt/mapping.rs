@@ -300,7 +300,9 @@ impl Sub {
                 let v: Value = json(payload)?;
                 let path = self.cfg.value.as_deref().unwrap_or("");
                 let value = match lookup(&v, path) {
-                    Some(Value::Number(n)) => n.as_f64().filter(|x| x.is_finite()),
+                    Some(Value::Number(n)) => {
+                        n.as_f64().filter(|x| crate::record::usable_value(*x))
+                    }
                     Some(Value::String(s)) => parse_number(s.trim()).ok(),
                     Some(Value::Bool(b)) => Some(f64::from(u8::from(*b))),
                     _ => None,
@@ -391,7 +393,7 @@ impl Sub {
                 continue;
             };
             for (q, val) in fields {
-                let Some(value) = val.as_f64().filter(|x| x.is_finite()) else {
+                let Some(value) = val.as_f64().filter(|x| crate::record::usable_value(*x)) else {
                     continue;
                 };
                 let quantity = q.to_ascii_lowercase();
@@ -476,7 +478,7 @@ impl Sub {
             if k == "last_seen" || self.cfg.ignore.contains(k) {
                 continue;
             }
-            let Some(value) = val.as_f64().filter(|x| x.is_finite()) else {
+            let Some(value) = val.as_f64().filter(|x| crate::record::usable_value(*x)) else {
                 continue;
             };
             out.readings.push(Reading {
@@ -615,10 +617,12 @@ fn parse_number(s: &str) -> Result<f64, String> {
         let shown: String = s.chars().take(40).collect();
         format!("not a number: {shown:?}")
     })?;
-    if v.is_finite() {
+    if crate::record::usable_value(v) {
         Ok(v)
     } else {
-        Err(format!("not a finite number: {s:?}"))
+        Err(format!(
+            "not a usable number (NaN, infinite, or beyond ±1e100): {s:?}"
+        ))
     }
 }
 

@@ -431,6 +431,27 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
     result
 }
 
+/// The record of one mapped reading (its own time, or the receive time).
+pub(crate) fn reading_draft(
+    device: &str,
+    location: Option<&String>,
+    r: mapping::Reading,
+    now: SystemTime,
+) -> Draft {
+    Draft {
+        device_id: device.to_string(),
+        time: Some(r.time.unwrap_or(now)),
+        body: Body::SensorReading {
+            sensor_id: r.sensor_id,
+            sensor_type: r.sensor_type,
+            value: r.value,
+            unit: r.unit,
+            location: location.cloned(),
+            metadata: r.metadata,
+        },
+    }
+}
+
 async fn on_publish(
     cfg: &Config,
     ctx: &mut DeviceCtx,
@@ -451,18 +472,7 @@ async fn on_publish(
     match mapper.map(&p.topic, &p.payload, now) {
         Ok(mapped) => {
             for r in mapped.readings {
-                let draft = Draft {
-                    device_id: ctx.id.clone(),
-                    time: Some(r.time.unwrap_or(now)),
-                    body: Body::SensorReading {
-                        sensor_id: r.sensor_id,
-                        sensor_type: r.sensor_type,
-                        value: r.value,
-                        unit: r.unit,
-                        location: cfg.location.clone(),
-                        metadata: r.metadata,
-                    },
-                };
+                let draft = reading_draft(&ctx.id, cfg.location.as_ref(), r, now);
                 receipt = Some(ctx.ingest.send_tracked(draft).await?);
             }
             for n in mapped.notes {

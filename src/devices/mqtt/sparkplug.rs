@@ -177,7 +177,7 @@ pub fn number(datatype: u32, v: &MetricValue) -> Option<f64> {
         (_, MetricValue::Boolean(b)) => f64::from(u8::from(*b)),
         _ => return None,
     })
-    .filter(|x| x.is_finite())
+    .filter(|x| crate::record::usable_value(*x))
 }
 
 #[derive(Debug, Clone, Default)]

@@ -1,0 +1,216 @@
+//! A sick disk under the data dir (the fault filesystem of tests/common/faultfs): too
+//! little free space, ENOSPC, EIO and a read-only remount, against real tansu and
+//! mosquitto. In each case the agent says clearly what is wrong, and nothing it
+//! acknowledged is lost.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::faultfs::{Fault, FaultFs};
+use common::*;
+
+struct Rig {
+    broker: Broker,
+    mqtt: Mosquitto,
+    topics: Topics,
+    fs: FaultFs,
+    dir: tempfile::TempDir,
+}
+
+fn rig() -> Rig {
+    Rig {
+        broker: Broker::start(),
+        mqtt: Mosquitto::start(),
+        topics: Topics::new(),
+        fs: FaultFs::new(),
+        dir: tempdir(),
+    }
+}
+
+fn start(r: &Rig, agent_id: &str, buffer: &str) -> Agent {
+    let url = r.mqtt.url();
+    let extra = format!(
+        r#"[buffer]
+{buffer}
+
+[[devices]]
+kind = "mqtt"
+id = "mqtt-d"
+broker = "{url}"
+client_id = "labgate-disk-{agent_id}"
+
+  [[devices.subscriptions]]
+  format = "number"
+  topic = "lab/+id/counter"
+  sensor_type = "counter"
+"#
+    );
+    let a = Agent::start(
+        r.dir.path(),
+        &agent_config(
+            &r.fs.mountpoint,
+            agent_id,
+            &r.broker.addr(),
+            &r.topics,
+            free_port(),
+            &extra,
+        ),
+    );
+    a.wait_status("MQTT connected", Duration::from_secs(20), |st| {
+        st["devices"]["mqtt-d"]["state"] == "running"
+    });
+    a
+}
+
+fn counter_values(msgs: &[Msg]) -> BTreeSet<u64> {
+    msgs.iter()
+        .filter(|m| m.json["type"] == "sensor_reading" && m.json["sensor_type"] == "counter")
+        .filter_map(|m| m.json["value"].as_f64())
+        .map(|v| v as u64)
+        .collect()
+}
+
+/// Publishes `range` as QoS 1 counter readings and waits until mosquitto took them all.
+fn publish(r: &Rig, name: &str, range: std::ops::Range<u64>) {
+    let p = MqttClient::connect(&r.mqtt.url(), name);
+    let n = range.end - range.start;
+    for i in range {
+        p.publish("lab/d1/counter", format!("{i}.0"), false);
+    }
+    p.wait_acked(n, Duration::from_secs(60));
+}
+
+fn acked(a: &Agent) -> f64 {
+    a.metric("labgate_mqtt_acked_total{device=\"mqtt-d\"}")
+}
+
+fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < within, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn below_the_free_space_floor_new_readings_wait_unacked_and_none_is_lost() {
+    let r = rig();
+    // Kafka stalls so the buffer only grows.
+    let mut agent = start(
+        &r,
+        "disk-floor",
+        "overflow = \"reject_new\"\nmin_free_bytes = 1048576\ncommit_interval = \"5ms\"",
+    );
+    r.broker.stall();
+    publish(&r, "disk-floor-pub-1", 0..300);
+    wait_for("300 acked", Duration::from_secs(30), || {
+        acked(&agent) >= 300.0
+    });
+    // Now leave less than the floor free.
+    r.fs.set_capacity(r.fs.used() + 512 * 1024);
+    std::thread::sleep(Duration::from_millis(400));
+    publish(&r, "disk-floor-pub-2", 300..600);
+    let st = agent.wait_status("low disk reported", Duration::from_secs(20), |s| {
+        s["buffer"]["low_disk"] == true
+    });
+    assert!(
+        st["health"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h.as_str().unwrap_or("").contains("disk nearly full")),
+        "{st}"
+    );
+    assert_eq!(agent.metric("labgate_buffer_low_disk"), 1.0);
+    std::thread::sleep(Duration::from_secs(2));
+    // The readings that found no room were refused, hence not acked to the broker.
+    assert!(acked(&agent) < 600.0, "acked {}", acked(&agent));
+    assert!(agent.metric("labgate_records_dropped_total{reason=\"buffer_full_reject_new\"}") > 0.0);
+    // Space comes back, Kafka too: the broker redelivers, and everything arrives.
+    r.fs.set_capacity(u64::MAX);
+    r.broker.unstall();
+    // rumqttc's redelivery of an unacked message comes with a reconnect.
+    let mut reader = Reader::new(&r.broker.addr(), &r.topics.outputs());
+    reader.until("all 600 readings", Duration::from_secs(90), |m| {
+        counter_values(m).len() == 600
+    });
+    assert_eq!(counter_values(&reader.msgs), (0..600).collect());
+    agent.terminate();
+}
+
+/// One hard fault (ENOSPC with no floor, EIO, EROFS): the agent exits with 74 and says
+/// why; restarted on a healthy disk, it reports the failure and delivers everything it
+/// had acknowledged.
+fn hard_fault(name: &str, fault: impl Fn(&FaultFs), kind: &str) {
+    let mut r = rig();
+    let mut agent = start(&r, name, "min_free_bytes = 0\ncommit_interval = \"5ms\"");
+    r.broker.stall();
+    publish(&r, &format!("{name}-pub-1"), 0..200);
+    wait_for("200 acked", Duration::from_secs(30), || {
+        acked(&agent) >= 200.0
+    });
+    fault(&r.fs);
+    // More readings arrive; the first write that fails stops the agent.
+    let pub2 = {
+        let url = r.mqtt.url();
+        let name = format!("{name}-pub-2");
+        std::thread::spawn(move || {
+            let p = MqttClient::connect(&url, &name);
+            for i in 200..400u64 {
+                p.publish("lab/d1/counter", format!("{i}.0"), false);
+            }
+            p.wait_acked(200, Duration::from_secs(60));
+        })
+    };
+    let code = agent.wait_exit(Duration::from_secs(30));
+    assert_eq!(code, Some(74), "log:\n{}", agent.log_text());
+    let log = agent.log_text();
+    assert!(log.contains("buffer write failed"), "{log}");
+    assert!(
+        log.contains(&format!("kind=\"{kind}\"")) || log.contains(&format!("kind={kind}")),
+        "the log names {kind}:\n{log}"
+    );
+    pub2.join().expect("publisher");
+    // A healthy disk again (and, for good measure, a power cut on the way).
+    r.fs.set_fault(Fault::None);
+    r.fs.set_capacity(u64::MAX);
+    r.fs.power_cut();
+    r.fs.mount();
+    agent.spawn();
+    r.broker.unstall();
+    let mut reader = Reader::new(&r.broker.addr(), &r.topics.outputs());
+    reader.until("all 400 readings", Duration::from_secs(90), |m| {
+        counter_values(m).len() == 400
+    });
+    assert_eq!(counter_values(&reader.msgs), (0..400).collect());
+    let log = agent.log_text();
+    assert!(
+        log.contains("the last run stopped on a buffer failure"),
+        "no note of the failure at restart:\n{log}"
+    );
+    reader.until("the buffer_error event", Duration::from_secs(20), |m| {
+        m.iter()
+            .any(|m| m.json["event"] == "buffer_error" && m.json["data"]["kind"] == kind)
+    });
+    assert_eq!(
+        agent.metric(&format!("labgate_buffer_errors_total{{kind=\"{kind}\"}}")),
+        1.0
+    );
+}
+
+#[test]
+fn enospc_stops_the_agent_clearly_and_loses_nothing_acknowledged() {
+    hard_fault("disk-enospc", |fs| fs.set_capacity(fs.used()), "enospc");
+}
+
+#[test]
+fn eio_stops_the_agent_clearly_and_loses_nothing_acknowledged() {
+    hard_fault("disk-eio", |fs| fs.set_fault(Fault::Eio), "eio");
+}
+
+#[test]
+fn a_read_only_data_dir_stops_the_agent_clearly_and_loses_nothing_acknowledged() {
+    hard_fault("disk-erofs", |fs| fs.set_fault(Fault::ReadOnly), "erofs");
+}
