@@ -138,6 +138,38 @@ enum BufferCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Records the broker refused for good: list, export, or send them again. Works on
+    /// the data dir, so stop the agent first.
+    DeadLetters {
+        #[command(subcommand)]
+        cmd: DeadLetterCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadLetterCmd {
+    /// One line per dead letter: id, when, device, seq, topic, reason.
+    List {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Every dead letter as one JSON object per line (its message, key and reason).
+    Export {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Write here instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Puts dead letters back in the buffer, unchanged, for the agent to send again
+    /// (after the cause is fixed: a topic's size limit, an ACL).
+    Requeue {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only these ids (from `list`); all when none is given.
+        #[arg(long = "id")]
+        ids: Vec<u64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -211,6 +243,27 @@ fn main() -> ExitCode {
                 rt.block_on(tools::buffer_stats(&cfg, json))
                     .context("buffer stats")
             }))
+        }
+        Cmd::Buffer {
+            cmd: BufferCmd::DeadLetters { cmd },
+        } => {
+            let (config, action) = match cmd {
+                DeadLetterCmd::List { config } => (config, tools::DeadLetterAction::List),
+                DeadLetterCmd::Export { config, out } => {
+                    (config, tools::DeadLetterAction::Export(out))
+                }
+                DeadLetterCmd::Requeue { config, ids } => {
+                    (config, tools::DeadLetterAction::Requeue(ids))
+                }
+            };
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            tool_exit(
+                "dead-letters",
+                Ok(tools::dead_letters(&cfg, action).map(|()| 0)),
+            )
         }
         Cmd::Tail(args) => {
             init_logging(LogFormat::Text, "warn");

@@ -586,3 +586,90 @@ pub fn ports() -> Result<(), ToolError> {
     }
     Ok(())
 }
+
+/// What `labgate buffer dead-letters` does.
+pub enum DeadLetterAction {
+    List,
+    Export(Option<PathBuf>),
+    Requeue(Vec<u64>),
+}
+
+/// Opens the stopped agent's buffer; a running agent holds sled's lock, which is said
+/// plainly.
+fn open_stopped_buffer(cfg: &Config) -> Result<Buffer, ToolError> {
+    Buffer::open(&crate::app::buffer_dir(cfg), &cfg.buffer).map_err(|e| {
+        let text = e.to_string();
+        if text.contains("lock") || text.contains("WouldBlock") || text.contains("Resource temporarily unavailable") {
+            ToolError::Usage(format!(
+                "the buffer in {} is in use by a running agent: stop it first (systemctl stop labgate)",
+                crate::app::buffer_dir(cfg).display()
+            ))
+        } else {
+            ToolError::Buffer(e)
+        }
+    })
+}
+
+/// `labgate buffer dead-letters list | export | requeue`.
+pub fn dead_letters(cfg: &Config, action: DeadLetterAction) -> Result<(), ToolError> {
+    let buffer = open_stopped_buffer(cfg)?;
+    let letters = buffer.dead_letters_with_ids()?;
+    let at = |ms: u64| {
+        crate::time::from_unix_ms(ms)
+            .and_then(crate::time::format_rfc3339_millis)
+            .unwrap_or_default()
+    };
+    match action {
+        DeadLetterAction::List => {
+            if letters.is_empty() {
+                println!("no dead letters");
+            }
+            for (id, d) in &letters {
+                println!(
+                    "{id}\t{}\t{}\tseq {}\t{:?}\t{}",
+                    at(d.at_ms),
+                    d.record.device_id,
+                    d.record.seq,
+                    d.record.topic,
+                    d.reason
+                );
+            }
+        }
+        DeadLetterAction::Export(out) => {
+            let mut text = String::new();
+            for (id, d) in &letters {
+                let message =
+                    serde_json::from_slice::<Value>(&d.record.payload).unwrap_or_else(|_| {
+                        Value::String(String::from_utf8_lossy(&d.record.payload).into_owned())
+                    });
+                let line = json!({
+                    "id": id,
+                    "dead_lettered_at": at(d.at_ms),
+                    "reason": d.reason,
+                    "device_id": d.record.device_id,
+                    "seq": d.record.seq,
+                    "topic": d.record.topic,
+                    "key": d.record.key,
+                    "message": message,
+                });
+                text.push_str(&line.to_string());
+                text.push('\n');
+            }
+            match out {
+                Some(path) => std::fs::write(&path, text)
+                    .map_err(|e| ToolError::Usage(format!("--out {}: {e}", path.display())))?,
+                None => print!("{text}"),
+            }
+        }
+        DeadLetterAction::Requeue(ids) => {
+            if let Some(missing) = ids.iter().find(|i| !letters.iter().any(|(id, _)| id == *i)) {
+                return Err(ToolError::Usage(format!(
+                    "no dead letter with id {missing}"
+                )));
+            }
+            let n = buffer.requeue_dead_letters(&ids)?;
+            println!("requeued {n} dead letters; the agent sends them at its next start");
+        }
+    }
+    Ok(())
+}

@@ -429,6 +429,110 @@ fn record_the_broker_refuses_for_good_is_dead_lettered_with_an_alert_and_counted
     );
 }
 
+/// The operator's side: dead letters are listed, exported and, once the cause is fixed,
+/// requeued and delivered as they were (same seq, same message).
+#[test]
+fn dead_letters_are_listed_exported_and_requeued_by_the_operator() {
+    let broker = Broker::start();
+    let dir = tempdir();
+    let topics = Topics::new();
+    let extra = format!(
+        "{}\n",
+        potentiostat("pstat-1", 0.0, 1)
+            .replace("points_per_message = 20", "points_per_message = 100")
+    );
+    let good = agent_config(
+        dir.path(),
+        "agent-dlq-ops",
+        &broker.addr(),
+        &topics,
+        free_port(),
+        &extra,
+    );
+    let strict = good.replace(
+        "[http]",
+        "[kafka.properties]\n\"message.max.bytes\" = \"2000\"\n\n[http]",
+    );
+    let mut agent = Agent::start(dir.path(), &strict);
+    let mut reader = Reader::new(&broker.addr(), &[topics.events(), topics.data()]);
+    reader.until("experiment completed", Duration::from_secs(60), |m| {
+        m.iter().any(|m| m.json["event"] == "experiment_completed")
+    });
+    let s = agent.wait_status("buffer empty", Duration::from_secs(30), |s| {
+        s["buffer"]["records"] == 0
+    });
+    let dead = s["buffer"]["dead_letters"].as_u64().unwrap();
+    assert!(dead > 0);
+    let data_before = reader
+        .msgs
+        .iter()
+        .filter(|m| m.json["type"] == "echem_data")
+        .count();
+
+    // While the agent runs, the tool says it must be stopped.
+    let config = agent.config.clone();
+    let tool = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_labgate"))
+            .args(["buffer", "dead-letters"])
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    let busy = tool(&["list"]);
+    assert_eq!(busy.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("running agent"),
+        "{}",
+        String::from_utf8_lossy(&busy.stderr)
+    );
+    assert_eq!(agent.terminate(), Some(0));
+
+    let list = tool(&["list"]);
+    assert!(list.status.success());
+    let list = String::from_utf8_lossy(&list.stdout).to_string();
+    assert_eq!(list.lines().count() as u64, dead, "{list}");
+    assert!(list.contains("pstat-1"), "{list}");
+    let out = dir.path().join("dead.ndjson");
+    let export = tool(&["export", "--out", out.to_str().unwrap()]);
+    assert!(export.status.success());
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len() as u64, dead);
+    let seqs: std::collections::BTreeSet<u64> = lines
+        .iter()
+        .map(|l| {
+            assert_eq!(l["message"]["type"], "echem_data");
+            assert_eq!(l["message"]["seq"], l["seq"]);
+            l["seq"].as_u64().unwrap()
+        })
+        .collect();
+    assert_eq!(tool(&["requeue", "--id", "999999"]).status.code(), Some(64));
+    let requeue = tool(&["requeue"]);
+    assert!(requeue.status.success());
+    assert!(tool(&["list"]).stdout.starts_with(b"no dead letters"));
+
+    // The cause is fixed (no size limit): the requeued records arrive unchanged.
+    std::fs::write(&config, &good).unwrap();
+    agent.spawn();
+    reader.until("requeued data", Duration::from_secs(30), |m| {
+        m.iter().filter(|m| m.json["type"] == "echem_data").count() as u64
+            >= data_before as u64 + dead
+    });
+    let arrived: std::collections::BTreeSet<u64> = reader
+        .msgs
+        .iter()
+        .filter(|m| m.json["type"] == "echem_data" && m.json["device_id"] == "pstat-1")
+        .filter_map(|m| m.json["seq"].as_u64())
+        .filter(|s| seqs.contains(s))
+        .collect();
+    assert_eq!(arrived, seqs);
+}
+
 #[test]
 fn buffer_stats_asks_the_running_agent() {
     let dir = tempdir();
