@@ -321,3 +321,71 @@ fn sighup_adds_and_removes_devices_without_restart_or_loss_and_refuses_a_bad_con
         .collect();
     assert_gap_free(&sensor_msgs);
 }
+
+/// An orderly stop with Kafka up delivers what the stop itself produced: the running
+/// experiment's `experiment_stopped` (reason: agent shutdown) and the aggregate windows
+/// still open, marked partial. Nothing of it waits for the next start.
+#[test]
+fn sigterm_delivers_the_stop_events_and_final_aggregates_before_exiting() {
+    let broker = Broker::start();
+    let dir = tempdir();
+    let topics = Topics::new();
+    let extra = format!(
+        "{}\n{}\n[pipeline.aggregates]\nwindow = \"1h\"\n",
+        slow_potentiostat("pstat-sd"),
+        sensors_device("env-sd", "50ms", None)
+    );
+    let mut agent = Agent::start(
+        dir.path(),
+        &agent_config(
+            dir.path(),
+            "agent-sd",
+            &broker.addr(),
+            &topics,
+            free_port(),
+            &extra,
+        ),
+    );
+    let mut reader = Reader::new(&broker.addr(), &topics.outputs());
+    reader.until("data and readings flowing", Duration::from_secs(30), |m| {
+        m.iter().any(|m| m.json["type"] == "echem_data")
+            && m.iter()
+                .filter(|m| m.json["type"] == "sensor_reading")
+                .count()
+                > 20
+    });
+    assert_eq!(agent.terminate(), Some(0));
+    let log = agent.log_text();
+    assert!(log.contains("forwarder drained"), "{log}");
+    // The agent is gone: what arrives now was delivered before it exited.
+    let msgs = reader
+        .until(
+            "the stop event and the partial aggregates",
+            Duration::from_secs(10),
+            |m| {
+                m.iter().any(|m| {
+                    m.json["event"] == "experiment_stopped"
+                        && m.json["data"]["reason"] == "agent shutdown"
+                }) && m
+                    .iter()
+                    .filter(|m| m.json["type"] == "sensor_aggregate" && m.json["partial"] == true)
+                    .count()
+                    == 2
+            },
+        )
+        .to_vec();
+    for m in msgs.iter().filter(|m| m.json["type"] == "sensor_aggregate") {
+        assert_matches_schema(m);
+        assert!(m.json["count"].as_u64() > Some(5), "{}", m.json);
+    }
+    let stats = labgate::buffer::Buffer::open(
+        &dir.path().join("data/buffer"),
+        &labgate::config::BufferConfig::default(),
+    )
+    .unwrap()
+    .stats();
+    assert_eq!(
+        stats.records, 0,
+        "nothing left for the next start: {stats:?}"
+    );
+}

@@ -263,7 +263,6 @@ impl Backoff {
 
 /// Runs one driver attempt; a panic in the driver comes back as an error.
 async fn run_driver(cfg: &DeviceConfig, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
-    use futures_util::FutureExt;
     let attempt = async {
         match cfg {
             DeviceConfig::Methodscript(c) => methodscript::driver::run(c, ctx).await,
@@ -274,6 +273,14 @@ async fn run_driver(cfg: &DeviceConfig, ctx: &mut DeviceCtx) -> Result<(), Devic
             DeviceConfig::SimulatedSensors(c) => sim_sensors::run(c, ctx).await,
         }
     };
+    caught(attempt).await
+}
+
+/// Runs a driver attempt, turning a panic into [`DeviceError::Panic`].
+async fn caught(
+    attempt: impl std::future::Future<Output = Result<(), DeviceError>>,
+) -> Result<(), DeviceError> {
+    use futures_util::FutureExt;
     // The driver's state lives in the attempt and is dropped with it; the context
     // (inbox, ingest handle) holds nothing a panic can leave half-changed.
     match std::panic::AssertUnwindSafe(attempt).catch_unwind().await {
@@ -351,5 +358,25 @@ pub(crate) fn check_range(key: &str, v: f64, lo: f64, hi: f64) -> Result<(), (St
             key.to_string(),
             format!("must be between {lo} and {hi}, got {v}"),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_driver_panic_becomes_an_error_the_supervisor_restarts_after() {
+        let r = caught(async {
+            let v: Vec<u8> = Vec::new();
+            let _ = v[3]; // a bug in a driver
+            Ok(())
+        })
+        .await;
+        match r {
+            Err(DeviceError::Panic(m)) => assert!(m.contains("index out of bounds"), "{m}"),
+            other => panic!("expected a caught panic, got {other:?}"),
+        }
+        assert!(caught(async { Ok(()) }).await.is_ok());
     }
 }

@@ -496,6 +496,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_heartbeat_needs_delivery_to_move_while_records_are_in_flight() {
+        let m = Metrics::new();
+        m.kafka_connected.store(true, Relaxed);
+        let stalled = || Progress {
+            last: Instant::now() - DELIVERY_STALL - Duration::from_secs(1),
+            in_flight: 5,
+        };
+        // Records in flight, a broker up, no report for longer than the stall: stuck.
+        assert!(!stalled().moving(5, &m));
+        // Nothing in flight: nothing to wait for.
+        assert!(stalled().moving(0, &m));
+        // Fewer in flight than last time: reports came in.
+        assert!(stalled().moving(3, &m));
+        // A report just now.
+        m.last_report_ms.store(
+            crate::record::unix_ms(std::time::SystemTime::now()),
+            Relaxed,
+        );
+        assert!(stalled().moving(5, &m));
+        // No broker up: waiting is expected, the watchdog must not restart the agent.
+        m.last_report_ms.store(0, Relaxed);
+        m.kafka_connected.store(false, Relaxed);
+        assert!(stalled().moving(5, &m));
+    }
+
+    #[test]
     fn too_large_and_unauthorised_are_permanent_but_timeouts_are_not() {
         assert!(is_permanent(&KafkaError::MessageProduction(
             RDKafkaErrorCode::MessageSizeTooLarge
