@@ -62,7 +62,7 @@ pub struct AgentConfig {
     /// Holds the sled buffer; must be writable and survive restarts.
     pub data_dir: PathBuf,
     /// How long shutdown waits for in-flight Kafka sends.
-    #[serde(default = "default_grace", with = "humantime_serde")]
+    #[serde(default = "default_grace", with = "crate::time::serde_duration")]
     pub shutdown_grace: Duration,
 }
 
@@ -280,7 +280,7 @@ pub struct BufferConfig {
     pub overflow: OverflowPolicy,
     /// Group commit: the buffer flushes at most this often; nothing is acknowledged
     /// upstream before its flush.
-    #[serde(default = "default_commit", with = "humantime_serde")]
+    #[serde(default = "default_commit", with = "crate::time::serde_duration")]
     pub commit_interval: Duration,
     /// sled page cache (sled's own default is 1 GiB).
     #[serde(default = "default_cache")]
@@ -331,7 +331,10 @@ pub struct HttpConfig {
     #[serde(default = "default_listen")]
     pub listen: String,
     /// /health reports Kafka unreachable once it has been for this long.
-    #[serde(default = "default_unhealthy_after", with = "humantime_serde")]
+    #[serde(
+        default = "default_unhealthy_after",
+        with = "crate::time::serde_duration"
+    )]
     pub kafka_unhealthy_after: Duration,
 }
 

@@ -131,6 +131,55 @@ pub fn duration_from_secs_f64(secs: f64) -> Option<Duration> {
     Duration::try_from_secs_f64(secs).ok()
 }
 
+/// Config durations: humantime text (`20ms`, `5s`, `1h 30m`), at most [`MAX_DURATION`],
+/// so that no timer or deadline built from a config value can overflow. Use as
+/// `#[serde(with = "crate::time::serde_duration")]` on `Duration` and
+/// `Option<Duration>` fields.
+pub mod serde_duration {
+    use std::time::Duration;
+
+    use serde::{de::Error as _, Deserialize, Deserializer, Serializer};
+
+    /// What the bound is checked on.
+    pub trait Bounded {
+        fn longest(&self) -> Option<Duration>;
+    }
+    impl Bounded for Duration {
+        fn longest(&self) -> Option<Duration> {
+            Some(*self)
+        }
+    }
+    impl Bounded for Option<Duration> {
+        fn longest(&self) -> Option<Duration> {
+            *self
+        }
+    }
+
+    pub fn serialize<T, S>(v: &T, s: S) -> Result<S::Ok, S::Error>
+    where
+        S: Serializer,
+        for<'a> humantime_serde::Serde<&'a T>: serde::Serialize,
+    {
+        humantime_serde::serialize(v, s)
+    }
+
+    pub fn deserialize<'de, T, D>(d: D) -> Result<T, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: Bounded,
+        humantime_serde::Serde<T>: Deserialize<'de>,
+    {
+        let v: T = humantime_serde::deserialize(d)?;
+        match v.longest() {
+            Some(x) if x > super::MAX_DURATION => Err(D::Error::custom(format!(
+                "{} is too long: a duration of at most 100 years (such as \"20ms\", \"5s\", \"2h\")",
+                humantime::format_duration(x)
+            ))),
+            _ => Ok(v),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,6 +231,28 @@ mod tests {
         assert_eq!(add(far, Duration::from_secs(1)), None);
         assert_eq!(format_clamped(far), "9999-12-31T23:59:59.999Z");
         assert_eq!(format_clamped(before), "1970-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn config_durations_are_bounded() {
+        #[derive(serde::Deserialize, serde::Serialize, Debug)]
+        struct C {
+            #[serde(with = "super::serde_duration")]
+            d: Duration,
+            #[serde(default, with = "super::serde_duration")]
+            o: Option<Duration>,
+        }
+        let c: C = toml::from_str("d = \"20ms\"\no = \"2s\"").unwrap();
+        assert_eq!(
+            (c.d, c.o),
+            (Duration::from_millis(20), Some(Duration::from_secs(2)))
+        );
+        assert!(toml::to_string(&c).unwrap().contains("\"20ms\""));
+        for bad in ["10000000000y", "101y"] {
+            let e = toml::from_str::<C>(&format!("d = \"{bad}\"")).unwrap_err();
+            assert!(e.to_string().contains("at most 100 years"), "{e}");
+        }
+        assert!(toml::from_str::<C>("d = \"1s\"\no = \"200y\"").is_err());
     }
 
     #[test]

@@ -55,6 +55,28 @@ fn check_prints_effective_config_with_secrets_redacted() {
     );
 }
 
+/// The unit runs `check` at every start, into the journal: an MQTT device's inline
+/// password must not show either.
+#[test]
+fn check_never_prints_an_mqtt_password() {
+    let dir = common::tempdir();
+    let text = format!(
+        "{}\n[[devices]]\nkind = \"mqtt\"\nid = \"m\"\nbroker = \"mqtt://127.0.0.1:1883\"\nusername = \"lab\"\npassword = \"mqtt-hunter2\"\n  [[devices.subscriptions]]\n  format = \"number\"\n  topic = \"a/+id/t\"\n  sensor_type = \"t\"\n",
+        OK.replace("DATA", &dir.path().display().to_string())
+    );
+    let path = write(dir.path(), &text);
+    let out = labgate(&["check", "--config", &path]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(!shown.contains("mqtt-hunter2"), "{shown}");
+    assert!(shown.contains("password = \"***\""), "{shown}");
+}
+
 #[test]
 fn config_errors_exit_64_and_name_the_key() {
     let dir = common::tempdir();
@@ -78,6 +100,20 @@ fn config_errors_exit_64_and_name_the_key() {
         (
             OK.replace("[http]", "[buffer]\noverflow = \"explode\"\n[http]"),
             "buffer.overflow",
+        ),
+        // Durations from outside are bounded where they enter: a timer built from this
+        // would overflow.
+        (
+            OK.replace("agent_id = \"a1\"", "agent_id = \"a1\"\nshutdown_grace = \"10000000000y\""),
+            "agent.shutdown_grace",
+        ),
+        (
+            format!(
+                "{OK}\n[[devices]]\nkind = \"simulated_sensors\"\nid = \"s\"\ninterval = \"9000000000y\"\nsensors = []\n"
+            ),
+            // serde loses the field name inside a tagged device table; the message
+            // gives the device and the value.
+            "devices[0]: 9000000000years",
         ),
         (
             format!(

@@ -7,8 +7,11 @@
 //!    when every record in it is acked (or dead-lettered, which is itself a durable write).
 //! 2. **Nothing leaves before it is durable.** Appends go to sled immediately but become
 //!    visible to the forwarder ([`Buffer::read_next`]) only after a [`Buffer::flush`] that
-//!    started after the append. So a record that reached Kafka always survives a crash,
-//!    and a `seq` seen downstream can never be handed out again with other contents.
+//!    started after the append. A flush is the store's durability point
+//!    ([`store::Store::sync`]): sled's flush, then fdatasync of what sled wrote, so it
+//!    holds through a power cut, not only a crash. So a record that reached Kafka always
+//!    survives, and a `seq` seen downstream can never be handed out again with other
+//!    contents.
 //! 3. **`seq` never repeats.** The next `seq` of each device is written in the same sled
 //!    batch as the records it numbers; sled applies a batch atomically, so after a crash
 //!    either both are there or neither.
@@ -26,6 +29,8 @@
 //! | `outbox` | `s/<device>`               | next seq of that device, u64 BE                  |
 //! | `outbox` | `u`                        | dropped records not yet reported by an event     |
 //! | `dead`   | dead-letter id, u64 BE     | CBOR [`DeadLetter`]                              |
+//! | `quarantine` | chunk key as in `outbox` | the raw bytes of a chunk that did not decode    |
+//! | side trees (`command_ids`) | owner's     | owner's (see [`SideTree`])                       |
 //!
 //! Chunks and counters share one tree because a sled batch is atomic within a tree.
 //! Chunks are lz4-compressed: sled keeps recently written values resident regardless of
@@ -51,6 +56,19 @@
 //! is exceeded by at most the in-flight window. With `reject_new`, the records that do
 //! not fit are refused and the caller counts them. sled reclaims disk space lazily, so
 //! the file can stay larger than `max_bytes` for a while after a drain.
+//!
+//! The cap covers every tree: records, dead letters (at most a quarter of `max_bytes`;
+//! past it the oldest are removed) and side trees such as the command replay ids. And
+//! when the filesystem has less than `min_free_bytes` free, the buffer counts as full
+//! whatever its size, so the policy applies before sled could meet ENOSPC mid-write.
+//!
+//! # Damage
+//!
+//! A chunk that does not decode (a bad sector, a bug) is moved to the `quarantine` tree,
+//! at open or when the forwarder reads it; its records are counted as lost, and the rest
+//! of the backlog opens and drains. A storage error (ENOSPC, EIO, EROFS) is returned to
+//! the caller: sled latches I/O errors, so the agent exits and starts again on what is
+//! on disk (see `ingest::run`).
 //!
 //! # Threads
 //!

@@ -18,18 +18,18 @@ pub struct CommandsConfig {
     #[serde(default)]
     pub allow_unsigned: Option<bool>,
     /// How far a command's times may be off this machine's clock.
-    #[serde(default = "d_skew", with = "humantime_serde")]
+    #[serde(default = "d_skew", with = "crate::time::serde_duration")]
     pub clock_skew: Duration,
     /// Lifetime of a command that gives no `expires_at` or `ttl` (counted from
     /// `issued_at`, its `timestamp`, or else the time Kafka stamped on it).
-    #[serde(default = "d_ttl", with = "humantime_serde")]
+    #[serde(default = "d_ttl", with = "crate::time::serde_duration")]
     pub default_ttl: Duration,
     /// The longest lifetime a command may ask for (command ids are kept this long).
-    #[serde(default = "d_max_ttl", with = "humantime_serde")]
+    #[serde(default = "d_max_ttl", with = "crate::time::serde_duration")]
     pub max_ttl: Duration,
     /// How long a device has to carry out a command (a command may ask for less or more
     /// with `timeout`) before the result is `timeout`.
-    #[serde(default = "d_timeout", with = "humantime_serde")]
+    #[serde(default = "d_timeout", with = "crate::time::serde_duration")]
     pub timeout: Duration,
     /// Trusted operator keys.
     #[serde(default)]
@@ -84,7 +84,7 @@ pub struct DevicePolicy {
     #[serde(default)]
     pub allow: Option<Vec<CommandKind>>,
     /// When the command topic has been unreachable this long, go to `safe_state`.
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "crate::time::serde_duration")]
     pub lease: Option<Duration>,
     #[serde(default)]
     pub safe_state: SafeState,

@@ -191,10 +191,10 @@ pub struct Config {
     pub profile: String,
     #[serde(default = "d_profiles_dir")]
     pub profiles_dir: PathBuf,
-    #[serde(default = "d_interval", with = "humantime_serde")]
+    #[serde(default = "d_interval", with = "crate::time::serde_duration")]
     pub interval: Duration,
     /// Per request.
-    #[serde(default = "d_timeout", with = "humantime_serde")]
+    #[serde(default = "d_timeout", with = "crate::time::serde_duration")]
     pub timeout: Duration,
     /// Further attempts after a failed request.
     #[serde(default = "d_retries")]

@@ -30,7 +30,7 @@ pub struct Config {
     #[serde(default = "d_points")]
     pub points_per_message: usize,
     /// A partly filled data message is sent after this long.
-    #[serde(default = "d_interval", with = "humantime_serde")]
+    #[serde(default = "d_interval", with = "crate::time::serde_duration")]
     pub max_interval: Duration,
     /// 1.0 = real time, 10 = ten times faster, 0 = as fast as possible.
     #[serde(default = "d_speed")]
@@ -39,7 +39,7 @@ pub struct Config {
     #[serde(default)]
     pub runs: u32,
     /// Wait between experiments.
-    #[serde(default = "d_between", with = "humantime_serde")]
+    #[serde(default = "d_between", with = "crate::time::serde_duration")]
     pub pause_between: Duration,
     /// Start the first experiment at agent start (else wait for a `start` command).
     #[serde(default = "d_true")]

@@ -15,7 +15,7 @@ use crate::record::{Body, Draft};
 pub struct Config {
     pub id: String,
     /// Time between readings of the whole set; 0 = as fast as possible (benchmarks).
-    #[serde(default = "d_interval", with = "humantime_serde")]
+    #[serde(default = "d_interval", with = "crate::time::serde_duration")]
     pub interval: Duration,
     /// Stop after this many rounds (unset = run until stopped).
     #[serde(default)]

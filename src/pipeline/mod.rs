@@ -39,10 +39,10 @@ pub struct PipelineConfig {
 #[serde(deny_unknown_fields)]
 pub struct AggregatesConfig {
     /// Window length; windows are aligned to the Unix epoch.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::time::serde_duration")]
     pub window: Duration,
     /// How long after its end a window of a quiet sensor stays open.
-    #[serde(default = "d_lateness", with = "humantime_serde")]
+    #[serde(default = "d_lateness", with = "crate::time::serde_duration")]
     pub lateness: Duration,
 }
 

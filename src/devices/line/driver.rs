@@ -41,7 +41,7 @@ pub struct Config {
     #[serde(default)]
     pub baud: Option<u32>,
     /// Overrides the profile's poll interval.
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "crate::time::serde_duration")]
     pub interval: Option<Duration>,
     #[serde(default)]
     pub location: Option<String>,

@@ -68,10 +68,10 @@ pub struct Commands {
     /// Sent every `interval`; absent for instruments that stream on their own.
     #[serde(default)]
     pub poll: Option<String>,
-    #[serde(default = "d_interval", with = "humantime_serde")]
+    #[serde(default = "d_interval", with = "crate::time::serde_duration")]
     pub interval: Duration,
     /// How long to wait for the answer to a poll.
-    #[serde(default = "d_timeout", with = "humantime_serde")]
+    #[serde(default = "d_timeout", with = "crate::time::serde_duration")]
     pub timeout: Duration,
     /// Sent, in order, on a stop command (SCPI `:ABOR` then `:OUTP OFF`, MT-SICS `@` …).
     #[serde(default)]

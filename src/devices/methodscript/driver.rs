@@ -60,7 +60,7 @@ pub struct Config {
     pub autostart: bool,
     #[serde(default = "d_points")]
     pub points_per_message: usize,
-    #[serde(default = "d_interval", with = "humantime_serde")]
+    #[serde(default = "d_interval", with = "crate::time::serde_duration")]
     pub max_interval: Duration,
 }
 

@@ -56,7 +56,7 @@ pub struct Config {
     pub client_cert: Option<PathBuf>,
     #[serde(default)]
     pub client_key: Option<PathBuf>,
-    #[serde(default = "d_keep_alive", with = "humantime_serde")]
+    #[serde(default = "d_keep_alive", with = "crate::time::serde_duration")]
     pub keep_alive: Duration,
     /// Largest message accepted (Zigbee2MQTT's `bridge/devices` can be large).
     #[serde(default = "d_max_packet")]
@@ -64,7 +64,7 @@ pub struct Config {
     #[serde(default)]
     pub location: Option<String>,
     /// Malformed payloads are reported by one `mqtt_malformed` event per this interval.
-    #[serde(default = "d_report", with = "humantime_serde")]
+    #[serde(default = "d_report", with = "crate::time::serde_duration")]
     pub malformed_report_every: Duration,
     pub subscriptions: Vec<Subscription>,
     /// Commands this device carries out, by name (stop, pause, resume, start, …).
