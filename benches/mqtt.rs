@@ -100,19 +100,7 @@ fn main() {
     for t in topics.outputs().iter().chain([topics.commands()].iter()) {
         broker.create_topics(&[t]);
     }
-    let extra = format!(
-        r#"[[devices]]
-kind = "mqtt"
-id = "mqtt-bench"
-broker = "{url}"
-client_id = "labgate-bench"
-
-  [[devices.subscriptions]]
-  format = "number"
-  topic = "bench/+id/v"
-  sensor_type = "v"
-"#
-    );
+    let extra = mqtt_number_device(&url, "mqtt-bench", "labgate-bench", "bench/+id/v", "v");
     let mut cfg = agent_config(
         dir.path(),
         "agent-mqtt-bench",

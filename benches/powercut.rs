@@ -11,7 +11,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,18 +31,12 @@ fn main() {
     let mut fs = FaultFs::new();
     let dir = tempdir();
     let url = mqtt.url();
-    let extra = format!(
-        r#"[[devices]]
-kind = "mqtt"
-id = "mqtt-soak"
-broker = "{url}"
-client_id = "labgate-soak"
-
-  [[devices.subscriptions]]
-  format = "number"
-  topic = "soak/+id/counter"
-  sensor_type = "counter"
-"#
+    let extra = mqtt_number_device(
+        &url,
+        "mqtt-soak",
+        "labgate-soak",
+        "soak/+id/counter",
+        "counter",
     );
     let mut agent = Agent::start(
         dir.path(),
@@ -102,19 +96,12 @@ client_id = "labgate-soak"
     let acknowledged = publisher.join().expect("publisher");
     let mut reader = Reader::new(&broker.addr(), &topics.outputs());
     let deadline = Instant::now() + Duration::from_secs(300);
-    let values = |msgs: &[Msg]| -> BTreeSet<u64> {
-        msgs.iter()
-            .filter(|m| m.json["type"] == "sensor_reading")
-            .filter_map(|m| m.json["value"].as_f64())
-            .map(|v| v as u64)
-            .collect()
-    };
-    while values(reader.drain_for(Duration::from_secs(1))).len() < acknowledged as usize
+    while counter_values(reader.drain_for(Duration::from_secs(1))).len() < acknowledged as usize
         && Instant::now() < deadline
     {}
     reader.drain_for(Duration::from_secs(2));
     agent_acked += agent.metric("labgate_mqtt_acked_total{device=\"mqtt-soak\"}");
-    let delivered = values(&reader.msgs);
+    let delivered = counter_values(&reader.msgs);
     let lost = (0..acknowledged).filter(|v| !delivered.contains(v)).count();
     // No seq may come back with another message.
     let mut by_seq: BTreeMap<(String, u64), &serde_json::Value> = BTreeMap::new();

@@ -5,75 +5,32 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::faultfs::{Fault, FaultFs};
+use common::faultfs::{Fault, FaultFs, FaultRig};
 use common::*;
 
-struct Rig {
-    broker: Broker,
-    mqtt: Mosquitto,
-    topics: Topics,
-    fs: FaultFs,
-    dir: tempfile::TempDir,
+fn rig() -> FaultRig {
+    FaultRig::new()
 }
 
-fn rig() -> Rig {
-    Rig {
-        broker: Broker::start(),
-        mqtt: Mosquitto::start(),
-        topics: Topics::new(),
-        fs: FaultFs::new(),
-        dir: tempdir(),
-    }
-}
-
-fn start(r: &Rig, agent_id: &str, buffer: &str) -> Agent {
-    let url = r.mqtt.url();
-    let extra = format!(
-        r#"[buffer]
-{buffer}
-
-[[devices]]
-kind = "mqtt"
-id = "mqtt-d"
-broker = "{url}"
-client_id = "labgate-disk-{agent_id}"
-
-  [[devices.subscriptions]]
-  format = "number"
-  topic = "lab/+id/counter"
-  sensor_type = "counter"
-"#
+fn start(r: &FaultRig, agent_id: &str, buffer: &str) -> Agent {
+    let device = mqtt_number_device(
+        &r.mqtt.url(),
+        "mqtt-d",
+        &format!("labgate-disk-{agent_id}"),
+        "lab/+id/counter",
+        "counter",
     );
-    let a = Agent::start(
-        r.dir.path(),
-        &agent_config(
-            &r.fs.mountpoint,
-            agent_id,
-            &r.broker.addr(),
-            &r.topics,
-            free_port(),
-            &extra,
-        ),
-    );
+    let a = r.start(agent_id, &format!("[buffer]\n{buffer}\n\n{device}"));
     a.wait_status("MQTT connected", Duration::from_secs(20), |st| {
         st["devices"]["mqtt-d"]["state"] == "running"
     });
     a
 }
 
-fn counter_values(msgs: &[Msg]) -> BTreeSet<u64> {
-    msgs.iter()
-        .filter(|m| m.json["type"] == "sensor_reading" && m.json["sensor_type"] == "counter")
-        .filter_map(|m| m.json["value"].as_f64())
-        .map(|v| v as u64)
-        .collect()
-}
-
 /// Publishes `range` as QoS 1 counter readings and waits until mosquitto took them all.
-fn publish(r: &Rig, name: &str, range: std::ops::Range<u64>) {
+fn publish(r: &FaultRig, name: &str, range: std::ops::Range<u64>) {
     let p = MqttClient::connect(&r.mqtt.url(), name);
     let n = range.end - range.start;
     for i in range {

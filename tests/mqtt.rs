@@ -384,28 +384,13 @@ location = "Lab 2"
 }
 
 fn counter_device(url: &str) -> String {
-    format!(
-        r#"[[devices]]
-kind = "mqtt"
-id = "mqtt-c"
-broker = "{url}"
-client_id = "labgate-counter"
-
-  [[devices.subscriptions]]
-  format = "number"
-  topic = "lab/+id/counter"
-  sensor_type = "counter"
-"#
+    mqtt_number_device(
+        url,
+        "mqtt-c",
+        "labgate-counter",
+        "lab/+id/counter",
+        "counter",
     )
-}
-
-/// The counter values that reached Kafka.
-fn counter_values(msgs: &[Msg]) -> BTreeSet<u64> {
-    msgs.iter()
-        .filter(|m| m.json["type"] == "sensor_reading" && m.json["sensor_type"] == "counter")
-        .filter_map(|m| m.json["value"].as_f64())
-        .map(|v| v as u64)
-        .collect()
 }
 
 #[test]

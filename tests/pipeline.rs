@@ -349,30 +349,34 @@ fn buffer_cap_hit_while_broker_down_drops_oldest_counts_them_and_reports_them() 
     assert_eq!(agent.status()["buffer"]["unreported_drops"], 0);
 }
 
-#[test]
-fn record_the_broker_refuses_for_good_is_dead_lettered_with_an_alert_and_counted() {
-    let broker = Broker::start();
-    let dir = tempdir();
-    let topics = Topics::new();
-    // Messages above 2,000 bytes are refused (librdkafka checks message.max.bytes before
-    // sending, as a broker would): a 100-point data chunk is larger, events are smaller.
+/// (a config, the same config with messages above 2,000 bytes refused). librdkafka checks
+/// message.max.bytes before sending, as a broker would: a 100-point data chunk is larger,
+/// events are smaller.
+fn dead_letter_configs(
+    dir: &std::path::Path,
+    agent_id: &str,
+    broker: &Broker,
+    topics: &Topics,
+) -> (String, String) {
     let extra = format!(
         "{}\n",
         potentiostat("pstat-1", 0.0, 1)
             .replace("points_per_message = 20", "points_per_message = 100")
     );
-    let cfg = agent_config(
-        dir.path(),
-        "agent-dlq",
-        &broker.addr(),
-        &topics,
-        free_port(),
-        &extra,
-    )
-    .replace(
+    let good = agent_config(dir, agent_id, &broker.addr(), topics, free_port(), &extra);
+    let strict = good.replace(
         "[http]",
         "[kafka.properties]\n\"message.max.bytes\" = \"2000\"\n\n[http]",
     );
+    (good, strict)
+}
+
+#[test]
+fn record_the_broker_refuses_for_good_is_dead_lettered_with_an_alert_and_counted() {
+    let broker = Broker::start();
+    let dir = tempdir();
+    let topics = Topics::new();
+    let (_, cfg) = dead_letter_configs(dir.path(), "agent-dlq", &broker, &topics);
     let agent = Agent::start(dir.path(), &cfg);
     let mut reader = Reader::new(
         &broker.addr(),
@@ -436,23 +440,7 @@ fn dead_letters_are_listed_exported_and_requeued_by_the_operator() {
     let broker = Broker::start();
     let dir = tempdir();
     let topics = Topics::new();
-    let extra = format!(
-        "{}\n",
-        potentiostat("pstat-1", 0.0, 1)
-            .replace("points_per_message = 20", "points_per_message = 100")
-    );
-    let good = agent_config(
-        dir.path(),
-        "agent-dlq-ops",
-        &broker.addr(),
-        &topics,
-        free_port(),
-        &extra,
-    );
-    let strict = good.replace(
-        "[http]",
-        "[kafka.properties]\n\"message.max.bytes\" = \"2000\"\n\n[http]",
-    );
+    let (good, strict) = dead_letter_configs(dir.path(), "agent-dlq-ops", &broker, &topics);
     let mut agent = Agent::start(dir.path(), &strict);
     let mut reader = Reader::new(&broker.addr(), &[topics.events(), topics.data()]);
     reader.until("experiment completed", Duration::from_secs(60), |m| {

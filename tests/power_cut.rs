@@ -8,80 +8,29 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use common::faultfs::FaultFs;
+use common::faultfs::FaultRig;
 use common::*;
 use serde_json::json;
 
-struct Rig {
-    broker: Broker,
-    mqtt: Mosquitto,
-    topics: Topics,
-    fs: FaultFs,
-    dir: tempfile::TempDir,
-}
-
-fn rig() -> Rig {
-    Rig {
-        broker: Broker::start(),
-        mqtt: Mosquitto::start(),
-        topics: Topics::new(),
-        fs: FaultFs::new(),
-        dir: tempdir(),
-    }
-}
-
-/// Config and log in a normal directory, the data dir on the fault filesystem.
-fn start(r: &Rig, agent_id: &str, extra: &str) -> Agent {
-    Agent::start(
-        r.dir.path(),
-        &agent_config(
-            &r.fs.mountpoint,
-            agent_id,
-            &r.broker.addr(),
-            &r.topics,
-            free_port(),
-            extra,
-        ),
-    )
-}
-
-/// Kill -9, cut the power, boot the filesystem, start the agent again.
-fn cut_and_restart(r: &mut Rig, agent: &mut Agent) {
-    agent.kill9();
-    r.fs.power_cut();
-    r.fs.mount();
-    agent.spawn();
+fn rig() -> FaultRig {
+    FaultRig::new()
 }
 
 fn counter_device(url: &str) -> String {
-    format!(
-        r#"[[devices]]
-kind = "mqtt"
-id = "mqtt-c"
-broker = "{url}"
-client_id = "labgate-powercut"
-
-  [[devices.subscriptions]]
-  format = "number"
-  topic = "lab/+id/counter"
-  sensor_type = "counter"
-"#
+    mqtt_number_device(
+        url,
+        "mqtt-c",
+        "labgate-powercut",
+        "lab/+id/counter",
+        "counter",
     )
-}
-
-fn counter_values(msgs: &[Msg]) -> BTreeSet<u64> {
-    msgs.iter()
-        .filter(|m| m.json["type"] == "sensor_reading" && m.json["sensor_type"] == "counter")
-        .filter_map(|m| m.json["value"].as_f64())
-        .map(|v| v as u64)
-        .collect()
 }
 
 #[test]
 fn mqtt_readings_the_agent_acked_survive_a_power_cut() {
     let mut r = rig();
     let url = r.mqtt.url();
-    let mut agent = start(&r, "pc-mqtt", &counter_device(&url));
+    let mut agent = r.start("pc-mqtt", &counter_device(&url));
     agent.wait_status("MQTT connected", Duration::from_secs(20), |st| {
         st["devices"]["mqtt-c"]["state"] == "running"
     });
@@ -105,7 +54,7 @@ fn mqtt_readings_the_agent_acked_survive_a_power_cut() {
     }
     let syncs_before = r.fs.syncs();
     assert!(syncs_before.0 > 0, "the agent never called fsync/fdatasync");
-    cut_and_restart(&mut r, &mut agent);
+    r.cut_and_restart(&mut agent);
     r.broker.unstall();
     let mut reader = Reader::new(&r.broker.addr(), &r.topics.outputs());
     reader.until("every acked reading", Duration::from_secs(60), |m| {
@@ -120,7 +69,7 @@ fn mqtt_readings_the_agent_acked_survive_a_power_cut() {
 #[test]
 fn a_seq_that_reached_kafka_never_comes_back_with_other_contents() {
     let mut r = rig();
-    let mut agent = start(&r, "pc-seq", &sensors_device("env-pc", "2ms", None));
+    let mut agent = r.start("pc-seq", &sensors_device("env-pc", "2ms", None));
     let mut reader = Reader::new(&r.broker.addr(), &r.topics.outputs());
     for round in 0..3 {
         reader.until("readings flowing", Duration::from_secs(30), |m| {
@@ -129,7 +78,7 @@ fn a_seq_that_reached_kafka_never_comes_back_with_other_contents() {
                 .count()
                 > (round + 1) * 200
         });
-        cut_and_restart(&mut r, &mut agent);
+        r.cut_and_restart(&mut agent);
     }
     reader.until(
         "readings after the last restart",
@@ -167,7 +116,7 @@ fn a_seq_that_reached_kafka_never_comes_back_with_other_contents() {
 #[test]
 fn a_command_that_ran_is_a_duplicate_after_a_power_cut() {
     let mut r = rig();
-    let mut agent = start(&r, "pc-cmd", &slow_potentiostat("pstat-pc"));
+    let mut agent = r.start("pc-cmd", &slow_potentiostat("pstat-pc"));
     agent.wait_status("command consumer assigned", Duration::from_secs(30), |s| {
         s["commands"]["assigned"] == true
     });
@@ -190,7 +139,7 @@ fn a_command_that_ran_is_a_duplicate_after_a_power_cut() {
     reader.until("pause completed", Duration::from_secs(20), |m| {
         statuses(m).contains(&"completed".to_string())
     });
-    cut_and_restart(&mut r, &mut agent);
+    r.cut_and_restart(&mut agent);
     agent.wait_status("command consumer assigned", Duration::from_secs(30), |s| {
         s["commands"]["assigned"] == true
     });

@@ -172,33 +172,14 @@ impl Forwarder {
             let may_send = !rewinding && resume_at.is_none_or(|t| Instant::now() >= t);
             if may_send {
                 resume_at = None;
-                while self.in_flight() < self.window {
-                    if pending.is_empty() {
-                        match self.buffer.read_next()? {
-                            Some(recs) => pending.extend(recs),
-                            None => break,
-                        }
+                match self.fill(&mut pending, &version).await? {
+                    Filled::QueueFull => wait_short = true,
+                    Filled::Failed(e) => {
+                        tracing::warn!(error = %e, "produce failed; will resend from the oldest unacked record");
+                        self.metrics.delivery_errors.fetch_add(1, Relaxed);
+                        rewinding = true;
                     }
-                    let Some((id, rec)) = pending.pop_front() else {
-                        break;
-                    };
-                    match self.hand(id, &rec, &version) {
-                        Handed::Sent => {}
-                        Handed::QueueFull => {
-                            pending.push_front((id, rec));
-                            wait_short = true;
-                            break;
-                        }
-                        Handed::Failed(e) if is_permanent(&e) => {
-                            self.dead_letter(id, &rec, &e).await?;
-                        }
-                        Handed::Failed(e) => {
-                            tracing::warn!(error = %e, "produce failed; will resend from the oldest unacked record");
-                            self.metrics.delivery_errors.fetch_add(1, Relaxed);
-                            rewinding = true;
-                            break;
-                        }
-                    }
+                    Filled::Window | Filled::Empty => {}
                 }
             }
             if rewinding && self.in_flight() == 0 && self.failures.is_empty() {
@@ -227,6 +208,37 @@ impl Forwarder {
             }
         }
         self.drain(pending, grace, &version).await
+    }
+
+    /// Hands records to the producer, from `pending` and then the buffer, until the
+    /// in-flight window is full or nothing durable is left; dead-letters what the
+    /// producer refuses for good on the spot.
+    async fn fill(
+        &self,
+        pending: &mut VecDeque<(RecordId, Stored)>,
+        version: &str,
+    ) -> Result<Filled, ForwarderError> {
+        while self.in_flight() < self.window {
+            if pending.is_empty() {
+                match self.buffer.read_next()? {
+                    Some(recs) => pending.extend(recs),
+                    None => return Ok(Filled::Empty),
+                }
+            }
+            let Some((id, rec)) = pending.pop_front() else {
+                return Ok(Filled::Empty);
+            };
+            match self.hand(id, &rec, version) {
+                Handed::Sent => {}
+                Handed::QueueFull => {
+                    pending.push_front((id, rec));
+                    return Ok(Filled::QueueFull);
+                }
+                Handed::Failed(e) if is_permanent(&e) => self.dead_letter(id, &rec, &e).await?,
+                Handed::Failed(e) => return Ok(Filled::Failed(e)),
+            }
+        }
+        Ok(Filled::Window)
     }
 
     fn check_fatal(&self) -> Result<(), ForwarderError> {
@@ -333,27 +345,14 @@ impl Forwarder {
                     sending = false;
                 }
             }
-            while sending && self.in_flight() < self.window {
-                if pending.is_empty() {
-                    match self.buffer.read_next()? {
-                        Some(recs) => pending.extend(recs),
-                        None => break,
-                    }
-                }
-                let Some((id, rec)) = pending.pop_front() else {
-                    break;
-                };
-                match self.hand(id, &rec, version) {
-                    Handed::Sent => {}
-                    Handed::QueueFull => {
-                        pending.push_front((id, rec));
-                        break;
-                    }
-                    Handed::Failed(e) if is_permanent(&e) => self.dead_letter(id, &rec, &e).await?,
-                    Handed::Failed(_) => sending = false,
+            let mut filled = Filled::Empty;
+            if sending {
+                filled = self.fill(&mut pending, version).await?;
+                if matches!(filled, Filled::Failed(_)) {
+                    sending = false;
                 }
             }
-            if self.in_flight() == 0 && (pending.is_empty() || !sending) {
+            if self.in_flight() == 0 && (matches!(filled, Filled::Empty) || !sending) {
                 break;
             }
             let sink = self.sink.clone();
@@ -376,6 +375,18 @@ impl Forwarder {
         let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(1))).await;
         Ok(())
     }
+}
+
+/// Where [`Forwarder::fill`] stopped.
+enum Filled {
+    /// The in-flight window is full.
+    Window,
+    /// Nothing durable is left to send.
+    Empty,
+    /// librdkafka's queue is full: try again shortly.
+    QueueFull,
+    /// The producer refused a record for a reason that sending again may fix.
+    Failed(KafkaError),
 }
 
 /// When a failed record may be sent again.

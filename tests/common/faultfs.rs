@@ -709,3 +709,48 @@ impl Drop for FaultFs {
         }
     }
 }
+
+/// One test's brokers (tansu, mosquitto) and fault filesystem: the agent's data dir on
+/// the fault filesystem, its config and log in an ordinary directory.
+pub struct FaultRig {
+    pub broker: super::Broker,
+    pub mqtt: super::Mosquitto,
+    pub topics: super::Topics,
+    pub fs: FaultFs,
+    pub dir: tempfile::TempDir,
+}
+
+impl FaultRig {
+    pub fn new() -> FaultRig {
+        FaultRig {
+            broker: super::Broker::start(),
+            mqtt: super::Mosquitto::start(),
+            topics: super::Topics::new(),
+            fs: FaultFs::new(),
+            dir: super::tempdir(),
+        }
+    }
+
+    /// Starts the agent with the extra config sections.
+    pub fn start(&self, agent_id: &str, extra: &str) -> super::Agent {
+        super::Agent::start(
+            self.dir.path(),
+            &super::agent_config(
+                &self.fs.mountpoint,
+                agent_id,
+                &self.broker.addr(),
+                &self.topics,
+                super::free_port(),
+                extra,
+            ),
+        )
+    }
+
+    /// Kill -9, cut the power, boot the filesystem, start the agent again.
+    pub fn cut_and_restart(&mut self, agent: &mut super::Agent) {
+        agent.kill9();
+        self.fs.power_cut();
+        self.fs.mount();
+        agent.spawn();
+    }
+}

@@ -397,7 +397,21 @@ impl Agent {
 
     /// Waits for the agent to exit on its own; returns its exit code.
     pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
-        let mut c = self.child.take()?;
+        let c = self.child.take()?;
+        self.reap(c, within, "exit")
+    }
+
+    /// SIGTERM and wait for exit; returns the exit status code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let c = self.child.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        self.reap(c, Duration::from_secs(30), "exit after SIGTERM")
+    }
+
+    /// Waits for `c` to end; kills it and fails the test after `within`.
+    fn reap(&self, mut c: Child, within: Duration, what: &str) -> Option<i32> {
         let deadline = Instant::now() + within;
         loop {
             if let Ok(Some(st)) = c.try_wait() {
@@ -406,29 +420,7 @@ impl Agent {
             if Instant::now() > deadline {
                 let _ = c.kill();
                 panic!(
-                    "agent did not exit within {within:?}; log:\n{}",
-                    self.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// SIGTERM and wait for exit; returns the exit status code.
-    pub fn terminate(&mut self) -> Option<i32> {
-        let mut c = self.child.take()?;
-        let _ = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(st)) = c.try_wait() {
-                return st.code();
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                panic!(
-                    "agent did not exit after SIGTERM; log:\n{}",
+                    "agent did not {what} within {within:?}; log:\n{}",
                     self.log_text()
                 );
             }
@@ -970,6 +962,38 @@ impl MqttClient {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// An MQTT device with one plain-number subscription (`topic` with a `+id` level).
+pub fn mqtt_number_device(
+    url: &str,
+    id: &str,
+    client_id: &str,
+    topic: &str,
+    sensor_type: &str,
+) -> String {
+    format!(
+        r#"[[devices]]
+kind = "mqtt"
+id = "{id}"
+broker = "{url}"
+client_id = "{client_id}"
+
+  [[devices.subscriptions]]
+  format = "number"
+  topic = "{topic}"
+  sensor_type = "{sensor_type}"
+"#
+    )
+}
+
+/// The values of `counter` readings that reached Kafka.
+pub fn counter_values(msgs: &[Msg]) -> std::collections::BTreeSet<u64> {
+    msgs.iter()
+        .filter(|m| m.json["type"] == "sensor_reading" && m.json["sensor_type"] == "counter")
+        .filter_map(|m| m.json["value"].as_f64())
+        .map(|v| v as u64)
+        .collect()
 }
 
 /// Benchmarks: `LABGATE_BENCH_SCALE` (1.0 = the documented sizes).
