@@ -32,6 +32,18 @@ sasl_password = "s3cret-value"
 listen = ""
 "#;
 
+/// `labgate check` on a good config: exit 0, the effective config printed.
+fn check_ok(path: &str) -> String {
+    let out = labgate(&["check", "--config", path]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[test]
 fn check_prints_effective_config_with_secrets_redacted() {
     let dir = common::tempdir();
@@ -39,14 +51,7 @@ fn check_prints_effective_config_with_secrets_redacted() {
         dir.path(),
         &OK.replace("DATA", &dir.path().display().to_string()),
     );
-    let out = labgate(&["check", "--config", &path]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = check_ok(&path);
     assert!(text.contains("sasl_password = \"***\""), "{text}");
     assert!(!text.contains("s3cret-value"));
     assert!(
@@ -65,14 +70,7 @@ fn check_never_prints_an_mqtt_password() {
         OK.replace("DATA", &dir.path().display().to_string())
     );
     let path = write(dir.path(), &text);
-    let out = labgate(&["check", "--config", &path]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let shown = String::from_utf8_lossy(&out.stdout);
+    let shown = check_ok(&path);
     assert!(!shown.contains("mqtt-hunter2"), "{shown}");
     assert!(shown.contains("password = \"***\""), "{shown}");
 }

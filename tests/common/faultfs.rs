@@ -159,6 +159,43 @@ impl State {
         Ok(ino)
     }
 
+    /// fsync / fdatasync of a file (its data and size become durable) or of a
+    /// directory (its entries do).
+    fn sync(&mut self, ino: u64) -> Result<(), Errno> {
+        if self.fault == Fault::Eio {
+            return Err(Errno::EIO);
+        }
+        let frozen = self.frozen;
+        let Some(i) = self.inodes.get_mut(&ino) else {
+            return Err(Errno::ENOENT);
+        };
+        match &mut i.node {
+            Node::File {
+                live,
+                durable,
+                dirty,
+            } => {
+                self.file_syncs += 1;
+                if !frozen {
+                    durable.resize(live.len(), 0);
+                    for (s, e) in dirty.drain(..) {
+                        let e = e.min(live.len());
+                        if s < e {
+                            durable[s..e].copy_from_slice(&live[s..e]);
+                        }
+                    }
+                }
+            }
+            Node::Dir { live, durable } => {
+                self.dir_syncs += 1;
+                if !frozen {
+                    *durable = live.clone();
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Everything not synced is gone; inodes no durable entry reaches are freed.
     fn power_cut(&mut self) {
         for i in self.inodes.values_mut() {
@@ -417,35 +454,7 @@ impl Filesystem for Shared {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let r = self.with(|st| {
-            if st.fault == Fault::Eio {
-                return Err(Errno::EIO);
-            }
-            st.file_syncs += 1;
-            if st.frozen {
-                return Ok(());
-            }
-            if let Some(Inode {
-                node:
-                    Node::File {
-                        live,
-                        durable,
-                        dirty,
-                    },
-                ..
-            }) = st.inodes.get_mut(&ino.0)
-            {
-                durable.resize(live.len(), 0);
-                for (s, e) in dirty.drain(..) {
-                    let e = e.min(live.len());
-                    if s < e {
-                        durable[s..e].copy_from_slice(&live[s..e]);
-                    }
-                }
-            }
-            Ok(())
-        });
-        match r {
+        match self.with(|st| st.sync(ino.0)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
@@ -459,24 +468,7 @@ impl Filesystem for Shared {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let r = self.with(|st| {
-            if st.fault == Fault::Eio {
-                return Err(Errno::EIO);
-            }
-            st.dir_syncs += 1;
-            if st.frozen {
-                return Ok(());
-            }
-            if let Some(Inode {
-                node: Node::Dir { live, durable },
-                ..
-            }) = st.inodes.get_mut(&ino.0)
-            {
-                *durable = live.clone();
-            }
-            Ok(())
-        });
-        match r {
+        match self.with(|st| st.sync(ino.0)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
