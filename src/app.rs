@@ -221,15 +221,6 @@ pub async fn run(
     if let Some(note) = last_error {
         ingest.event("buffer_error", note).await;
     }
-    let stats = buffer.stats();
-    if stats.quarantined_chunks > 0 {
-        ingest
-            .event(
-                "buffer_chunks_quarantined",
-                crate::record::object([("chunks", stats.quarantined_chunks.into())]),
-            )
-            .await;
-    }
 
     let (failures_tx, failures) = mpsc::unbounded_channel();
     let sink = Arc::new(kafka::DeliverySink::new(buffer.clone(), failures_tx));

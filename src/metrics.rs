@@ -22,6 +22,8 @@ pub enum DropReason {
     DeadLetter,
     /// It could not be encoded (a broken invariant; logged as an error).
     EncodeError,
+    /// Its buffer chunk could not be decoded (damaged on disk) and was quarantined.
+    CorruptChunk,
 }
 
 impl DropReason {
@@ -31,6 +33,7 @@ impl DropReason {
             DropReason::BufferFullRejectNew => "buffer_full_reject_new",
             DropReason::DeadLetter => "dead_letter",
             DropReason::EncodeError => "encode_error",
+            DropReason::CorruptChunk => "corrupt_chunk",
         }
     }
 }
@@ -81,6 +84,7 @@ pub struct Metrics {
     pub dropped_reject_new: AtomicU64,
     pub dropped_dead_letter: AtomicU64,
     pub dropped_encode_error: AtomicU64,
+    pub dropped_corrupt_chunk: AtomicU64,
     pub delivery_errors: AtomicU64,
     pub buffer_flushes: AtomicU64,
     pub kafka_connected: AtomicBool,
@@ -133,6 +137,7 @@ impl Metrics {
             DropReason::BufferFullRejectNew => &self.dropped_reject_new,
             DropReason::DeadLetter => &self.dropped_dead_letter,
             DropReason::EncodeError => &self.dropped_encode_error,
+            DropReason::CorruptChunk => &self.dropped_corrupt_chunk,
         };
         c.fetch_add(n, Relaxed);
     }
@@ -164,6 +169,7 @@ impl Metrics {
             + self.dropped_reject_new.load(Relaxed)
             + self.dropped_dead_letter.load(Relaxed)
             + self.dropped_encode_error.load(Relaxed)
+            + self.dropped_corrupt_chunk.load(Relaxed)
     }
 
     pub fn set_device_state(&self, device: &str, state: &str) {
@@ -255,6 +261,7 @@ impl Metrics {
             (DropReason::BufferFullRejectNew, &self.dropped_reject_new),
             (DropReason::DeadLetter, &self.dropped_dead_letter),
             (DropReason::EncodeError, &self.dropped_encode_error),
+            (DropReason::CorruptChunk, &self.dropped_corrupt_chunk),
         ] {
             let _ = writeln!(
                 o,
@@ -522,6 +529,7 @@ mod tests {
                 "labgate_records_dropped_total{reason=\"buffer_full_reject_new\"}",
                 "labgate_records_dropped_total{reason=\"dead_letter\"}",
                 "labgate_records_dropped_total{reason=\"encode_error\"}",
+                "labgate_records_dropped_total{reason=\"corrupt_chunk\"}",
                 "labgate_kafka_delivery_errors_total",
                 "labgate_kafka_connected",
                 "labgate_buffer_records",

@@ -389,3 +389,43 @@ fn sigterm_delivers_the_stop_events_and_final_aggregates_before_exiting() {
         "nothing left for the next start: {stats:?}"
     );
 }
+
+/// Idle clients cannot lock the agent's HTTP out: each connection has 5 s to send its
+/// request, and at most 64 are served at once; the rest wait in the backlog.
+#[test]
+fn idle_http_clients_are_dropped_and_cannot_lock_out_health() {
+    use std::io::{Read, Write};
+    let dir = tempdir();
+    let topics = Topics::new();
+    let brokers = format!("127.0.0.1:{}", free_port()); // nobody listens; not needed here
+    let agent = Agent::start(
+        dir.path(),
+        &agent_config(dir.path(), "agent-http", &brokers, &topics, free_port(), ""),
+    );
+    let idle: Vec<std::net::TcpStream> = (0..80)
+        .map(|_| std::net::TcpStream::connect(agent.http).expect("connect"))
+        .collect();
+    let t0 = Instant::now();
+    let mut s = std::net::TcpStream::connect(agent.http).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("an answer");
+    assert!(answer.starts_with("HTTP/1.1 "), "{answer}");
+    let waited = t0.elapsed();
+    assert!(
+        waited < Duration::from_secs(15),
+        "health answered after {waited:?}"
+    );
+    // The idle ones were closed by the agent.
+    let mut first = &idle[0];
+    first
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(first.read(&mut buf).expect("closed, not timed out"), 0);
+}

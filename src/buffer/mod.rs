@@ -239,6 +239,9 @@ struct State {
     /// Size of each dead letter, oldest first, for eviction under the cap.
     dead_sizes: std::collections::VecDeque<(u64, u64)>,
     quarantined: u64,
+    /// Quarantined since the last [`Buffer::take_quarantined`]: (chunks, records known
+    /// to be in them).
+    quarantined_new: (u64, u64),
     unreported_drops: u64,
     /// Interned device ids (devices come from config, so there are few).
     device_names: Vec<String>,
@@ -358,6 +361,7 @@ impl Buffer {
                     tracing::error!(key = ?k, %message, "undecodable buffer chunk moved to quarantine");
                     quarantine.insert(&k, v)?;
                     outbox.remove(&k)?;
+                    st.quarantined_new.0 += 1;
                     continue;
                 }
             };
@@ -402,7 +406,7 @@ impl Buffer {
             disk: Mutex::new(DiskCheck::default()),
             durable_tx,
         };
-        if b.state().quarantined > 0 {
+        if b.state().quarantined_new.0 > 0 {
             // The moves into quarantine must be durable before anything relies on them.
             b.store.sync_blocking()?;
         }
@@ -676,17 +680,28 @@ impl Buffer {
         self.quarantine.insert(chunk_key(id), raw)?;
         self.outbox.remove(chunk_key(id))?;
         let mut st = self.state();
+        let mut lost = 0;
         if let Some(info) = st.index.remove(&id) {
             for (i, d) in info.devices.iter().enumerate() {
                 if !info.is_acked(i as u32) {
                     st.dec_device(*d);
                 }
             }
-            st.records -= u64::from(info.unacked);
+            lost = u64::from(info.unacked);
+            st.records -= lost;
             st.bytes -= info.bytes;
         }
         st.quarantined += 1;
+        st.quarantined_new.0 += 1;
+        st.quarantined_new.1 += lost;
         Ok(())
+    }
+
+    /// Chunks quarantined since the last call, and the records known to be in them
+    /// (a chunk that failed at open has an unknown count), for the event and the drop
+    /// count the forwarder reports.
+    pub fn take_quarantined(&self) -> (u64, u64) {
+        std::mem::take(&mut self.state().quarantined_new)
     }
 
     /// One buffered record, if it is still there.
@@ -979,6 +994,7 @@ mod tests {
         }
         let b = Buffer::open(dir.path(), &cfg()).unwrap();
         assert_eq!(b.stats().quarantined_chunks, 1);
+        assert_eq!(b.take_quarantined(), (1, 0));
         assert_eq!(b.stats().records, 8);
         assert_eq!(drain(&b), [0, 1, 2, 3, 8, 9, 10, 11]);
         assert_eq!(b.quarantine.len(), 1);
@@ -997,6 +1013,9 @@ mod tests {
         assert_eq!(drain(&b), [4, 5, 6, 7]);
         let s = b.stats();
         assert_eq!((s.quarantined_chunks, s.records), (1, 4));
+        // Reported once, with the records lost.
+        assert_eq!(b.take_quarantined(), (1, 4));
+        assert_eq!(b.take_quarantined(), (0, 0));
     }
 
     #[test]

@@ -168,6 +168,7 @@ impl Forwarder {
                 }
             }
             auth_alerted = self.alert_auth(auth_alerted).await;
+            self.report_quarantine().await;
             let mut wait_short = false;
             let may_send = !rewinding && resume_at.is_none_or(|t| Instant::now() >= t);
             if may_send {
@@ -241,6 +242,34 @@ impl Forwarder {
         Ok(Filled::Window)
     }
 
+    /// Chunks the buffer could not decode and moved aside: counted as dropped and
+    /// reported by one `buffer_chunks_quarantined` event each time some are found.
+    async fn report_quarantine(&self) {
+        let (chunks, records) = self.buffer.take_quarantined();
+        if chunks == 0 {
+            return;
+        }
+        self.metrics.count_drop(DropReason::CorruptChunk, records);
+        tracing::error!(
+            chunks,
+            records,
+            "undecodable buffer chunks quarantined; their records are lost"
+        );
+        self.ingest
+            .event(
+                "buffer_chunks_quarantined",
+                crate::record::object([
+                    ("chunks", chunks.into()),
+                    ("records", records.into()),
+                    (
+                        "quarantined_total",
+                        self.buffer.stats().quarantined_chunks.into(),
+                    ),
+                ]),
+            )
+            .await;
+    }
+
     fn check_fatal(&self) -> Result<(), ForwarderError> {
         let fatal = self
             .sink
@@ -306,9 +335,7 @@ impl Forwarder {
         self.buffer.dead_letter(id, rec, &reason)?;
         self.metrics.count_drop(DropReason::DeadLetter, 1);
         tracing::error!(device = %rec.device_id, seq = rec.seq, topic = self.topic(rec.topic), error = %reason, "record dead-lettered: broker refused it");
-        if rec.topic == TopicKind::Alerts && rec.device_id == AGENT_DEVICE {
-            // An alert of the agent's own (about a dead letter, say) refused in turn: it
-            // is counted and kept, and not alerted about again, which could loop.
+        if !deserves_alert(rec) {
             return Ok(());
         }
         let alert = agent_alert(
@@ -432,6 +459,14 @@ impl Progress {
     }
 }
 
+/// Whether a dead letter gets an alert: not when it is itself an alert of the agent's
+/// own (about a dead letter, say), refused in turn. It is counted and kept like any
+/// dead letter, but alerting about it could loop for as long as the alerts topic
+/// refuses alerts.
+fn deserves_alert(rec: &Stored) -> bool {
+    !(rec.topic == TopicKind::Alerts && rec.device_id == AGENT_DEVICE)
+}
+
 /// An alert of the agent's own about `subject`.
 fn agent_alert(subject: &str, message: String) -> Draft {
     Draft::new(
@@ -505,6 +540,30 @@ pub fn is_auth(e: &KafkaError) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dead_lettered_alert_of_the_agent_is_not_alerted_again() {
+        let stored =
+            |d: &Draft| crate::record::stamp(d, "a", 0, std::time::SystemTime::now()).unwrap();
+        let alert = stored(&agent_alert("pstat-1", "record refused".into()));
+        assert!(!deserves_alert(&alert), "would loop");
+        let reading = stored(&Draft::new(
+            "env-1",
+            Body::SensorReading {
+                sensor_id: "t".into(),
+                sensor_type: "temperature".into(),
+                value: 1.0,
+                unit: "C".into(),
+                location: None,
+                metadata: Default::default(),
+            },
+        ));
+        assert!(deserves_alert(&reading));
+        // A device's own threshold alert that is refused still gets the agent's alert.
+        let mut device_alert = alert.clone();
+        device_alert.device_id = "env-1".into();
+        assert!(deserves_alert(&device_alert));
+    }
 
     #[test]
     fn the_heartbeat_needs_delivery_to_move_while_records_are_in_flight() {
