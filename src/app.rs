@@ -458,7 +458,8 @@ impl Fleet {
     fn start(&mut self, d: devices::DeviceConfig) {
         let (tx, rx) = control::inbox();
         self.router.insert(d.clone(), tx);
-        self.metrics.set_device_state(d.id(), "starting");
+        self.metrics
+            .set_device_state(d.id(), crate::metrics::DeviceState::Starting);
         let stop = self.stop.child_token();
         let ctx = DeviceCtx {
             id: d.id().to_string(),

@@ -78,8 +78,8 @@ impl HttpState {
             out.push(format!("buffer {:.0}% full", fill * 100.0));
         }
         for (id, d) in m.device_snapshot() {
-            if d.state == "failed" || d.state == "disconnected" {
-                out.push(format!("device {id} {}", d.state));
+            if d.state.unhealthy() {
+                out.push(format!("device {id} {}", d.state.as_str()));
             }
         }
         for stuck in m.beats.stale(self.commands_enabled) {

@@ -38,11 +38,68 @@ impl DropReason {
     }
 }
 
+/// Where a device is, as its driver and supervisor report it (`/status`, `/health`,
+/// the `labgate_device_*` gauges).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceState {
+    /// Configured, its task not yet running.
+    #[default]
+    Starting,
+    /// Reaching its port or broker.
+    Connecting,
+    /// Connected, no run in progress.
+    Idle,
+    /// Connected and measuring.
+    Running,
+    /// Connected, its run paused by a command.
+    Paused,
+    /// Its port or broker is gone; retrying.
+    Disconnected,
+    /// The driver failed (or panicked); restarted with backoff.
+    Failed,
+    /// Its task has ended (shutdown, removed by a reload).
+    Stopped,
+}
+
+impl DeviceState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceState::Starting => "starting",
+            DeviceState::Connecting => "connecting",
+            DeviceState::Idle => "idle",
+            DeviceState::Running => "running",
+            DeviceState::Paused => "paused",
+            DeviceState::Disconnected => "disconnected",
+            DeviceState::Failed => "failed",
+            DeviceState::Stopped => "stopped",
+        }
+    }
+
+    /// The instrument or broker is reachable.
+    pub fn connected(self) -> bool {
+        matches!(
+            self,
+            DeviceState::Idle | DeviceState::Running | DeviceState::Paused
+        )
+    }
+
+    /// The device's task is alive.
+    pub fn alive(self) -> bool {
+        !matches!(self, DeviceState::Stopped | DeviceState::Failed)
+    }
+
+    /// The device needs a person's attention (`/health` 503).
+    pub fn unhealthy(self) -> bool {
+        matches!(self, DeviceState::Disconnected | DeviceState::Failed)
+    }
+}
+
 /// Per-device facts for `/status`.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct DeviceStatus {
-    /// The device's current state as its driver reports it (idle, running, paused …).
-    pub state: String,
+    /// The device's current state as its driver reports it.
+    pub state: DeviceState,
     /// Highest `seq` of this device known durable in the buffer.
     pub last_durable_seq: Option<u64>,
     /// Lines from the device that could not be parsed (garbage, line noise).
@@ -172,9 +229,9 @@ impl Metrics {
             + self.dropped_corrupt_chunk.load(Relaxed)
     }
 
-    pub fn set_device_state(&self, device: &str, state: &str) {
+    pub fn set_device_state(&self, device: &str, state: DeviceState) {
         let mut d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
-        d.entry(device.to_string()).or_default().state = state.to_string();
+        d.entry(device.to_string()).or_default().state = state;
     }
 
     /// Forgets a device removed by a reload.
@@ -383,7 +440,7 @@ impl Metrics {
             if id == crate::record::AGENT_DEVICE {
                 continue;
             }
-            let up = u8::from(!matches!(d.state.as_str(), "stopped" | "failed" | ""));
+            let up = u8::from(d.state.alive());
             let _ = writeln!(o, "labgate_device_running{{device=\"{id}\"}} {up}");
         }
         let _ = writeln!(
@@ -394,10 +451,7 @@ impl Metrics {
             if id == crate::record::AGENT_DEVICE {
                 continue;
             }
-            let up = u8::from(!matches!(
-                d.state.as_str(),
-                "disconnected" | "stopped" | "failed" | "starting" | ""
-            ));
+            let up = u8::from(d.state.connected());
             let _ = writeln!(o, "labgate_device_connected{{device=\"{id}\"}} {up}");
         }
         type Field = fn(&DeviceStatus) -> u64;
@@ -512,7 +566,7 @@ mod tests {
     #[test]
     fn metric_names_are_stable() {
         let m = Metrics::new();
-        m.set_device_state("pstat-1", "running");
+        m.set_device_state("pstat-1", DeviceState::Running);
         m.mqtt("mqtt-1", |s| s.messages += 1);
         let text = m.render(&Stats::default());
         let names: Vec<&str> = text

@@ -310,8 +310,9 @@ impl Validator {
                 &r,
                 Code::Schema,
                 format!(
-                    "unknown command {:?} (known: start, pause, resume, stop)",
-                    r.command
+                    "unknown command {:?} (known: {})",
+                    r.command,
+                    CommandKind::NAMES
                 ),
             ));
         };

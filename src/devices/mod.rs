@@ -176,7 +176,7 @@ impl DeviceCtx {
         Ok(self.ingest.send(draft).await?)
     }
 
-    pub fn set_state(&self, state: &str) {
+    pub fn set_state(&self, state: crate::metrics::DeviceState) {
         self.metrics.set_device_state(&self.id, state);
     }
 
@@ -212,7 +212,7 @@ impl DeviceCtx {
     /// While the instrument cannot be reached: waits `backoff`, answering every command
     /// with `why` instead of queueing it. False when the agent is shutting down.
     pub async fn wait_unreachable(&mut self, backoff: Duration, why: &str) -> bool {
-        self.set_state("disconnected");
+        self.set_state(crate::metrics::DeviceState::Disconnected);
         let until = tokio::time::Instant::now() + backoff;
         loop {
             tokio::select! {
@@ -229,7 +229,7 @@ impl DeviceCtx {
     /// The link to a connected instrument went away: log, state, event.
     pub async fn disconnected(&self, reason: String) -> Result<(), DeviceError> {
         tracing::warn!(device = %self.id, %reason, "instrument disconnected");
-        self.set_state("disconnected");
+        self.set_state(crate::metrics::DeviceState::Disconnected);
         self.device_event(
             "device_disconnected",
             crate::record::object([("reason", reason.into())]),
@@ -306,7 +306,7 @@ pub async fn supervise(cfg: DeviceConfig, mut ctx: DeviceCtx) {
             Ok(()) => break,
             Err(DeviceError::Ingest(_)) if ctx.shutdown.is_cancelled() => break,
             Err(e) => {
-                ctx.set_state("failed");
+                ctx.set_state(crate::metrics::DeviceState::Failed);
                 tracing::error!(device = %ctx.id, error = %e, retry_in = ?backoff, "device failed");
                 let _ = ctx
                     .device_event(
@@ -322,7 +322,7 @@ pub async fn supervise(cfg: DeviceConfig, mut ctx: DeviceCtx) {
             }
         }
     }
-    ctx.set_state("stopped");
+    ctx.set_state(crate::metrics::DeviceState::Stopped);
 }
 
 /// SplitMix64: a small, fast, seedable generator for simulated noise.

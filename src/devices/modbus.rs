@@ -328,7 +328,11 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
         };
         backoff.reset();
         let mut bus = tokio_modbus::client::rtu::attach_slave(stream, Slave(1));
-        ctx.set_state(if running { "running" } else { "idle" });
+        ctx.set_state(if running {
+            crate::metrics::DeviceState::Running
+        } else {
+            crate::metrics::DeviceState::Idle
+        });
         ctx.device_event(
             "device_connected",
             object([
@@ -405,9 +409,9 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
                     } else {
                         running = matches!(c.command, CommandKind::Start | CommandKind::Resume);
                         ctx.set_state(match c.command {
-                            CommandKind::Pause => "paused",
-                            CommandKind::Stop => "idle",
-                            _ => "running",
+                            CommandKind::Pause => crate::metrics::DeviceState::Paused,
+                            CommandKind::Stop => crate::metrics::DeviceState::Idle,
+                            _ => crate::metrics::DeviceState::Running,
                         });
                         Ok(if running { "polling".to_string() } else { "polling stopped".to_string() })
                     };

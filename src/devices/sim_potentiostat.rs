@@ -495,7 +495,7 @@ impl Runner<'_> {
             CommandKind::Pause => {
                 self.flush_chunk().await?;
                 self.paused = true;
-                self.ctx.set_state("paused");
+                self.ctx.set_state(crate::metrics::DeviceState::Paused);
                 self.event(
                     "experiment_paused",
                     object([("step_index", self.step_index.into())]),
@@ -506,7 +506,7 @@ impl Runner<'_> {
             CommandKind::Resume if !self.paused => (Ok("already running".into()), Flow::Continue),
             CommandKind::Resume => {
                 self.paused = false;
-                self.ctx.set_state("running");
+                self.ctx.set_state(crate::metrics::DeviceState::Running);
                 self.event(
                     "experiment_resumed",
                     object([("step_index", self.step_index.into())]),
@@ -575,7 +575,7 @@ impl Runner<'_> {
     async fn experiment(&mut self, rng: &mut Rng) -> Result<Flow, DeviceError> {
         let cfg = self.cfg;
         let started = Instant::now();
-        self.ctx.set_state("running");
+        self.ctx.set_state(crate::metrics::DeviceState::Running);
         let steps: Vec<serde_json::Value> = cfg
             .steps
             .iter()
@@ -733,7 +733,7 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
                 }
             }
         }
-        ctx.set_state("idle");
+        ctx.set_state(crate::metrics::DeviceState::Idle);
         // Idle: wait for a start (or the gap between runs), answering commands.
         let next_run = running.then(|| Instant::now() + cfg.pause_between);
         loop {

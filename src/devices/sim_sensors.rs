@@ -70,7 +70,7 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
     let mut running = true;
     let mut rounds: u64 = 0;
     let mut next = Instant::now();
-    ctx.set_state("running");
+    ctx.set_state(crate::metrics::DeviceState::Running);
     loop {
         let limit_hit = cfg.rounds.is_some_and(|n| rounds >= n);
         let active = running && !limit_hit;
@@ -110,7 +110,7 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
             }
         }
         if cfg.rounds.is_some_and(|n| rounds >= n) {
-            ctx.set_state("idle");
+            ctx.set_state(crate::metrics::DeviceState::Idle);
         }
         let wait = async {
             if active {
@@ -141,10 +141,26 @@ fn handle(ctx: &DeviceCtx, c: super::Control, running: bool) -> bool {
             running,
             None,
         ),
-        CommandKind::Pause => (Ok("paused".to_string()), false, Some("paused")),
-        CommandKind::Resume => (Ok("resumed".into()), true, Some("running")),
-        CommandKind::Stop => (Ok("stopped".into()), false, Some("idle")),
-        CommandKind::Start => (Ok("started".into()), true, Some("running")),
+        CommandKind::Pause => (
+            Ok("paused".to_string()),
+            false,
+            Some(crate::metrics::DeviceState::Paused),
+        ),
+        CommandKind::Resume => (
+            Ok("resumed".into()),
+            true,
+            Some(crate::metrics::DeviceState::Running),
+        ),
+        CommandKind::Stop => (
+            Ok("stopped".into()),
+            false,
+            Some(crate::metrics::DeviceState::Idle),
+        ),
+        CommandKind::Start => (
+            Ok("started".into()),
+            true,
+            Some(crate::metrics::DeviceState::Running),
+        ),
         CommandKind::Tare | CommandKind::Zero => (
             Err(format!("simulated sensors have no {}", c.command.as_str())),
             running,

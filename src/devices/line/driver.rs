@@ -258,12 +258,12 @@ impl Conn<'_> {
         let reply = match c.command {
             CommandKind::Pause => {
                 self.running = false;
-                self.ctx.set_state("paused");
+                self.ctx.set_state(crate::metrics::DeviceState::Paused);
                 Ok("polling paused".to_string())
             }
             CommandKind::Resume | CommandKind::Start => {
                 self.running = true;
-                self.ctx.set_state("running");
+                self.ctx.set_state(crate::metrics::DeviceState::Running);
                 Ok("polling".to_string())
             }
             CommandKind::Stop => {
@@ -281,7 +281,7 @@ impl Conn<'_> {
                         }
                     }
                 }
-                self.ctx.set_state("idle");
+                self.ctx.set_state(crate::metrics::DeviceState::Idle);
                 match failed {
                     Some(e) => Err(format!("stopped polling, but {e}")),
                     None if sent.is_empty() => Ok("stopped".to_string()),
@@ -305,8 +305,11 @@ impl Conn<'_> {
         self.ctx.device_event("device_connected", data).await?;
         tracing::info!(device = %self.ctx.id, port = %self.port, profile = %self.profile.profile.name, "instrument connected");
         self.running = self.cfg.autostart;
-        self.ctx
-            .set_state(if self.running { "running" } else { "idle" });
+        self.ctx.set_state(if self.running {
+            crate::metrics::DeviceState::Running
+        } else {
+            crate::metrics::DeviceState::Idle
+        });
         let cmds = &self.profile.profile.commands;
         let (poll, timeout) = (cmds.poll.clone(), cmds.timeout);
         let mut tick = tokio::time::interval(self.cfg.interval.unwrap_or(cmds.interval));

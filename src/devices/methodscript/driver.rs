@@ -312,7 +312,7 @@ impl Conn<'_> {
             stop_reply: None,
             points: 0,
         });
-        self.ctx.set_state("running");
+        self.ctx.set_state(crate::metrics::DeviceState::Running);
         Ok(())
     }
 
@@ -431,7 +431,7 @@ impl Conn<'_> {
             }
             Output::ScriptEnded { aborted, failed } => {
                 self.flush_chunk().await?;
-                self.ctx.set_state("idle");
+                self.ctx.set_state(crate::metrics::DeviceState::Idle);
                 let Some(mut exp) = self.exp.take() else {
                     return Ok(());
                 };
@@ -471,13 +471,13 @@ impl Conn<'_> {
                     let id = exp.id.clone();
                     match cmd {
                         Command::Halt => {
-                            self.ctx.set_state("paused");
+                            self.ctx.set_state(crate::metrics::DeviceState::Paused);
                             self.ctx
                                 .experiment_event("experiment_paused", &id, serde_json::Map::new())
                                 .await?;
                         }
                         Command::Resume => {
-                            self.ctx.set_state("running");
+                            self.ctx.set_state(crate::metrics::DeviceState::Running);
                             self.ctx
                                 .experiment_event("experiment_resumed", &id, serde_json::Map::new())
                                 .await?;
@@ -540,7 +540,7 @@ impl Conn<'_> {
         if let Err(e) = self.hello().await {
             return Ok(Ended::Lost(format!("identification failed: {e}")));
         }
-        self.ctx.set_state("idle");
+        self.ctx.set_state(crate::metrics::DeviceState::Idle);
         tracing::info!(device = %self.ctx.id, port = %self.info.port, firmware = %self.info.firmware, "instrument connected");
         self.ctx
             .device_event("device_connected", self.info_json())

@@ -289,7 +289,7 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
     let filters = mapper.filters();
     let (client, mut eventloop) = AsyncClient::new(options, 1024);
     ctx.metrics.mqtt(&ctx.id, |_| {});
-    ctx.set_state("connecting");
+    ctx.set_state(crate::metrics::DeviceState::Connecting);
 
     // Acks in arrival order, each once its records are durable. Unbounded on purpose:
     // the driver must never wait on the acker (the acker waits on the client, which
@@ -324,7 +324,7 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
                     connected = true;
                     backoff.reset();
                     ctx.metrics.mqtt(&ctx.id, |m| m.connects += 1);
-                    ctx.set_state("running");
+                    ctx.set_state(crate::metrics::DeviceState::Running);
                     tracing::info!(device = %ctx.id, broker = %cfg.broker, client_id, session_present = ack.session_present, "MQTT connected");
                     // Always subscribe again: the broker may have lost the session.
                     let subs = filters.iter().map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
@@ -379,7 +379,7 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
                     if !ctx.wait_unreachable(backoff.step(), &format!("MQTT broker: {reason}")).await {
                         break Ok(());
                     }
-                    ctx.set_state("connecting");
+                    ctx.set_state(crate::metrics::DeviceState::Connecting);
                 }
             },
             c = ctx.control.recv() => match c {
