@@ -5,20 +5,27 @@
 //!
 //! # Layout
 //!
+//! `ARCHITECTURE.md` has the path of a record and of a command, the rules that hold
+//! everywhere, and how to add a device kind. Modules:
+//!
 //! - [`config`]: typed config (TOML + `LABGATE__…` env), validation naming the key.
+//! - [`time`]: times and durations from outside, range-checked (1970…9999, ≤ 100 years).
+//! - [`secret`]: passwords and tokens that print as `***`; one reader for their sources.
 //! - [`record`]: record bodies, the envelope, JSON wire encoding, the stored form.
-//! - [`buffer`]: the sled outbox (chunks, group commit, seq persistence, caps, stats).
+//! - [`buffer`]: the sled outbox (chunks, group commit, the fdatasync durability point in
+//!   [`buffer::store`], seq persistence, caps, quarantine, dead letters, stats).
 //! - [`ingest`]: the one place records are stamped and group-committed.
 //! - [`kafka`]: producer settings, topic creation, the forwarder.
 //! - [`pipeline`]: edge processing of sensor readings (threshold alerts, aggregates,
 //!   downsampling), run by ingest.
-//! - [`commands`]: command validation, routing to devices, results.
-//! - [`devices`]: device configs, the supervisor, and the drivers.
+//! - [`commands`]: command validation, signatures, replay store, lease, routing, results.
+//! - [`devices`]: device configs, the supervisor, the drivers, [`metrics::DeviceState`].
 //! - [`http`]: `/health`, `/metrics`, `/status`.
 //! - [`metrics`]: shared counters and their Prometheus rendering.
-//! - [`sim`]: protocol simulators on pty pairs (EmStat).
-//! - [`app`]: wiring and ordered shutdown.
-//! - [`tools`]: operator tools behind the CLI (`tail`, `command send`).
+//! - [`systemd`]: `sd_notify` and the watchdog, without libsystemd.
+//! - [`sim`]: protocol simulators (EmStat, line instruments, Modbus RTU, MQTT sensors).
+//! - [`app`]: wiring, supervision of the stages, reload, ordered shutdown.
+//! - [`tools`]: operator tools behind the CLI (`tail`, `command send`, `buffer …`).
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]

@@ -429,7 +429,7 @@ mod tests {
 
     #[test]
     fn f32_in_every_word_order() {
-        // protocols.md §5: 23.5 as f32 is 0x41BC_0000.
+        // docs/protocols.md §5: 23.5 as f32 is 0x41BC_0000.
         assert_eq!(
             decode(&[0x41BC, 0x0000], DataType::F32, WordOrder::Abcd),
             Some(23.5)

@@ -1,5 +1,5 @@
 //! An EmStat Pico simulator on a pty pair: it answers `t i v e l r h H Z Y` as
-//! protocols.md §1 documents, runs `meas_loop_cv` / `meas_loop_ca` / `meas_loop_lsv` from
+//! docs/protocols.md §1 documents, runs `meas_loop_cv` / `meas_loop_ca` / `meas_loop_lsv` from
 //! a script with currents from the simulated cell, and writes `P` lines with the exact
 //! encoding. For tests and for users without hardware.
 //!

@@ -709,7 +709,7 @@ pub fn assert_matches_schema(m: &Msg) {
     );
 }
 
-/// Checks headers and keys as design.md describes them.
+/// Checks headers and keys as the README's "Messages" section describes them.
 pub fn assert_envelope(m: &Msg, agent_id: &str) {
     assert_eq!(
         m.headers.get("content-type").map(String::as_str),

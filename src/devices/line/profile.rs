@@ -460,7 +460,7 @@ mod tests {
 
     #[test]
     fn mt_sics_balance_vectors() {
-        // protocols.md §4 test vectors.
+        // docs/protocols.md §4 test vectors.
         let p = shipped("mettler-mt-sics");
         let stable = p.parse("S S      100.00 g");
         match &stable {

@@ -735,7 +735,7 @@ mod tests {
 
     #[test]
     fn eis_packages_map_to_frequency_and_impedance() {
-        // protocols.md §1.7 exchange C.
+        // docs/protocols.md §1.7 exchange C.
         let p =
             super::super::Package::parse("dcDF5DFF4u;cc896D904m,10,287;cd82DB1A8u,10,287").unwrap();
         let pt = point_from(&p, 2.5);

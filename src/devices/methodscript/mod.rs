@@ -1,4 +1,4 @@
-//! PalmSens MethodSCRIPT: the wire layer, as `../shared/protocols.md` §1 documents it.
+//! PalmSens MethodSCRIPT: the wire layer, as `docs/protocols.md` §1 documents it.
 //!
 //! Layers (mini-redis style): serial bytes → lines ([`LineCodec`], drops XON/XOFF) →
 //! classified lines ([`Line::parse`]) → decoded data packages ([`Package`]) → what they

@@ -1,4 +1,4 @@
-//! Data packages (`P` lines, protocols.md §1.4): `<var>(;<var>)*`, each var a two-letter
+//! Data packages (`P` lines, docs/protocols.md §1.4): `<var>(;<var>)*`, each var a two-letter
 //! type, an 8-character value (7 hex digits offset by 0x8000000, then an SI prefix; or
 //! `     nan`) and optional `,`-separated metadata (`1x` status, `2xx` range, `4…` noise).
 
@@ -273,7 +273,7 @@ pub fn encode_value_with(v: f64, prefix: char) -> Option<String> {
 }
 
 /// The documented text of an error code (`COMM_PROTOCOL_EXCEPTIONS`, the codes
-/// protocols.md lists); `None` for codes not in that list.
+/// docs/protocols.md lists); `None` for codes not in that list.
 pub fn error_text(code: u16) -> Option<&'static str> {
     Some(match code {
         0x0001 => "An unspecified error has occurred",
@@ -326,7 +326,7 @@ mod tests {
 
     #[test]
     fn exchange_a_lsv_packages_decode_exactly() {
-        // protocols.md §1.7 exchange A: (da V, ba A), status 0, range 0x88.
+        // docs/protocols.md §1.7 exchange A: (da V, ba A), status 0, range 0x88.
         let cases = [
             ("da7F85F3Fu;ba48D503Dp,10,288", -0.499905, -5.7847747e-5),
             ("da7F9234Bu;ba4E2C324p,10,288", -0.449717, -5.2247772e-5),
@@ -345,7 +345,7 @@ mod tests {
 
     #[test]
     fn the_c_readme_sample_decodes_to_microamps_not_volts() {
-        // protocols.md points out the C README prints -4.999E-01 A for this package; the
+        // docs/protocols.md points out the C README prints -4.999E-01 A for this package; the
         // correct current is -54879760 pA.
         let p = Package::parse("da7F85F3Fu;ba4BA99F0p,10,288").unwrap();
         assert!(close(var(&p, "ba"), -5.487976e-5));
@@ -374,7 +374,7 @@ mod tests {
 
     #[test]
     fn encoder_vectors() {
-        // protocols.md §1.7 encoder vectors.
+        // docs/protocols.md §1.7 encoder vectors.
         assert_eq!(encode_value_with(0.01, 'm').unwrap(), "800000Am");
         assert_eq!(encode_value_with(-0.01, 'm').unwrap(), "7FFFFF6m");
         assert_eq!(encode_value(0.0).unwrap(), "8000000 ");

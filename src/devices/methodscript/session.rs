@@ -1,8 +1,8 @@
 //! The MethodSCRIPT session: which state the instrument is in and what each line and
 //! command means in that state. Pure (no I/O): the driver feeds it lines and sends the
-//! bytes it returns (style.md: protocol state apart from I/O).
+//! bytes it returns (protocol state apart from I/O, ARCHITECTURE.md).
 //!
-//! Commands (protocols.md §1.2, §1.6): pause → `h`, resume → `H`, stop → the abort-and-sync
+//! Commands (docs/protocols.md §1.2, §1.6): pause → `h`, resume → `H`, stop → the abort-and-sync
 //! sequence `\n` + `Z`, then drain to the empty line so the script's `on_finished:` block
 //! turns the cell off. The replies to `h`/`H` are not documented: a line echoing the
 //! command letter is taken as success and `<letter>!XXXX` as failure.

@@ -1,6 +1,6 @@
 //! (topic, payload) → sensor readings, per subscription: a plain number, JSON with field
 //! paths, or a preset for a payload convention (Tasmota, Zigbee2MQTT, Homie 5, Sparkplug B;
-//! protocols.md §6). Pure logic with caches (Z2M units, Homie descriptions, Sparkplug
+//! docs/protocols.md §6). Pure logic with caches (Z2M units, Homie descriptions, Sparkplug
 //! alias tables); never panics on any input (a property test feeds it 10⁶ payloads).
 
 use std::collections::{BTreeMap, HashMap};

@@ -488,7 +488,7 @@ mod tests {
         SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
     }
 
-    /// protocols.md §6.1's hand-encoded DDATA vector.
+    /// docs/protocols.md §6.1's hand-encoded DDATA vector.
     const VECTOR: &str = "08 80 d0 95 ff bc 31 12 18 0a 04 49 5f 77 65 18 80 d0 95 ff bc 31 20 0a 69 54 e4 10 71 73 2a b9 3e 18 01";
 
     fn bytes(hex: &str) -> Vec<u8> {
