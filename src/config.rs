@@ -290,9 +290,11 @@ pub struct BufferConfig {
     pub records_per_chunk: usize,
     /// Free space the data dir's filesystem must keep: below it the buffer counts as
     /// full (the overflow policy applies) so that sled never meets ENOSPC in the middle
-    /// of a write, and deliveries (which also write) can still go on.
-    #[serde(default = "default_min_free")]
-    pub min_free_bytes: u64,
+    /// of a write, and deliveries (which also write) can still go on. Unset: 64 MiB or a
+    /// tenth of the filesystem, whichever is smaller (a small SD card or tmpfs keeps
+    /// working). `0` turns the check off.
+    #[serde(default)]
+    pub min_free_bytes: Option<u64>,
 }
 
 fn default_max_bytes() -> u64 {
@@ -307,9 +309,6 @@ fn default_cache() -> u64 {
 fn default_chunk() -> usize {
     64
 }
-fn default_min_free() -> u64 {
-    64 << 20
-}
 
 impl Default for BufferConfig {
     fn default() -> Self {
@@ -319,7 +318,7 @@ impl Default for BufferConfig {
             commit_interval: default_commit(),
             cache_capacity: default_cache(),
             records_per_chunk: default_chunk(),
-            min_free_bytes: default_min_free(),
+            min_free_bytes: None,
         }
     }
 }

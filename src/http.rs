@@ -69,8 +69,8 @@ impl HttpState {
         }
         if stats.low_disk {
             out.push(format!(
-                "disk nearly full: {} bytes free on the data dir's filesystem (buffer.min_free_bytes)",
-                stats.disk_free_bytes
+                "disk nearly full: {} bytes free on the data dir's filesystem, below the floor of {} (buffer.min_free_bytes)",
+                stats.disk_free_bytes, stats.disk_floor_bytes
             ));
         }
         let fill = self.buffer.fill_ratio();

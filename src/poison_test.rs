@@ -257,7 +257,7 @@ async fn a_million_extreme_messages_pass_through_ingest_and_stamp_without_a_pani
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let cfg = crate::config::BufferConfig {
         max_bytes: 1 << 30,
-        min_free_bytes: 0,
+        min_free_bytes: Some(0),
         ..Default::default()
     };
     let buffer = Arc::new(Buffer::open(dir.path(), &cfg).unwrap_or_else(|e| panic!("{e}")));

@@ -73,3 +73,22 @@ fn sleds_flush_alone_is_forgotten_and_the_stores_sync_is_kept() {
         "sled's flush alone survived: the fault filesystem keeps too much"
     );
 }
+
+/// Without `buffer.min_free_bytes`, the floor is 64 MiB or a tenth of the filesystem:
+/// a small disk keeps working, and still stops growing before it is full.
+#[test]
+fn the_default_free_space_floor_fits_small_disks() {
+    let fs = FaultFs::new();
+    fs.set_capacity(20 << 20);
+    let b = Buffer::open(&fs.path("small"), &BufferConfig::default()).unwrap();
+    let s = b.stats();
+    assert_eq!(s.disk_floor_bytes, 2 << 20, "{s:?}");
+    assert!(!s.low_disk);
+    assert!(!b.low_disk());
+    // Something else fills the disk to within 1 MiB.
+    let filler = vec![0u8; (20 << 20) - (1 << 20) - fs.used() as usize];
+    std::fs::write(fs.path("filler"), filler).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(b.low_disk());
+    assert!(b.stats().low_disk);
+}

@@ -192,6 +192,8 @@ pub struct Stats {
     pub quarantined_chunks: u64,
     /// Free bytes on the data dir's filesystem at the last check.
     pub disk_free_bytes: u64,
+    /// The free-space floor in force (`buffer.min_free_bytes`, or its default).
+    pub disk_floor_bytes: u64,
     /// Free space is below `buffer.min_free_bytes`: the buffer counts as full.
     pub low_disk: bool,
 }
@@ -298,7 +300,9 @@ pub struct Buffer {
     quarantine: sled::Tree,
     dir: PathBuf,
     max_bytes: u64,
-    min_free_bytes: u64,
+    /// `buffer.min_free_bytes` as configured (`None`: [`DEFAULT_MIN_FREE`] or a tenth
+    /// of the filesystem).
+    min_free_bytes: Option<u64>,
     overflow: OverflowPolicy,
     per_chunk: usize,
     state: Mutex<State>,
@@ -314,7 +318,12 @@ pub struct Buffer {
 struct DiskCheck {
     at: Option<Instant>,
     free: u64,
+    total: u64,
 }
+
+/// The free-space floor when `buffer.min_free_bytes` is not set (capped at a tenth of
+/// the filesystem's size).
+pub const DEFAULT_MIN_FREE: u64 = 64 << 20;
 
 const DISK_CHECK_EVERY: Duration = Duration::from_millis(250);
 
@@ -586,31 +595,33 @@ impl Buffer {
             .sum()
     }
 
-    /// Whether the data dir's filesystem has less free space than `min_free_bytes`
-    /// (asked at most every 250 ms). An unreadable figure counts as enough space: the
-    /// write itself will then say what is wrong.
+    /// Whether the data dir's filesystem has less free space than the floor (asked at
+    /// most every 250 ms). An unreadable figure counts as enough space: the write itself
+    /// will then say what is wrong.
     pub fn low_disk(&self) -> bool {
-        if self.min_free_bytes == 0 {
-            return false;
-        }
-        self.disk_free() < self.min_free_bytes
+        let (free, floor) = self.disk();
+        floor > 0 && free < floor
     }
 
-    fn disk_free(&self) -> u64 {
+    /// (free bytes, the floor in force) of the data dir's filesystem.
+    fn disk(&self) -> (u64, u64) {
         let mut d = self.disk.lock().unwrap_or_else(|p| p.into_inner());
         if d.at.is_none_or(|t| t.elapsed() >= DISK_CHECK_EVERY) {
             // The field types are 32-bit on armv7: the conversions are not useless there.
             #[allow(clippy::useless_conversion)]
-            let free = |v: nix::sys::statvfs::Statvfs| {
-                u64::from(v.blocks_available()).saturating_mul(u64::from(v.fragment_size()))
+            let bytes = |blocks, v: &nix::sys::statvfs::Statvfs| {
+                u64::from(blocks).saturating_mul(u64::from(v.fragment_size()))
             };
-            d.free = match nix::sys::statvfs::statvfs(&self.dir) {
-                Ok(v) => free(v),
-                Err(_) => u64::MAX,
+            (d.free, d.total) = match nix::sys::statvfs::statvfs(&self.dir) {
+                Ok(v) => (bytes(v.blocks_available(), &v), bytes(v.blocks(), &v)),
+                Err(_) => (u64::MAX, u64::MAX),
             };
             d.at = Some(Instant::now());
         }
-        d.free
+        let floor = self
+            .min_free_bytes
+            .unwrap_or_else(|| DEFAULT_MIN_FREE.min(d.total / 10));
+        (d.free, floor)
     }
 
     /// Synchronous [`Buffer::flush`], for shutdown paths outside the runtime.
@@ -875,8 +886,8 @@ impl Buffer {
 
     pub fn stats(&self) -> Stats {
         let side_bytes = self.side_total();
-        let disk_free_bytes = self.disk_free();
-        let low_disk = self.min_free_bytes > 0 && disk_free_bytes < self.min_free_bytes;
+        let (disk_free_bytes, floor) = self.disk();
+        let low_disk = floor > 0 && disk_free_bytes < floor;
         let st = self.state();
         let now = unix_ms(std::time::SystemTime::now());
         let oldest = st
@@ -903,6 +914,7 @@ impl Buffer {
             disk_bytes: self.db.size_on_disk().unwrap_or(0),
             quarantined_chunks: st.quarantined,
             disk_free_bytes: disk_free_bytes.min(i64::MAX as u64),
+            disk_floor_bytes: floor.min(i64::MAX as u64),
             low_disk,
         }
     }
@@ -966,7 +978,7 @@ mod tests {
     fn cfg() -> BufferConfig {
         BufferConfig {
             records_per_chunk: 4,
-            min_free_bytes: 0,
+            min_free_bytes: Some(0),
             ..BufferConfig::default()
         }
     }
