@@ -288,9 +288,9 @@ pub struct BufferConfig {
     /// Records per sled value.
     #[serde(default = "default_chunk")]
     pub records_per_chunk: usize,
-    /// Free space the data dir's filesystem must keep: below it the buffer counts as
-    /// full (the overflow policy applies) so that sled never meets ENOSPC in the middle
-    /// of a write, and deliveries (which also write) can still go on. Unset: 64 MiB or a
+    /// Free space the data dir's filesystem must keep: below it new records are
+    /// refused (counted as `disk_full`) so that sled never meets ENOSPC in the middle of
+    /// a write, and deliveries (which also write) can still go on. Unset: 64 MiB or a
     /// tenth of the filesystem, whichever is smaller (a small SD card or tmpfs keeps
     /// working). `0` turns the check off.
     #[serde(default)]

@@ -376,9 +376,18 @@ impl Writer {
                 let next = self.seqs.entry(s.device_id.clone()).or_insert(s.seq);
                 *next = (*next).min(s.seq);
             }
-            self.metrics
-                .count_drop(DropReason::BufferFullRejectNew, out.rejected as u64);
-            tracing::warn!(rejected = out.rejected, "records rejected: buffer full");
+            if out.disk_full {
+                self.metrics
+                    .count_drop(DropReason::DiskFull, out.rejected as u64);
+                tracing::warn!(
+                    rejected = out.rejected,
+                    "records rejected: free disk space below the floor (buffer.min_free_bytes)"
+                );
+            } else {
+                self.metrics
+                    .count_drop(DropReason::BufferFullRejectNew, out.rejected as u64);
+                tracing::warn!(rejected = out.rejected, "records rejected: buffer full");
+            }
         }
         if out.dropped > 0 {
             self.metrics
@@ -412,12 +421,14 @@ impl Writer {
     /// the same overflow). Returns whether it appended anything.
     fn maybe_report_drops(&mut self) -> Result<bool, BufferError> {
         let drop_oldest = self.buffer.unreported_drops();
-        let reject_new = self
-            .metrics
-            .dropped_reject_new
-            .load(Relaxed)
-            .saturating_sub(self.overflow_reported);
+        let refused = self.metrics.dropped_reject_new.load(Relaxed)
+            + self.metrics.dropped_disk_full.load(Relaxed);
+        let reject_new = refused.saturating_sub(self.overflow_reported);
         if drop_oldest + reject_new == 0 || !self.metrics.kafka_connected.load(Relaxed) {
+            return Ok(false);
+        }
+        // The event itself must find room: not while the disk is short.
+        if self.buffer.low_disk() {
             return Ok(false);
         }
         if self
@@ -432,7 +443,15 @@ impl Writer {
                 ("count", (drop_oldest + reject_new).into()),
                 ("drop_oldest", drop_oldest.into()),
                 ("reject_new", reject_new.into()),
-                ("reason", "buffer_full".into()),
+                (
+                    "reason",
+                    if self.metrics.dropped_disk_full.load(Relaxed) > 0 {
+                        "buffer_full_or_disk_full"
+                    } else {
+                        "buffer_full"
+                    }
+                    .into(),
+                ),
             ]),
         );
         let seq = self.seqs.entry(AGENT_DEVICE.to_string()).or_insert(0);

@@ -24,6 +24,8 @@ pub enum DropReason {
     EncodeError,
     /// Its buffer chunk could not be decoded (damaged on disk) and was quarantined.
     CorruptChunk,
+    /// Free disk space was below the floor (`buffer.min_free_bytes`): refused.
+    DiskFull,
 }
 
 impl DropReason {
@@ -34,6 +36,7 @@ impl DropReason {
             DropReason::DeadLetter => "dead_letter",
             DropReason::EncodeError => "encode_error",
             DropReason::CorruptChunk => "corrupt_chunk",
+            DropReason::DiskFull => "disk_full",
         }
     }
 }
@@ -142,6 +145,7 @@ pub struct Metrics {
     pub dropped_dead_letter: AtomicU64,
     pub dropped_encode_error: AtomicU64,
     pub dropped_corrupt_chunk: AtomicU64,
+    pub dropped_disk_full: AtomicU64,
     pub delivery_errors: AtomicU64,
     pub buffer_flushes: AtomicU64,
     pub kafka_connected: AtomicBool,
@@ -195,6 +199,7 @@ impl Metrics {
             DropReason::DeadLetter => &self.dropped_dead_letter,
             DropReason::EncodeError => &self.dropped_encode_error,
             DropReason::CorruptChunk => &self.dropped_corrupt_chunk,
+            DropReason::DiskFull => &self.dropped_disk_full,
         };
         c.fetch_add(n, Relaxed);
     }
@@ -227,6 +232,7 @@ impl Metrics {
             + self.dropped_dead_letter.load(Relaxed)
             + self.dropped_encode_error.load(Relaxed)
             + self.dropped_corrupt_chunk.load(Relaxed)
+            + self.dropped_disk_full.load(Relaxed)
     }
 
     pub fn set_device_state(&self, device: &str, state: DeviceState) {
@@ -319,6 +325,7 @@ impl Metrics {
             (DropReason::DeadLetter, &self.dropped_dead_letter),
             (DropReason::EncodeError, &self.dropped_encode_error),
             (DropReason::CorruptChunk, &self.dropped_corrupt_chunk),
+            (DropReason::DiskFull, &self.dropped_disk_full),
         ] {
             let _ = writeln!(
                 o,
@@ -584,6 +591,7 @@ mod tests {
                 "labgate_records_dropped_total{reason=\"dead_letter\"}",
                 "labgate_records_dropped_total{reason=\"encode_error\"}",
                 "labgate_records_dropped_total{reason=\"corrupt_chunk\"}",
+                "labgate_records_dropped_total{reason=\"disk_full\"}",
                 "labgate_kafka_delivery_errors_total",
                 "labgate_kafka_connected",
                 "labgate_buffer_records",

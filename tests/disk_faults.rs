@@ -58,7 +58,7 @@ fn below_the_free_space_floor_new_readings_wait_unacked_and_none_is_lost() {
     let mut agent = start(
         &r,
         "disk-floor",
-        "overflow = \"reject_new\"\nmin_free_bytes = 1048576\ncommit_interval = \"5ms\"",
+        "min_free_bytes = 1048576\ncommit_interval = \"5ms\"",
     );
     r.broker.stall();
     publish(&r, "disk-floor-pub-1", 0..300);
@@ -84,7 +84,13 @@ fn below_the_free_space_floor_new_readings_wait_unacked_and_none_is_lost() {
     std::thread::sleep(Duration::from_secs(2));
     // The readings that found no room were refused, hence not acked to the broker.
     assert!(acked(&agent) < 600.0, "acked {}", acked(&agent));
-    assert!(agent.metric("labgate_records_dropped_total{reason=\"buffer_full_reject_new\"}") > 0.0);
+    // Refused for the disk, under the default policy (drop_oldest) too: dropping old
+    // chunks cannot make room in a log-structured store.
+    assert!(agent.metric("labgate_records_dropped_total{reason=\"disk_full\"}") > 0.0);
+    assert_eq!(
+        agent.metric("labgate_records_dropped_total{reason=\"buffer_full_drop_oldest\"}"),
+        0.0
+    );
     // Space comes back, Kafka too: the broker redelivers, and everything arrives.
     r.fs.set_capacity(u64::MAX);
     r.broker.unstall();

@@ -60,8 +60,12 @@
 //!
 //! The cap covers every tree: records, dead letters (at most a quarter of `max_bytes`;
 //! past it the oldest are removed) and side trees such as the command replay ids. And
-//! when the filesystem has less than `min_free_bytes` free, the buffer counts as full
-//! whatever its size, so the policy applies before sled could meet ENOSPC mid-write.
+//! when the filesystem has less free space than the floor (`min_free_bytes`, by default
+//! 64 MiB or a tenth of the filesystem), new records are refused under either policy:
+//! dropping old chunks cannot make room at once in a log-structured store (measured on
+//! a 32 MiB tmpfs: sled's file kept growing to ENOSPC while old chunks were dropped).
+//! The floor leaves room for what still has to write: acks, deletes, sled's own
+//! housekeeping.
 //!
 //! # Damage
 //!
@@ -163,6 +167,9 @@ pub struct AppendOutcome {
     pub rejected: usize,
     /// Older records deleted under `drop_oldest` to make room.
     pub dropped: u64,
+    /// The refusal was for lack of disk space (below the free-space floor), whatever
+    /// the overflow policy.
+    pub disk_full: bool,
 }
 
 /// A record the broker refused for good, kept for a human to look at.
@@ -460,20 +467,23 @@ impl Buffer {
         reported_drops: u64,
     ) -> Result<AppendOutcome, BufferError> {
         let mut out = AppendOutcome::default();
+        if self.low_disk() && !records.is_empty() {
+            // Below the floor nothing is written, under either policy: sled is
+            // log-structured, so deleting old chunks to make room would itself append
+            // to its log, and it reclaims the space only later. What is refused is
+            // counted (`disk_full`); an MQTT message stays with its broker.
+            out.rejected = records.len();
+            out.disk_full = true;
+            return Ok(out);
+        }
         let mut encoded: Vec<(Vec<u8>, &[Stored])> = Vec::new();
         for part in records.chunks(self.per_chunk) {
             encoded.push((encode(part)?, part));
         }
-        let low_disk = self.low_disk();
         let side = self.side_total();
         let mut st = self.state();
-        // The cap covers every tree; with too little free disk, no growth at all.
-        let others = side + st.dead_bytes;
-        let cap = if low_disk {
-            st.bytes.min(self.max_bytes.saturating_sub(others))
-        } else {
-            self.max_bytes.saturating_sub(others)
-        };
+        // The cap covers every tree.
+        let cap = self.max_bytes.saturating_sub(side + st.dead_bytes);
         let mut batch = sled::Batch::default();
         let mut incoming: u64 = 0;
         let mut keep = encoded.len();
