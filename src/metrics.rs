@@ -180,8 +180,6 @@ pub struct Metrics {
     pub kafka_auth_error: Mutex<Option<String>>,
     /// `kafka_auth_error` is set (checked on every delivery without the lock).
     pub kafka_auth_failing: AtomicBool,
-    /// Unix ms of the last delivery report of any outcome (0 = none yet).
-    pub last_report_ms: AtomicU64,
 }
 
 impl Metrics {

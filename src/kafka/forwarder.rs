@@ -427,35 +427,36 @@ enum Retry {
     Later,
 }
 
-/// Whether delivery is moving, for the forwarder's heartbeat: nothing in flight, a
-/// report within [`DELIVERY_STALL`], or no broker up (then waiting is expected).
+/// Whether delivery is moving, for the forwarder's heartbeat (which the systemd watchdog
+/// requires): nothing in flight, a record acknowledged within [`DELIVERY_STALL`], or a
+/// reason to wait that a restart would not cure (no broker up, credentials or ACLs
+/// refused). Failed reports alone do not count: a forwarder that resends and fails
+/// forever is stuck.
 struct Progress {
-    last: Instant,
-    in_flight: usize,
+    waiting_since: Option<Instant>,
 }
 
 impl Progress {
     fn new() -> Progress {
         Progress {
-            last: Instant::now(),
-            in_flight: 0,
+            waiting_since: None,
         }
     }
 
     fn moving(&mut self, in_flight: usize, metrics: &Metrics) -> bool {
-        if in_flight == 0 || in_flight < self.in_flight || !metrics.kafka_connected.load(Relaxed) {
-            self.last = Instant::now();
+        if in_flight == 0
+            || !metrics.kafka_connected.load(Relaxed)
+            || metrics.kafka_auth_failing.load(Relaxed)
+        {
+            self.waiting_since = None;
+            return true;
         }
-        self.in_flight = in_flight;
-        let reported = metrics.last_report_ms.load(Relaxed);
-        let since_report =
-            crate::record::unix_ms(std::time::SystemTime::now()).saturating_sub(reported);
-        if reported > 0 && since_report < DELIVERY_STALL.as_millis() as u64 {
-            self.last = self
-                .last
-                .max(Instant::now() - Duration::from_millis(since_report));
-        }
-        self.last.elapsed() < DELIVERY_STALL
+        let since = *self.waiting_since.get_or_insert_with(Instant::now);
+        let acked = metrics.last_delivery_ms.load(Relaxed);
+        let now = crate::record::unix_ms(std::time::SystemTime::now());
+        let acked_recently =
+            acked > 0 && now.saturating_sub(acked) < DELIVERY_STALL.as_millis() as u64;
+        acked_recently || since.elapsed() < DELIVERY_STALL
     }
 }
 
@@ -570,23 +571,31 @@ mod tests {
         let m = Metrics::new();
         m.kafka_connected.store(true, Relaxed);
         let stalled = || Progress {
-            last: Instant::now() - DELIVERY_STALL - Duration::from_secs(1),
-            in_flight: 5,
+            waiting_since: Some(Instant::now() - DELIVERY_STALL - Duration::from_secs(1)),
         };
-        // Records in flight, a broker up, no report for longer than the stall: stuck.
-        assert!(!stalled().moving(5, &m));
-        // Nothing in flight: nothing to wait for.
-        assert!(stalled().moving(0, &m));
-        // Fewer in flight than last time: reports came in.
-        assert!(stalled().moving(3, &m));
-        // A report just now.
+        // Records in flight, a broker up, nothing acknowledged for longer than the
+        // stall (failed reports may come and go): stuck.
         m.last_report_ms.store(
             crate::record::unix_ms(std::time::SystemTime::now()),
             Relaxed,
         );
+        assert!(!stalled().moving(5, &m));
+        // Just started waiting: not yet.
+        assert!(Progress::new().moving(5, &m));
+        // Nothing in flight: nothing to wait for.
+        assert!(stalled().moving(0, &m));
+        // A record acknowledged just now.
+        m.last_delivery_ms.store(
+            crate::record::unix_ms(std::time::SystemTime::now()),
+            Relaxed,
+        );
         assert!(stalled().moving(5, &m));
+        m.last_delivery_ms.store(0, Relaxed);
+        // Refused credentials: a restart would not help; the alert and /health say it.
+        m.set_auth_error(Some("SASL authentication failed".into()));
+        assert!(stalled().moving(5, &m));
+        m.set_auth_error(None);
         // No broker up: waiting is expected, the watchdog must not restart the agent.
-        m.last_report_ms.store(0, Relaxed);
         m.kafka_connected.store(false, Relaxed);
         assert!(stalled().moving(5, &m));
     }

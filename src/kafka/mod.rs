@@ -143,9 +143,6 @@ impl ProducerContext for AgentContext {
 
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
         let id = unpack_id(opaque);
-        self.metrics
-            .last_report_ms
-            .store(unix_ms(SystemTime::now()), Relaxed);
         match result {
             Ok(_) => match self.sink.buffer.ack(id) {
                 Ok(()) => {
