@@ -575,10 +575,6 @@ mod tests {
         };
         // Records in flight, a broker up, nothing acknowledged for longer than the
         // stall (failed reports may come and go): stuck.
-        m.last_report_ms.store(
-            crate::record::unix_ms(std::time::SystemTime::now()),
-            Relaxed,
-        );
         assert!(!stalled().moving(5, &m));
         // Just started waiting: not yet.
         assert!(Progress::new().moving(5, &m));
