@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::buffer::{BufferConfig, OverflowPolicy};
 use crate::devices::DeviceConfig;
 
 /// Why a configuration could not be used. Every variant names the offending key.
@@ -259,70 +260,6 @@ impl SaslMechanism {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OverflowPolicy {
-    /// Make room by dropping the oldest records not yet handed to Kafka.
-    #[default]
-    DropOldest,
-    /// Refuse new records while the buffer is full.
-    RejectNew,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BufferConfig {
-    /// Cap on the bytes of buffered records (what sled holds may be larger until it
-    /// reclaims space).
-    #[serde(default = "default_max_bytes")]
-    pub max_bytes: u64,
-    #[serde(default)]
-    pub overflow: OverflowPolicy,
-    /// Group commit: the buffer flushes at most this often; nothing is acknowledged
-    /// upstream before its flush.
-    #[serde(default = "default_commit", with = "crate::time::serde_duration")]
-    pub commit_interval: Duration,
-    /// sled page cache (sled's own default is 1 GiB).
-    #[serde(default = "default_cache")]
-    pub cache_capacity: u64,
-    /// Records per sled value.
-    #[serde(default = "default_chunk")]
-    pub records_per_chunk: usize,
-    /// Free space the data dir's filesystem must keep: below it new records are
-    /// refused (counted as `disk_full`) so that sled never meets ENOSPC in the middle of
-    /// a write, and deliveries (which also write) can still go on. Unset: 64 MiB or a
-    /// tenth of the filesystem, whichever is smaller (a small SD card or tmpfs keeps
-    /// working). `0` turns the check off.
-    #[serde(default)]
-    pub min_free_bytes: Option<u64>,
-}
-
-fn default_max_bytes() -> u64 {
-    1 << 30
-}
-fn default_commit() -> Duration {
-    Duration::from_millis(20)
-}
-fn default_cache() -> u64 {
-    4 << 20
-}
-fn default_chunk() -> usize {
-    64
-}
-
-impl Default for BufferConfig {
-    fn default() -> Self {
-        BufferConfig {
-            max_bytes: default_max_bytes(),
-            overflow: OverflowPolicy::default(),
-            commit_interval: default_commit(),
-            cache_capacity: default_cache(),
-            records_per_chunk: default_chunk(),
-            min_free_bytes: None,
-        }
-    }
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
@@ -431,7 +368,7 @@ impl Config {
     /// Checks every value the types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let a = &self.agent;
-        if !valid_id(&a.agent_id) {
+        if !crate::record::valid_id(&a.agent_id) {
             return Err(invalid(
                 "agent.agent_id",
                 "must be 1-64 characters of letters, digits, '-', '_' or '.'",
@@ -560,7 +497,7 @@ impl Config {
         let mut seen = std::collections::HashSet::new();
         for (i, d) in self.devices.iter().enumerate() {
             let id = d.id();
-            if !valid_id(id) || id == crate::record::AGENT_DEVICE {
+            if !crate::record::valid_id(id) || id == crate::record::AGENT_DEVICE {
                 return Err(invalid(
                     format!("devices[{i}].id"),
                     "must be 1-64 characters of letters, digits, '-', '_' or '.', and not \"agent\"",
@@ -676,13 +613,6 @@ fn describe_serde_error(e: config::ConfigError) -> ConfigError {
             ConfigError::Load(text)
         }
     }
-}
-
-pub(crate) fn valid_id(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 #[cfg(test)]

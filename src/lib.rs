@@ -22,6 +22,7 @@
 //! - [`devices`]: device configs, the supervisor, the drivers, [`metrics::DeviceState`].
 //! - [`http`]: `/health`, `/metrics`, `/status`.
 //! - [`metrics`]: shared counters and their Prometheus rendering.
+//! - [`heartbeat`]: signs of life of the long-running loops.
 //! - [`systemd`]: `sd_notify` and the watchdog, without libsystemd.
 //! - [`sim`]: protocol simulators (EmStat, line instruments, Modbus RTU, MQTT sensors).
 //! - [`app`]: wiring, supervision of the stages, reload, ordered shutdown.
@@ -35,6 +36,7 @@ pub mod buffer;
 pub mod commands;
 pub mod config;
 pub mod devices;
+pub mod heartbeat;
 pub mod http;
 pub mod ingest;
 pub mod kafka;

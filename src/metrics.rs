@@ -169,7 +169,7 @@ pub struct Metrics {
     pub commands_assigned: AtomicBool,
     pub devices: Mutex<BTreeMap<String, DeviceStatus>>,
     /// Signs of life of the long-running loops (for the systemd watchdog and /health).
-    pub beats: crate::systemd::Beats,
+    pub beats: crate::heartbeat::Beats,
     /// Buffer storage failures by kind (enospc, eio, erofs, corruption, other); the one
     /// that stopped the last run is counted again at the next start.
     pub buffer_errors: Mutex<BTreeMap<String, u64>>,

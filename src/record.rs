@@ -24,6 +24,15 @@ pub fn usable_value(v: f64) -> bool {
     v.is_finite() && v.abs() <= MAX_VALUE_ABS
 }
 
+/// Whether `s` may be an id that goes into Kafka keys, topics and metric labels (agent,
+/// device, sensor ids): 1–64 characters of ASCII letters, digits, `-`, `_`, `.`.
+pub fn valid_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
 /// The device id of records the agent itself emits (drops, dead letters, command
 /// rejections that name no device).
 pub const AGENT_DEVICE: &str = "agent";

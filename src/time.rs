@@ -3,7 +3,7 @@
 //!
 //! A time is *representable* when it lies in 1970-01-01T00:00:00Z ..= 9999-12-31T23:59:59.999Z:
 //! the range RFC 3339 text can carry and every Kafka consumer can read. Anything outside
-//! is refused here (`None`), and [`crate::record::stamp`] falls back to the receive time
+//! is refused here (`None`), and stamping a record (`record::stamp`) falls back to the receive time
 //! for a record whose source time is not representable, flagging it in the record.
 
 use std::time::{Duration, SystemTime};

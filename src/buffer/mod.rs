@@ -81,8 +81,11 @@
 //! stats. A mutex guards the in-memory index; sled calls happen outside it except where
 //! the order of index change and write must be atomic (append).
 
+pub mod config;
 mod model_test;
 pub mod store;
+
+pub use config::{BufferConfig, OverflowPolicy};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -93,7 +96,6 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::config::{BufferConfig, OverflowPolicy};
 use crate::record::{unix_ms, Stored};
 
 const CHUNK_PREFIX: u8 = b'c';

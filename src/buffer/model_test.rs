@@ -12,7 +12,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use proptest::prelude::*;
 
 use super::{Buffer, RecordId};
-use crate::config::{BufferConfig, OverflowPolicy};
+use super::{BufferConfig, OverflowPolicy};
 use crate::record::{Stored, TopicKind};
 
 #[derive(Debug, Clone)]

@@ -923,7 +923,7 @@ pub async fn run(
         lease_stop.clone(),
     ));
     let mut purge_at = Instant::now() + Duration::from_secs(60);
-    let mut beat = tokio::time::interval(crate::systemd::BEAT_EVERY);
+    let mut beat = tokio::time::interval(crate::heartbeat::BEAT_EVERY);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         handler.metrics.beats.commands.beat();

@@ -45,13 +45,13 @@ impl Config {
             return Err(("sensors".into(), "at least one sensor is required".into()));
         }
         for (i, s) in self.sensors.iter().enumerate() {
-            if !crate::config::valid_id(&s.sensor_id) {
+            if !crate::record::valid_id(&s.sensor_id) {
                 return Err((
                     format!("sensors[{i}].sensor_id"),
                     "must be 1-64 characters of letters, digits, '-', '_' or '.'".into(),
                 ));
             }
-            if !crate::config::valid_id(&s.sensor_type) {
+            if !crate::record::valid_id(&s.sensor_type) {
                 return Err((
                     format!("sensors[{i}].sensor_type"),
                     "must be 1-64 characters of letters, digits, '-', '_' or '.'".into(),

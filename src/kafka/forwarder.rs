@@ -149,7 +149,7 @@ impl Forwarder {
         let mut auth_alerted = false;
         let mut progress = Progress::new();
         // Wakes an idle loop so its heartbeat shows it is alive (systemd watchdog).
-        let mut beat = tokio::time::interval(crate::systemd::BEAT_EVERY);
+        let mut beat = tokio::time::interval(crate::heartbeat::BEAT_EVERY);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.check_fatal()?;

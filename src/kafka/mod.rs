@@ -1,5 +1,5 @@
 //! Kafka: the producer settings, connection state, topic creation, and the forwarder
-//! that drains the buffer. The command consumer lives in `crate::commands`.
+//! that drains the buffer. The command consumer lives in the commands module.
 
 pub mod forwarder;
 

@@ -14,6 +14,7 @@
 pub mod mapping;
 pub mod sparkplug;
 pub mod topic;
+pub mod types;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use prost::Message;
 
-use super::mapping::{Mapped, Note, Outgoing, Reading};
+use super::types::{Mapped, Note, Outgoing, Reading};
 use crate::record::object;
 
 pub const NAMESPACE: &str = "spBv1.0";
