@@ -591,8 +591,9 @@ fn as_json<T: serde::Serialize>(v: &T) -> serde_json::Value {
 }
 
 async fn create_topics_until_done(cfg: &Config, stop: CancellationToken) {
-    let mut wait = Duration::from_millis(500);
+    let mut backoff = devices::Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
     loop {
+        let wait = backoff.step();
         match kafka::create_topics(cfg).await {
             Ok(()) => return,
             Err(e) => tracing::warn!(error = %e, retry_in = ?wait, "cannot create topics yet"),
@@ -601,6 +602,5 @@ async fn create_topics_until_done(cfg: &Config, stop: CancellationToken) {
             () = tokio::time::sleep(wait) => {}
             () = stop.cancelled() => return,
         }
-        wait = (wait * 2).min(Duration::from_secs(10));
     }
 }

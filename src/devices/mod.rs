@@ -238,26 +238,40 @@ impl DeviceCtx {
     }
 }
 
-/// Reconnect delays: 250 ms doubling to 5 s, back to the start after a success.
+/// Exponential backoff: a first delay doubling to a ceiling, back to the first after a
+/// success. The one policy for every retry loop of the agent; `default()` is the
+/// reconnect policy of the drivers (250 ms doubling to 5 s).
 #[derive(Debug, Clone, Copy)]
-pub struct Backoff(Duration);
+pub struct Backoff {
+    first: Duration,
+    max: Duration,
+    next: Duration,
+}
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff(Duration::from_millis(250))
+        Backoff::new(Duration::from_millis(250), Duration::from_secs(5))
     }
 }
 
 impl Backoff {
-    /// The delay to wait now; the next one is twice as long (at most 5 s).
+    pub fn new(first: Duration, max: Duration) -> Backoff {
+        Backoff {
+            first,
+            max,
+            next: first,
+        }
+    }
+
+    /// The delay to wait now; the next one is twice as long (at most the ceiling).
     pub fn step(&mut self) -> Duration {
-        let d = self.0;
-        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+        let d = self.next;
+        self.next = self.next.saturating_mul(2).min(self.max);
         d
     }
 
     pub fn reset(&mut self) {
-        *self = Backoff::default();
+        self.next = self.first;
     }
 }
 
@@ -299,7 +313,7 @@ async fn caught(
 /// Runs one device until shutdown, restarting its driver after failures (a panic
 /// included): the device is `failed` meanwhile, which `/health` reports.
 pub async fn supervise(cfg: DeviceConfig, mut ctx: DeviceCtx) {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     loop {
         let result = run_driver(&cfg, &mut ctx).await;
         match result {
@@ -307,7 +321,8 @@ pub async fn supervise(cfg: DeviceConfig, mut ctx: DeviceCtx) {
             Err(DeviceError::Ingest(_)) if ctx.shutdown.is_cancelled() => break,
             Err(e) => {
                 ctx.set_state(crate::metrics::DeviceState::Failed);
-                tracing::error!(device = %ctx.id, error = %e, retry_in = ?backoff, "device failed");
+                let wait = backoff.step();
+                tracing::error!(device = %ctx.id, error = %e, retry_in = ?wait, "device failed");
                 let _ = ctx
                     .device_event(
                         "device_failed",
@@ -315,10 +330,9 @@ pub async fn supervise(cfg: DeviceConfig, mut ctx: DeviceCtx) {
                     )
                     .await;
                 tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
+                    () = tokio::time::sleep(wait) => {}
                     () = ctx.shutdown.cancelled() => break,
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
     }
@@ -364,6 +378,15 @@ pub(crate) fn check_range(key: &str, v: f64, lo: f64, hi: f64) -> Result<(), (St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_ceiling_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(200), Duration::from_secs(1));
+        let steps: Vec<u128> = (0..5).map(|_| b.step().as_millis()).collect();
+        assert_eq!(steps, [200, 400, 800, 1000, 1000]);
+        b.reset();
+        assert_eq!(b.step(), Duration::from_millis(200));
+    }
 
     #[tokio::test]
     async fn a_driver_panic_becomes_an_error_the_supervisor_restarts_after() {
