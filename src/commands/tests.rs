@@ -1,7 +1,22 @@
+use super::policy;
+use super::policy::CommandsConfig;
+use super::replay::ReplayStore;
+use super::sign;
 use super::*;
+use crate::devices::CommandKind;
+use crate::devices::DeviceConfig;
 use crate::devices::{sim_potentiostat, sim_sensors, Rng};
+use crate::metrics::Metrics;
 use ed25519_dalek::SigningKey;
 use serde_json::json;
+use serde_json::Map;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+use std::time::SystemTime;
+use tokio_util::task::TaskTracker;
 
 const T0: u64 = 1_800_000_000;
 

@@ -1,0 +1,192 @@
+//! The consumer: the command topic's partitions, the lease contact, and the loop that
+//! hands each message to the handler and stores its offset once its result is durable.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::ClientContext;
+use tokio_util::sync::CancellationToken;
+
+use super::{lease, CommandError, Handler, Meta};
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+/// Assigns the command topic's partitions with concrete positions, so `/status` can say
+/// when commands can arrive.
+///
+/// A new consumer group at `latest` would otherwise resolve its position just after
+/// assignment, and a command produced in that instant would never be seen. So partitions
+/// without a committed offset are assigned at their current end (or start, for
+/// `earliest`) explicitly, before `commands_assigned` turns true.
+pub struct CommandContext {
+    pub metrics: Arc<Metrics>,
+    pub earliest: bool,
+}
+
+impl ClientContext for CommandContext {}
+
+impl ConsumerContext for CommandContext {
+    fn rebalance(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        err: rdkafka::types::RDKafkaRespErr,
+        tpl: &mut rdkafka::TopicPartitionList,
+    ) {
+        use rdkafka::types::RDKafkaRespErr as E;
+        match err {
+            E::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let timeout = Duration::from_secs(5);
+                let committed = consumer.committed_offsets(tpl.clone(), timeout);
+                let mut fixed = tpl.clone();
+                for p in tpl.elements() {
+                    let known = committed.as_ref().ok().and_then(|c| {
+                        c.find_partition(p.topic(), p.partition())
+                            .map(|e| e.offset())
+                    });
+                    if matches!(known, Some(rdkafka::Offset::Offset(_))) {
+                        continue;
+                    }
+                    let start = match consumer.fetch_watermarks(p.topic(), p.partition(), timeout) {
+                        Ok((low, high)) => {
+                            rdkafka::Offset::Offset(if self.earliest { low } else { high })
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot read the command topic's offsets; librdkafka's reset policy decides");
+                            continue;
+                        }
+                    };
+                    let _ = fixed.set_partition_offset(p.topic(), p.partition(), start);
+                }
+                match consumer.assign(&fixed) {
+                    Ok(()) => {
+                        tracing::info!(partitions = fixed.count(), "command topic assigned");
+                        self.metrics
+                            .commands_assigned
+                            .store(fixed.count() > 0, Relaxed);
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot assign the command topic"),
+                }
+            }
+            E::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.metrics.commands_assigned.store(false, Relaxed);
+                if let Err(e) = consumer.unassign() {
+                    tracing::warn!(error = %e, "cannot unassign the command topic");
+                }
+            }
+            other => {
+                tracing::warn!(error = ?other, "command consumer rebalance error");
+                self.metrics.commands_assigned.store(false, Relaxed);
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
+/// Milliseconds since `epoch` at the last moment the command topic was known reachable.
+pub(super) struct Contact {
+    epoch: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Contact {
+    pub(super) fn touch(&self) {
+        self.last_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Relaxed);
+    }
+    pub(super) fn silent_for(&self) -> Duration {
+        self.epoch
+            .elapsed()
+            .saturating_sub(Duration::from_millis(self.last_ms.load(Relaxed)))
+    }
+}
+
+/// Consumes the command topic until shutdown.
+pub async fn run(
+    cfg: &Config,
+    handler: Handler,
+    shutdown: CancellationToken,
+) -> Result<(), CommandError> {
+    let handler = Arc::new(handler);
+    let consumer: Arc<StreamConsumer<CommandContext>> = Arc::new(
+        crate::kafka::consumer_config(cfg, &cfg.consumer_group())?.create_with_context(
+            CommandContext {
+                metrics: handler.metrics.clone(),
+                earliest: cfg.kafka.commands_offset_reset == "earliest",
+            },
+        )?,
+    );
+    consumer.subscribe(&[cfg.kafka.topics.commands.as_str()])?;
+    tracing::info!(topic = %cfg.kafka.topics.commands, group = %cfg.consumer_group(), "consuming commands");
+
+    match handler.replay.purge(SystemTime::now()) {
+        Ok(n) => tracing::debug!(purged = n, kept = handler.replay.len(), "replay store"),
+        Err(e) => tracing::warn!(error = %e, "cannot purge the replay store"),
+    }
+    let contact = Arc::new(Contact {
+        epoch: Instant::now(),
+        last_ms: AtomicU64::new(0),
+    });
+    let lease_stop = shutdown.child_token();
+    let lease_task = tokio::spawn(lease::watch(
+        cfg.commands.clone(),
+        cfg.kafka.topics.commands.clone(),
+        consumer.clone(),
+        contact.clone(),
+        handler.clone(),
+        lease_stop.clone(),
+    ));
+    let mut purge_at = Instant::now() + Duration::from_secs(60);
+    let mut beat = tokio::time::interval(crate::heartbeat::BEAT_EVERY);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        handler.metrics.beats.commands.beat();
+        let msg = tokio::select! {
+            m = consumer.recv() => m,
+            _ = beat.tick() => continue,
+            () = shutdown.cancelled() => break,
+        };
+        match msg {
+            Ok(m) => {
+                contact.touch();
+                let meta = Meta {
+                    kafka_time: m
+                        .timestamp()
+                        .to_millis()
+                        .and_then(|ms| u64::try_from(ms).ok())
+                        .and_then(crate::time::from_unix_ms),
+                    position: Some((m.partition(), m.offset())),
+                };
+                handler.handle(m.payload().unwrap_or(b""), meta).await;
+                if let Err(e) = consumer.store_offset_from_message(&m) {
+                    tracing::warn!(error = %e, "cannot store command offset");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "command consumer error");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    () = shutdown.cancelled() => break,
+                }
+            }
+        }
+        if Instant::now() >= purge_at {
+            purge_at = Instant::now() + Duration::from_secs(60);
+            if let Err(e) = handler.replay.purge(SystemTime::now()) {
+                tracing::warn!(error = %e, "cannot purge the replay store");
+            }
+        }
+    }
+    lease_stop.cancel();
+    let _ = lease_task.await;
+    // Device answers still outstanding end when the devices stop (they are stopped
+    // first at shutdown), so this wait is short.
+    handler.waits.close();
+    handler.waits.wait().await;
+    // Commit stored offsets before leaving.
+    let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
+    Ok(())
+}
