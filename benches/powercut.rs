@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use common::faultfs::FaultFs;
 use common::*;
-use labgate::devices::Rng;
+use labgate::devices::simulated::Rng;
 
 fn main() {
     let cycles: u64 = std::env::var("LABGATE_SOAK_CYCLES")

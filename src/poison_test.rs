@@ -19,7 +19,7 @@ use serde_json::Value;
 use crate::buffer::Buffer;
 use crate::devices::mqtt::mapping::{Mapper, Subscription};
 use crate::devices::mqtt::sparkplug;
-use crate::devices::Rng;
+use crate::devices::simulated::Rng;
 use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, PipelineConfig};
 
@@ -368,7 +368,7 @@ fn extreme_commands_are_refused_with_a_reason_and_never_panic() {
     };
     policy.max_ttl = Duration::from_secs(3600);
     let v = crate::commands::Validator::new("a1".into(), policy);
-    let pstat: crate::devices::sim_potentiostat::Config =
+    let pstat: crate::devices::simulated::potentiostat::Config =
         toml::from_str("id = \"p\"\nsteps = []").unwrap_or_else(|e| panic!("{e}"));
     let devices = [(
         "p".to_string(),

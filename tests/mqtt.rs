@@ -501,7 +501,7 @@ every = 5
     });
     // 400 readings one second apart (device time), hovering around both thresholds.
     let t0: u64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z, a window boundary
-    let mut rng = labgate::devices::Rng::new(42);
+    let mut rng = labgate::devices::simulated::Rng::new(42);
     let values: Vec<f64> = (0..400)
         .map(|i| {
             let base = match i / 100 {

@@ -60,7 +60,7 @@ fn record(device: u8, seq: u64, uid: u64) -> Stored {
 
 /// 200 bytes that lz4 cannot shrink, so byte caps are really reached.
 fn incompressible(seed: u64) -> Vec<u8> {
-    let mut rng = crate::devices::Rng::new(seed);
+    let mut rng = crate::devices::simulated::Rng::new(seed);
     (0..25).flat_map(|_| rng.next_u64().to_le_bytes()).collect()
 }
 

@@ -10,8 +10,7 @@ pub mod methodscript;
 pub mod modbus;
 pub mod mqtt;
 pub mod serial;
-pub mod sim_potentiostat;
-pub mod sim_sensors;
+pub mod simulated;
 
 use std::time::Duration;
 
@@ -36,8 +35,8 @@ pub enum DeviceConfig {
     ModbusRtu(modbus::Config),
     /// Sensors (and controllable hardware) on an MQTT broker.
     Mqtt(mqtt::Config),
-    SimulatedPotentiostat(sim_potentiostat::Config),
-    SimulatedSensors(sim_sensors::Config),
+    SimulatedPotentiostat(simulated::potentiostat::Config),
+    SimulatedSensors(simulated::sensors::Config),
 }
 
 impl DeviceConfig {
@@ -283,8 +282,8 @@ async fn run_driver(cfg: &DeviceConfig, ctx: &mut DeviceCtx) -> Result<(), Devic
             DeviceConfig::LineInstrument(c) => line::driver::run(c, ctx).await,
             DeviceConfig::ModbusRtu(c) => modbus::run(c, ctx).await,
             DeviceConfig::Mqtt(c) => mqtt::run(c, ctx).await,
-            DeviceConfig::SimulatedPotentiostat(c) => sim_potentiostat::run(c, ctx).await,
-            DeviceConfig::SimulatedSensors(c) => sim_sensors::run(c, ctx).await,
+            DeviceConfig::SimulatedPotentiostat(c) => simulated::potentiostat::run(c, ctx).await,
+            DeviceConfig::SimulatedSensors(c) => simulated::sensors::run(c, ctx).await,
         }
     };
     caught(attempt).await
@@ -337,30 +336,6 @@ pub async fn supervise(cfg: DeviceConfig, mut ctx: DeviceCtx) {
         }
     }
     ctx.set_state(crate::metrics::DeviceState::Stopped);
-}
-
-/// SplitMix64: a small, fast, seedable generator for simulated noise.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-    pub fn from_time() -> Rng {
-        Rng(crate::record::unix_us(std::time::SystemTime::now()) ^ 0x9E37_79B9_7F4A_7C15)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [-1, 1).
-    pub fn symmetric(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 52) as f64 - 1.0
-    }
 }
 
 /// Validation helper: a finite number within bounds.

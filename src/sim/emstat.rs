@@ -17,7 +17,7 @@ use serialport::{SerialPort, TTYPort};
 
 use crate::devices::methodscript::encode_value;
 use crate::devices::methodscript::method::parse_quantity;
-use crate::devices::sim_potentiostat::{Generator, Step};
+use crate::devices::simulated::cell::{Generator, Step};
 
 /// How the simulated device answers `h` and `H` (undocumented on real devices).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serialport::{SerialPort, TTYPort};
 
-use crate::devices::Rng;
+use crate::devices::simulated::Rng;
 
 /// Which instrument to simulate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -9,7 +9,7 @@ use prost::Message;
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 
 use crate::devices::mqtt::sparkplug::{datatype, Metric, MetricValue, Payload};
-use crate::devices::Rng;
+use crate::devices::simulated::Rng;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Preset {

@@ -851,7 +851,7 @@ mod tests {
     /// on matching and random topics: none panics, and both outcomes occur.
     #[test]
     fn a_million_random_payloads_never_panic() {
-        use crate::devices::Rng;
+        use crate::devices::simulated::Rng;
         use prost::Message;
         let subs: Vec<Subscription> = [
             "format = \"number\"\ntopic = \"lab/+id/temperature\"\nsensor_type = \"temperature\"\n",

@@ -7,7 +7,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::{check_range, CommandKind, DeviceCtx, DeviceError, Rng};
+use super::Rng;
+use crate::devices::{check_range, CommandKind, Control, DeviceCtx, DeviceError};
 use crate::record::{Body, Draft};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -134,7 +135,7 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
 }
 
 /// Applies a command; returns whether readings continue.
-fn handle(ctx: &DeviceCtx, c: super::Control, running: bool) -> bool {
+fn handle(ctx: &DeviceCtx, c: Control, running: bool) -> bool {
     let (reply, now_running, state) = match c.command {
         _ if !c.params.is_empty() => (
             Err(format!("{} takes no parameters", c.command.as_str())),
