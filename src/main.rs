@@ -6,6 +6,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use labgate::config::{Config, LogFormat};
+use labgate::sim::cli::SimKind;
 use labgate::tools;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -60,71 +61,6 @@ enum Cmd {
     Ports,
     /// Write an Ed25519 operator key pair for signing commands.
     Keygen(tools::KeygenArgs),
-}
-
-#[derive(Subcommand)]
-enum SimKind {
-    /// An EmStat Pico (MethodSCRIPT) potentiostat.
-    Emstat {
-        /// Also create this symlink to the port (stable path for configs and replugs).
-        #[arg(long)]
-        link: Option<PathBuf>,
-        /// 1 = real time, 0 = as fast as possible.
-        #[arg(long, default_value_t = 1.0)]
-        speed: f64,
-        /// How the device answers h / H (undocumented on real hardware).
-        #[arg(long, value_enum, default_value_t = labgate::sim::emstat::HaltReply::Echo)]
-        halt_reply: labgate::sim::emstat::HaltReply,
-        /// Emit a garbage line after every N data lines (0 = never).
-        #[arg(long, default_value_t = 0)]
-        garbage_every: u32,
-        /// Sprinkle XON/XOFF bytes into the output.
-        #[arg(long)]
-        xon_xoff: bool,
-    },
-    /// A Modbus RTU slave serving devices/profiles/modbus-th-sensor.toml's register map.
-    Modbus {
-        /// Also create this symlink to the port.
-        #[arg(long)]
-        link: Option<PathBuf>,
-        /// Answer every Nth request with ServerDeviceBusy (0 = never).
-        #[arg(long, default_value_t = 0)]
-        busy_every: u32,
-    },
-    /// Environmental sensors publishing to an MQTT broker in a payload convention.
-    MqttSensors {
-        /// mqtt://host:port
-        #[arg(long)]
-        broker: String,
-        #[arg(long, value_enum)]
-        preset: labgate::sim::mqtt::Preset,
-        /// Node / device name used in topics.
-        #[arg(long, default_value = "env1")]
-        node: String,
-        /// Time between rounds of readings.
-        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
-        interval: std::time::Duration,
-        /// Publish this many rounds, then exit.
-        #[arg(long)]
-        rounds: Option<u64>,
-    },
-    /// A line instrument: MT-SICS balance, Keithley 2400 / 2000, or a CSV sensor.
-    Line {
-        #[arg(long, value_enum)]
-        kind: labgate::sim::line::Kind,
-        /// Also create this symlink to the port.
-        #[arg(long)]
-        link: Option<PathBuf>,
-        /// Answer every Nth measurement poll with an error reply (0 = never).
-        #[arg(long, default_value_t = 0)]
-        error_every: u32,
-        /// Leave every Nth measurement poll unanswered (0 = never).
-        #[arg(long, default_value_t = 0)]
-        silent_every: u32,
-        /// Emit a garbage line after every N lines (0 = never).
-        #[arg(long, default_value_t = 0)]
-        garbage_every: u32,
-    },
 }
 
 #[derive(Subcommand)]
@@ -277,89 +213,24 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Simulate {
-            kind:
-                SimKind::Emstat {
-                    link,
-                    speed,
-                    halt_reply,
-                    garbage_every,
-                    xon_xoff,
-                },
-        } => {
-            let opts = labgate::sim::emstat::Options {
-                halt_reply,
-                speed,
-                garbage_every,
-                xon_xoff,
-                ..Default::default()
-            };
-            {
-                let sim = labgate::sim::emstat::Emstat::start(opts, link.as_deref());
-                serve_simulator(
-                    sim.map(|s| (s.path().to_path_buf(), s)),
-                    link,
-                    "EmStat Pico",
-                )
-            }
-        }
-        Cmd::Simulate {
-            kind:
-                SimKind::MqttSensors {
-                    broker,
-                    preset,
-                    node,
-                    interval,
-                    rounds,
-                },
+            kind: SimKind::MqttSensors(opts),
         } => {
             init_logging(LogFormat::Text, "warn");
-            let opts = labgate::sim::mqtt::Options {
-                broker,
-                preset,
-                node,
-                interval,
-                rounds,
-            };
             report(runtime().and_then(|rt| {
-                rt.block_on(labgate::sim::mqtt::run(opts))
+                rt.block_on(labgate::sim::mqtt::run(opts.into()))
                     .context("mqtt-sensors simulator")
             }))
         }
-        Cmd::Simulate {
-            kind: SimKind::Modbus { link, busy_every },
-        } => {
-            let sim = labgate::sim::modbus::ModbusSim::start(busy_every, link.as_deref());
-            serve_simulator(
-                sim.map(|s| (s.path().to_path_buf(), s)),
-                link,
-                "Modbus RTU slave 1",
-            )
-        }
-        Cmd::Simulate {
-            kind:
-                SimKind::Line {
-                    kind,
-                    link,
-                    error_every,
-                    silent_every,
-                    garbage_every,
-                },
-        } => {
-            let opts = labgate::sim::line::Options {
-                error_every,
-                silent_every,
-                garbage_every,
-                ..labgate::sim::line::Options::new(kind)
-            };
-            {
-                let sim = labgate::sim::line::LineSim::start(opts, link.as_deref());
-                serve_simulator(
-                    sim.map(|s| (s.path().to_path_buf(), s)),
-                    link,
-                    &format!("{kind:?}"),
-                )
-            }
-        }
+        Cmd::Simulate { kind } => match runtime() {
+            Ok(rt) => match rt.block_on(labgate::sim::cli::serve(kind, wait_for_signal())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("labgate: {e}");
+                    ExitCode::FAILURE
+                }
+            },
+            Err(e) => report(Err(e)),
+        },
         Cmd::Command {
             cmd: CommandCmd::Send(args),
         } => {
@@ -400,32 +271,6 @@ fn tool_exit(what: &str, r: anyhow::Result<Result<u8, tools::ToolError>>) -> Exi
             ExitCode::from(EX_UNAVAILABLE)
         }
     }
-}
-
-/// Prints where a started simulator is (its link, else its pty), keeps it running until
-/// a signal, and drops it (closing the pty).
-fn serve_simulator<S>(
-    started: std::io::Result<(PathBuf, S)>,
-    link: Option<PathBuf>,
-    what: &str,
-) -> ExitCode {
-    let (path, sim) = match started {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("labgate: cannot start the {what} simulator: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    println!("{}", link.as_deref().unwrap_or(&path).display());
-    eprintln!("{what} simulator on {} (Ctrl-C ends it)", path.display());
-    let code = report(runtime().and_then(|rt| {
-        rt.block_on(async {
-            wait_for_signal().await;
-            Ok(())
-        })
-    }));
-    drop(sim);
-    code
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
