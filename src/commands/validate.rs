@@ -97,6 +97,33 @@ const FIELDS: &[&str] = &[
     "signature",
 ];
 
+/// A command's fields after the shape checks, with what a rejection would say about it
+/// so far.
+struct Shape {
+    obj: Map<String, Value>,
+    r: Rejection,
+    device: Option<String>,
+    timestamp: Option<SystemTime>,
+    issued_at: Option<SystemTime>,
+    expires_at: Option<SystemTime>,
+    ttl: Option<Duration>,
+    timeout: Option<Duration>,
+    params: Map<String, Value>,
+    issuer: Option<String>,
+    kind: CommandKind,
+}
+
+impl Rejection {
+    /// This rejection with its class and reason (prefixed by the class).
+    fn refuse(&self, code: Code, reason: String) -> Refusal {
+        Refusal::Rejected(Box::new(Rejection {
+            code,
+            reason: format!("{}: {reason}", code.as_str()),
+            ..self.clone()
+        }))
+    }
+}
+
 /// What the validator knows: this agent, its policy and its operators' keys.
 pub struct Validator {
     pub agent_id: String,
@@ -138,6 +165,38 @@ impl Validator {
         now: SystemTime,
         devices: &BTreeMap<String, DeviceConfig>,
     ) -> Result<Command, Refusal> {
+        let s = self.shape(payload)?;
+        let signed_by = self.signer(&s)?;
+        let (issued, expires) = self.lifetime(&s, meta, now)?;
+        self.reaches(&s, devices)?;
+        let Shape {
+            r,
+            params,
+            device,
+            timeout,
+            kind,
+            ..
+        } = s;
+        let command_id = match (r.command_id.is_empty(), meta.position) {
+            (false, _) => r.command_id,
+            (true, Some((p, o))) => format!("kafka-{p}-{o}"),
+            (true, None) => format!("generated-{}", uuid::Uuid::new_v4()),
+        };
+        Ok(Command {
+            command_id,
+            kind,
+            params,
+            device,
+            issuer: signed_by,
+            issued_at: issued,
+            expires_at: expires,
+            timeout: timeout.unwrap_or(self.policy.timeout),
+        })
+    }
+
+    /// The first stage: the message's shape (JSON object, known fields, types, times
+    /// and durations within range) and whether it is addressed to this agent.
+    fn shape(&self, payload: &[u8]) -> Result<Shape, Refusal> {
         let mut r = Rejection {
             command_id: String::new(),
             command: String::new(),
@@ -146,13 +205,7 @@ impl Validator {
             code: Code::Schema,
             reason: String::new(),
         };
-        let fail = |r: &Rejection, code: Code, reason: String| {
-            Refusal::Rejected(Box::new(Rejection {
-                code,
-                reason: format!("{}: {reason}", code.as_str()),
-                ..r.clone()
-            }))
-        };
+        let fail = |r: &Rejection, code: Code, reason: String| r.refuse(code, reason);
         let v: Value = serde_json::from_slice(payload)
             .map_err(|e| fail(&r, Code::Schema, format!("not JSON: {e}")))?;
         let Value::Object(obj) = v else {
@@ -274,13 +327,41 @@ impl Validator {
                 ),
             ));
         };
+        Ok(Shape {
+            obj,
+            r,
+            device,
+            timestamp,
+            issued_at,
+            expires_at,
+            ttl,
+            timeout,
+            params,
+            issuer,
+            kind,
+        })
+    }
 
+    /// The second stage: who signed it, and may they issue it (or may it come unsigned)?
+    fn signer(&self, s: &Shape) -> Result<Option<String>, Refusal> {
+        let fail = |r: &Rejection, code: Code, reason: String| r.refuse(code, reason);
+        let Shape {
+            obj,
+            r,
+            issued_at,
+            expires_at,
+            ttl,
+            issuer,
+            kind,
+            ..
+        } = s;
+        let kind = *kind;
         // Who sent it, and may they?
         let signed_by = match obj.get("signature") {
             None | Some(Value::Null) => {
                 if !self.policy.allow_unsigned() {
                     return Err(fail(
-                        &r,
+                        r,
                         Code::Unsigned,
                         "this agent only accepts signed commands".into(),
                     ));
@@ -288,28 +369,28 @@ impl Validator {
                 None
             }
             Some(Value::String(sig)) => {
-                let Some(name) = &issuer else {
+                let Some(name) = issuer else {
                     return Err(fail(
-                        &r,
+                        r,
                         Code::Schema,
                         "a signed command needs an issuer".into(),
                     ));
                 };
                 let Some((key, allowed)) = self.keys.get(name) else {
                     return Err(fail(
-                        &r,
+                        r,
                         Code::BadSignature,
                         format!("unknown issuer {name:?}"),
                     ));
                 };
-                match sign::verify(&obj, sig, key) {
+                match sign::verify(obj, sig, key) {
                     Ok(()) => {}
                     Err(sign::SignatureError::Encoding(e)) => {
-                        return Err(fail(&r, Code::BadSignature, e))
+                        return Err(fail(r, Code::BadSignature, e))
                     }
                     Err(sign::SignatureError::Mismatch) => {
                         return Err(fail(
-                            &r,
+                            r,
                             Code::BadSignature,
                             format!("does not verify with {name}'s key"),
                         ))
@@ -317,41 +398,60 @@ impl Validator {
                 }
                 if uuid::Uuid::parse_str(&r.command_id).is_err() {
                     return Err(fail(
-                        &r,
+                        r,
                         Code::Schema,
                         "a signed command needs a UUID command_id".into(),
                     ));
                 }
                 if issued_at.is_none() || (expires_at.is_none() && ttl.is_none()) {
                     return Err(fail(
-                        &r,
+                        r,
                         Code::Schema,
                         "a signed command needs issued_at and expires_at (or ttl)".into(),
                     ));
                 }
                 if !allowed.contains(&kind) {
                     return Err(fail(
-                        &r,
+                        r,
                         Code::NotAllowed,
                         format!("{name} may not issue {}", kind.as_str()),
                     ));
                 }
                 Some(name.clone())
             }
-            Some(_) => return Err(fail(&r, Code::Schema, "signature must be a string".into())),
+            Some(_) => return Err(fail(r, Code::Schema, "signature must be a string".into())),
         };
+        Ok(signed_by)
+    }
 
+    /// The third stage: when it was issued and expires (checked sums), and whether that
+    /// window holds now, give or take `commands.clock_skew`.
+    fn lifetime(
+        &self,
+        s: &Shape,
+        meta: &Meta,
+        now: SystemTime,
+    ) -> Result<(SystemTime, SystemTime), Refusal> {
+        let fail = |r: &Rejection, code: Code, reason: String| r.refuse(code, reason);
+        let Shape {
+            r,
+            timestamp,
+            issued_at,
+            expires_at,
+            ttl,
+            ..
+        } = s;
         // Is it fresh?
-        let issued = issued_at.or(timestamp).or(meta.kafka_time).unwrap_or(now);
+        let issued = issued_at.or(*timestamp).or(meta.kafka_time).unwrap_or(now);
         // Every sum below is checked: times and durations come from the sender.
         let too_far = || {
             fail(
-                &r,
+                r,
                 Code::Schema,
                 "the command's lifetime ends after 9999".into(),
             )
         };
-        let expires = match (expires_at, ttl) {
+        let expires = match (*expires_at, *ttl) {
             (Some(e), _) => e,
             (None, Some(t)) => crate::time::add(issued, t).ok_or_else(too_far)?,
             (None, None) => {
@@ -360,10 +460,10 @@ impl Validator {
         };
         let life = expires
             .duration_since(issued)
-            .map_err(|_| fail(&r, Code::Schema, "expires_at is before issued_at".into()))?;
+            .map_err(|_| fail(r, Code::Schema, "expires_at is before issued_at".into()))?;
         if life > self.policy.max_ttl {
             return Err(fail(
-                &r,
+                r,
                 Code::Schema,
                 format!(
                     "lifetime {} exceeds commands.max_ttl {}",
@@ -375,7 +475,7 @@ impl Validator {
         let skew = self.policy.clock_skew;
         if now.checked_add(skew).is_none_or(|latest| issued > latest) {
             return Err(fail(
-                &r,
+                r,
                 Code::NotYetValid,
                 format!(
                     "issued {} ahead of this agent's clock (tolerance {})",
@@ -386,7 +486,7 @@ impl Validator {
         }
         if expires.checked_add(skew).is_some_and(|last| now > last) {
             return Err(fail(
-                &r,
+                r,
                 Code::Expired,
                 format!(
                     "expired {} ago (tolerance {})",
@@ -395,15 +495,25 @@ impl Validator {
                 ),
             ));
         }
+        Ok((issued, expires))
+    }
 
+    /// The fourth stage: the device exists and takes this command (or, with no device
+    /// named, one of this agent's devices does).
+    fn reaches(&self, s: &Shape, devices: &BTreeMap<String, DeviceConfig>) -> Result<(), Refusal> {
+        let fail = |r: &Rejection, code: Code, reason: String| r.refuse(code, reason);
+        let Shape {
+            r, device, kind, ..
+        } = s;
+        let kind = *kind;
         // Which device, and does it take this command?
-        if let Some(d) = &device {
+        if let Some(d) = device {
             let Some(cfg) = devices.get(d) else {
-                return Err(fail(&r, Code::UnknownDevice, format!("no device {d:?}")));
+                return Err(fail(r, Code::UnknownDevice, format!("no device {d:?}")));
             };
             if !self.policy.allows(cfg, kind) {
                 return Err(fail(
-                    &r,
+                    r,
                     Code::NotAllowed,
                     format!(
                         "device {d} ({}) does not accept {}",
@@ -414,26 +524,12 @@ impl Validator {
             }
         } else if !devices.values().any(|c| self.policy.allows(c, kind)) {
             return Err(fail(
-                &r,
+                r,
                 Code::NotAllowed,
                 format!("no device of this agent accepts {}", kind.as_str()),
             ));
         }
-        let command_id = match (r.command_id.is_empty(), meta.position) {
-            (false, _) => r.command_id,
-            (true, Some((p, o))) => format!("kafka-{p}-{o}"),
-            (true, None) => format!("generated-{}", uuid::Uuid::new_v4()),
-        };
-        Ok(Command {
-            command_id,
-            kind,
-            params,
-            device,
-            issuer: signed_by,
-            issued_at: issued,
-            expires_at: expires,
-            timeout: timeout.unwrap_or(self.policy.timeout),
-        })
+        Ok(())
     }
 }
 
