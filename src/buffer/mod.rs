@@ -1017,7 +1017,7 @@ mod tests {
                 .unwrap();
             b.flush_blocking().unwrap();
         }
-        let b = Buffer::open(dir.path(), &cfg()).unwrap();
+        let b = super::model_test::open_retrying_with(dir.path(), &cfg());
         assert_eq!(b.stats().quarantined_chunks, 1);
         assert_eq!(b.take_quarantined(), (1, 0));
         assert_eq!(b.stats().records, 8);

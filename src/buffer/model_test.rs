@@ -68,11 +68,15 @@ fn uid(s: &Stored) -> u64 {
     u64::from_be_bytes(s.payload[..8].try_into().unwrap())
 }
 
+fn open_retrying(dir: &std::path::Path) -> Buffer {
+    open_retrying_with(dir, &cfg())
+}
+
 /// sled releases its file lock from a background thread shortly after the last handle
 /// is dropped; an in-process reopen waits for that (a real restart is a new process).
-fn open_retrying(dir: &std::path::Path) -> Buffer {
+pub(super) fn open_retrying_with(dir: &std::path::Path, cfg: &BufferConfig) -> Buffer {
     for _ in 0..200 {
-        match Buffer::open(dir, &cfg()) {
+        match Buffer::open(dir, cfg) {
             Ok(b) => return b,
             Err(e) if e.to_string().contains("could not acquire lock") => {
                 std::thread::sleep(std::time::Duration::from_millis(10));

@@ -315,10 +315,12 @@ fn ramp(out: &mut Vec<f64>, from: f64, to: f64, step: f64) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn cv() -> Step {
+    /// One CV scan from −0.2 V to 0.6 V and back at 100 mV/s (also used by the driver's
+    /// tests).
+    pub(crate) fn cv() -> Step {
         Step::Cv {
             e_begin: -0.2,
             e_vertex1: 0.6,
@@ -328,6 +330,7 @@ mod tests {
             n_scans: 1,
         }
     }
+
     #[test]
     fn cv_has_an_anodic_peak_near_e0_and_a_cathodic_return_peak() {
         let mut g = StepGen::new(&cv(), Cell::new(0.2));

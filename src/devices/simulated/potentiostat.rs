@@ -476,18 +476,8 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::cell::tests::cv;
     use super::*;
-
-    fn cv() -> Step {
-        Step::Cv {
-            e_begin: -0.2,
-            e_vertex1: 0.6,
-            e_vertex2: -0.2,
-            e_step: 0.005,
-            scan_rate: 0.1,
-            n_scans: 1,
-        }
-    }
 
     #[test]
     fn invalid_step_is_named() {
