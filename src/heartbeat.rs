@@ -8,12 +8,14 @@ use std::time::{Duration, Instant};
 /// A loop's sign of life: milliseconds since `epoch` at its last turn.
 #[derive(Debug)]
 pub struct Heartbeat {
+    /// The loop's name, for `/health` and the log.
     pub name: &'static str,
     epoch: Instant,
     last_ms: AtomicU64,
 }
 
 impl Heartbeat {
+    /// A heartbeat that has just beaten.
     pub fn new(name: &'static str) -> Heartbeat {
         Heartbeat {
             name,
@@ -22,11 +24,13 @@ impl Heartbeat {
         }
     }
 
+    /// The loop made a turn.
     pub fn beat(&self) {
         self.last_ms
             .store(self.epoch.elapsed().as_millis() as u64, Relaxed);
     }
 
+    /// Time since the last beat.
     pub fn age(&self) -> Duration {
         self.epoch
             .elapsed()
@@ -36,13 +40,17 @@ impl Heartbeat {
 
 /// How often loops beat; a loop silent for `STALE` is considered stuck.
 pub const BEAT_EVERY: Duration = Duration::from_secs(1);
+/// A loop silent this long is stuck.
 pub const STALE: Duration = Duration::from_secs(10);
 
 /// The agent's long-running loops.
 #[derive(Debug)]
 pub struct Beats {
+    /// The ingest stage.
     pub ingest: Heartbeat,
+    /// The forwarder (which beats only while delivery moves).
     pub forwarder: Heartbeat,
+    /// The command consumer.
     pub commands: Heartbeat,
 }
 

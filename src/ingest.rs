@@ -26,6 +26,7 @@ const BATCH: usize = 4096;
 /// Drop reports are emitted at most this often.
 const DROP_REPORT_EVERY: Duration = Duration::from_secs(1);
 
+/// Why a record was not made durable.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     #[error("ingest has shut down")]
@@ -97,22 +98,29 @@ pub fn channel(capacity: usize) -> (Ingest, IngestReceiver) {
     (Ingest { tx }, IngestReceiver { rx })
 }
 
+/// The receiving end of the ingest channel, for [`run`].
 pub struct IngestReceiver {
     rx: mpsc::Receiver<Item>,
 }
 
 /// What [`run`] needs besides its input.
 pub struct IngestStage {
+    /// Where records are made durable.
     pub buffer: Arc<Buffer>,
+    /// Stamped on every record.
     pub agent_id: String,
+    /// Group commit: at most this long between a record's append and its flush.
     pub commit_interval: Duration,
+    /// Counts records, drops and flushes.
     pub metrics: Arc<Metrics>,
+    /// Edge processing of sensor readings, run before stamping.
     pub pipeline: Pipeline,
     /// Cancelled at shutdown once the devices have stopped: ingest then stores what is
     /// queued, closes the pipeline's open windows, flushes, and sends on `drained`, so
     /// the forwarder can still deliver what the shutdown itself produced. It keeps
     /// running (for dead-letter alerts) until every handle is gone.
     pub drain: tokio_util::sync::CancellationToken,
+    /// Told when the drain above is done.
     pub drained: Option<oneshot::Sender<()>>,
 }
 

@@ -29,6 +29,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
+    /// The `reason` label of `labgate_records_dropped_total`.
     pub fn label(self) -> &'static str {
         match self {
             DropReason::BufferFullDropOldest => "buffer_full_drop_oldest",
@@ -66,6 +67,7 @@ pub enum DeviceState {
 }
 
 impl DeviceState {
+    /// The state as `/status` and `/health` write it.
     pub fn as_str(self) -> &'static str {
         match self {
             DeviceState::Starting => "starting",
@@ -132,25 +134,34 @@ pub struct MqttStats {
     pub connects: u64,
 }
 
+/// The agent's counters and gauges, shared by every stage (atomics: no stage waits on
+/// another to count), rendered by `/metrics` and read by `/status` and `/health`.
 #[derive(Default)]
 pub struct Metrics {
     /// When the agent started, for uptime.
     pub started: Option<Instant>,
+    /// Records made durable in the buffer (`labgate_records_buffered_total`).
     pub records_ingested: AtomicU64,
+    /// Records Kafka acknowledged and the buffer let go.
     pub records_delivered: AtomicU64,
     /// Unix ms of the last acknowledged record (0 = none yet).
     pub last_delivery_ms: AtomicU64,
+    /// Records lost, one counter per [`DropReason`]: every loss is counted.
     pub dropped_drop_oldest: AtomicU64,
     pub dropped_reject_new: AtomicU64,
     pub dropped_dead_letter: AtomicU64,
     pub dropped_encode_error: AtomicU64,
     pub dropped_corrupt_chunk: AtomicU64,
     pub dropped_disk_full: AtomicU64,
+    /// Failed delivery reports (retried or dead-lettered).
     pub delivery_errors: AtomicU64,
+    /// Group commits (each one a sled flush and an fdatasync).
     pub buffer_flushes: AtomicU64,
+    /// librdkafka reports at least one broker up (from its statistics).
     pub kafka_connected: AtomicBool,
     /// Unix ms of the last moment Kafka was seen connected (0 = never).
     pub kafka_last_connected_ms: AtomicU64,
+    /// Commands by the status of their result, one counter each.
     pub commands_accepted: AtomicU64,
     pub commands_completed: AtomicU64,
     pub commands_failed: AtomicU64,
@@ -161,12 +172,17 @@ pub struct Metrics {
     /// Pipeline: threshold alerts raised and cleared, aggregates sent, raw readings left
     /// out by downsampling, readings too late for their window.
     pub alerts_raised: AtomicU64,
+    /// Threshold alerts that ended (the value came back inside its band).
     pub alerts_cleared: AtomicU64,
+    /// Closed aggregate windows sent.
     pub aggregates_emitted: AtomicU64,
+    /// Raw readings left out by downsampling (their aggregates still count them).
     pub readings_downsampled: AtomicU64,
+    /// Readings that arrived after their window had closed.
     pub pipeline_late_readings: AtomicU64,
     /// The command consumer has partitions assigned (commands can arrive).
     pub commands_assigned: AtomicBool,
+    /// Per-device state and counters, by device id.
     pub devices: Mutex<BTreeMap<String, DeviceStatus>>,
     /// Signs of life of the long-running loops (for the systemd watchdog and /health).
     pub beats: crate::heartbeat::Beats,
@@ -183,6 +199,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Fresh counters, with the uptime clock started.
     pub fn new() -> Metrics {
         Metrics {
             started: Some(Instant::now()),
@@ -190,6 +207,7 @@ impl Metrics {
         }
     }
 
+    /// Counts `n` records lost for `reason`.
     pub fn count_drop(&self, reason: DropReason, n: u64) {
         let c = match reason {
             DropReason::BufferFullDropOldest => &self.dropped_drop_oldest,
@@ -219,11 +237,13 @@ impl Metrics {
             .clone()
     }
 
+    /// Counts a buffer storage failure of `kind` (enospc, eio, erofs, corruption, other).
     pub fn count_buffer_error(&self, kind: &str) {
         let mut m = self.buffer_errors.lock().unwrap_or_else(|p| p.into_inner());
         *m.entry(kind.to_string()).or_default() += 1;
     }
 
+    /// Records lost for any reason.
     pub fn dropped_total(&self) -> u64 {
         self.dropped_drop_oldest.load(Relaxed)
             + self.dropped_reject_new.load(Relaxed)
@@ -233,6 +253,7 @@ impl Metrics {
             + self.dropped_disk_full.load(Relaxed)
     }
 
+    /// Records where a device is now.
     pub fn set_device_state(&self, device: &str, state: DeviceState) {
         let mut d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
         d.entry(device.to_string()).or_default().state = state;
@@ -256,16 +277,19 @@ impl Metrics {
         }
     }
 
+    /// A line from the device that could not be parsed.
     pub fn count_bad_line(&self, device: &str) {
         let mut d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
         d.entry(device.to_string()).or_default().bad_lines += 1;
     }
 
+    /// An error reply from the device.
     pub fn count_error_reply(&self, device: &str) {
         let mut d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
         d.entry(device.to_string()).or_default().error_replies += 1;
     }
 
+    /// A payload that could not be mapped (MQTT) or a value that could not be used.
     pub fn count_malformed(&self, device: &str) {
         let mut d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
         d.entry(device.to_string()).or_default().malformed += 1;
@@ -280,11 +304,13 @@ impl Metrics {
             .get_or_insert_with(MqttStats::default));
     }
 
+    /// A poll the device did not answer in time.
     pub fn count_timeout(&self, device: &str) {
         let mut d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
         d.entry(device.to_string()).or_default().timeouts += 1;
     }
 
+    /// A copy of every device's state and counters, for `/status` and `/metrics`.
     pub fn device_snapshot(&self) -> BTreeMap<String, DeviceStatus> {
         self.devices
             .lock()

@@ -106,6 +106,7 @@ pub enum CommandStatus {
 }
 
 impl CommandStatus {
+    /// The status as the wire message writes it.
     pub fn as_str(self) -> &'static str {
         match self {
             CommandStatus::Accepted => "accepted",
@@ -240,6 +241,7 @@ pub enum TopicKind {
 }
 
 impl Body {
+    /// Which configured topic this body goes to.
     pub fn topic(&self) -> TopicKind {
         match self {
             Body::ExperimentEvent { .. } | Body::AgentEvent { .. } => TopicKind::Events,
@@ -290,13 +292,16 @@ impl Body {
 /// A record as a driver hands it to ingest.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Draft {
+    /// The device that said it (`agent` for the agent's own records).
     pub device_id: String,
     /// When it happened; ingest uses its own clock when the driver gives none.
     pub time: Option<SystemTime>,
+    /// What it says.
     pub body: Body,
 }
 
 impl Draft {
+    /// A draft stamped with the current time.
     pub fn new(device_id: impl Into<String>, body: Body) -> Draft {
         Draft {
             device_id: device_id.into(),
@@ -320,12 +325,17 @@ impl Draft {
 /// A record as the buffer keeps it: routing facts plus the finished wire payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stored {
+    /// Which configured topic it goes to.
     pub topic: TopicKind,
+    /// Its Kafka key (order is kept per key).
     pub key: String,
+    /// Its device, for per-device figures.
     pub device_id: String,
+    /// Its per-device sequence number (also in the payload).
     pub seq: u64,
     /// Unix milliseconds at ingest, for the buffer's oldest-age figure.
     pub ingested_ms: u64,
+    /// The finished wire message (JSON), sent as it is.
     #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
 }
@@ -395,12 +405,14 @@ pub fn stamp(
     })
 }
 
+/// Unix milliseconds (0 before the epoch).
 pub fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 
+/// Unix microseconds (0 before the epoch).
 pub fn unix_us(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)

@@ -81,8 +81,10 @@
 //! stats. A mutex guards the in-memory index; sled calls happen outside it except where
 //! the order of index change and write must be atomic (append).
 
+/// The `[buffer]` config section.
 pub mod config;
 mod model_test;
+/// sled and the durability point.
 pub mod store;
 
 pub use config::{BufferConfig, OverflowPolicy};
@@ -156,7 +158,9 @@ impl BufferError {
 /// Where a record sits: its chunk and its index in the chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RecordId {
+    /// The chunk's key (append order).
     pub chunk: u64,
+    /// The record's place in its chunk.
     pub index: u32,
 }
 
@@ -177,25 +181,36 @@ pub struct AppendOutcome {
 /// A record the broker refused for good, kept for a human to look at.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeadLetter {
+    /// The record as it was buffered (requeued as it is).
     pub record: Stored,
+    /// What the broker said.
     pub reason: String,
+    /// When it was dead-lettered, Unix ms.
     pub at_ms: u64,
 }
 
 /// Figures for `/status`, `/metrics` and `labgate buffer stats`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Stats {
+    /// Records waiting for Kafka.
     pub records: u64,
+    /// Their encoded (compressed) bytes, what `max_bytes` caps.
     pub bytes: u64,
+    /// sled values holding them.
     pub chunks: u64,
+    /// How long the oldest has waited.
     pub oldest_age_seconds: f64,
+    /// Records waiting, by device.
     pub per_device: BTreeMap<String, u64>,
+    /// Records the broker refused for good, kept for a person.
     pub dead_letters: u64,
     /// Encoded bytes of the dead-letter tree (counted against `max_bytes`).
     pub dead_letter_bytes: u64,
     /// Bytes of the other trees that count against `max_bytes` (command replay ids).
     pub side_bytes: u64,
+    /// Records dropped by the overflow policy that no event has reported yet.
     pub unreported_drops: u64,
+    /// What sled's files take on disk (it reclaims space lazily).
     pub disk_bytes: u64,
     /// Undecodable chunks moved aside to the `quarantine` tree.
     pub quarantined_chunks: u64,
@@ -339,7 +354,9 @@ const DISK_CHECK_EVERY: Duration = Duration::from_millis(250);
 /// A tree beside the buffer's own, in the same store: its writes become durable with the
 /// store's sync, and the bytes it keeps count against `buffer.max_bytes`.
 pub struct SideTree {
+    /// The tree itself.
     pub tree: sled::Tree,
+    /// The store, for its durability point (`Store::sync`).
     pub store: Arc<store::Store>,
     /// Bytes the owner keeps in the tree; it adds and subtracts as it writes.
     pub bytes: Arc<AtomicU64>,
@@ -896,6 +913,7 @@ impl Buffer {
         Ok(out)
     }
 
+    /// Figures for `/status`, `/metrics` and `labgate buffer stats`.
     pub fn stats(&self) -> Stats {
         let side_bytes = self.side_total();
         let (disk_free_bytes, floor) = self.disk();

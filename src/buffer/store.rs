@@ -3,7 +3,7 @@
 //! sled 0.34's own flush writes its log with `pwrite` and then calls `sync_file_range`,
 //! which starts write-back of the page range but does not flush the disk's cache or the
 //! file's metadata (its size): after a power cut, what sled called flushed can be gone.
-//! [`Store::sync`] is the agent's one durability point: sled's flush, then
+//! `Store::sync` is the agent's one durability point: sled's flush, then
 //!
 //! 1. fdatasync of every blob file sled created since the last sync (values too large for
 //!    the log live in `blobs/`), and fsync of `blobs/` when its entries changed;

@@ -1,6 +1,7 @@
 //! Kafka: the producer settings, connection state, topic creation, and the forwarder
 //! that drains the buffer. The command consumer lives in the commands module.
 
+/// Reads the buffer in order and produces.
 pub mod forwarder;
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -20,6 +21,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::record::unix_ms;
 
+/// Why a Kafka client could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaSetupError {
     #[error("kafka client: {0}")]
@@ -64,6 +66,7 @@ fn apply_passthrough(c: &mut ClientConfig, cfg: &Config) {
 /// Where delivery reports go: the producer's callback acks successes in the buffer
 /// itself and hands failures to the forwarder task.
 pub struct DeliverySink {
+    /// Acked here, from the producer's delivery callback.
     pub buffer: Arc<Buffer>,
     /// Records handed to the producer and not yet reported.
     pub in_flight: AtomicUsize,
@@ -77,6 +80,7 @@ pub struct DeliverySink {
 }
 
 impl DeliverySink {
+    /// A sink with nothing in flight.
     pub fn new(
         buffer: Arc<Buffer>,
         failures: tokio::sync::mpsc::UnboundedSender<(RecordId, KafkaError)>,
@@ -94,7 +98,9 @@ impl DeliverySink {
 /// Context of the producer: turns librdkafka statistics into the connection state and
 /// delivery reports into buffer acks.
 pub struct AgentContext {
+    /// Connection state and delivery counts go here.
     pub metrics: Arc<Metrics>,
+    /// Where delivery reports go.
     pub sink: Arc<DeliverySink>,
 }
 
@@ -179,6 +185,7 @@ pub fn pack_id(id: RecordId) -> usize {
     ((id.chunk << 16) | u64::from(id.index)) as usize
 }
 
+/// The record id a delivery opaque carries (see [`pack_id`]).
 pub fn unpack_id(v: usize) -> RecordId {
     let v = v as u64;
     RecordId {
@@ -187,6 +194,7 @@ pub fn unpack_id(v: usize) -> RecordId {
     }
 }
 
+/// The agent's producer: delivery reports on librdkafka's own thread.
 pub type Producer = ThreadedProducer<AgentContext>;
 
 /// The producer: idempotent, `acks=all`, retries forever (a record waits in the buffer
