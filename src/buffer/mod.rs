@@ -900,17 +900,11 @@ impl Buffer {
 
     /// Every dead letter, oldest first (for operators and tests).
     pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, BufferError> {
-        let mut out = Vec::new();
-        for kv in self.dead.iter() {
-            let (k, v) = kv?;
-            let dl: DeadLetter =
-                ciborium::from_reader(v.as_ref()).map_err(|e| BufferError::Corrupt {
-                    chunk: from_be(&k).unwrap_or(0),
-                    message: format!("dead letter: {e}"),
-                })?;
-            out.push(dl);
-        }
-        Ok(out)
+        Ok(self
+            .dead_letters_with_ids()?
+            .into_iter()
+            .map(|(_, d)| d)
+            .collect())
     }
 
     /// Figures for `/status`, `/metrics` and `labgate buffer stats`.

@@ -131,11 +131,6 @@ pub struct Validator {
     keys: BTreeMap<String, (VerifyingKey, Vec<CommandKind>)>,
 }
 
-/// An RFC 3339 time (the rules of [`crate::time::parse_rfc3339`]).
-fn parse_time(s: &str) -> Option<SystemTime> {
-    crate::time::parse_rfc3339(s)
-}
-
 /// A duration: a number of seconds or a humantime string (`30s`, `2m`), at most
 /// [`crate::time::MAX_DURATION`].
 fn parse_duration(v: &Value) -> Option<Duration> {
@@ -269,7 +264,7 @@ impl Validator {
         }
         let time = |k: &str| match obj.get(k) {
             None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => parse_time(s)
+            Some(Value::String(s)) => crate::time::parse_rfc3339(s)
                 .map(Some)
                 .ok_or_else(|| format!("{k} must be an RFC 3339 UTC time")),
             Some(_) => Err(format!("{k} must be an RFC 3339 UTC time")),

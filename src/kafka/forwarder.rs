@@ -309,12 +309,16 @@ impl Forwarder {
     /// may itself wait in the buffer if the alerts topic is refused too: it is not
     /// raised again). Returns whether an alert stands for the current episode.
     async fn alert_auth(&self, alerted: bool) -> bool {
-        let Some(reason) = self.metrics.auth_error() else {
+        // The flag first: this runs on every turn of the loop, the lock only in an episode.
+        if !self.metrics.kafka_auth_failing.load(Relaxed) {
             return false;
-        };
+        }
         if alerted {
             return true;
         }
+        let Some(reason) = self.metrics.auth_error() else {
+            return false;
+        };
         let alert = agent_alert(
             "kafka",
             format!("Kafka refuses this agent ({reason}); records are kept in the buffer and sent again once the credentials or ACLs are fixed"),
