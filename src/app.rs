@@ -225,7 +225,7 @@ pub async fn run(
     let (failures_tx, failures) = mpsc::unbounded_channel();
     let sink = Arc::new(kafka::DeliverySink::new(buffer.clone(), failures_tx));
     let producer = kafka::producer(
-        &cfg,
+        &cfg.kafka,
         kafka::AgentContext {
             metrics: metrics.clone(),
             sink: sink.clone(),
@@ -233,9 +233,9 @@ pub async fn run(
     )?;
     let background = CancellationToken::new();
     if cfg.kafka.create_topics {
-        let cfg = cfg.clone();
+        let kafka = cfg.kafka.clone();
         let stop = background.clone();
-        tokio::spawn(async move { create_topics_until_done(&cfg, stop).await });
+        tokio::spawn(async move { create_topics_until_done(&kafka, stop).await });
     }
     let fwd_stop = CancellationToken::new();
     let forwarder = Forwarder {
@@ -283,7 +283,14 @@ pub async fn run(
         let cfg = cfg.clone();
         let stop = cmd_stop.clone();
         Some(tokio::spawn(async move {
-            commands::run(&cfg, handler, stop).await
+            commands::run(
+                &cfg.kafka,
+                &cfg.consumer_group(),
+                &cfg.commands,
+                handler,
+                stop,
+            )
+            .await
         }))
     } else {
         drop(router);
@@ -590,7 +597,7 @@ fn as_json<T: serde::Serialize>(v: &T) -> serde_json::Value {
     serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
 }
 
-async fn create_topics_until_done(cfg: &Config, stop: CancellationToken) {
+async fn create_topics_until_done(cfg: &kafka::KafkaConfig, stop: CancellationToken) {
     let mut backoff = devices::Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
     loop {
         let wait = backoff.step();

@@ -2,8 +2,6 @@
 //! variables, unknown keys rejected, every value validated. Errors name the key so that
 //! `labgate check` can tell a user exactly what to fix (and exit 64).
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -11,6 +9,8 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::buffer::{BufferConfig, OverflowPolicy};
 use crate::devices::DeviceConfig;
+pub use crate::http::HttpConfig;
+pub use crate::kafka::config::{KafkaConfig, SaslMechanism, SecurityProtocol, Topics};
 
 /// Why a configuration could not be used. Every variant names the offending key.
 #[derive(Debug, thiserror::Error)]
@@ -69,237 +69,6 @@ pub struct AgentConfig {
 
 fn default_grace() -> Duration {
     Duration::from_secs(10)
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaConfig {
-    /// Comma-separated host:port list.
-    pub bootstrap_servers: String,
-    #[serde(default = "default_client_id")]
-    pub client_id: String,
-    #[serde(default)]
-    pub topics: Topics,
-    /// Consumer group of the command consumer; one per agent so every agent sees every
-    /// command. Defaults to `labgate-<agent_id>`.
-    #[serde(default)]
-    pub consumer_group: Option<String>,
-    /// Consume commands at all.
-    #[serde(default = "yes")]
-    pub commands_enabled: bool,
-    /// Where a new consumer group starts: `latest` (default) or `earliest`.
-    #[serde(default = "default_offset_reset")]
-    pub commands_offset_reset: String,
-    #[serde(default)]
-    pub security_protocol: SecurityProtocol,
-    #[serde(default)]
-    pub sasl_mechanism: Option<SaslMechanism>,
-    #[serde(default)]
-    pub sasl_username: Option<String>,
-    /// Inline password; prefer `sasl_password_file` or `sasl_password_env`. Never
-    /// printed (`***`).
-    #[serde(default)]
-    pub sasl_password: Option<crate::secret::Secret>,
-    #[serde(default)]
-    pub sasl_password_file: Option<PathBuf>,
-    /// Name of an environment variable holding the password.
-    #[serde(default)]
-    pub sasl_password_env: Option<String>,
-    /// Producer compression codec.
-    #[serde(default = "default_compression")]
-    pub compression: String,
-    /// Create missing topics at start (brokers such as tansu do not auto-create).
-    #[serde(default)]
-    pub create_topics: bool,
-    #[serde(default = "one_i32")]
-    pub topic_partitions: i32,
-    #[serde(default = "one_i32")]
-    pub replication_factor: i32,
-    /// Records handed to the producer and not yet acknowledged, at most.
-    #[serde(default = "default_in_flight")]
-    pub max_in_flight: usize,
-    /// Any other librdkafka property, passed through unchanged (applied last).
-    #[serde(default)]
-    pub properties: BTreeMap<String, String>,
-}
-
-fn default_client_id() -> String {
-    "labgate".into()
-}
-fn default_offset_reset() -> String {
-    "latest".into()
-}
-fn default_compression() -> String {
-    "lz4".into()
-}
-fn one_i32() -> i32 {
-    1
-}
-fn yes() -> bool {
-    true
-}
-fn default_in_flight() -> usize {
-    8_000
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Topics {
-    #[serde(default = "t_events")]
-    pub events: String,
-    #[serde(default = "t_data")]
-    pub data: String,
-    #[serde(default = "t_sensors")]
-    pub sensors: String,
-    #[serde(default = "t_alerts")]
-    pub alerts: String,
-    #[serde(default = "t_commands")]
-    pub commands: String,
-    #[serde(default = "t_results")]
-    pub command_results: String,
-    /// Windowed sensor aggregates (`[pipeline.aggregates]`).
-    #[serde(default = "t_aggregates")]
-    pub aggregates: String,
-}
-
-fn t_events() -> String {
-    "echem_events".into()
-}
-fn t_data() -> String {
-    "echem_data".into()
-}
-fn t_sensors() -> String {
-    "sensor_events".into()
-}
-fn t_alerts() -> String {
-    "alerts".into()
-}
-fn t_commands() -> String {
-    "echem_commands".into()
-}
-fn t_results() -> String {
-    "echem_command_results".into()
-}
-fn t_aggregates() -> String {
-    "sensor_aggregates".into()
-}
-
-impl Default for Topics {
-    fn default() -> Self {
-        Topics {
-            events: t_events(),
-            data: t_data(),
-            sensors: t_sensors(),
-            alerts: t_alerts(),
-            commands: t_commands(),
-            command_results: t_results(),
-            aggregates: t_aggregates(),
-        }
-    }
-}
-
-impl Topics {
-    /// All topic names, for creation and validation.
-    pub fn all(&self) -> [(&'static str, &str); 7] {
-        [
-            ("events", &self.events),
-            ("data", &self.data),
-            ("sensors", &self.sensors),
-            ("alerts", &self.alerts),
-            ("commands", &self.commands),
-            ("command_results", &self.command_results),
-            ("aggregates", &self.aggregates),
-        ]
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SecurityProtocol {
-    #[default]
-    Plaintext,
-    Ssl,
-    SaslPlaintext,
-    SaslSsl,
-}
-
-impl SecurityProtocol {
-    pub fn as_librdkafka(self) -> &'static str {
-        match self {
-            SecurityProtocol::Plaintext => "plaintext",
-            SecurityProtocol::Ssl => "ssl",
-            SecurityProtocol::SaslPlaintext => "sasl_plaintext",
-            SecurityProtocol::SaslSsl => "sasl_ssl",
-        }
-    }
-    fn uses_sasl(self) -> bool {
-        matches!(
-            self,
-            SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
-        )
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum SaslMechanism {
-    #[serde(rename = "PLAIN")]
-    Plain,
-    #[serde(rename = "SCRAM-SHA-256")]
-    ScramSha256,
-    #[serde(rename = "SCRAM-SHA-512")]
-    ScramSha512,
-}
-
-impl SaslMechanism {
-    pub fn as_librdkafka(self) -> &'static str {
-        match self {
-            SaslMechanism::Plain => "PLAIN",
-            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
-            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpConfig {
-    /// Address of /health, /metrics and /status; empty string disables the server.
-    #[serde(default = "default_listen")]
-    pub listen: String,
-    /// /health reports Kafka unreachable once it has been for this long.
-    #[serde(
-        default = "default_unhealthy_after",
-        with = "crate::time::serde_duration"
-    )]
-    pub kafka_unhealthy_after: Duration,
-}
-
-fn default_unhealthy_after() -> Duration {
-    Duration::from_secs(30)
-}
-
-fn default_listen() -> String {
-    "127.0.0.1:9464".into()
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        HttpConfig {
-            listen: default_listen(),
-            kafka_unhealthy_after: default_unhealthy_after(),
-        }
-    }
-}
-
-impl HttpConfig {
-    /// The parsed listen address, or None when disabled. Validated by `Config::validate`.
-    pub fn addr(&self) -> Option<SocketAddr> {
-        if self.listen.is_empty() {
-            None
-        } else {
-            self.listen.parse().ok()
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -377,95 +146,9 @@ impl Config {
         if a.data_dir.as_os_str().is_empty() {
             return Err(invalid("agent.data_dir", "must not be empty"));
         }
-        let k = &self.kafka;
-        if k.bootstrap_servers.trim().is_empty()
-            || k.bootstrap_servers
-                .split(',')
-                .any(|s| !s.trim().contains(':'))
-        {
-            return Err(invalid(
-                "kafka.bootstrap_servers",
-                "must be a comma-separated list of host:port",
-            ));
-        }
-        if k.client_id.is_empty() {
-            return Err(invalid("kafka.client_id", "must not be empty"));
-        }
-        for (name, topic) in k.topics.all() {
-            if topic.is_empty()
-                || topic.len() > 249
-                || !topic
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-            {
-                return Err(invalid(
-                    format!("kafka.topics.{name}"),
-                    "must be 1-249 characters of letters, digits, '.', '_' or '-'",
-                ));
-            }
-        }
-        if !matches!(k.commands_offset_reset.as_str(), "latest" | "earliest") {
-            return Err(invalid(
-                "kafka.commands_offset_reset",
-                "must be \"latest\" or \"earliest\"",
-            ));
-        }
-        if !matches!(
-            k.compression.as_str(),
-            "none" | "gzip" | "snappy" | "lz4" | "zstd"
-        ) {
-            return Err(invalid(
-                "kafka.compression",
-                "must be one of none, gzip, snappy, lz4, zstd",
-            ));
-        }
-        if k.topic_partitions < 1 {
-            return Err(invalid("kafka.topic_partitions", "must be at least 1"));
-        }
-        if k.replication_factor < 1 {
-            return Err(invalid("kafka.replication_factor", "must be at least 1"));
-        }
-        if k.max_in_flight == 0 || k.max_in_flight > 1_000_000 {
-            return Err(invalid("kafka.max_in_flight", "must be 1..=1000000"));
-        }
-        if k.security_protocol.uses_sasl() {
-            if k.sasl_mechanism.is_none() {
-                return Err(invalid(
-                    "kafka.sasl_mechanism",
-                    "is required when security_protocol uses SASL",
-                ));
-            }
-            if k.sasl_username.as_deref().unwrap_or("").is_empty() {
-                return Err(invalid(
-                    "kafka.sasl_username",
-                    "is required when security_protocol uses SASL",
-                ));
-            }
-            let sources = [
-                k.sasl_password.is_some(),
-                k.sasl_password_file.is_some(),
-                k.sasl_password_env.is_some(),
-            ];
-            if sources.iter().filter(|s| **s).count() != 1 {
-                return Err(invalid(
-                    "kafka.sasl_password",
-                    "exactly one of sasl_password, sasl_password_file, sasl_password_env is required with SASL",
-                ));
-            }
-            self.sasl_password()?;
-        }
-        for key in k.properties.keys() {
-            if key.is_empty()
-                || !key
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_')
-            {
-                return Err(invalid(
-                    format!("kafka.properties.{key}"),
-                    "is not a librdkafka property name",
-                ));
-            }
-        }
+        self.kafka
+            .validate()
+            .map_err(|(key, msg)| invalid(format!("kafka.{key}"), msg))?;
         let b = &self.buffer;
         if b.max_bytes < 64 * 1024 {
             return Err(invalid("buffer.max_bytes", "must be at least 65536"));
@@ -482,12 +165,9 @@ impl Config {
         if b.records_per_chunk == 0 || b.records_per_chunk > 4096 {
             return Err(invalid("buffer.records_per_chunk", "must be 1..=4096"));
         }
-        if !self.http.listen.is_empty() && self.http.listen.parse::<SocketAddr>().is_err() {
-            return Err(invalid(
-                "http.listen",
-                "must be an address such as 127.0.0.1:9464, or empty to disable",
-            ));
-        }
+        self.http
+            .validate()
+            .map_err(|(key, msg)| invalid(format!("http.{key}"), msg))?;
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(invalid(
                 "log.level",
@@ -521,25 +201,9 @@ impl Config {
         Ok(())
     }
 
-    /// The SASL password from whichever source is configured.
-    pub fn sasl_password(&self) -> Result<Option<crate::secret::Secret>, ConfigError> {
-        let k = &self.kafka;
-        crate::secret::Sources {
-            key: "sasl_password",
-            inline: k.sasl_password.as_ref(),
-            file: k.sasl_password_file.as_deref(),
-            env: k.sasl_password_env.as_deref(),
-        }
-        .read()
-        .map_err(|(key, m)| invalid(format!("kafka.{key}"), m))
-    }
-
     /// The consumer group of the command consumer.
     pub fn consumer_group(&self) -> String {
-        self.kafka
-            .consumer_group
-            .clone()
-            .unwrap_or_else(|| format!("labgate-{}", self.agent.agent_id))
+        self.kafka.consumer_group(&self.agent.agent_id)
     }
 
     /// The effective config as TOML with every secret replaced by "***".

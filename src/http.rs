@@ -4,10 +4,12 @@
 //! read up to a small limit with a timeout, answered within a timeout, and the
 //! connection closed; at most [`MAX_CONNECTIONS`] are served at once.
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -246,4 +248,59 @@ pub async fn get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Ok((code, body))
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of /health, /metrics and /status; empty string disables the server.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// /health reports Kafka unreachable once it has been for this long.
+    #[serde(
+        default = "default_unhealthy_after",
+        with = "crate::time::serde_duration"
+    )]
+    pub kafka_unhealthy_after: Duration,
+}
+
+fn default_unhealthy_after() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:9464".into()
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: default_listen(),
+            kafka_unhealthy_after: default_unhealthy_after(),
+        }
+    }
+}
+
+impl HttpConfig {
+    /// The parsed listen address, or None when disabled. Validated by `Config::validate`.
+    pub fn addr(&self) -> Option<SocketAddr> {
+        if self.listen.is_empty() {
+            None
+        } else {
+            self.listen.parse().ok()
+        }
+    }
+}
+
+impl HttpConfig {
+    /// Checks the listen address; the key is relative to `[http]`.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if !self.listen.is_empty() && self.listen.parse::<SocketAddr>().is_err() {
+            return Err((
+                "listen".into(),
+                "must be an address such as 127.0.0.1:9464, or empty to disable".into(),
+            ));
+        }
+        Ok(())
+    }
 }

@@ -255,7 +255,7 @@ const CASES: u64 = 1_000_000;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_million_extreme_messages_pass_through_ingest_and_stamp_without_a_panic() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let cfg = crate::config::BufferConfig {
+    let cfg = crate::buffer::BufferConfig {
         max_bytes: 1 << 30,
         min_free_bytes: Some(0),
         ..Default::default()

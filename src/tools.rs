@@ -58,7 +58,7 @@ impl Brokers {
         match (&self.config, &self.brokers) {
             (Some(path), _) => {
                 let cfg = Config::load(path)?;
-                let mut c = crate::kafka::base_config(&cfg)?;
+                let mut c = crate::kafka::base_config(&cfg.kafka)?;
                 for (k, v) in &cfg.kafka.properties {
                     c.set(k, v);
                 }

@@ -11,8 +11,9 @@ use rdkafka::message::Message;
 use rdkafka::ClientContext;
 use tokio_util::sync::CancellationToken;
 
+use super::policy::CommandsConfig;
 use super::{lease, CommandError, Handler, Meta};
-use crate::config::Config;
+use crate::kafka::KafkaConfig;
 use crate::metrics::Metrics;
 
 /// Assigns the command topic's partitions with concrete positions, so `/status` can say
@@ -106,21 +107,21 @@ impl Contact {
 
 /// Consumes the command topic until shutdown.
 pub async fn run(
-    cfg: &Config,
+    kafka: &KafkaConfig,
+    group: &str,
+    policy: &CommandsConfig,
     handler: Handler,
     shutdown: CancellationToken,
 ) -> Result<(), CommandError> {
     let handler = Arc::new(handler);
     let consumer: Arc<StreamConsumer<CommandContext>> = Arc::new(
-        crate::kafka::consumer_config(cfg, &cfg.consumer_group())?.create_with_context(
-            CommandContext {
-                metrics: handler.metrics.clone(),
-                earliest: cfg.kafka.commands_offset_reset == "earliest",
-            },
-        )?,
+        crate::kafka::consumer_config(kafka, group)?.create_with_context(CommandContext {
+            metrics: handler.metrics.clone(),
+            earliest: kafka.commands_offset_reset == "earliest",
+        })?,
     );
-    consumer.subscribe(&[cfg.kafka.topics.commands.as_str()])?;
-    tracing::info!(topic = %cfg.kafka.topics.commands, group = %cfg.consumer_group(), "consuming commands");
+    consumer.subscribe(&[kafka.topics.commands.as_str()])?;
+    tracing::info!(topic = %kafka.topics.commands, group = %group, "consuming commands");
 
     match handler.replay.purge(SystemTime::now()) {
         Ok(n) => tracing::debug!(purged = n, kept = handler.replay.len(), "replay store"),
@@ -132,8 +133,8 @@ pub async fn run(
     });
     let lease_stop = shutdown.child_token();
     let lease_task = tokio::spawn(lease::watch(
-        cfg.commands.clone(),
-        cfg.kafka.topics.commands.clone(),
+        policy.clone(),
+        kafka.topics.commands.clone(),
         consumer.clone(),
         contact.clone(),
         handler.clone(),

@@ -314,19 +314,17 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
     let mut backoff = crate::devices::Backoff::default();
     let mut running = true;
     'connect: loop {
-        let path = crate::devices::serial::resolve(cfg.port.as_deref(), cfg.usb.as_ref());
-        let stream = path.clone().and_then(|p| open(&p, &frame));
-        let stream = match stream {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(device = %ctx.id, error = %e, "modbus bus not reachable; retrying");
-                if !ctx.wait_unreachable(backoff.step(), &e).await {
-                    return Ok(());
-                }
-                continue;
-            }
+        let Some((path, stream)) = crate::devices::serial::reconnect(
+            ctx,
+            cfg.port.as_deref(),
+            cfg.usb.as_ref(),
+            &mut backoff,
+            |p| open(p, &frame),
+        )
+        .await
+        else {
+            return Ok(());
         };
-        backoff.reset();
         let mut bus = tokio_modbus::client::rtu::attach_slave(stream, Slave(1));
         ctx.set_state(if running {
             crate::metrics::DeviceState::Running
@@ -336,7 +334,7 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
         ctx.device_event(
             "device_connected",
             object([
-                ("port", path.unwrap_or_default().into()),
+                ("port", path.into()),
                 ("profile", profile.name.clone().into()),
             ]),
         )

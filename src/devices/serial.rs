@@ -223,36 +223,24 @@ pub struct Link {
 }
 
 /// Opens the instrument's port, retrying with `backoff` (and answering commands with the
-/// reason meanwhile) until it opens; None when the agent shuts down first.
-pub async fn connect(
+/// reason meanwhile) until it opens; None when the agent shuts down first. Every serial
+/// driver reconnects through here; `open` is how that driver opens a resolved path.
+pub async fn reconnect<T>(
     ctx: &mut DeviceCtx,
     port: Option<&str>,
     usb: Option<&UsbId>,
-    frame: &Frame,
     backoff: &mut Backoff,
-) -> Option<Link> {
+    mut open: impl FnMut(&str) -> Result<T, String>,
+) -> Option<(String, T)> {
     let mut announced = false;
     loop {
         if ctx.shutdown.is_cancelled() {
             return None;
         }
-        let opened = resolve(port, usb).and_then(|path| {
-            let writer = open(&path, frame)?;
-            let reader = writer
-                .try_clone_native()
-                .map_err(|e| format!("{path}: cannot clone the port handle: {e}"))?;
-            Ok((path, writer, reader))
-        });
-        match opened {
-            Ok((path, writer, reader)) => {
+        match resolve(port, usb).and_then(|path| open(&path).map(|t| (path, t))) {
+            Ok(opened) => {
                 backoff.reset();
-                let (tx, lines) = mpsc::channel(1024);
-                spawn_reader(reader, tx);
-                return Some(Link {
-                    path,
-                    writer,
-                    lines,
-                });
+                return Some(opened);
             }
             Err(e) => {
                 if !announced {
@@ -265,4 +253,30 @@ pub async fn connect(
             }
         }
     }
+}
+
+/// [`reconnect`] for the line-oriented drivers: the port opened with `frame`, its read
+/// half on a reader thread.
+pub async fn connect(
+    ctx: &mut DeviceCtx,
+    port: Option<&str>,
+    usb: Option<&UsbId>,
+    frame: &Frame,
+    backoff: &mut Backoff,
+) -> Option<Link> {
+    let (path, (writer, reader)) = reconnect(ctx, port, usb, backoff, |path| {
+        let writer = open(path, frame)?;
+        let reader = writer
+            .try_clone_native()
+            .map_err(|e| format!("{path}: cannot clone the port handle: {e}"))?;
+        Ok((writer, reader))
+    })
+    .await?;
+    let (tx, lines) = mpsc::channel(1024);
+    spawn_reader(reader, tx);
+    Some(Link {
+        path,
+        writer,
+        lines,
+    })
 }

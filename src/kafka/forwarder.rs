@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{pack_id, DeliverySink, Producer};
 use crate::buffer::{Buffer, BufferError, RecordId};
-use crate::config::Topics;
+use crate::kafka::config::Topics;
 use crate::ingest::Ingest;
 use crate::metrics::{DropReason, Metrics};
 use crate::record::{Body, Draft, Priority, Stored, TopicKind, AGENT_DEVICE, SCHEMA_VERSION};

@@ -1,6 +1,8 @@
 //! Kafka: the producer settings, connection state, topic creation, and the forwarder
 //! that drains the buffer. The command consumer lives in the commands module.
 
+/// The `[kafka]` section.
+pub mod config;
 /// Reads the buffer in order and produces.
 pub mod forwarder;
 
@@ -17,9 +19,9 @@ use rdkafka::producer::{ProducerContext, ThreadedProducer};
 use rdkafka::statistics::Statistics;
 
 use crate::buffer::{Buffer, RecordId};
-use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::record::unix_ms;
+pub use config::KafkaConfig;
 
 /// Why a Kafka client could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -36,8 +38,7 @@ pub enum KafkaSetupError {
 }
 
 /// Settings shared by every client: brokers, identity, security, passthrough.
-pub fn base_config(cfg: &Config) -> Result<ClientConfig, KafkaSetupError> {
-    let k = &cfg.kafka;
+pub fn base_config(k: &KafkaConfig) -> Result<ClientConfig, KafkaSetupError> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &k.bootstrap_servers)
         .set("client.id", &k.client_id)
@@ -48,17 +49,17 @@ pub fn base_config(cfg: &Config) -> Result<ClientConfig, KafkaSetupError> {
     if let Some(u) = &k.sasl_username {
         c.set("sasl.username", u);
     }
-    if let Some(p) = cfg
+    if let Some(p) = k
         .sasl_password()
-        .map_err(|e| KafkaSetupError::Config(e.to_string()))?
+        .map_err(|(key, m)| KafkaSetupError::Config(format!("kafka.{key}: {m}")))?
     {
         c.set("sasl.password", p.expose());
     }
     Ok(c)
 }
 
-fn apply_passthrough(c: &mut ClientConfig, cfg: &Config) {
-    for (key, value) in &cfg.kafka.properties {
+fn apply_passthrough(c: &mut ClientConfig, k: &KafkaConfig) {
+    for (key, value) in &k.properties {
         c.set(key, value);
     }
 }
@@ -200,56 +201,55 @@ pub type Producer = ThreadedProducer<AgentContext>;
 /// The producer: idempotent, `acks=all`, retries forever (a record waits in the buffer
 /// and in librdkafka rather than being given up), statistics every second for the
 /// connection state. Passthrough properties are applied last and win.
-pub fn producer(cfg: &Config, ctx: AgentContext) -> Result<Producer, KafkaSetupError> {
-    let mut c = base_config(cfg)?;
+pub fn producer(k: &KafkaConfig, ctx: AgentContext) -> Result<Producer, KafkaSetupError> {
+    let mut c = base_config(k)?;
     c.set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("compression.codec", &cfg.kafka.compression)
+        .set("compression.codec", &k.compression)
         .set("message.timeout.ms", "0")
         .set("linger.ms", "5")
         .set("batch.num.messages", "10000")
         .set(
             "queue.buffering.max.messages",
-            (cfg.kafka.max_in_flight * 2).to_string(),
+            (k.max_in_flight * 2).to_string(),
         )
         .set("statistics.interval.ms", "1000")
         .set("reconnect.backoff.ms", "100")
         .set("reconnect.backoff.max.ms", "2000");
-    apply_passthrough(&mut c, cfg);
+    apply_passthrough(&mut c, k);
     Ok(c.create_with_context(ctx)?)
 }
 
 /// Consumer settings for the command topic and the `tail` tool.
-pub fn consumer_config(cfg: &Config, group: &str) -> Result<ClientConfig, KafkaSetupError> {
-    let mut c = base_config(cfg)?;
+pub fn consumer_config(k: &KafkaConfig, group: &str) -> Result<ClientConfig, KafkaSetupError> {
+    let mut c = base_config(k)?;
     c.set("group.id", group)
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", &cfg.kafka.commands_offset_reset)
+        .set("auto.offset.reset", &k.commands_offset_reset)
         .set("session.timeout.ms", "10000")
         // Commands must arrive fast; some brokers (tansu) hold an empty fetch for the
         // whole wait, and librdkafka's default of 500 ms would be the command latency.
         .set("fetch.wait.max.ms", "10")
         .set("topic.metadata.refresh.interval.ms", "5000");
-    apply_passthrough(&mut c, cfg);
+    apply_passthrough(&mut c, k);
     Ok(c)
 }
 
 /// Creates every configured topic that does not exist yet.
-pub async fn create_topics(cfg: &Config) -> Result<(), KafkaSetupError> {
-    let mut c = base_config(cfg)?;
-    apply_passthrough(&mut c, cfg);
+pub async fn create_topics(k: &KafkaConfig) -> Result<(), KafkaSetupError> {
+    let mut c = base_config(k)?;
+    apply_passthrough(&mut c, k);
     let admin: AdminClient<_> = c.create()?;
-    let topics: Vec<NewTopic<'_>> = cfg
-        .kafka
+    let topics: Vec<NewTopic<'_>> = k
         .topics
         .all()
         .iter()
         .map(|(_, name)| {
             NewTopic::new(
                 name,
-                cfg.kafka.topic_partitions,
-                TopicReplication::Fixed(cfg.kafka.replication_factor),
+                k.topic_partitions,
+                TopicReplication::Fixed(k.replication_factor),
             )
         })
         .collect();
