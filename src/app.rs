@@ -35,26 +35,37 @@ use crate::metrics::Metrics;
 const INGEST_QUEUE: usize = 8_192;
 
 #[derive(Debug, thiserror::Error)]
+/// Why the agent stopped; each maps to the exit code systemd and the operator see.
 pub enum AgentError {
     #[error("data_dir {path}: {source}")]
+    /// The data directory cannot be created or used.
     DataDir {
+        /// The directory, as configured.
         path: String,
+        /// What the OS said.
         source: std::io::Error,
     },
     #[error(transparent)]
+    /// The buffer could not be opened or failed while running.
     Buffer(#[from] BufferError),
     #[error(transparent)]
+    /// A Kafka client could not be built from the config.
     Kafka(#[from] kafka::KafkaSetupError),
     #[error("http.listen {addr}: {source}")]
+    /// The HTTP listener cannot bind.
     Http {
+        /// The address it tried.
         addr: String,
+        /// What the OS said.
         source: std::io::Error,
     },
     /// A long-running stage ended or panicked while the agent was running: the agent
     /// exits so that systemd starts it again on what is on disk.
     #[error("{stage} stopped: {cause}")]
     Stage {
+        /// Which stage: `ingest`, `forwarder`, `commands`, `http` …
         stage: &'static str,
+        /// Its error or panic message.
         cause: String,
         /// A buffer storage failure (disk full, I/O error, read-only).
         disk: bool,

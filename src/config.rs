@@ -16,9 +16,16 @@ pub use crate::kafka::config::{KafkaConfig, SaslMechanism, SecurityProtocol, Top
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config: {0}")]
+    /// The file cannot be read or parsed at all.
     Load(String),
     #[error("{key}: {message}")]
-    Invalid { key: String, message: String },
+    /// A key has a value that cannot be used; `key` is its full dotted path.
+    Invalid {
+        /// The full dotted key (`kafka.bootstrap_servers`, `devices[2].port`).
+        key: String,
+        /// What is wrong and what would be right.
+        message: String,
+    },
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -30,6 +37,7 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// The whole configuration file, one field per section.
 pub struct Config {
     /// Who this agent is and where it keeps its state.
     pub agent: AgentConfig,
@@ -57,6 +65,7 @@ pub struct Config {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// The `[agent]` section.
 pub struct AgentConfig {
     /// Stamped on every record and used to address commands to this agent.
     pub agent_id: String,
@@ -73,16 +82,21 @@ fn default_grace() -> Duration {
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+/// How log lines are written.
 pub enum LogFormat {
     #[default]
+    /// Human-readable lines (ANSI colours only on a terminal).
     Text,
+    /// One JSON object per line, for journald or a log shipper.
     Json,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// The `[log]` section.
 pub struct LogConfig {
     #[serde(default)]
+    /// Text or JSON lines.
     pub format: LogFormat,
     /// A tracing filter such as `info` or `labgate=debug,rdkafka=warn`.
     #[serde(default = "default_level")]

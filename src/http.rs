@@ -22,9 +22,13 @@ use crate::record::unix_ms;
 /// Buffer fill above this makes `/health` 503.
 pub const BUFFER_UNHEALTHY_FILL: f64 = 0.9;
 
+/// What the HTTP endpoints read: counters, the buffer, and when to call Kafka unhealthy.
 pub struct HttpState {
+    /// Shown on `/status`.
     pub agent_id: String,
+    /// Counters and device states.
     pub metrics: Arc<Metrics>,
+    /// Records, bytes and oldest age for `/status` and `/health`.
     pub buffer: Arc<Buffer>,
     /// Kafka down this long makes /health unhealthy.
     pub kafka_unhealthy_after: Duration,
@@ -90,6 +94,7 @@ impl HttpState {
         out
     }
 
+    /// The `/status` document: agent, devices, buffer, Kafka, commands.
     pub fn status(&self) -> serde_json::Value {
         let m = &self.metrics;
         json!({
@@ -252,6 +257,7 @@ pub async fn get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// The `[http]` section.
 pub struct HttpConfig {
     /// Address of /health, /metrics and /status; empty string disables the server.
     #[serde(default = "default_listen")]

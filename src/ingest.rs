@@ -30,10 +30,13 @@ const DROP_REPORT_EVERY: Duration = Duration::from_secs(1);
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     #[error("ingest has shut down")]
+    /// The ingest stage has stopped (the agent is shutting down).
     Closed,
     #[error("buffer is full; record rejected (overflow policy reject_new)")]
+    /// The buffer is full and the overflow policy refuses new records.
     Rejected,
     #[error("buffer write failed: {0}")]
+    /// The buffer failed to store the record (the agent stops).
     Buffer(String),
 }
 

@@ -8,19 +8,20 @@
 //! `ARCHITECTURE.md` has the path of a record and of a command, the rules that hold
 //! everywhere, and how to add a device kind. Modules:
 //!
-//! - [`config`]: typed config (TOML + `LABGATE__…` env), validation naming the key.
+//! - [`config`]: assembles the sections each component owns (TOML + `LABGATE__…` env)
+//!   and names the full key of any error.
 //! - [`time`]: times and durations from outside, range-checked (1970…9999, ≤ 100 years).
 //! - [`secret`]: passwords and tokens that print as `***`; one reader for their sources.
 //! - [`record`]: record bodies, the envelope, JSON wire encoding, the stored form.
 //! - [`buffer`]: the sled outbox (chunks, group commit, the fdatasync durability point in
 //!   [`buffer::store`], seq persistence, caps, quarantine, dead letters, stats).
 //! - [`ingest`]: the one place records are stamped and group-committed.
-//! - [`kafka`]: producer settings, topic creation, the forwarder.
+//! - [`kafka`]: the `[kafka]` section, producer settings, topic creation, the forwarder.
 //! - [`pipeline`]: edge processing of sensor readings (threshold alerts, aggregates,
 //!   downsampling), run by ingest.
 //! - [`commands`]: command validation, signatures, replay store, lease, routing, results.
 //! - [`devices`]: device configs, the supervisor, the drivers, [`metrics::DeviceState`].
-//! - [`http`]: `/health`, `/metrics`, `/status`.
+//! - [`http`]: the `[http]` section; `/health`, `/metrics`, `/status`.
 //! - [`metrics`]: shared counters and their Prometheus rendering.
 //! - [`heartbeat`]: signs of life of the long-running loops.
 //! - [`systemd`]: `sd_notify` and the watchdog, without libsystemd.
@@ -30,6 +31,7 @@
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
+#![warn(missing_docs)]
 
 pub mod app;
 pub mod buffer;

@@ -148,10 +148,15 @@ pub struct Metrics {
     pub last_delivery_ms: AtomicU64,
     /// Records lost, one counter per [`DropReason`]: every loss is counted.
     pub dropped_drop_oldest: AtomicU64,
+    /// Refused because the buffer was full under `reject_new`.
     pub dropped_reject_new: AtomicU64,
+    /// Given up after delivery failed permanently (kept in the dead-letter tree).
     pub dropped_dead_letter: AtomicU64,
+    /// Could not be encoded (a bug).
     pub dropped_encode_error: AtomicU64,
+    /// In a chunk that did not decode (quarantined).
     pub dropped_corrupt_chunk: AtomicU64,
+    /// Refused because free disk space fell below the floor.
     pub dropped_disk_full: AtomicU64,
     /// Failed delivery reports (retried or dead-lettered).
     pub delivery_errors: AtomicU64,
@@ -163,11 +168,17 @@ pub struct Metrics {
     pub kafka_last_connected_ms: AtomicU64,
     /// Commands by the status of their result, one counter each.
     pub commands_accepted: AtomicU64,
+    /// Results `completed`.
     pub commands_completed: AtomicU64,
+    /// Results `failed`.
     pub commands_failed: AtomicU64,
+    /// Results `rejected` (validation).
     pub commands_rejected: AtomicU64,
+    /// Results `duplicate` (replayed ids).
     pub commands_duplicate: AtomicU64,
+    /// Results `timeout`.
     pub commands_timeout: AtomicU64,
+    /// Commands for other agents, skipped.
     pub commands_ignored: AtomicU64,
     /// Pipeline: threshold alerts raised and cleared, aggregates sent, raw readings left
     /// out by downsampling, readings too late for their window.

@@ -95,9 +95,13 @@ fn is_zero(v: &u8) -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CommandStatus {
+    /// Validated and handed to the device.
     Accepted,
+    /// The device did it.
     Completed,
+    /// The device could not do it.
     Failed,
+    /// Refused by validation; never reached a device.
     Rejected,
     /// A command id seen before: not executed again.
     Duplicate,
@@ -123,9 +127,13 @@ impl CommandStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Priority {
+    /// Informational.
     Low,
+    /// Worth a look.
     Normal,
+    /// Needs attention soon.
     High,
+    /// Needs attention now.
     Critical,
 }
 
@@ -133,7 +141,9 @@ pub enum Priority {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AlertState {
+    /// Raised and not yet over.
     Active,
+    /// Back inside its band.
     Cleared,
 }
 
@@ -143,56 +153,87 @@ pub enum AlertState {
 pub enum Body {
     /// Lifecycle of an experiment (started, step_completed, paused, stopped, …).
     ExperimentEvent {
+        /// What happened (`experiment_started`, `scan_completed` …).
         event: String,
+        /// The run it belongs to.
         experiment_id: String,
+        /// Event details (technique, parameters, reason …).
         data: serde_json::Map<String, serde_json::Value>,
     },
     /// A chunk of measured points.
     EchemData {
+        /// `CV`, `CA`, `LSV` …
         technique: String,
+        /// The run the points belong to.
         experiment_id: String,
+        /// Which step of the run, from 0.
         step_index: u32,
+        /// The points, in measurement order.
         points: Vec<Point>,
     },
     /// One sensor value.
     SensorReading {
+        /// Which sensor.
         sensor_id: String,
+        /// What it measures (`temperature`, `mass` …).
         sensor_type: String,
+        /// The value, finite.
         value: f64,
+        /// Its unit.
         unit: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
+        /// Where the sensor is.
         location: Option<String>,
+        /// What else the source said.
         metadata: BTreeMap<String, serde_json::Value>,
     },
     /// Something that needs a human (threshold crossed, records dead-lettered …).
     Alert {
+        /// Stable id; a cleared alert repeats the raised one's.
         alert_id: String,
+        /// The sensor it concerns (the device or `agent` for agent alerts).
         sensor_id: String,
+        /// The sensor's type.
         sensor_type: String,
+        /// How urgent.
         priority: Priority,
+        /// What a person should know.
         message: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
+        /// The value that caused it.
         value: Option<f64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
+        /// The threshold crossed.
         threshold: Option<f64>,
+        /// Always false when sent; consumers acknowledge downstream.
         acknowledged: bool,
         /// Threshold alerts: `active` when raised, `cleared` (same `alert_id`) when the
         /// value is back inside its band.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         state: Option<AlertState>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
+        /// The value's unit.
         unit: Option<String>,
     },
     /// One closed tumbling window of a sensor's readings.
     SensorAggregate {
+        /// Which sensor.
         sensor_id: String,
+        /// What it measures.
         sensor_type: String,
+        /// The readings' unit.
         unit: String,
+        /// Window start, RFC 3339.
         window_start: String,
+        /// Window end, RFC 3339.
         window_end: String,
+        /// Readings in the window.
         count: u64,
+        /// Their mean.
         avg: f64,
+        /// The smallest.
         min: f64,
+        /// The largest.
         max: f64,
         /// Closed early (agent shutdown): covers only part of the window.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -200,16 +241,21 @@ pub enum Body {
     },
     /// What happened to a command.
     CommandResult {
+        /// The command's id.
         command_id: String,
+        /// The command as written.
         command: String,
+        /// Where it is now.
         status: CommandStatus,
         #[serde(default, skip_serializing_if = "Option::is_none")]
+        /// Why (failures, rejections, timeouts).
         reason: Option<String>,
         /// Machine-readable class of a rejection: schema, unknown_device, not_allowed,
         /// expired, not_yet_valid, bad_signature, unsigned.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason_code: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
+        /// The device it was for.
         target_device: Option<String>,
         /// The operator who signed the command (absent for unsigned commands).
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -220,11 +266,14 @@ pub enum Body {
         /// Unix microseconds: when the agent received the command and when this status
         /// was reached (lets operators see where time went).
         received_at_us: u64,
+        /// Unix microseconds when this status was reached.
         status_at_us: u64,
     },
     /// Something the agent itself reports (records dropped, …).
     AgentEvent {
+        /// What happened (`device_connected`, `records_dropped` …).
         event: String,
+        /// Details.
         data: serde_json::Map<String, serde_json::Value>,
     },
 }
@@ -232,11 +281,17 @@ pub enum Body {
 /// Which configured topic a record goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum TopicKind {
+    /// `topics.events`.
     Events,
+    /// `topics.data`.
     Data,
+    /// `topics.sensors`.
     Sensors,
+    /// `topics.alerts`.
     Alerts,
+    /// `topics.command_results`.
     CommandResults,
+    /// `topics.aggregates`.
     Aggregates,
 }
 
@@ -360,6 +415,7 @@ struct Wire<'a> {
 #[derive(Debug, thiserror::Error)]
 pub enum EncodeError {
     #[error("cannot encode {0} record: {1}")]
+    /// serde_json failed on a record of this type (non-finite floats are kept out before this).
     Json(&'static str, serde_json::Error),
 }
 

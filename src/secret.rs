@@ -11,9 +11,11 @@ use std::path::Path;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 #[derive(Clone, Default, PartialEq, Eq)]
+/// A password or token: never printed, logged or serialized as itself (`***`).
 pub struct Secret(String);
 
 impl Secret {
+    /// Wraps a value read from a file, the environment or the config.
     pub fn new(value: impl Into<String>) -> Secret {
         Secret(value.into())
     }
@@ -55,8 +57,11 @@ pub struct Sources<'a> {
     /// The inline key's name (`password`), for error messages; the file and env keys
     /// are this name with `_file` and `_env`.
     pub key: &'a str,
+    /// The value written in the config, if any.
     pub inline: Option<&'a Secret>,
+    /// A file holding it, if configured.
     pub file: Option<&'a Path>,
+    /// An environment variable holding it, if configured.
     pub env: Option<&'a str>,
 }
 

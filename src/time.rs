@@ -142,6 +142,7 @@ pub mod serde_duration {
 
     /// What the bound is checked on.
     pub trait Bounded {
+        /// The longest duration the value holds, to check against the bound.
         fn longest(&self) -> Option<Duration>;
     }
     impl Bounded for Duration {
@@ -155,6 +156,7 @@ pub mod serde_duration {
         }
     }
 
+    /// Writes a duration as humantime text (`1m 30s`).
     pub fn serialize<T, S>(v: &T, s: S) -> Result<S::Ok, S::Error>
     where
         S: Serializer,
@@ -163,6 +165,7 @@ pub mod serde_duration {
         humantime_serde::serialize(v, s)
     }
 
+    /// Reads humantime text and refuses durations past the bound.
     pub fn deserialize<'de, T, D>(d: D) -> Result<T, D::Error>
     where
         D: Deserializer<'de>,

@@ -16,18 +16,25 @@ use crate::buffer::Buffer;
 use crate::config::Config;
 
 #[derive(Debug, thiserror::Error)]
+/// Why a command-line tool failed; `main` maps each to an exit code.
 pub enum ToolError {
     #[error("config error: {0}")]
+    /// The config file is not usable (exit 64).
     Config(#[from] crate::config::ConfigError),
     #[error("kafka: {0}")]
+    /// Talking to Kafka failed.
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("kafka setup: {0}")]
+    /// A Kafka client could not be built.
     Setup(#[from] crate::kafka::KafkaSetupError),
     #[error("buffer: {0}")]
+    /// The buffer could not be opened or read.
     Buffer(#[from] crate::buffer::BufferError),
     #[error("{0}")]
+    /// The arguments do not make sense together.
     Usage(String),
     #[error("key: {0}")]
+    /// A signing key could not be read or written.
     Key(#[from] crate::commands::sign::KeyError),
 }
 
@@ -78,8 +85,10 @@ impl Brokers {
 }
 
 #[derive(clap::Args, Debug)]
+/// Arguments of `labgate tail`.
 pub struct TailArgs {
     #[command(flatten)]
+    /// Which brokers, from a config or `--brokers`.
     pub brokers: Brokers,
     /// Topics to print (default: every output topic of the config).
     #[arg(long = "topic", short)]
@@ -210,8 +219,10 @@ async fn print_topics(
 }
 
 #[derive(clap::Args, Debug)]
+/// Arguments of `labgate command send`.
 pub struct SendArgs {
     #[command(flatten)]
+    /// Which brokers, from a config or `--brokers`.
     pub brokers: Brokers,
     /// The agent that should act (default: every agent).
     #[arg(long)]
@@ -255,9 +266,13 @@ pub struct SendArgs {
 
 /// Exit codes of `command send --wait`.
 pub const EXIT_FAILED: u8 = 10;
+/// The agent refused the command (`rejected`).
 pub const EXIT_REJECTED: u8 = 11;
+/// No result arrived before `--wait` ran out.
 pub const EXIT_NO_RESULT: u8 = 12;
+/// The agent had seen the command id before (`duplicate`).
 pub const EXIT_DUPLICATE: u8 = 13;
+/// The device did not answer in time (`timeout`).
 pub const EXIT_TIMEOUT: u8 = 14;
 
 /// Produces one command; with `--wait`, prints its results and returns the exit code.
@@ -414,8 +429,10 @@ fn follow(consumer: &BaseConsumer, command_id: &str, timeout: Duration) -> Resul
 }
 
 #[derive(clap::Args, Debug)]
+/// Arguments of `labgate command tail`.
 pub struct ResultsTailArgs {
     #[command(flatten)]
+    /// Which brokers, from a config or `--brokers`.
     pub brokers: Brokers,
     /// Result topic (default: from the config, else echem_command_results).
     #[arg(long)]
@@ -481,6 +498,7 @@ fn result_line(v: &Value) -> String {
 }
 
 #[derive(clap::Args, Debug)]
+/// Arguments of `labgate keygen`.
 pub struct KeygenArgs {
     /// Where to write: `<OUT>.key` (private, mode 0600) and `<OUT>.pub`.
     #[arg(long)]
@@ -589,8 +607,11 @@ pub fn ports() -> Result<(), ToolError> {
 
 /// What `labgate buffer dead-letters` does.
 pub enum DeadLetterAction {
+    /// Print one line per dead letter.
     List,
+    /// Write them as NDJSON to a file (or stdout).
     Export(Option<PathBuf>),
+    /// Put these (all when empty) back in the outbound queue.
     Requeue(Vec<u64>),
 }
 

@@ -25,6 +25,7 @@ pub struct BufferConfig {
     #[serde(default = "default_max_bytes")]
     pub max_bytes: u64,
     #[serde(default)]
+    /// What happens to a new record when the buffer is at `max_bytes`.
     pub overflow: OverflowPolicy,
     /// Group commit: the buffer flushes at most this often; nothing is acknowledged
     /// upstream before its flush.

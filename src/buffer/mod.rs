@@ -108,10 +108,18 @@ const UNREPORTED: &[u8] = b"u";
 #[derive(Debug, thiserror::Error)]
 pub enum BufferError {
     #[error("buffer storage error ({kind}): {0}", kind = disk_error_kind(.0))]
+    /// sled reported an error; the buffer can no longer promise durability.
     Sled(#[from] sled::Error),
     #[error("buffer chunk {chunk} is corrupt: {message}")]
-    Corrupt { chunk: u64, message: String },
+    /// A stored chunk does not decode; it is quarantined, not dropped silently.
+    Corrupt {
+        /// The chunk's number.
+        chunk: u64,
+        /// What the decoder said.
+        message: String,
+    },
     #[error("cannot encode buffer chunk: {0}")]
+    /// A chunk could not be encoded (a bug, not a disk fault).
     Encode(String),
 }
 

@@ -71,6 +71,7 @@ pub fn open(dir: &Path, cache_capacity: u64) -> std::io::Result<Store> {
 }
 
 impl Store {
+    /// The sled database, for trees that live beside the buffer's own (the replay store).
     pub fn db(&self) -> &sled::Db {
         &self.db
     }

@@ -24,7 +24,9 @@ use crate::metrics::Metrics;
 /// without a committed offset are assigned at their current end (or start, for
 /// `earliest`) explicitly, before `commands_assigned` turns true.
 pub struct CommandContext {
+    /// Where assignment and lag are reported.
     pub metrics: Arc<Metrics>,
+    /// Unassigned partitions start at their beginning rather than their end.
     pub earliest: bool,
 }
 

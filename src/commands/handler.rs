@@ -31,10 +31,15 @@ struct Outcome<'a> {
 
 /// Validates, routes and reports commands.
 pub struct Handler {
+    /// Checks shape, signature, lifetime and reach of each command.
     pub validator: Validator,
+    /// Which device a command goes to, and its control inbox.
     pub router: Router,
+    /// Where results and audit events are written (durably, before the offset is committed).
     pub ingest: Ingest,
+    /// Command counters by outcome.
     pub metrics: Arc<Metrics>,
+    /// Command ids already seen, so a replayed command is answered `duplicate`.
     pub replay: ReplayStore,
     /// Per-command device waits, finished before the handler goes away.
     pub waits: TaskTracker,

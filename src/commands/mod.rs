@@ -30,10 +30,13 @@ use rdkafka::error::KafkaError;
 const REPLAY_MARGIN: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
+/// Why the command consumer stopped.
 pub enum CommandError {
     #[error("command consumer: {0}")]
+    /// The Kafka consumer failed.
     Kafka(#[from] KafkaError),
     #[error("command consumer setup: {0}")]
+    /// The consumer could not be built from the config.
     Setup(#[from] crate::kafka::KafkaSetupError),
 }
 

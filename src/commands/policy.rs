@@ -12,6 +12,7 @@ use crate::devices::{CommandKind, DeviceConfig};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// The `[commands]` section: who may command which device, and how fresh a command must be.
 pub struct CommandsConfig {
     /// Accept commands without a signature. Default: no. The demo sets it; the agent
     /// warns at start while it is on.
@@ -68,6 +69,7 @@ fn d_timeout() -> Duration {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// A person or system allowed to sign commands.
 pub struct Operator {
     /// The `issuer` a signed command names.
     pub name: String,
@@ -79,6 +81,7 @@ pub struct Operator {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// What one device accepts and what it does when commands stop arriving.
 pub struct DevicePolicy {
     /// Commands this device accepts (default: every command its kind understands).
     #[serde(default)]
@@ -87,18 +90,23 @@ pub struct DevicePolicy {
     #[serde(default, with = "crate::time::serde_duration")]
     pub lease: Option<Duration>,
     #[serde(default)]
+    /// Where the device goes when its lease runs out.
     pub safe_state: SafeState,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+/// The state a device is put in when its command lease runs out.
 pub enum SafeState {
+    /// Hold the run where it is (resumable).
     Pause,
     #[default]
+    /// End the run (the default: an unattended instrument should not keep going).
     Stop,
 }
 
 impl SafeState {
+    /// The command that puts a device in this state.
     pub fn command(self) -> CommandKind {
         match self {
             SafeState::Pause => CommandKind::Pause,

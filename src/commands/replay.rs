@@ -13,9 +13,11 @@ use crate::record::unix_us;
 
 #[derive(Debug, thiserror::Error)]
 #[error("replay store: {0}")]
+/// The replay store's sled tree failed.
 pub struct ReplayError(#[from] sled::Error);
 
 #[derive(Clone)]
+/// Durable set of command ids already handled, kept for `max_ttl`, so a replayed command is not run twice.
 pub struct ReplayStore {
     tree: sled::Tree,
     /// The buffer's store: a claim is durable only after its sync (fdatasync).
@@ -27,6 +29,7 @@ pub struct ReplayStore {
 /// A command id seen before, and when.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Seen {
+    /// When the id was first seen, µs since the epoch (for purging).
     pub first_seen_us: u64,
 }
 
@@ -44,6 +47,7 @@ fn field(v: &[u8], at: usize) -> u64 {
 }
 
 impl ReplayStore {
+    /// A store over its own tree in the buffer's database.
     pub fn new(side: SideTree) -> ReplayStore {
         ReplayStore {
             tree: side.tree,
@@ -94,10 +98,12 @@ impl ReplayStore {
         Ok(gone)
     }
 
+    /// Ids currently remembered.
     pub fn len(&self) -> usize {
         self.tree.len()
     }
 
+    /// True when no id is remembered.
     pub fn is_empty(&self) -> bool {
         self.tree.is_empty()
     }

@@ -9,7 +9,9 @@ use crate::devices::DeviceConfig;
 /// The devices commands can reach: their configs (for validation) and inboxes.
 #[derive(Default)]
 pub struct Routes {
+    /// Each device's config, by id (what it accepts).
     pub configs: BTreeMap<String, DeviceConfig>,
+    /// Each device's control inbox, by id.
     pub outboxes: BTreeMap<String, Outbox>,
 }
 
@@ -18,6 +20,7 @@ pub struct Routes {
 pub struct Router(Arc<RwLock<Routes>>);
 
 impl Router {
+    /// Adds or replaces a device (at start and on reload).
     pub fn insert(&self, cfg: DeviceConfig, outbox: Outbox) {
         let mut r = self.0.write().unwrap_or_else(PoisonError::into_inner);
         let id = cfg.id().to_string();
@@ -25,12 +28,14 @@ impl Router {
         r.configs.insert(id, cfg);
     }
 
+    /// Removes a device that a reload took away.
     pub fn remove(&self, id: &str) {
         let mut r = self.0.write().unwrap_or_else(PoisonError::into_inner);
         r.outboxes.remove(id);
         r.configs.remove(id);
     }
 
+    /// Reads the routes under the lock.
     pub fn read<T>(&self, f: impl FnOnce(&Routes) -> T) -> T {
         f(&self.0.read().unwrap_or_else(PoisonError::into_inner))
     }

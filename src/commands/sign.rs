@@ -21,17 +21,29 @@ use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde_json::{Map, Value};
 
 #[derive(Debug, thiserror::Error)]
+/// Why a key could not be read or written.
 pub enum KeyError {
     #[error("{path}: {source}")]
+    /// The key file cannot be read or written.
     Io {
+        /// The file.
         path: PathBuf,
+        /// What the OS said.
         source: std::io::Error,
     },
     #[error("{path}: not an Ed25519 PKCS#8 PEM private key ({detail})")]
-    NotAKey { path: PathBuf, detail: String },
+    /// The file is not a key of the expected kind.
+    NotAKey {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with its contents.
+        detail: String,
+    },
     #[error("public key: {0}")]
+    /// A public key in the config is not base64 of 32 bytes.
     Public(String),
     #[error("{0}: exists already (remove it first, keys are not overwritten)")]
+    /// `keygen` will not overwrite an existing key.
     Exists(PathBuf),
 }
 
@@ -149,7 +161,9 @@ pub fn sign(envelope: &mut Map<String, Value>, key: &SigningKey) {
 /// Why a signature does not verify.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SignatureError {
+    /// The signature is not base64 of 64 bytes.
     Encoding(String),
+    /// The signature does not match the command and the issuer's key.
     Mismatch,
 }
 
@@ -183,6 +197,7 @@ pub fn parse_public(b64: &str) -> Result<VerifyingKey, KeyError> {
     VerifyingKey::from_bytes(&bytes).map_err(|e| KeyError::Public(e.to_string()))
 }
 
+/// The form of a public key that `[[commands.operators]]` takes.
 pub fn public_base64(key: &VerifyingKey) -> String {
     B64.encode(key.to_bytes())
 }

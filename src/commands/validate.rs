@@ -14,14 +14,19 @@ use crate::devices::{CommandKind, DeviceConfig};
 /// A command that passed validation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Command {
+    /// The id results and the replay store key on.
     pub command_id: String,
+    /// What to do.
     pub kind: CommandKind,
+    /// Extra parameters, passed to the device.
     pub params: Map<String, Value>,
     /// `None` = every device of this agent that accepts the command.
     pub device: Option<String>,
     /// The operator whose signature verified; `None` for an unsigned command.
     pub issuer: Option<String>,
+    /// When the command was issued (or first seen), for staleness.
     pub issued_at: SystemTime,
+    /// After this the command is refused as expired.
     pub expires_at: SystemTime,
     /// How long the device has to carry it out.
     pub timeout: Duration,
@@ -37,28 +42,43 @@ pub enum Refusal {
 }
 
 #[derive(Debug, Clone, PartialEq)]
+/// A refused command: what was refused and why, for the `rejected` result.
 pub struct Rejection {
+    /// The command's id, or a placeholder when it had none.
     pub command_id: String,
+    /// The command as written.
     pub command: String,
+    /// The device it named, if any.
     pub device: Option<String>,
+    /// The issuer it named, if any.
     pub issuer: Option<String>,
+    /// The machine-readable reason.
     pub code: Code,
+    /// The human-readable reason.
     pub reason: String,
 }
 
 /// The class of a rejection, as `reason_code` on the result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Code {
+    /// Not a command message (bad JSON, missing or mistyped field).
     Schema,
+    /// Names a device this agent does not have.
     UnknownDevice,
+    /// The device or the issuer may not do this.
     NotAllowed,
+    /// Past its expiry.
     Expired,
+    /// Issued in the future beyond the allowed clock skew.
     NotYetValid,
+    /// Signed, but the signature does not verify.
     BadSignature,
+    /// Not signed, and unsigned commands are not allowed.
     Unsigned,
 }
 
 impl Code {
+    /// The code as it appears in results.
     pub fn as_str(self) -> &'static str {
         match self {
             Code::Schema => "schema",
@@ -126,7 +146,9 @@ impl Rejection {
 
 /// What the validator knows: this agent, its policy and its operators' keys.
 pub struct Validator {
+    /// Commands must name this agent (or none).
     pub agent_id: String,
+    /// Operators, allow-lists and lifetimes.
     pub policy: CommandsConfig,
     keys: BTreeMap<String, (VerifyingKey, Vec<CommandKind>)>,
 }
@@ -142,6 +164,7 @@ fn parse_duration(v: &Value) -> Option<Duration> {
 }
 
 impl Validator {
+    /// A validator for this agent under this policy.
     pub fn new(agent_id: String, policy: CommandsConfig) -> Validator {
         let keys = policy.keys();
         Validator {

@@ -42,10 +42,13 @@ pub struct Outbox(Arc<Shared>);
 /// Why a command could not be queued; it comes back with the error.
 #[derive(Debug)]
 pub enum Refused {
+    /// The device is still handling a command; the control is handed back.
     Busy(Control),
+    /// The device's task has ended; the control is handed back.
     Closed(Control),
 }
 
+/// A device's control channel: the router's sending half and the driver's receiving half.
 pub fn inbox() -> (Outbox, Inbox) {
     let shared = Arc::new(Shared::default());
     lock(&shared).senders = 1;
@@ -111,6 +114,7 @@ impl Inbox {
         }
     }
 
+    /// The next control, if one is waiting.
     pub fn try_recv(&self) -> Result<Control, TryRecvError> {
         let mut st = lock(&self.0);
         loop {

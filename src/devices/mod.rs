@@ -35,11 +35,14 @@ pub enum DeviceConfig {
     ModbusRtu(modbus::Config),
     /// Sensors (and controllable hardware) on an MQTT broker.
     Mqtt(mqtt::Config),
+    /// A simulated potentiostat running CV/CA/LSV on a model cell (demo, tests).
     SimulatedPotentiostat(simulated::potentiostat::Config),
+    /// Simulated environmental sensors (demo, tests).
     SimulatedSensors(simulated::sensors::Config),
 }
 
 impl DeviceConfig {
+    /// The device's id.
     pub fn id(&self) -> &str {
         match self {
             DeviceConfig::Methodscript(c) => &c.id,
@@ -51,6 +54,7 @@ impl DeviceConfig {
         }
     }
 
+    /// The `kind` as written in the config.
     pub fn kind(&self) -> &'static str {
         match self {
             DeviceConfig::Methodscript(_) => "methodscript",
@@ -98,9 +102,13 @@ impl DeviceConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CommandKind {
+    /// Start a run (an experiment or polling).
     Start,
+    /// Hold the run where it is.
     Pause,
+    /// Continue a paused run.
     Resume,
+    /// End the run; an instrument's own stop sequence is sent.
     Stop,
     /// Balances: take the current load as tare (MT-SICS `T`).
     Tare,
@@ -109,8 +117,10 @@ pub enum CommandKind {
 }
 
 impl CommandKind {
+    /// Every command name, for error messages.
     pub const NAMES: &'static str = "start, pause, resume, stop, tare, zero";
 
+    /// The command a name stands for.
     pub fn parse(s: &str) -> Option<CommandKind> {
         match s {
             "start" => Some(CommandKind::Start),
@@ -122,6 +132,7 @@ impl CommandKind {
             _ => None,
         }
     }
+    /// The command's name as commands and results spell it.
     pub fn as_str(self) -> &'static str {
         match self {
             CommandKind::Start => "start",
@@ -141,7 +152,9 @@ impl CommandKind {
 /// A command on its way to a device task, with where to say how it went.
 #[derive(Debug)]
 pub struct Control {
+    /// What to do.
     pub command: CommandKind,
+    /// The command's parameters (method parameters for `start`).
     pub params: serde_json::Map<String, serde_json::Value>,
     /// `Ok(detail)` when done, `Err(reason)` when the device could not do it.
     pub reply: oneshot::Sender<Result<String, String>>,
@@ -151,8 +164,10 @@ pub struct Control {
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     #[error("ingest closed")]
+    /// The ingest stage has gone (the agent is stopping).
     Ingest(#[from] IngestError),
     #[error("device configuration: {0}")]
+    /// The device's config cannot be used (a profile or method file changed underneath).
     Config(String),
     /// The driver panicked (a bug, never an input's fault): restarted like a failure.
     #[error("driver panicked: {0}")]
@@ -161,20 +176,27 @@ pub enum DeviceError {
 
 /// What every driver gets: an output, a control input, a shutdown signal.
 pub struct DeviceCtx {
+    /// The device id, on every record and log line.
     pub id: String,
     /// The agent's id (MQTT client ids are derived from it).
     pub agent_id: String,
+    /// Where the driver's records go.
     pub ingest: Ingest,
+    /// Commands for this device.
     pub control: control::Inbox,
+    /// Cancelled when the agent stops or the device is removed.
     pub shutdown: CancellationToken,
+    /// Per-device counters and state.
     pub metrics: Arc<Metrics>,
 }
 
 impl DeviceCtx {
+    /// Hands a record to ingest (waits while ingest is full).
     pub async fn emit(&self, draft: Draft) -> Result<(), DeviceError> {
         Ok(self.ingest.send(draft).await?)
     }
 
+    /// Sets the state `/status` and the device gauges show.
     pub fn set_state(&self, state: crate::metrics::DeviceState) {
         self.metrics.set_device_state(&self.id, state);
     }
@@ -254,6 +276,7 @@ impl Default for Backoff {
 }
 
 impl Backoff {
+    /// A backoff from `first` doubling up to `max`.
     pub fn new(first: Duration, max: Duration) -> Backoff {
         Backoff {
             first,
@@ -269,6 +292,7 @@ impl Backoff {
         d
     }
 
+    /// Starts again from `first` (after a success).
     pub fn reset(&mut self) {
         self.next = self.first;
     }

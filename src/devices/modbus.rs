@@ -18,17 +18,26 @@ use crate::record::{object, Body, Draft};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DataType {
+    /// Unsigned 16-bit, one register.
     U16,
+    /// Signed 16-bit, one register.
     I16,
+    /// Unsigned 32-bit, two registers.
     U32,
+    /// Signed 32-bit, two registers.
     I32,
+    /// IEEE 754 single, two registers.
     F32,
+    /// Unsigned 64-bit, four registers.
     U64,
+    /// Signed 64-bit, four registers.
     I64,
+    /// IEEE 754 double, four registers.
     F64,
 }
 
 impl DataType {
+    /// How many 16-bit registers a value of this type spans.
     pub fn registers(self) -> u16 {
         match self {
             DataType::U16 | DataType::I16 => 1,
@@ -45,9 +54,13 @@ impl DataType {
 #[serde(rename_all = "snake_case")]
 pub enum WordOrder {
     #[default]
+    /// High word first, big-endian bytes (the Modbus convention).
     Abcd,
+    /// Low word first.
     Cdab,
+    /// Bytes swapped within each word.
     Badc,
+    /// Fully little-endian.
     Dcba,
 }
 
@@ -87,6 +100,7 @@ pub fn decode(regs: &[u16], ty: DataType, order: WordOrder) -> Option<f64> {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Register {
+    /// Becomes `<device>.<name>` as the reading's `sensor_id`.
     pub name: String,
     /// Slave (unit) id, 1–247.
     pub slave: u8,
@@ -95,15 +109,20 @@ pub struct Register {
     /// 0-based wire address (vendor maps written 40001/30001 are 1-based: subtract).
     pub address: u16,
     #[serde(rename = "type")]
+    /// How the registers are read as a number.
     pub data_type: DataType,
     #[serde(default)]
+    /// Byte order across registers.
     pub word_order: WordOrder,
     /// value = raw × scale + offset
     #[serde(default = "one")]
     pub scale: f64,
     #[serde(default)]
+    /// Added after scaling.
     pub offset: f64,
+    /// The reading's unit.
     pub unit: String,
+    /// The reading's `sensor_type`.
     pub sensor_type: String,
 }
 
@@ -113,14 +132,18 @@ fn one() -> f64 {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// The RTU frame of the bus.
 pub struct SerialCfg {
     #[serde(default = "d_baud")]
+    /// Bits per second (default 9600).
     pub baud: u32,
     #[serde(default = "d_bits")]
+    /// Data bits (default 8).
     pub data_bits: u8,
     /// Configure explicitly: the Modbus default of even parity is not universal.
     pub parity: Parity,
     #[serde(default = "d_stop")]
+    /// Stop bits (default 1).
     pub stop_bits: u8,
 }
 
@@ -138,14 +161,19 @@ fn d_stop() -> u8 {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Profile {
+    /// The profile's name, reported in `device_connected`.
     pub name: String,
     #[serde(default)]
+    /// Free text for people.
     pub description: String,
+    /// The bus frame.
     pub serial: SerialCfg,
+    /// What to read each poll.
     pub registers: Vec<Register>,
 }
 
 impl Profile {
+    /// Loads and checks a profile file.
     pub fn load(path: &std::path::Path) -> Result<Profile, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let p: Profile = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -153,6 +181,7 @@ impl Profile {
         Ok(p)
     }
 
+    /// Checks slave ids, function codes, address ranges and scaling.
     pub fn validate(&self) -> Result<(), String> {
         if self.registers.is_empty() {
             return Err("registers: at least one register is required".into());
@@ -181,17 +210,23 @@ impl Profile {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// A `modbus_rtu` device: one serial bus, polled by a register map.
 pub struct Config {
+    /// The device id records and commands carry.
     pub id: String,
     #[serde(default)]
+    /// The serial port path; or give `usb`.
     pub port: Option<String>,
     #[serde(default)]
+    /// The USB identity of the bus adapter.
     pub usb: Option<UsbId>,
     /// A profile name in `profiles_dir` or a path to a `.toml` profile.
     pub profile: String,
     #[serde(default = "d_profiles_dir")]
+    /// Where profile names are looked up.
     pub profiles_dir: PathBuf,
     #[serde(default = "d_interval", with = "crate::time::serde_duration")]
+    /// How often the register map is read.
     pub interval: Duration,
     /// Per request.
     #[serde(default = "d_timeout", with = "crate::time::serde_duration")]
@@ -200,6 +235,7 @@ pub struct Config {
     #[serde(default = "d_retries")]
     pub retries: u32,
     #[serde(default)]
+    /// Where the sensors are, copied into each reading.
     pub location: Option<String>,
 }
 
@@ -227,6 +263,7 @@ impl Config {
         Profile::load(&path)
     }
 
+    /// Checks the port choice and that the profile loads and fits the bus.
     pub fn validate(&self) -> Result<(), (String, String)> {
         crate::devices::serial::check_port_choice(self.port.as_deref(), self.usb.as_ref())?;
         if self.interval.is_zero() || self.timeout.is_zero() {

@@ -16,16 +16,19 @@ use crate::devices::{Backoff, DeviceCtx};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// A USB serial adapter's identity, to find its port whatever the kernel named it.
 pub struct UsbId {
     /// Vendor id, hex (`0403`).
     pub vid: String,
     /// Product id, hex (`6015`).
     pub pid: String,
     #[serde(default)]
+    /// The adapter's serial number, when two identical adapters are attached.
     pub serial: Option<String>,
 }
 
 impl UsbId {
+    /// Checks that vid and pid are hex.
     pub fn validate(&self) -> Result<(), (String, String)> {
         if hex16(&self.vid).is_none() {
             return Err((
@@ -45,32 +48,46 @@ impl UsbId {
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+/// The parity bit of a serial frame.
 pub enum Parity {
     #[default]
+    /// No parity bit.
     None,
+    /// Even parity.
     Even,
+    /// Odd parity.
     Odd,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+/// Flow control of a serial port.
 pub enum Flow {
     #[default]
+    /// No flow control.
     None,
+    /// XON/XOFF in the data stream.
     Software,
+    /// RTS/CTS lines.
     Hardware,
 }
 /// The serial frame a port is opened with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Frame {
+    /// Bits per second.
     pub baud: u32,
+    /// 5 to 8.
     pub data_bits: u8,
+    /// Parity bit.
     pub parity: Parity,
+    /// 1 or 2.
     pub stop_bits: u8,
+    /// Flow control.
     pub flow_control: Flow,
 }
 
 impl Frame {
+    /// Checks the frame's numbers; the key is relative to the device.
     pub fn validate(&self) -> Result<(), (String, String)> {
         if self.baud == 0 {
             return Err(("baud".into(), "must be positive".into()));
@@ -118,7 +135,9 @@ pub fn resolve(port: Option<&str>, usb: Option<&UsbId>) -> Result<String, String
 
 /// What the reader thread hands over.
 pub enum Incoming {
+    /// A line, or why a line was unusable.
     Line(Result<String, LineError>),
+    /// The port is gone (unplugged, closed); the reason.
     Lost(String),
 }
 
@@ -217,8 +236,11 @@ pub fn check_port_choice(port: Option<&str>, usb: Option<&UsbId>) -> Result<(), 
 
 /// An open serial link: where it is, the write half, and lines from the reader thread.
 pub struct Link {
+    /// The port's path, for events.
     pub path: String,
+    /// The write half.
     pub writer: TTYPort,
+    /// Lines from the reader thread.
     pub lines: mpsc::Receiver<Incoming>,
 }
 

@@ -14,12 +14,15 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> Invalid {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// The `[kafka]` section.
 pub struct KafkaConfig {
     /// Comma-separated host:port list.
     pub bootstrap_servers: String,
     #[serde(default = "default_client_id")]
+    /// Names this agent in the broker's logs and quotas.
     pub client_id: String,
     #[serde(default)]
+    /// Where each kind of record goes.
     pub topics: Topics,
     /// Consumer group of the command consumer; one per agent so every agent sees every
     /// command. Defaults to `labgate-<agent_id>`.
@@ -32,16 +35,20 @@ pub struct KafkaConfig {
     #[serde(default = "default_offset_reset")]
     pub commands_offset_reset: String,
     #[serde(default)]
+    /// Plaintext, TLS, SASL, or SASL over TLS.
     pub security_protocol: SecurityProtocol,
     #[serde(default)]
+    /// PLAIN or SCRAM, required with SASL.
     pub sasl_mechanism: Option<SaslMechanism>,
     #[serde(default)]
+    /// The SASL user, required with SASL.
     pub sasl_username: Option<String>,
     /// Inline password; prefer `sasl_password_file` or `sasl_password_env`. Never
     /// printed (`***`).
     #[serde(default)]
     pub sasl_password: Option<crate::secret::Secret>,
     #[serde(default)]
+    /// A file holding the password (a systemd credential, say).
     pub sasl_password_file: Option<PathBuf>,
     /// Name of an environment variable holding the password.
     #[serde(default)]
@@ -53,8 +60,10 @@ pub struct KafkaConfig {
     #[serde(default)]
     pub create_topics: bool,
     #[serde(default = "one_i32")]
+    /// Partitions of topics the agent creates.
     pub topic_partitions: i32,
     #[serde(default = "one_i32")]
+    /// Replication factor of topics the agent creates.
     pub replication_factor: i32,
     /// Records handed to the producer and not yet acknowledged, at most.
     #[serde(default = "default_in_flight")]
@@ -85,18 +94,25 @@ fn default_in_flight() -> usize {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// Topic names, one per kind of record.
 pub struct Topics {
     #[serde(default = "t_events")]
+    /// Experiment and agent events.
     pub events: String,
     #[serde(default = "t_data")]
+    /// Measurement points (`echem_data`).
     pub data: String,
     #[serde(default = "t_sensors")]
+    /// Sensor readings.
     pub sensors: String,
     #[serde(default = "t_alerts")]
+    /// Threshold and agent alerts.
     pub alerts: String,
     #[serde(default = "t_commands")]
+    /// Where commands arrive.
     pub commands: String,
     #[serde(default = "t_results")]
+    /// Where command results and audit go.
     pub command_results: String,
     /// Windowed sensor aggregates (`[pipeline.aggregates]`).
     #[serde(default = "t_aggregates")]
@@ -156,15 +172,21 @@ impl Topics {
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+/// How the Kafka connection is secured.
 pub enum SecurityProtocol {
     #[default]
+    /// No TLS, no authentication.
     Plaintext,
+    /// TLS.
     Ssl,
+    /// SASL authentication without TLS.
     SaslPlaintext,
+    /// SASL authentication over TLS.
     SaslSsl,
 }
 
 impl SecurityProtocol {
+    /// librdkafka's spelling.
     pub fn as_librdkafka(self) -> &'static str {
         match self {
             SecurityProtocol::Plaintext => "plaintext",
@@ -182,16 +204,21 @@ impl SecurityProtocol {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// How SASL authenticates.
 pub enum SaslMechanism {
     #[serde(rename = "PLAIN")]
+    /// User and password in the clear (use with TLS).
     Plain,
     #[serde(rename = "SCRAM-SHA-256")]
+    /// Salted challenge-response with SHA-256.
     ScramSha256,
     #[serde(rename = "SCRAM-SHA-512")]
+    /// Salted challenge-response with SHA-512.
     ScramSha512,
 }
 
 impl SaslMechanism {
+    /// librdkafka's spelling.
     pub fn as_librdkafka(self) -> &'static str {
         match self {
             SaslMechanism::Plain => "PLAIN",

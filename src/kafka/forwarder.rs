@@ -30,8 +30,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{pack_id, DeliverySink, Producer};
 use crate::buffer::{Buffer, BufferError, RecordId};
-use crate::kafka::config::Topics;
 use crate::ingest::Ingest;
+use crate::kafka::config::Topics;
 use crate::metrics::{DropReason, Metrics};
 use crate::record::{Body, Draft, Priority, Stored, TopicKind, AGENT_DEVICE, SCHEMA_VERSION};
 
@@ -49,6 +49,7 @@ pub const DELIVERY_STALL: Duration = Duration::from_secs(90);
 #[derive(Debug, thiserror::Error)]
 pub enum ForwarderError {
     #[error(transparent)]
+    /// The buffer failed; the agent stops.
     Buffer(#[from] BufferError),
     /// librdkafka's idempotent producer hit a fatal error: it cannot send again. The
     /// agent exits and systemd starts it with a new producer; the records wait in the
@@ -59,15 +60,21 @@ pub enum ForwarderError {
 /// How long to wait when librdkafka's queue is full.
 const QUEUE_FULL_WAIT: Duration = Duration::from_millis(2);
 
+/// Reads the buffer in order and hands records to the producer, within the in-flight window.
 pub struct Forwarder {
+    /// Where records come from and are acked in.
     pub buffer: Arc<Buffer>,
+    /// The idempotent producer.
     pub producer: Producer,
     /// Shared with the producer's delivery callback.
     pub sink: Arc<DeliverySink>,
     /// Failed delivery reports from the callback.
     pub failures: mpsc::UnboundedReceiver<(RecordId, KafkaError)>,
+    /// Which topic each kind of record goes to.
     pub topics: Topics,
+    /// Used as the key of agent records.
     pub agent_id: String,
+    /// Delivery counters and Kafka state.
     pub metrics: Arc<Metrics>,
     /// Where dead-letter alerts go.
     pub ingest: Ingest,

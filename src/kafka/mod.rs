@@ -27,12 +27,17 @@ pub use config::KafkaConfig;
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaSetupError {
     #[error("kafka client: {0}")]
+    /// librdkafka refused to build the client.
     Client(#[from] KafkaError),
     #[error("kafka config: {0}")]
+    /// A setting could not be read (a password file, say).
     Config(String),
     #[error("cannot create topic {topic}: {code}")]
+    /// The broker refused to create a topic.
     CreateTopic {
+        /// The topic.
         topic: String,
+        /// The broker's error code.
         code: RDKafkaErrorCode,
     },
 }

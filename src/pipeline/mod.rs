@@ -27,10 +27,13 @@ use window::{Aggregate, Placed, Sample, Windows};
 #[serde(deny_unknown_fields)]
 pub struct PipelineConfig {
     #[serde(default)]
+    /// Alert rules on sensor readings.
     pub thresholds: Vec<thresholds::Rule>,
     #[serde(default)]
+    /// Windowed aggregates per sensor.
     pub aggregates: Option<AggregatesConfig>,
     #[serde(default)]
+    /// Fewer raw readings forwarded.
     pub downsample: Option<DownsampleConfig>,
 }
 
@@ -56,12 +59,15 @@ fn d_lateness() -> Duration {
 #[serde(deny_unknown_fields)]
 pub struct DownsampleConfig {
     #[serde(default)]
+    /// Keep one raw reading in this many.
     pub every: Option<u64>,
     #[serde(default)]
+    /// Keep the first raw reading of each aggregate window.
     pub per_window: bool,
 }
 
 impl PipelineConfig {
+    /// Checks rules, windows and downsampling; keys are relative to `[pipeline]`.
     pub fn validate(&self) -> Result<(), (String, String)> {
         for (i, r) in self.thresholds.iter().enumerate() {
             r.validate()
@@ -113,6 +119,7 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// A pipeline with the configured rules and windows.
     pub fn new(cfg: &PipelineConfig, metrics: Arc<Metrics>) -> Pipeline {
         Pipeline {
             thresholds: Thresholds::new(cfg.thresholds.clone()),

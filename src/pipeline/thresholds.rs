@@ -12,14 +12,19 @@ use crate::record::Priority;
 #[serde(deny_unknown_fields)]
 pub struct Rule {
     #[serde(default)]
+    /// Applies to readings of this type.
     pub sensor_type: Option<String>,
     #[serde(default)]
+    /// Applies to this sensor only.
     pub sensor_id: Option<String>,
     #[serde(default)]
+    /// An alert is raised below this.
     pub min: Option<f64>,
     #[serde(default)]
+    /// An alert is raised above this.
     pub max: Option<f64>,
     #[serde(default = "normal")]
+    /// The alert's priority.
     pub priority: Priority,
     /// How far back inside the band a value must come before the alert clears. Default:
     /// 2 % of max − min when both are set, else 1 % of the threshold's magnitude.
@@ -32,6 +37,7 @@ fn normal() -> Priority {
 }
 
 impl Rule {
+    /// Checks the rule names readings, has a band and finite numbers.
     pub fn validate(&self) -> Result<(), (String, String)> {
         if self.sensor_type.is_none() && self.sensor_id.is_none() {
             return Err((
@@ -89,23 +95,35 @@ impl Rule {
 /// Which side of the band an active alert is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
+    /// Above `max`.
     Above,
+    /// Below `min`.
     Below,
 }
 
 /// What a reading did to one rule's state for one sensor.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
+    /// The value crossed a threshold: a new alert.
     Raised {
+        /// Index of the rule.
         rule: usize,
+        /// The id the clearing record will repeat.
         alert_id: String,
+        /// Which side was crossed.
         side: Side,
+        /// The threshold crossed.
         threshold: f64,
     },
+    /// The value came back inside the band (past the hysteresis).
     Cleared {
+        /// Index of the rule.
         rule: usize,
+        /// The id of the alert that clears.
         alert_id: String,
+        /// Which side it had been on.
         side: Side,
+        /// The threshold it had crossed.
         threshold: f64,
     },
 }
@@ -118,6 +136,7 @@ pub struct Thresholds {
 }
 
 impl Thresholds {
+    /// State for these rules, no alert active.
     pub fn new(rules: Vec<Rule>) -> Thresholds {
         Thresholds {
             rules,
@@ -125,10 +144,12 @@ impl Thresholds {
         }
     }
 
+    /// Rule `i` (as `Change` names it).
     pub fn rule(&self, i: usize) -> &Rule {
         &self.rules[i]
     }
 
+    /// True when there are no rules.
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
     }

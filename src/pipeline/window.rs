@@ -15,20 +15,30 @@ use std::time::{Duration, SystemTime};
 pub struct Aggregate {
     /// The device whose readings these are.
     pub device_id: String,
+    /// The readings' type.
     pub sensor_type: String,
+    /// The sensor.
     pub sensor_id: String,
+    /// The readings' unit.
     pub unit: String,
+    /// Start of the window (inclusive).
     pub start: SystemTime,
+    /// End of the window (exclusive).
     pub end: SystemTime,
+    /// Readings in the window.
     pub count: u64,
+    /// Their sum.
     pub sum: f64,
+    /// The smallest.
     pub min: f64,
+    /// The largest.
     pub max: f64,
     /// Closed at shutdown before its end: the figures cover only part of the window.
     pub partial: bool,
 }
 
 impl Aggregate {
+    /// Mean of the readings.
     pub fn avg(&self) -> f64 {
         self.sum / self.count as f64
     }
@@ -39,10 +49,15 @@ type Key = (String, String, String);
 /// One reading as the windows see it.
 #[derive(Debug, Clone, Copy)]
 pub struct Sample<'a> {
+    /// The device that read it.
     pub device_id: &'a str,
+    /// The reading's type.
     pub sensor_type: &'a str,
+    /// The sensor.
     pub sensor_id: &'a str,
+    /// The unit.
     pub unit: &'a str,
+    /// The value.
     pub value: f64,
     /// When it was taken.
     pub t: SystemTime,
@@ -58,11 +73,16 @@ struct Open {
 #[derive(Debug, PartialEq)]
 pub enum Placed {
     /// Added to its sensor's open window; `first` when it opened that window.
-    Added { first: bool },
+    /// Added; `first` when it opened the window.
+    Added {
+        /// This reading opened the window.
+        first: bool,
+    },
     /// Older than the open window: left out.
     Late,
 }
 
+/// Open aggregate windows per sensor, closed by time.
 pub struct Windows {
     length: Duration,
     lateness: Duration,
@@ -70,6 +90,7 @@ pub struct Windows {
 }
 
 impl Windows {
+    /// Windows of `length`, closed `lateness` after their end.
     pub fn new(length: Duration, lateness: Duration) -> Windows {
         Windows {
             length,
@@ -176,6 +197,7 @@ impl Windows {
         }
     }
 
+    /// Windows open now.
     pub fn open_count(&self) -> usize {
         self.open.len()
     }

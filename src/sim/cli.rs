@@ -9,6 +9,7 @@ use clap::{Args, Subcommand};
 use super::{emstat, line, modbus, mqtt};
 
 #[derive(Subcommand)]
+/// Which simulator `labgate simulate` runs.
 pub enum SimKind {
     /// An EmStat Pico (MethodSCRIPT) potentiostat.
     Emstat {
@@ -42,6 +43,7 @@ pub enum SimKind {
     /// A line instrument: MT-SICS balance, Keithley 2400 / 2000, or a CSV sensor.
     Line {
         #[arg(long, value_enum)]
+        /// Which instrument to imitate.
         kind: line::Kind,
         /// Also create this symlink to the port.
         #[arg(long)]

@@ -32,7 +32,9 @@ pub enum HaltReply {
 }
 
 #[derive(Debug, Clone)]
+/// How the EmStat simulator behaves, including the faults it can inject.
 pub struct Options {
+    /// How it answers a halt (`h`), as firmware versions differ.
     pub halt_reply: HaltReply,
     /// 1.0 = real time, 0 = as fast as possible.
     pub speed: f64,
@@ -40,6 +42,7 @@ pub struct Options {
     pub garbage_every: u32,
     /// Sprinkle XON/XOFF bytes into the output.
     pub xon_xoff: bool,
+    /// Seed of the measurement noise.
     pub seed: u64,
 }
 

@@ -27,7 +27,9 @@ pub enum Kind {
 }
 
 #[derive(Debug, Clone)]
+/// How the line-instrument simulator behaves, including the faults it can inject.
 pub struct Options {
+    /// Which instrument it imitates.
     pub kind: Kind,
     /// Answer every Nth poll with an error reply (0 = never).
     pub error_every: u32,
@@ -37,10 +39,12 @@ pub struct Options {
     pub garbage_every: u32,
     /// Streaming period of the CSV sensor.
     pub stream_interval: Duration,
+    /// Seed of the measured values' noise.
     pub seed: u64,
 }
 
 impl Options {
+    /// Well-behaved defaults for `kind`.
     pub fn new(kind: Kind) -> Options {
         Options {
             kind,
@@ -60,6 +64,7 @@ pub struct LineSim {
 }
 
 impl LineSim {
+    /// Starts the simulator on a new pty; `link` names a symlink to it.
     pub fn start(opts: Options, link: Option<&Path>) -> std::io::Result<LineSim> {
         let (mut master, path) = super::open_pty(link)?;
         master
@@ -79,6 +84,7 @@ impl LineSim {
         Ok(LineSim { handle, received })
     }
 
+    /// The pty a driver opens.
     pub fn path(&self) -> &Path {
         self.handle.path()
     }

@@ -14,7 +14,9 @@ use tokio_modbus::server::Service;
 
 /// Values served.
 pub const TEMPERATURE_TENTHS: i16 = 235;
+/// Humidity register, tenths of a percent.
 pub const HUMIDITY_TENTHS: u16 = 455;
+/// Pressure register pair, hPa as an f32.
 pub const PRESSURE_HPA: f32 = 1013.25;
 
 struct Slave {
@@ -124,6 +126,7 @@ impl ModbusSim {
         Ok(ModbusSim { handle, requests })
     }
 
+    /// The pty a driver opens.
     pub fn path(&self) -> &Path {
         self.handle.path()
     }

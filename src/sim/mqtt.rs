@@ -12,6 +12,7 @@ use crate::devices::mqtt::sparkplug::{datatype, Metric, MetricValue, Payload};
 use crate::devices::simulated::Rng;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+/// The payload convention the simulated sensors publish in.
 pub enum Preset {
     /// `lab/<node>/<type>`: a plain number.
     Number,
@@ -27,11 +28,15 @@ pub enum Preset {
     Sparkplug,
 }
 
+/// What the MQTT sensor simulator publishes, where and how often.
 pub struct Options {
+    /// `mqtt://host:port`.
     pub broker: String,
+    /// The payload convention.
     pub preset: Preset,
     /// Name of the node / device in topics.
     pub node: String,
+    /// Time between rounds of readings.
     pub interval: Duration,
     /// Rounds to publish, then exit (None = until killed).
     pub rounds: Option<u64>,
@@ -47,15 +52,19 @@ const SENSORS: [(&str, &str, f64, f64, &str, &str); 5] = [
 ];
 
 #[derive(Debug, thiserror::Error)]
+/// Why the MQTT simulator stopped.
 pub enum SimError {
     #[error("broker URL: {0}")]
+    /// The broker URL does not parse.
     Url(String),
     #[error("MQTT: {0}")]
+    /// The MQTT client failed.
     Client(#[from] rumqttc::ClientError),
 }
 
 const GROUP: &str = "Lab1";
 
+/// Publishes the preset's messages until `rounds` are done or the process is killed.
 pub async fn run(o: Options) -> Result<(), SimError> {
     let (host, port) = parse(&o.broker).map_err(SimError::Url)?;
     let mut opts = MqttOptions::new(format!("labgate-sim-{}", o.node), host, port);

@@ -26,16 +26,21 @@ const ERROR_EVENT_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// A `line_instrument` device: a text-protocol instrument (SCPI, MT-SICS …) described by a profile.
 pub struct Config {
+    /// The device id records and commands carry.
     pub id: String,
     #[serde(default)]
+    /// The serial port path (`/dev/ttyUSB0`); or give `usb`.
     pub port: Option<String>,
     #[serde(default)]
+    /// The USB identity of the adapter, so a replugged instrument is found under any name.
     pub usb: Option<UsbId>,
     /// A profile name in `profiles_dir` (`mettler-mt-sics`, `keithley-2400`, …) or a path
     /// to a `.toml` profile.
     pub profile: String,
     #[serde(default = "d_profiles_dir")]
+    /// Where profile names are looked up.
     pub profiles_dir: PathBuf,
     /// Overrides the profile's baud rate.
     #[serde(default)]
@@ -44,6 +49,7 @@ pub struct Config {
     #[serde(default, with = "crate::time::serde_duration")]
     pub interval: Option<Duration>,
     #[serde(default)]
+    /// Where the instrument stands (bench, room), copied into each reading.
     pub location: Option<String>,
     /// Start polling as soon as the instrument is connected (else wait for `start`).
     #[serde(default = "d_true")]
@@ -79,6 +85,7 @@ impl Config {
         }
     }
 
+    /// Checks the port choice and that the profile loads; keys are relative to the device.
     pub fn validate(&self) -> Result<(), (String, String)> {
         serial::check_port_choice(self.port.as_deref(), self.usb.as_ref())?;
         if self.interval.is_some_and(|i| i.is_zero()) {

@@ -10,13 +10,19 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+/// Why a profile cannot be used.
 pub enum ProfileError {
     #[error("profile {0}: cannot read: {1}")]
+    /// The file cannot be read or parsed (profile, reason).
     Read(String, String),
     #[error("profile {name}: {key}: {message}")]
+    /// A value in the profile is wrong.
     Invalid {
+        /// The profile's name.
         name: String,
+        /// The key inside the profile.
         key: String,
+        /// What is wrong with it.
         message: String,
     },
 }
@@ -26,14 +32,19 @@ pub enum ProfileError {
 #[serde(deny_unknown_fields)]
 pub struct Serial {
     #[serde(default = "d_baud")]
+    /// Bits per second.
     pub baud: u32,
     #[serde(default = "d_bits")]
+    /// Data bits, 5 to 8.
     pub data_bits: u8,
     #[serde(default)]
+    /// Parity bit.
     pub parity: crate::devices::serial::Parity,
     #[serde(default = "d_stop")]
+    /// Stop bits, 1 or 2.
     pub stop_bits: u8,
     #[serde(default)]
+    /// Software (XON/XOFF), hardware (RTS/CTS) or no flow control.
     pub flow_control: crate::devices::serial::Flow,
 }
 
@@ -61,6 +72,7 @@ impl Default for Serial {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// What the agent sends to the instrument, and when.
 pub struct Commands {
     /// Sent once after connecting (each answer, if any, is read and logged).
     #[serde(default)]
@@ -69,6 +81,7 @@ pub struct Commands {
     #[serde(default)]
     pub poll: Option<String>,
     #[serde(default = "d_interval", with = "crate::time::serde_duration")]
+    /// How often `poll` is sent.
     pub interval: Duration,
     /// How long to wait for the answer to a poll.
     #[serde(default = "d_timeout", with = "crate::time::serde_duration")]
@@ -87,8 +100,11 @@ pub struct Commands {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// One instrument action (`tare`, `zero`): a line to send and the reply that means success.
 pub struct Action {
+    /// The line sent (without terminator).
     pub send: String,
+    /// A regular expression the success reply matches.
     pub ok: String,
 }
 
@@ -107,15 +123,25 @@ fn d_term() -> String {
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Parser {
     /// A regular expression with named captures.
-    Regex { pattern: String },
+    /// The expression; each named group becomes a field.
+    Regex {
+        /// The expression; each named group becomes a field.
+        pattern: String,
+    },
     /// Values separated by `separator`, named in order.
     Csv {
+        /// Field names, in column order.
         columns: Vec<String>,
         #[serde(default = "d_sep")]
+        /// The column separator (default `,`).
         separator: String,
     },
     /// Whitespace-separated values, named in order.
-    Whitespace { fields: Vec<String> },
+    /// Field names, in order.
+    Whitespace {
+        /// Field names, in order.
+        fields: Vec<String>,
+    },
 }
 
 fn d_sep() -> String {
@@ -129,16 +155,19 @@ pub struct Quantity {
     /// The parsed field that holds the value (its leading number is used, so
     /// `+1.12E+00VDC` reads as 1.12).
     pub field: String,
+    /// The reading's `sensor_type` (`mass`, `voltage` …).
     pub sensor_type: String,
     /// A fixed unit, or `unit_field` naming a field that carries it.
     #[serde(default)]
     pub unit: Option<String>,
     #[serde(default)]
+    /// A parsed field holding the unit (MT-SICS replies carry theirs).
     pub unit_field: Option<String>,
     /// value = raw × scale + offset
     #[serde(default = "d_scale")]
     pub scale: f64,
     #[serde(default)]
+    /// Added after scaling.
     pub offset: f64,
     /// Raw values that mean "not measured" (Keithley's 9.91e37): no reading is emitted.
     #[serde(default)]
@@ -153,28 +182,39 @@ fn d_scale() -> f64 {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ErrorReply {
+    /// A regular expression an error reply matches.
     pub pattern: String,
+    /// What the error means, for events and command results.
     pub message: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// An instrument profile: how to talk to one model and read what it says.
 pub struct Profile {
+    /// The profile's name, reported in `device_connected`.
     pub name: String,
     #[serde(default)]
+    /// Free text for people.
     pub description: String,
     #[serde(default)]
+    /// The serial frame.
     pub serial: Serial,
+    /// What to send and when.
     pub commands: Commands,
+    /// How a reply becomes fields.
     pub parser: Parser,
+    /// Which fields are readings.
     pub quantities: Vec<Quantity>,
     #[serde(default)]
+    /// Replies that mean the instrument refused or failed.
     pub errors: Vec<ErrorReply>,
 }
 
 /// A profile ready to parse lines.
 #[derive(Debug, Clone)]
 pub struct Compiled {
+    /// The profile as written.
     pub profile: Profile,
     regex: Option<Regex>,
     errors: Vec<(Regex, String)>,
@@ -186,20 +226,33 @@ pub struct Compiled {
 pub enum Parsed {
     /// Readings, with the fields that are not quantities as metadata.
     Readings {
+        /// One per quantity found in the line.
         readings: Vec<Reading>,
+        /// The parsed fields that are not quantities.
         metadata: BTreeMap<String, String>,
     },
     /// The instrument answered with an error reply.
-    DeviceError { line: String, message: String },
+    /// The line and the profile's meaning for it.
+    DeviceError {
+        /// The line as received.
+        line: String,
+        /// The profile's meaning for it.
+        message: String,
+    },
     /// The line does not match the profile.
     NoMatch(String),
 }
 
 #[derive(Debug, Clone, PartialEq)]
+/// One value read from a reply line.
 pub struct Reading {
+    /// From the quantity.
     pub sensor_type: String,
+    /// The field it came from.
     pub field: String,
+    /// Scaled and offset.
     pub value: f64,
+    /// Fixed, or read from the line.
     pub unit: String,
 }
 
@@ -231,6 +284,7 @@ pub fn leading_number(s: &str) -> Option<f64> {
 }
 
 impl Compiled {
+    /// Loads and compiles a profile file.
     pub fn load(path: &Path) -> Result<Compiled, ProfileError> {
         let name = path.display().to_string();
         let text = std::fs::read_to_string(path)
@@ -243,6 +297,7 @@ impl Compiled {
         Compiled::new(profile)
     }
 
+    /// Compiles a profile's regular expressions; a bad one is an `Invalid` naming its key.
     pub fn new(profile: Profile) -> Result<Compiled, ProfileError> {
         let invalid = |key: &str, message: String| ProfileError::Invalid {
             name: profile.name.clone(),

@@ -18,12 +18,15 @@ const XOFF: u8 = 0x13;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LineError {
     #[error("line longer than {MAX_LINE} bytes discarded")]
+    /// Longer than any MethodSCRIPT line; dropped up to its newline.
     TooLong,
     #[error("line is not ASCII: {0:?}")]
+    /// Contains bytes outside printable ASCII (line noise, wrong baud rate).
     NotAscii(String),
 }
 
 #[derive(Debug, Default)]
+/// Splits a byte stream into lines: bounded length, XON/XOFF removed, noise reported.
 pub struct LineCodec {
     /// Inside an over-long line: drop bytes until the next `\n`.
     discarding: bool,

@@ -26,7 +26,9 @@ use crate::record::{object, Body, Draft, Point};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// A `methodscript` device: a PalmSens instrument running MethodSCRIPT over serial.
 pub struct Config {
+    /// The device id records and commands carry.
     pub id: String,
     /// Port path, e.g. `/dev/ttyACM0` or a `/dev/serial/by-id/…` link. Or use `usb`.
     #[serde(default)]
@@ -42,8 +44,10 @@ pub struct Config {
     #[serde(default = "d_data_bits")]
     pub data_bits: u8,
     #[serde(default)]
+    /// Parity bit (PalmSens: none).
     pub parity: Parity,
     #[serde(default = "d_stop_bits")]
+    /// Stop bits (PalmSens: 1).
     pub stop_bits: u8,
     /// `software` is XON/XOFF (Sensit Wearable application firmware).
     #[serde(default)]
@@ -51,6 +55,7 @@ pub struct Config {
     /// A method name in `methods_dir` (`cv`, `ca`, `lsv`) or a path to a `.mscr` file.
     pub method: String,
     #[serde(default = "d_methods_dir")]
+    /// Where method names are looked up.
     pub methods_dir: PathBuf,
     /// Method parameters (a `start` command's parameters override these).
     #[serde(default)]
@@ -59,8 +64,10 @@ pub struct Config {
     #[serde(default)]
     pub autostart: bool,
     #[serde(default = "d_points")]
+    /// Data points per `echem_data` record, at most.
     pub points_per_message: usize,
     #[serde(default = "d_interval", with = "crate::time::serde_duration")]
+    /// A partly filled record is sent after this long, so slow scans still show up live.
     pub max_interval: Duration,
 }
 
@@ -85,6 +92,7 @@ fn d_interval() -> Duration {
 }
 
 impl Config {
+    /// Checks the port choice, the frame and that the method loads with its parameters.
     pub fn validate(&self) -> Result<(), (String, String)> {
         serial::check_port_choice(self.port.as_deref(), self.usb.as_ref())?;
         self.frame().validate()?;

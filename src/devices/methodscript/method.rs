@@ -7,19 +7,29 @@ use std::path::Path;
 use super::SI_PREFIXES;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+/// Why a method file cannot be used.
 pub enum MethodError {
     #[error("method {0}: cannot read: {1}")]
+    /// The file cannot be read (method, reason).
     Read(String, String),
     #[error("method {method}: line {line}: {message}")]
+    /// A line of the method is wrong.
     Syntax {
+        /// The method's name.
         method: String,
+        /// The line in the method file, from 1.
         line: usize,
+        /// What is wrong.
         message: String,
     },
     #[error("method {method}: parameter {param}: {message}")]
+    /// A parameter value is missing or out of range.
     Param {
+        /// The method's name.
         method: String,
+        /// The parameter.
         param: String,
+        /// What is wrong with its value.
         message: String,
     },
 }
@@ -27,19 +37,28 @@ pub enum MethodError {
 /// A declared parameter.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParamSpec {
+    /// The placeholder name, `{name}` in the script.
     pub name: String,
     /// SI unit, `-` for none.
     pub unit: String,
+    /// Used when neither the config nor the `start` command gives a value.
     pub default: f64,
+    /// Smallest accepted value.
     pub min: f64,
+    /// Largest accepted value.
     pub max: f64,
+    /// The value must be a whole number (scan counts).
     pub integer: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
+/// A MethodSCRIPT file with its declared technique and parameters.
 pub struct Method {
+    /// The file's name without extension.
     pub name: String,
+    /// What the records of a run say they measured (`CV`, `CA` …).
     pub technique: String,
+    /// Declared parameters, in file order.
     pub params: Vec<ParamSpec>,
     /// Script lines without comments, with placeholders.
     body: Vec<String>,
@@ -123,6 +142,7 @@ impl Method {
         Method::parse(&stem, &text)
     }
 
+    /// Parses a method file's text.
     pub fn parse(name: &str, text: &str) -> Result<Method, MethodError> {
         let syntax = |line: usize, message: String| MethodError::Syntax {
             method: name.to_string(),

@@ -43,8 +43,11 @@ pub enum Line {
     /// `…!XXXX[: context]`: an error, with what preceded the `!` (usually the echoed
     /// command letter) and the context after the colon (e.g. `Line 1, Col 16`).
     Error {
+        /// What preceded the `!` (usually the echoed command letter).
         prefix: String,
+        /// The error code, hex in the line.
         code: u16,
+        /// What followed the colon (`Line 1, Col 16`).
         context: Option<String>,
     },
     /// Anything else: command replies such as `Z`, `h`, `tespico…`, `v01.09.00`.
@@ -55,9 +58,21 @@ pub enum Line {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ParseError {
     #[error("malformed {what} line {line:?}")]
-    Malformed { what: &'static str, line: String },
+    /// A line that starts like a known kind but does not parse.
+    Malformed {
+        /// The kind of line it looked like.
+        what: &'static str,
+        /// The line as received.
+        line: String,
+    },
     #[error("bad data package {line:?}: {source}")]
-    Package { line: String, source: PackageError },
+    /// A `P` line whose package does not decode.
+    Package {
+        /// The line as received.
+        line: String,
+        /// Why its package does not decode.
+        source: PackageError,
+    },
 }
 
 impl Line {

@@ -41,6 +41,7 @@ fn factor(prefix: char) -> Option<f64> {
 pub struct VarType(pub [u8; 2]);
 
 impl VarType {
+    /// The two-letter code (`da`, `ba` …).
     pub fn code(&self) -> &str {
         std::str::from_utf8(&self.0).unwrap_or("??")
     }
@@ -111,6 +112,7 @@ impl fmt::Display for VarType {
 /// One variable of a package.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Var {
+    /// What the value is (potential, current, time …).
     pub kind: VarType,
     /// The value in SI units; `None` for `nan`.
     pub value: Option<f64>,
@@ -137,20 +139,27 @@ pub fn status_flags(status: u8) -> Vec<&'static str> {
 /// A decoded `P` line.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Package {
+    /// The package's variables, in line order.
     pub vars: Vec<Var>,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+/// Why a `P` line does not decode.
 pub enum PackageError {
     #[error("empty package")]
+    /// Nothing after the `P`.
     Empty,
     #[error("variable {0:?}: shorter than type + 8-character value")]
+    /// A variable shorter than its type and value.
     Short(String),
     #[error("variable {0:?}: type must be two lowercase letters")]
+    /// A type code that is not two lowercase letters.
     Type(String),
     #[error("variable {0:?}: value must be 7 hex digits and an SI prefix, or \"     nan\"")]
+    /// A value that is not 7 hex digits and an SI prefix.
     Value(String),
     #[error("variable {0:?}: bad metadata {1:?}")]
+    /// A metadata field that does not parse (variable, field).
     Metadata(String, String),
 }
 

@@ -27,33 +27,48 @@ pub enum State {
 pub enum Output {
     /// The device acknowledged the script (`e`).
     ScriptStarted,
+    /// A measurement loop began (`M` with its type code).
     MeasLoopStarted(u16),
+    /// The measurement loop ended (`*`).
     MeasLoopEnded,
+    /// A scan began (`L`), with its number in this loop.
     ScanStarted(u16),
+    /// The scan ended (`+`).
     ScanEnded,
     /// One data package, with the scan it belongs to (0 when there are no scans).
     Data {
+        /// The scan the data belongs to.
         scan: u32,
+        /// The decoded variables.
         package: Package,
     },
+    /// Text the script sent with `send_string`.
     Text(String),
     /// The script ended: normally, after an abort, and/or after a device error.
     ScriptEnded {
+        /// The script was aborted (`Z`).
         aborted: bool,
+        /// A device error happened during the script.
         failed: bool,
     },
     /// A device error during a script (it fails the experiment).
     DeviceError {
+        /// The error code.
         code: u16,
+        /// Its documented meaning.
         text: String,
+        /// Where in the script, as the device said it.
         context: Option<String>,
     },
     /// The device answered a command we sent.
     CommandDone(Command),
     /// The device refused a command we sent.
     CommandFailed {
+        /// The command refused.
         command: Command,
+        /// The error code.
         code: u16,
+        /// Its documented meaning.
         text: String,
     },
     /// A line that means nothing in this state (counted by the driver).
@@ -63,8 +78,11 @@ pub enum Output {
 /// The commands the session sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
+    /// Halt the script at the next loop iteration (`h`).
     Halt,
+    /// Resume a halted script (`H`).
     Resume,
+    /// Abort the script (`Z`).
     Abort,
 }
 
@@ -82,16 +100,21 @@ impl Command {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SessionError {
     #[error("no script is running")]
+    /// Halt, resume and abort need a running script.
     NotRunning,
     #[error("the script is not halted")]
+    /// Resume needs a halted script.
     NotHalted,
     #[error("a script is already running")]
+    /// A script cannot start while one runs.
     Busy,
     #[error("a {0:?} command is still waiting for its reply")]
+    /// One command at a time: the reply to this one has not come.
     Pending(Command),
 }
 
 #[derive(Debug)]
+/// The MethodSCRIPT conversation as a pure state machine: lines in, outputs and commands out.
 pub struct Session {
     state: State,
     /// Command sent, reply not yet seen.
@@ -119,6 +142,7 @@ fn describe(code: u16) -> String {
 }
 
 impl Session {
+    /// Where the conversation is now.
     pub fn state(&self) -> State {
         self.state
     }

@@ -31,7 +31,9 @@ use mapping::{Mapper, Subscription};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// An `mqtt` device: one broker connection and its subscriptions.
 pub struct Config {
+    /// The device id records and commands carry.
     pub id: String,
     /// `mqtt://host:1883` or `mqtts://host:8883` (TLS).
     pub broker: String,
@@ -40,14 +42,17 @@ pub struct Config {
     #[serde(default)]
     pub client_id: Option<String>,
     #[serde(default)]
+    /// Broker user name, if the broker wants one.
     pub username: Option<String>,
     /// Prefer `password_file` (e.g. a systemd credential) or `password_env`. Never
     /// printed (`***`).
     #[serde(default)]
     pub password: Option<crate::secret::Secret>,
     #[serde(default)]
+    /// A file holding the password (a systemd credential, say).
     pub password_file: Option<PathBuf>,
     #[serde(default)]
+    /// An environment variable holding the password.
     pub password_env: Option<String>,
     /// TLS: CA certificate (PEM) to trust instead of the system's roots.
     #[serde(default)]
@@ -56,17 +61,21 @@ pub struct Config {
     #[serde(default)]
     pub client_cert: Option<PathBuf>,
     #[serde(default)]
+    /// TLS client key (PKCS#8 PEM), with `client_cert`.
     pub client_key: Option<PathBuf>,
     #[serde(default = "d_keep_alive", with = "crate::time::serde_duration")]
+    /// MQTT keep-alive; a silent broker is noticed after about 1.5 × this.
     pub keep_alive: Duration,
     /// Largest message accepted (Zigbee2MQTT's `bridge/devices` can be large).
     #[serde(default = "d_max_packet")]
     pub max_packet_bytes: usize,
     #[serde(default)]
+    /// Where the sensors are, copied into each reading.
     pub location: Option<String>,
     /// Malformed payloads are reported by one `mqtt_malformed` event per this interval.
     #[serde(default = "d_report", with = "crate::time::serde_duration")]
     pub malformed_report_every: Duration,
+    /// What to subscribe to and how to read it.
     pub subscriptions: Vec<Subscription>,
     /// Commands this device carries out, by name (stop, pause, resume, start, …).
     #[serde(default)]
@@ -87,17 +96,21 @@ fn d_report() -> Duration {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CommandAction {
+    /// The topic published to.
     pub topic: String,
     #[serde(default)]
+    /// The payload published, as written.
     pub payload: Option<String>,
     /// Sparkplug B: the metric a DCMD / NCMD writes, with `value`.
     #[serde(default)]
     pub sparkplug_metric: Option<String>,
     #[serde(default)]
+    /// The value written to `sparkplug_metric`.
     pub value: Option<toml::Value>,
 }
 
 impl Config {
+    /// Checks the broker URL, TLS files, password sources, subscriptions and commands.
     pub fn validate(&self) -> Result<(), (String, String)> {
         broker_addr(&self.broker).map_err(|m| ("broker".to_string(), m))?;
         if let Some(c) = &self.client_id {
@@ -191,6 +204,7 @@ impl Config {
         self.password_sources().read()
     }
 
+    /// True when this device has an action configured for the command.
     pub fn accepts(&self, cmd: CommandKind) -> bool {
         self.commands.contains_key(cmd.as_str())
     }
@@ -280,6 +294,7 @@ struct Malformed {
 /// Malformed payloads logged one by one per interval; the rest are summed up.
 const MALFORMED_LOG_LINES: u32 = 5;
 
+/// Driver entry point: connect, subscribe, map and acknowledge each message once durable, reconnect until shutdown.
 pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
     let client_id = cfg
         .client_id

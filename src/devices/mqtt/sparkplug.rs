@@ -14,110 +14,160 @@ use prost::Message;
 use super::types::{Mapped, Note, Outgoing, Reading};
 use crate::record::object;
 
+/// The Sparkplug B topic namespace.
 pub const NAMESPACE: &str = "spBv1.0";
 
 /// `org.eclipse.tahu.protobuf.Payload` (proto2), the fields an agent needs.
 #[derive(Clone, PartialEq, Message)]
 pub struct Payload {
     #[prost(uint64, optional, tag = "1")]
+    /// When the payload was made, ms since the epoch.
     pub timestamp: Option<u64>,
     #[prost(message, repeated, tag = "2")]
+    /// The metrics carried.
     pub metrics: Vec<Metric>,
     #[prost(uint64, optional, tag = "3")]
+    /// Sequence number 0–255, to notice lost messages.
     pub seq: Option<u64>,
     #[prost(string, optional, tag = "4")]
+    /// Free identifier of the payload.
     pub uuid: Option<String>,
     #[prost(bytes = "vec", optional, tag = "5")]
+    /// Opaque bytes.
     pub body: Option<Vec<u8>>,
 }
 
 #[derive(Clone, PartialEq, Message)]
+/// One Sparkplug metric: a name (or alias from the birth), a type and a value.
 pub struct Metric {
     #[prost(string, optional, tag = "1")]
+    /// The metric's name (births always carry it).
     pub name: Option<String>,
     #[prost(uint64, optional, tag = "2")]
+    /// The alias later messages may use instead of the name.
     pub alias: Option<u64>,
     #[prost(uint64, optional, tag = "3")]
+    /// When it was measured, ms since the epoch.
     pub timestamp: Option<u64>,
     #[prost(uint32, optional, tag = "4")]
+    /// A Sparkplug DataType code (see [`datatype`]).
     pub datatype: Option<u32>,
     #[prost(bool, optional, tag = "5")]
+    /// A value from the past (store-and-forward), not the current one.
     pub is_historical: Option<bool>,
     #[prost(bool, optional, tag = "6")]
+    /// Not to be stored.
     pub is_transient: Option<bool>,
     #[prost(bool, optional, tag = "7")]
+    /// The value is null.
     pub is_null: Option<bool>,
     #[prost(message, optional, tag = "9")]
+    /// Properties such as the engineering unit.
     pub properties: Option<PropertySet>,
     #[prost(oneof = "MetricValue", tags = "10, 11, 12, 13, 14, 15, 16")]
+    /// The value.
     pub value: Option<MetricValue>,
 }
 
 #[derive(Clone, PartialEq, prost::Oneof)]
+/// A metric's value, as the protobuf oneof carries it.
 pub enum MetricValue {
     #[prost(uint32, tag = "10")]
+    /// 8/16/32-bit integers (signed ones two's-complement).
     Int(u32),
     #[prost(uint64, tag = "11")]
+    /// 64-bit integers.
     Long(u64),
     #[prost(float, tag = "12")]
+    /// Float.
     Float(f32),
     #[prost(double, tag = "13")]
+    /// Double.
     Double(f64),
     #[prost(bool, tag = "14")]
+    /// Boolean.
     Boolean(bool),
     #[prost(string, tag = "15")]
+    /// String or text.
     String(String),
     #[prost(bytes = "vec", tag = "16")]
+    /// Bytes or a file.
     Bytes(Vec<u8>),
 }
 
 #[derive(Clone, PartialEq, Message)]
+/// Named properties of a metric (`engUnit`, say).
 pub struct PropertySet {
     #[prost(string, repeated, tag = "1")]
+    /// Property names.
     pub keys: Vec<String>,
     #[prost(message, repeated, tag = "2")]
+    /// Their values, in the same order.
     pub values: Vec<PropertyValue>,
 }
 
 #[derive(Clone, PartialEq, Message)]
+/// One property value.
 pub struct PropertyValue {
     #[prost(uint32, optional, tag = "1")]
+    /// A Sparkplug DataType code.
     pub r#type: Option<u32>,
     #[prost(bool, optional, tag = "2")]
+    /// The value is null.
     pub is_null: Option<bool>,
     #[prost(oneof = "PropertyValueValue", tags = "3, 4, 5, 6, 7, 8")]
+    /// The value.
     pub value: Option<PropertyValueValue>,
 }
 
 #[derive(Clone, PartialEq, prost::Oneof)]
+/// A property's value, as the protobuf oneof carries it.
 pub enum PropertyValueValue {
     #[prost(uint32, tag = "3")]
+    /// 8/16/32-bit integers.
     Int(u32),
     #[prost(uint64, tag = "4")]
+    /// 64-bit integers.
     Long(u64),
     #[prost(float, tag = "5")]
+    /// Float.
     Float(f32),
     #[prost(double, tag = "6")]
+    /// Double.
     Double(f64),
     #[prost(bool, tag = "7")]
+    /// Boolean.
     Boolean(bool),
     #[prost(string, tag = "8")]
+    /// String or text.
     String(String),
 }
 
 /// Sparkplug DataType codes used here.
 pub mod datatype {
+    /// Int8.
     pub const INT8: u32 = 1;
+    /// Int16.
     pub const INT16: u32 = 2;
+    /// Int32.
     pub const INT32: u32 = 3;
+    /// Int64.
     pub const INT64: u32 = 4;
+    /// UInt8.
     pub const UINT8: u32 = 5;
+    /// UInt16.
     pub const UINT16: u32 = 6;
+    /// UInt32.
     pub const UINT32: u32 = 7;
+    /// UInt64.
     pub const UINT64: u32 = 8;
+    /// Float.
     pub const FLOAT: u32 = 9;
+    /// Double.
     pub const DOUBLE: u32 = 10;
+    /// Boolean.
     pub const BOOLEAN: u32 = 11;
+    /// String.
     pub const STRING: u32 = 12;
 }
 

@@ -19,6 +19,7 @@ pub struct Pattern {
 }
 
 impl Pattern {
+    /// Parses a pattern; `+name` and `#name` name the level for templates.
     pub fn parse(s: &str) -> Result<Pattern, String> {
         if s.is_empty() {
             return Err("must not be empty".into());

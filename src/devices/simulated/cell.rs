@@ -18,28 +18,42 @@ const F_RT: f64 = 38.921;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "technique", rename_all = "snake_case", deny_unknown_fields)]
+/// One step of a simulated experiment.
 pub enum Step {
     /// Cyclic voltammetry: begin → vertex1 → vertex2 → begin, `n_scans` times.
     Cv {
+        /// Start and end potential, V.
         e_begin: f64,
+        /// First turning potential, V.
         e_vertex1: f64,
+        /// Second turning potential, V.
         e_vertex2: f64,
+        /// Potential step, V.
         e_step: f64,
+        /// V/s.
         scan_rate: f64,
         #[serde(default = "one")]
+        /// Scans, 1 or more.
         n_scans: u32,
     },
     /// Chronoamperometry: hold `e_dc` for `t_run` s, a point every `t_interval` s.
     Ca {
+        /// The applied potential, V.
         e_dc: f64,
+        /// s between points.
         t_interval: f64,
+        /// s in all.
         t_run: f64,
     },
     /// Linear sweep voltammetry: `e_begin` → `e_end`.
     Lsv {
+        /// Start potential, V.
         e_begin: f64,
+        /// End potential, V.
         e_end: f64,
+        /// Potential step, V.
         e_step: f64,
+        /// V/s.
         scan_rate: f64,
     },
 }
@@ -49,6 +63,7 @@ fn one() -> u32 {
 }
 
 impl Step {
+    /// The technique as records name it.
     pub fn name(&self) -> &'static str {
         match self {
             Step::Cv { .. } => "CV",
@@ -274,6 +289,7 @@ pub struct Generator {
 }
 
 impl Generator {
+    /// Points of `step` on a cell with formal potential `e0`, with seeded noise.
     pub fn new(step: &Step, e0: f64, noise: f64, seed: u64) -> Generator {
         Generator {
             gen: StepGen::new(step, Cell::new(e0)),
@@ -287,6 +303,7 @@ impl Generator {
         self.gen.len()
     }
 
+    /// True when the step has no points.
     pub fn is_empty(&self) -> bool {
         self.gen.len() == 0
     }
@@ -301,6 +318,7 @@ impl Generator {
         self.gen.scan_of(k)
     }
 
+    /// The next point, or None at the end of the step.
     pub fn next_point(&mut self) -> Option<Point> {
         self.gen.next(&mut self.rng, self.noise)
     }

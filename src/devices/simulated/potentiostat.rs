@@ -15,7 +15,9 @@ use crate::record::{object, Body, Draft, Point};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// A `simulated_potentiostat` device: runs a sequence of steps on a model cell.
 pub struct Config {
+    /// The device id records and commands carry.
     pub id: String,
     /// Steps of each experiment, in order.
     pub steps: Vec<Step>,
@@ -68,6 +70,7 @@ fn d_noise() -> f64 {
 }
 
 impl Config {
+    /// Checks steps, timing and batch sizes.
     pub fn validate(&self) -> Result<(), (String, String)> {
         if self.steps.is_empty() {
             return Err(("steps".into(), "at least one step is required".into()));

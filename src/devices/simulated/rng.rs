@@ -5,12 +5,15 @@
 pub struct Rng(u64);
 
 impl Rng {
+    /// A generator from a seed (the same seed gives the same noise).
     pub fn new(seed: u64) -> Rng {
         Rng(seed)
     }
+    /// A generator seeded from the clock.
     pub fn from_time() -> Rng {
         Rng(crate::record::unix_us(std::time::SystemTime::now()) ^ 0x9E37_79B9_7F4A_7C15)
     }
+    /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;

@@ -13,7 +13,9 @@ use crate::record::{Body, Draft};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// A `simulated_sensors` device: a set of noisy readings at an interval.
 pub struct Config {
+    /// The device id records and commands carry.
     pub id: String,
     /// Time between readings of the whole set; 0 = as fast as possible (benchmarks).
     #[serde(default = "d_interval", with = "crate::time::serde_duration")]
@@ -22,7 +24,9 @@ pub struct Config {
     #[serde(default)]
     pub rounds: Option<u64>,
     #[serde(default)]
+    /// Copied into each reading.
     pub location: Option<String>,
+    /// The sensors read each round.
     pub sensors: Vec<Sensor>,
 }
 
@@ -32,15 +36,22 @@ fn d_interval() -> Duration {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// One simulated sensor.
 pub struct Sensor {
+    /// The reading's `sensor_id`.
     pub sensor_id: String,
+    /// The reading's `sensor_type`.
     pub sensor_type: String,
+    /// The reading's unit.
     pub unit: String,
+    /// The mean value.
     pub base: f64,
+    /// Half-width of the uniform noise around `base`.
     pub variance: f64,
 }
 
 impl Config {
+    /// Checks there are sensors and their numbers are finite.
     pub fn validate(&self) -> Result<(), (String, String)> {
         if self.sensors.is_empty() {
             return Err(("sensors".into(), "at least one sensor is required".into()));

@@ -19,14 +19,19 @@ pub use super::types::{Mapped, Note, Outgoing, Reading};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+/// How a subscription's payloads are read.
 pub enum Format {
     /// The payload is one number; ids and type from the topic.
     Number,
     /// JSON; `value`, `unit_path`, `timestamp` are field paths.
     Json,
+    /// Tasmota's `tele/<topic>/SENSOR` JSON.
     Tasmota,
+    /// Zigbee2MQTT device state JSON under its base topic.
     Zigbee2mqtt,
+    /// Homie 5 property values, typed by the device's `$description`.
     Homie,
+    /// Sparkplug B protobuf payloads (births, data, deaths).
     Sparkplug,
 }
 
@@ -34,6 +39,7 @@ pub enum Format {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Subscription {
+    /// How payloads are read.
     pub format: Format,
     /// Topic pattern; `+name` / `#name` name a level for templates. Presets have a
     /// default (`tele/+topic/SENSOR`, `zigbee2mqtt`, `homie/5`, `spBv1.0/+`), which for
@@ -74,6 +80,7 @@ impl Subscription {
         }
     }
 
+    /// The topic pattern to subscribe to: configured, or the preset's default.
     pub fn topic(&self) -> &str {
         self.topic.as_deref().unwrap_or(self.default_topic())
     }
