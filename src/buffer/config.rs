@@ -55,8 +55,13 @@ fn default_commit() -> Duration {
 fn default_cache() -> u64 {
     4 << 20
 }
+/// 32, not more: sled 0.34 keeps up to about 256 leaf pages resident whatever
+/// `cache_capacity` says (its LRU has 256 shards and evicts in batches of 64 accesses),
+/// and a leaf holds up to 16 values, so the value size sets that floor: at 64 records a
+/// chunk it was ~31 MB, at 32 ~20 MB, at 16 ~15 MB (measured, `examples/backlog_probe.rs`).
+/// Fewer per chunk costs append speed (sled's cost is per key).
 fn default_chunk() -> usize {
-    64
+    32
 }
 
 impl Default for BufferConfig {

@@ -34,12 +34,23 @@
 //!
 //! Chunks and counters share one tree because a sled batch is atomic within a tree.
 //! Chunks are lz4-compressed: sled keeps recently written values resident regardless of
-//! `cache_capacity`, so the bytes handed to sled set both the memory a backlog costs and
-//! the time a flush takes; JSON records compress about 4× (measured in BENCHMARKS.md).
+//! `cache_capacity` (about 256 leaf pages of up to 16 values each), so the size of a
+//! value sets the memory floor and the time a flush takes; JSON records compress about
+//! 4× (measured in BENCHMARKS.md).
 //!
 //! Many records per sled value is what makes this fast: sled's cost is per key, so 64
 //! records per value append about ten times faster than one per key (measured with
 //! sled 0.34.7 and 200-byte records: ~150k records/s one per key, ~1.5M/s at 64 per value).
+//! The default of 32 trades some of that for a third less resident memory.
+//!
+//! # Memory does not grow with the backlog
+//!
+//! For a chunk the forwarder has not read, memory holds its id and record count only
+//! (2 bytes a chunk, in runs of consecutive ids). Sizes and devices are in sled and are
+//! read back on the rare paths that need them (dropping to make room, the oldest age).
+//! Chunks the forwarder has read keep their details (acked bits, each record's device)
+//! until fully acked; there are at most as many as the producer's in-flight window
+//! covers.
 //!
 //! # Acks in memory, deletes per chunk
 //!
@@ -256,13 +267,55 @@ impl ChunkInfo {
     }
 }
 
+/// The chunks the forwarder has not read yet, oldest first: their ids and record counts
+/// only (2 bytes a chunk), so a long backlog costs little memory. Ids are consecutive
+/// except where chunks were deleted out of order before a restart; each run of
+/// consecutive ids is one entry.
+#[derive(Debug, Default)]
+struct Unread {
+    runs: std::collections::VecDeque<(u64, std::collections::VecDeque<u16>)>,
+    chunks: u64,
+}
+
+impl Unread {
+    fn push(&mut self, id: u64, len: u16) {
+        match self.runs.back_mut() {
+            Some((start, lens)) if *start + lens.len() as u64 == id => lens.push_back(len),
+            _ => self.runs.push_back((id, [len].into())),
+        }
+        self.chunks += 1;
+    }
+    fn front(&self) -> Option<(u64, u16)> {
+        let (start, lens) = self.runs.front()?;
+        Some((*start, *lens.front()?))
+    }
+    fn pop_front(&mut self) -> Option<(u64, u16)> {
+        let (start, lens) = self.runs.front_mut()?;
+        let len = lens.pop_front()?;
+        let id = *start;
+        *start += 1;
+        if lens.is_empty() {
+            self.runs.pop_front();
+        }
+        self.chunks -= 1;
+        Some((id, len))
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
-    index: BTreeMap<u64, ChunkInfo>,
+    /// Chunks the forwarder has read that still have unacked records. Bounded by the
+    /// producer's in-flight window, not by the backlog.
+    in_flight: BTreeMap<u64, ChunkInfo>,
+    /// Chunks not read yet.
+    unread: Unread,
+    /// The oldest chunk's id and first ingest time, as last looked up for `stats`.
+    oldest: Option<(u64, u64)>,
     next_chunk: u64,
     /// Chunks with a smaller id are flushed and may be read.
     durable_end: u64,
-    /// The next chunk the forwarder will read; older ones are in flight or done.
+    /// Where the forwarder reads next: re-reads in-flight chunks at or after it (after a
+    /// rewind), then the unread ones.
     read_cursor: u64,
     bytes: u64,
     records: u64,
@@ -310,9 +363,10 @@ impl State {
         }
     }
 
-    fn add_device_counts(&mut self, info: &ChunkInfo) {
-        for d in &info.devices {
-            self.per_device[usize::from(*d)] += 1;
+    fn count_devices(&mut self, recs: &[Stored]) {
+        for r in recs {
+            let d = self.intern(&r.device_id);
+            self.per_device[usize::from(d)] += 1;
         }
     }
 
@@ -411,13 +465,12 @@ impl Buffer {
             };
             st.records += recs.len() as u64;
             st.bytes += v.len() as u64;
-            let info = st.info_for(&recs, v.len());
-            st.add_device_counts(&info);
-            st.index.insert(id, info);
+            st.count_devices(&recs);
+            st.unread.push(id, chunk_len(&recs));
             st.next_chunk = id + 1;
         }
         st.durable_end = st.next_chunk;
-        st.read_cursor = st.index.keys().next().copied().unwrap_or(st.next_chunk);
+        st.read_cursor = st.unread.front().map_or(st.next_chunk, |(id, _)| id);
         if let Some(kv) = dead.last()? {
             st.next_dead = from_be(&kv.0).map_or(0, |n| n + 1);
         }
@@ -523,33 +576,41 @@ impl Buffer {
             }
             incoming += bytes.len() as u64;
         }
-        // Make room under drop_oldest: unread chunks only, oldest first.
-        let mut dropped_chunks = Vec::new();
+        // Make room under drop_oldest: unread chunks only, oldest first. Their sizes
+        // and devices are read back from sled (overflow is the rare path; keeping them
+        // in memory would make memory grow with the backlog).
         if self.overflow == OverflowPolicy::DropOldest {
             let mut excess = (st.bytes + incoming).saturating_sub(cap);
-            for (id, info) in st.index.range(st.read_cursor..) {
-                if excess == 0 {
+            let mut dropped_ids = Vec::new();
+            while excess > 0 {
+                let Some((id, len)) = st.unread.pop_front() else {
                     break;
+                };
+                let key = chunk_key(id);
+                let Some(v) = self.outbox.get(key)? else {
+                    continue;
+                };
+                match decode(id, &v) {
+                    Ok(recs) => {
+                        for r in &recs {
+                            let d = st.intern(&r.device_id);
+                            st.dec_device(d);
+                        }
+                    }
+                    // Counted as dropped all the same; its devices are unknown.
+                    Err(e) => {
+                        tracing::error!(chunk = id, error = %e, "undecodable chunk dropped to make room")
+                    }
                 }
-                excess = excess.saturating_sub(info.bytes);
-                dropped_chunks.push(*id);
+                excess = excess.saturating_sub(v.len() as u64);
+                st.records -= u64::from(len);
+                st.bytes -= v.len() as u64;
+                out.dropped += u64::from(len);
+                batch.remove(&key);
+                dropped_ids.push(id);
             }
-        }
-        for id in dropped_chunks {
-            let Some(info) = st.index.remove(&id) else {
-                continue;
-            };
-            for (i, d) in info.devices.iter().enumerate() {
-                if !info.is_acked(i as u32) {
-                    st.dec_device(*d);
-                }
-            }
-            st.records -= u64::from(info.unacked);
-            st.bytes -= info.bytes;
-            out.dropped += u64::from(info.unacked);
-            batch.remove(&chunk_key(id));
-            if st.read_cursor == id {
-                st.read_cursor = id + 1;
+            if let Some(&last) = dropped_ids.last() {
+                st.read_cursor = st.read_cursor.max(last + 1);
             }
         }
         let mut next_seq: HashMap<&str, u64> = HashMap::new();
@@ -560,8 +621,7 @@ impl Buffer {
             for r in part.iter() {
                 next_seq.insert(&r.device_id, r.seq + 1);
             }
-            let info = st.info_for(part, bytes.len());
-            new_infos.push((id, info));
+            new_infos.push((id, part, bytes.len()));
             out.accepted += part.len();
         }
         out.rejected = records.len() - out.accepted;
@@ -578,11 +638,11 @@ impl Buffer {
         // One batch on one tree: records, their seq counters and the drop count land
         // together or not at all.
         self.outbox.apply_batch(batch)?;
-        for (id, info) in new_infos {
-            st.records += u64::from(info.len);
-            st.bytes += info.bytes;
-            st.add_device_counts(&info);
-            st.index.insert(id, info);
+        for (id, part, bytes) in new_infos {
+            st.records += part.len() as u64;
+            st.bytes += bytes as u64;
+            st.count_devices(part);
+            st.unread.push(id, chunk_len(part));
             st.next_chunk = id + 1;
         }
         st.unreported_drops = unreported;
@@ -679,33 +739,57 @@ impl Buffer {
     /// moves the cursor past it. `None` when everything durable has been read.
     pub fn read_next(&self) -> Result<Option<Vec<(RecordId, Stored)>>, BufferError> {
         loop {
-            let (id, acked) = {
+            // After a rewind: the in-flight chunks again, with what is acked left out.
+            let (id, len, acked) = {
                 let mut st = self.state();
-                let Some((&id, info)) = st.index.range(st.read_cursor..).next() else {
-                    st.read_cursor = st.next_chunk.max(st.read_cursor);
-                    return Ok(None);
-                };
-                if id >= st.durable_end {
-                    return Ok(None);
+                let again = st
+                    .in_flight
+                    .range(st.read_cursor..)
+                    .next()
+                    .map(|(&id, info)| (id, info.len, info.acked.clone()));
+                if let Some((id, len, acked)) = again {
+                    st.read_cursor = id + 1;
+                    (id, len, Some(acked))
+                } else {
+                    match st.unread.front() {
+                        Some((id, _)) if id < st.durable_end => {
+                            let (id, len) = st.unread.pop_front().unwrap_or((id, 0));
+                            st.read_cursor = id + 1;
+                            (id, u32::from(len), None)
+                        }
+                        _ => {
+                            st.read_cursor = st
+                                .read_cursor
+                                .max(st.unread.front().map_or(st.next_chunk, |(id, _)| id));
+                            return Ok(None);
+                        }
+                    }
                 }
-                let acked = info.acked.clone();
-                st.read_cursor = id + 1;
-                (id, acked)
             };
             let Some(v) = self.outbox.get(chunk_key(id))? else {
-                continue; // dropped or fully acked meanwhile
+                continue; // fully acked meanwhile
             };
             let recs = match decode(id, &v) {
                 Ok(r) => r,
                 Err(e) => {
-                    self.quarantine_chunk(id, &v, &e)?;
+                    self.quarantine_chunk(id, &v, &e, len)?;
                     continue;
+                }
+            };
+            let acked = match acked {
+                Some(a) => a,
+                None => {
+                    let mut st = self.state();
+                    let info = st.info_for(&recs, v.len());
+                    let a = info.acked.clone();
+                    st.in_flight.insert(id, info);
+                    a
                 }
             };
             let out: Vec<(RecordId, Stored)> = recs
                 .into_iter()
                 .enumerate()
-                .filter(|(i, _)| acked[i / 64] & (1 << (i % 64)) == 0)
+                .filter(|(i, _)| acked.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) == 0))
                 .map(|(i, r)| {
                     (
                         RecordId {
@@ -724,22 +808,32 @@ impl Buffer {
 
     /// Moves a chunk that cannot be decoded out of the way, so the rest drains. Its
     /// records are counted as lost (`quarantined`); the bytes stay for a human.
-    fn quarantine_chunk(&self, id: u64, raw: &[u8], e: &BufferError) -> Result<(), BufferError> {
+    fn quarantine_chunk(
+        &self,
+        id: u64,
+        raw: &[u8],
+        e: &BufferError,
+        len: u32,
+    ) -> Result<(), BufferError> {
         tracing::error!(chunk = id, error = %e, "undecodable buffer chunk moved to quarantine");
         self.quarantine.insert(chunk_key(id), raw)?;
         self.outbox.remove(chunk_key(id))?;
         let mut st = self.state();
-        let mut lost = 0;
-        if let Some(info) = st.index.remove(&id) {
-            for (i, d) in info.devices.iter().enumerate() {
-                if !info.is_acked(i as u32) {
-                    st.dec_device(*d);
+        let lost = match st.in_flight.remove(&id) {
+            Some(info) => {
+                for (i, d) in info.devices.iter().enumerate() {
+                    if !info.is_acked(i as u32) {
+                        st.dec_device(*d);
+                    }
                 }
+                u64::from(info.unacked)
             }
-            lost = u64::from(info.unacked);
-            st.records -= lost;
-            st.bytes -= info.bytes;
-        }
+            // Read for the first time: all of it was unacked. Its devices are unknown,
+            // so the per-device figures keep them (they are display figures).
+            None => u64::from(len),
+        };
+        st.records = st.records.saturating_sub(lost);
+        st.bytes = st.bytes.saturating_sub(raw.len() as u64);
         st.quarantined += 1;
         st.quarantined_new.0 += 1;
         st.quarantined_new.1 += lost;
@@ -765,7 +859,11 @@ impl Buffer {
     /// everything not yet acknowledged is read (and sent) again, in order.
     pub fn rewind(&self) {
         let mut st = self.state();
-        st.read_cursor = st.index.keys().next().copied().unwrap_or(st.next_chunk);
+        st.read_cursor = match (st.in_flight.keys().next(), st.unread.front()) {
+            (Some(&id), _) => id,
+            (None, Some((id, _))) => id,
+            (None, None) => st.next_chunk,
+        };
     }
 
     /// Marks a record delivered; deletes its chunk once all of it is. Called from the
@@ -773,7 +871,7 @@ impl Buffer {
     pub fn ack(&self, id: RecordId) -> Result<(), BufferError> {
         let remove = {
             let mut st = self.state();
-            let Some(info) = st.index.get_mut(&id.chunk) else {
+            let Some(info) = st.in_flight.get_mut(&id.chunk) else {
                 return Ok(()); // dropped meanwhile, or a duplicate report
             };
             if id.index >= info.len || !info.set_acked(id.index) {
@@ -785,7 +883,7 @@ impl Buffer {
             st.records -= 1;
             st.dec_device(dev);
             if done {
-                if let Some(info) = st.index.remove(&id.chunk) {
+                if let Some(info) = st.in_flight.remove(&id.chunk) {
                     st.bytes -= info.bytes;
                 }
             }
@@ -882,14 +980,14 @@ impl Buffer {
                 let bytes = encode(part)?;
                 let id = st.next_chunk + infos.len() as u64;
                 batch.insert(&chunk_key(id), bytes.as_slice());
-                infos.push((id, st.info_for(part, bytes.len())));
+                infos.push((id, part, bytes.len()));
             }
             self.outbox.apply_batch(batch)?;
-            for (id, info) in infos {
-                st.records += u64::from(info.len);
-                st.bytes += info.bytes;
-                st.add_device_counts(&info);
-                st.index.insert(id, info);
+            for (id, part, bytes) in infos {
+                st.records += part.len() as u64;
+                st.bytes += bytes as u64;
+                st.count_devices(part);
+                st.unread.push(id, chunk_len(part));
                 st.next_chunk = id + 1;
             }
         }
@@ -920,17 +1018,15 @@ impl Buffer {
         let side_bytes = self.side_total();
         let (disk_free_bytes, floor) = self.disk();
         let low_disk = floor > 0 && disk_free_bytes < floor;
-        let st = self.state();
         let now = unix_ms(std::time::SystemTime::now());
-        let oldest = st
-            .index
-            .values()
-            .next()
-            .map_or(0.0, |i| now.saturating_sub(i.first_ms) as f64 / 1000.0);
+        let oldest = self
+            .oldest_ms()
+            .map_or(0.0, |ms| now.saturating_sub(ms) as f64 / 1000.0);
+        let st = self.state();
         Stats {
             records: st.records,
             bytes: st.bytes,
-            chunks: st.index.len() as u64,
+            chunks: st.in_flight.len() as u64 + st.unread.chunks,
             oldest_age_seconds: oldest,
             per_device: st
                 .device_names
@@ -951,6 +1047,28 @@ impl Buffer {
         }
     }
 
+    /// When the oldest buffered record was ingested (Unix ms): from the in-flight index,
+    /// or read back from sled for an unread chunk (and remembered until it goes).
+    fn oldest_ms(&self) -> Option<u64> {
+        let id = {
+            let st = self.state();
+            if let Some(info) = st.in_flight.values().next() {
+                return Some(info.first_ms);
+            }
+            let (id, _) = st.unread.front()?;
+            if let Some((cached, ms)) = st.oldest {
+                if cached == id {
+                    return Some(ms);
+                }
+            }
+            id
+        };
+        let v = self.outbox.get(chunk_key(id)).ok()??;
+        let ms = decode(id, &v).ok()?.first()?.ingested_ms;
+        self.state().oldest = Some((id, ms));
+        Some(ms)
+    }
+
     /// Ratio of the bytes under the cap (records, dead letters, side trees) to the cap,
     /// for health.
     pub fn fill_ratio(&self) -> f64 {
@@ -958,6 +1076,11 @@ impl Buffer {
         let st = self.state();
         (st.bytes + st.dead_bytes + side) as f64 / self.max_bytes as f64
     }
+}
+
+/// Records in a chunk (at most `records_per_chunk`, which config caps at 4096).
+fn chunk_len(recs: &[Stored]) -> u16 {
+    u16::try_from(recs.len()).unwrap_or(u16::MAX)
 }
 
 fn encode(part: &[Stored]) -> Result<Vec<u8>, BufferError> {

@@ -268,6 +268,8 @@ impl Harness {
         // Stats agree with the model (pending records are counted as buffered too).
         let s = self.buf().stats();
         assert_eq!(s.records, (self.durable.len() + self.pending.len()) as u64);
+        assert_eq!(s.per_device.values().sum::<u64>(), s.records);
+        assert_eq!(s.chunks == 0, s.records == 0);
     }
 }
 

@@ -1,7 +1,7 @@
 //! The forwarder: reads durable records in order and produces them; a record leaves the
 //! buffer only when its delivery report says it is written.
 //!
-//! Delivery reports arrive in the producer's callback ([`super::AgentContext`]), which
+//! Delivery reports arrive in the producer's callback (`AgentContext` in `kafka/mod.rs`), which
 //! acks successes in the buffer directly and hands failures to this task; each record
 //! travels as a packed `usize` opaque, so nothing is allocated per record for tracking.
 //!
