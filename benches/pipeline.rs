@@ -423,7 +423,8 @@ fn main() {
             );
             std::thread::sleep(Duration::from_secs(2));
         };
-        let dropped = agent.metric("labgate_records_dropped_total{reason=\"buffer_full_drop_oldest\"}");
+        let dropped =
+            agent.metric("labgate_records_dropped_total{reason=\"buffer_full_drop_oldest\"}");
         broker.unstall();
         agent.terminate();
         let fmt = |r: Option<(u64, f64, f64, f64)>| {
