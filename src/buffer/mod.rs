@@ -363,11 +363,17 @@ impl State {
         }
     }
 
-    fn count_devices(&mut self, recs: &[Stored]) {
+    /// Counts a chunk that is now in sled (appended, requeued, or found at open) as
+    /// buffered and not yet read.
+    fn add_chunk(&mut self, id: u64, recs: &[Stored], bytes: usize) {
+        self.records += recs.len() as u64;
+        self.bytes += bytes as u64;
         for r in recs {
             let d = self.intern(&r.device_id);
             self.per_device[usize::from(d)] += 1;
         }
+        self.unread.push(id, chunk_len(recs));
+        self.next_chunk = id + 1;
     }
 
     fn dec_device(&mut self, d: u16) {
@@ -463,11 +469,7 @@ impl Buffer {
                     continue;
                 }
             };
-            st.records += recs.len() as u64;
-            st.bytes += v.len() as u64;
-            st.count_devices(&recs);
-            st.unread.push(id, chunk_len(&recs));
-            st.next_chunk = id + 1;
+            st.add_chunk(id, &recs, v.len());
         }
         st.durable_end = st.next_chunk;
         st.read_cursor = st.unread.front().map_or(st.next_chunk, |(id, _)| id);
@@ -587,6 +589,9 @@ impl Buffer {
                     break;
                 };
                 let key = chunk_key(id);
+                st.records -= u64::from(len);
+                out.dropped += u64::from(len);
+                dropped_ids.push(id);
                 let Some(v) = self.outbox.get(key)? else {
                     continue;
                 };
@@ -603,11 +608,8 @@ impl Buffer {
                     }
                 }
                 excess = excess.saturating_sub(v.len() as u64);
-                st.records -= u64::from(len);
                 st.bytes -= v.len() as u64;
-                out.dropped += u64::from(len);
                 batch.remove(&key);
-                dropped_ids.push(id);
             }
             if let Some(&last) = dropped_ids.last() {
                 st.read_cursor = st.read_cursor.max(last + 1);
@@ -639,11 +641,7 @@ impl Buffer {
         // together or not at all.
         self.outbox.apply_batch(batch)?;
         for (id, part, bytes) in new_infos {
-            st.records += part.len() as u64;
-            st.bytes += bytes as u64;
-            st.count_devices(part);
-            st.unread.push(id, chunk_len(part));
-            st.next_chunk = id + 1;
+            st.add_chunk(id, part, bytes);
         }
         st.unreported_drops = unreported;
         Ok(out)
@@ -984,11 +982,7 @@ impl Buffer {
             }
             self.outbox.apply_batch(batch)?;
             for (id, part, bytes) in infos {
-                st.records += part.len() as u64;
-                st.bytes += bytes as u64;
-                st.count_devices(part);
-                st.unread.push(id, chunk_len(part));
-                st.next_chunk = id + 1;
+                st.add_chunk(id, part, bytes);
             }
         }
         self.store.sync_blocking()?;
@@ -1166,6 +1160,39 @@ mod tests {
         assert_eq!(b.stats().records, 8);
         assert_eq!(drain(&b), [0, 1, 2, 3, 8, 9, 10, 11]);
         assert_eq!(b.quarantine.len(), 1);
+    }
+
+    #[test]
+    fn a_damaged_unread_chunk_dropped_to_make_room_is_counted_as_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = BufferConfig {
+            max_bytes: 64 * 1024,
+            ..cfg()
+        };
+        let b = Buffer::open(dir.path(), &c).unwrap();
+        let recs: Vec<Stored> = (0..8).map(|i| rec("d", i)).collect();
+        b.append(&recs, 0).unwrap();
+        // The oldest chunk (seqs 0..4) is damaged before anyone reads it.
+        b.outbox
+            .insert(chunk_key(0), &b"\x05\x00\x00\x00junk"[..])
+            .unwrap();
+        let mut dropped = 0;
+        let mut seq = 8;
+        while dropped < 4 {
+            let mut big: Vec<Stored> = (0..4).map(|i| rec("d", seq + i)).collect();
+            for r in &mut big {
+                r.payload = (0..4096u32)
+                    .flat_map(|i| i.wrapping_mul(2_654_435_761).to_le_bytes())
+                    .collect();
+            }
+            seq += 4;
+            dropped += b.append(&big, 0).unwrap().dropped;
+        }
+        // Its four records are counted as dropped, like any other chunk's.
+        assert!(b.get(RecordId { chunk: 0, index: 0 }).unwrap().is_none());
+        let s = b.stats();
+        assert_eq!(s.records + dropped, seq);
+        assert_eq!(s.unreported_drops, dropped);
     }
 
     #[test]
