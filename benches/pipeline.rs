@@ -248,6 +248,35 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i]
 }
 
+/// End-to-end durable rate: sensors at full speed → buffer → broker ack, measured over a
+/// steady 15 s; `buffer` is extra config (a `[buffer]` section) placed before the device.
+fn end_to_end(brokers: &str, buffer: &str) -> (f64, u64) {
+    let dir = tempdir();
+    let topics = Topics::new();
+    let extra = format!("{buffer}{}", sensors_device("env-1", "0s", None));
+    let mut cfg = agent_config(
+        dir.path(),
+        "agent-bench",
+        brokers,
+        &topics,
+        free_port(),
+        &extra,
+    );
+    cfg = cfg.replace("level = \"info,labgate=debug\"", "level = \"warn\"");
+    let mut agent = Agent::start(dir.path(), &cfg);
+    agent.wait_status("delivering", Duration::from_secs(60), |s| {
+        s["kafka"]["records_delivered"].as_u64() > Some(50_000)
+    });
+    let d0 = agent.metric("labgate_records_delivered_total");
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(15.0 * scale().max(0.3)));
+    let d1 = agent.metric("labgate_records_delivered_total");
+    let rate = (d1 - d0) / t0.elapsed().as_secs_f64();
+    let buffered = agent.status()["buffer"]["records"].as_u64().unwrap_or(0);
+    agent.terminate();
+    (rate, buffered)
+}
+
 fn main() {
     // `cargo bench` passes --bench; nothing else is accepted.
     let mut out = String::new();
@@ -292,25 +321,10 @@ fn main() {
     let _ = baseline(&b, &topic, 20_000); // warm-up
     let mut bases = vec![baseline(&b, &topic, n_base)];
     // 2. End-to-end durable rate: sensors at full speed → buffer → broker ack.
-    let (e2e, buffered) = {
-        let dir = tempdir();
-        let topics = Topics::new();
-        let extra = sensors_device("env-1", "0s", None);
-        let mut cfg = agent_config(dir.path(), "agent-bench", &b, &topics, free_port(), &extra);
-        cfg = cfg.replace("level = \"info,labgate=debug\"", "level = \"warn\"");
-        let mut agent = Agent::start(dir.path(), &cfg);
-        agent.wait_status("delivering", Duration::from_secs(60), |s| {
-            s["kafka"]["records_delivered"].as_u64() > Some(50_000)
-        });
-        let d0 = agent.metric("labgate_records_delivered_total");
-        let t0 = Instant::now();
-        std::thread::sleep(Duration::from_secs_f64(15.0 * scale().max(0.3)));
-        let d1 = agent.metric("labgate_records_delivered_total");
-        let rate = (d1 - d0) / t0.elapsed().as_secs_f64();
-        let buffered = agent.status()["buffer"]["records"].as_u64().unwrap_or(0);
-        agent.terminate();
-        (rate, buffered)
-    };
+    let (e2e, buffered) = end_to_end(&b, "");
+    // The same at 64 records a chunk (the default before issue 11), for the chunk-size
+    // trade-off between rate and memory, in the same run.
+    let (e2e_64, _) = end_to_end(&b, "[buffer]\nrecords_per_chunk = 64\n\n");
     bases.push(baseline(&b, &topic, n_base));
 
     // 3. Backlog drain: 1M records buffered while the broker is stalled, then released.
@@ -367,6 +381,7 @@ fn main() {
         let base = sorted[1];
         line(&mut out, format!("| baseline: bare rdkafka producer, same settings, key, payload and headers, {n_base} msgs, acks awaited; median of 3 in this run | {base:.0} msg/s | the three: {:.0}, {:.0}, {:.0} msg/s (start, after end-to-end, after drain) |", bases[0], bases[1], bases[2]));
         line(&mut out, format!("| end-to-end durable rate (sensors at full speed → buffer → ack), steady 15 s | {e2e:.0} rec/s | ratio to baseline median {:.2} (goal ≥ 0.9), range {:.2}–{:.2}; {buffered} records were still buffered at the end (the device outran the producer) |", e2e / base, e2e / sorted[2], e2e / sorted[0]));
+        line(&mut out, format!("| same at 64 records a chunk instead of 32, same run | {e2e_64:.0} rec/s | ratio to baseline median {:.2}; 32 a chunk gave {:.2} of 64's rate |", e2e_64 / base, e2e / e2e_64));
         line(&mut out, format!("| backlog drain: {n_backlog} records buffered with the broker stalled (SIGSTOP), then released | {drain:.0} rec/s | ratio to baseline median {:.2} (goal ≥ 0.9), range {:.2}–{:.2}; buffering them took {fill:.1} s while stalled |", drain / base, drain / sorted[2], drain / sorted[0]));
         line(&mut out, format!("| peak RSS while draining the {n_backlog} backlog (VmRSS sampled every 100 ms) | {:.1} MB | goal ≤ 40 MB; RSS with the full backlog before release {:.1} MB; VmHWM over the whole run {:.1} MB; sled on disk after the drain {:.1} MB |", peak_drain as f64 / 1024.0, rss_full as f64 / 1024.0, hwm as f64 / 1024.0, disk as f64 / 1e6));
     }
