@@ -58,10 +58,10 @@ fn default_cache() -> u64 {
 /// Sixty-four. sled 0.34 keeps about 256 leaf pages resident whatever `cache_capacity` says
 /// (its LRU has 256 shards and evicts in batches of 64 accesses), and a leaf holds up to
 /// 16 values, so the value size sets that memory floor: in-process at 3M records 45.8 MB
-/// at 64 records a chunk, 33.8 MB at 32 (`examples/backlog_probe.rs`). But 32 cost 13 %
-/// of the end-to-end rate in the same bench run (0.85 of the bare producer against 0.97
-/// at 64), below its 0.9 goal, so the default stays at 64; set 32 where memory matters
-/// more than peak rate.
+/// at 64 records a chunk, 33.8 MB at 32 (`examples/backlog_probe.rs`). Its effect on the
+/// end-to-end rate is not settled (32 reached 0.87 and then 1.01 of 64's rate in two
+/// same-run measurements), so the default stays at the value every earlier rate was
+/// measured at; set 32 where memory matters more.
 fn default_chunk() -> usize {
     64
 }
