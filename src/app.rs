@@ -249,6 +249,23 @@ pub async fn run(
         tokio::spawn(async move { create_topics_until_done(&kafka, stop).await });
     }
     let fwd_stop = CancellationToken::new();
+    let status = kafka::status::StatusPublisher {
+        identity: kafka::status::Identity {
+            agent_id: cfg.agent.agent_id.clone(),
+            session_id: uuid::Uuid::new_v4().to_string(),
+            host: kafka::status::host_name(),
+            config_digest: kafka::status::digest(&cfg.redacted_toml()),
+            interval: cfg.kafka.status_interval,
+            started: std::time::SystemTime::now(),
+        },
+        producer: producer.clone(),
+        topic: cfg.kafka.topics.status.clone(),
+        metrics: metrics.clone(),
+        buffer: buffer.clone(),
+        slot: sink.status.clone(),
+        seq: 0,
+    };
+    let status_task = tokio::spawn(status.run(fwd_stop.clone(), cfg.agent.shutdown_grace));
     let forwarder = Forwarder {
         buffer: buffer.clone(),
         producer,
@@ -259,6 +276,7 @@ pub async fn run(
         metrics: metrics.clone(),
         ingest: ingest.clone(),
         window: cfg.kafka.max_in_flight,
+        replayed_after_ms: cfg.kafka.replayed_after.as_millis() as u64,
     };
     let fwd_task = tokio::spawn(forwarder.run(fwd_stop.clone(), cfg.agent.shutdown_grace));
 
@@ -363,6 +381,7 @@ pub async fn run(
             ingest_drain,
             drained: drained_rx,
             fwd_stop,
+            status: status_task,
             http_stop,
             grace: cfg.agent.shutdown_grace,
         },
@@ -383,6 +402,8 @@ struct Drain {
     ingest_drain: CancellationToken,
     drained: oneshot::Receiver<()>,
     fwd_stop: CancellationToken,
+    /// Sends the death message when `fwd_stop` fires.
+    status: JoinHandle<()>,
     http_stop: CancellationToken,
     grace: Duration,
 }
@@ -419,6 +440,9 @@ async fn drain(mut stages: Stages, d: Drain) -> Result<(), AgentError> {
         Some(t) => tokio::time::timeout(d.grace + bound, t).await,
         None => Ok(Ok(Ok(()))),
     };
+    if tokio::time::timeout(bound, d.status).await.is_err() {
+        tracing::warn!("the status task did not end within the grace period");
+    }
     // The forwarder held the last ingest handle: ingest now ends and flushes.
     let ing = match stages.ingest.take() {
         Some(t) => tokio::time::timeout(bound, t).await,
@@ -476,8 +500,7 @@ impl Fleet {
     fn start(&mut self, d: devices::DeviceConfig) {
         let (tx, rx) = control::inbox();
         self.router.insert(d.clone(), tx);
-        self.metrics
-            .set_device_state(d.id(), crate::metrics::DeviceState::Starting);
+        self.metrics.start_device(d.id(), d.kind());
         let stop = self.stop.child_token();
         let ctx = DeviceCtx {
             id: d.id().to_string(),

@@ -61,6 +61,10 @@ pub struct Config {
     /// Edge processing of sensor readings: thresholds, aggregates, downsampling.
     #[serde(default)]
     pub pipeline: crate::pipeline::PipelineConfig,
+    /// Keys written in another spelling (the seed application's) and what each became,
+    /// for `labgate check`.
+    #[serde(skip)]
+    pub rewritten: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -143,9 +147,32 @@ impl Config {
         let raw = builder
             .build()
             .map_err(|e| ConfigError::Load(e.to_string()))?;
-        let cfg: Config = raw.try_deserialize().map_err(describe_serde_error)?;
+        let mut cfg: Config = raw.try_deserialize().map_err(describe_serde_error)?;
+        cfg.normalise()?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Rewrites keys given in the seed application's spelling into labgate's and notes
+    /// what each became.
+    fn normalise(&mut self) -> Result<(), ConfigError> {
+        self.rewritten = self
+            .kafka
+            .normalise()
+            .map_err(|(key, msg)| invalid(format!("kafka.{key}"), msg))?;
+        if let Some(n) = self.kafka.offline_buffer_size.take() {
+            if self.buffer.max_records.is_some_and(|m| m != n) {
+                return Err(invalid(
+                    "kafka.offline_buffer_size",
+                    "and buffer.max_records disagree: keep one of them",
+                ));
+            }
+            self.buffer.max_records = Some(n);
+            self.rewritten.push(format!(
+                "kafka.offline_buffer_size = {n} -> buffer.max_records"
+            ));
+        }
+        Ok(())
     }
 
     /// Checks every value the types alone cannot.
@@ -175,6 +202,9 @@ impl Config {
         }
         if b.cache_capacity < 1 << 20 {
             return Err(invalid("buffer.cache_capacity", "must be at least 1048576"));
+        }
+        if b.max_records == Some(0) {
+            return Err(invalid("buffer.max_records", "must be at least 1"));
         }
         if b.records_per_chunk == 0 || b.records_per_chunk > 4096 {
             return Err(invalid("buffer.records_per_chunk", "must be 1..=4096"));
@@ -371,5 +401,105 @@ bootstrap_servers = "127.0.0.1:9092"
             "{shown}"
         );
         assert!(!shown.contains("= \"k\""), "{shown}");
+    }
+
+    /// The seed application's `KafkaConfig`, as its users write it.
+    const SEED: &str = r#"
+[agent]
+agent_id = "lab-pc-1"
+data_dir = "/tmp/x"
+[kafka]
+bootstrap_servers = ["kafka-1.lab:9092", " kafka-2.lab:9092"]
+client_id = "echem-app"
+event_topic = "experiment_events"
+data_topic = "measurement_data"
+command_topic = "commands"
+consumer_group = "echem-app-group"
+security_protocol = "SASL_SSL"
+sasl_mechanism = "scram-sha-512"
+sasl_username = "echem"
+sasl_password = "s3cret"
+offline_buffer_size = 1000
+"#;
+
+    #[test]
+    fn the_seed_applications_kafka_config_loads_as_written() {
+        let c = Config::load_with_env(write(SEED).path(), []).unwrap();
+        let k = &c.kafka;
+        assert_eq!(k.bootstrap_servers, "kafka-1.lab:9092,kafka-2.lab:9092");
+        assert_eq!(k.client_id, "echem-app");
+        assert_eq!(k.topics.events, "experiment_events");
+        assert_eq!(k.topics.data, "measurement_data");
+        assert_eq!(k.topics.commands, "commands");
+        assert_eq!(c.consumer_group(), "echem-app-group");
+        assert_eq!(k.security_protocol, SecurityProtocol::SaslSsl);
+        assert_eq!(k.sasl_mechanism, Some(SaslMechanism::ScramSha512));
+        assert_eq!(c.buffer.max_records, Some(1000));
+        assert_eq!(c.rewritten.len(), 4, "{:?}", c.rewritten);
+        // What check prints has the flat keys in labgate's places, and loads again.
+        let shown = c.redacted_toml();
+        assert!(
+            !shown.contains("event_topic") && !shown.contains("s3cret"),
+            "{shown}"
+        );
+        assert!(shown.contains("max_records = 1000"), "{shown}");
+        // Comma strings and any case work too.
+        let text = SEED
+            .replace(
+                r#"["kafka-1.lab:9092", " kafka-2.lab:9092"]"#,
+                r#""kafka-1.lab:9092, kafka-2.lab:9092""#,
+            )
+            .replace("SASL_SSL", "sasl_ssl")
+            .replace("scram-sha-512", "SCRAM_SHA_256");
+        let c = Config::load_with_env(write(&text).path(), []).unwrap();
+        assert_eq!(
+            c.kafka.bootstrap_servers,
+            "kafka-1.lab:9092,kafka-2.lab:9092"
+        );
+        assert_eq!(c.kafka.sasl_mechanism, Some(SaslMechanism::ScramSha256));
+    }
+
+    #[test]
+    fn a_flat_topic_that_contradicts_the_nested_one_is_named() {
+        let text = format!("{SEED}[kafka.topics]\nevents = \"other\"\n");
+        let e = Config::load_with_env(write(&text).path(), [])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("kafka.event_topic:"), "{e}");
+        let e = Config::load_with_env(write(&SEED.replace("SASL_SSL", "SASL_TLS")).path(), [])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("security_protocol") && e.contains("SASL_TLS"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn tls_files_must_exist_and_come_in_pairs() {
+        let text = format!(
+            "{MINIMAL}security_protocol = \"SSL\"\nssl_ca_file = \"/nonexistent/ca.pem\"\n"
+        );
+        let e = Config::load_with_env(write(&text).path(), [])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("kafka.ssl_ca_file:"), "{e}");
+        let cert = write("not checked here");
+        let text = format!(
+            "{MINIMAL}security_protocol = \"ssl\"\nssl_cert_file = {:?}\n",
+            cert.path()
+        );
+        let e = Config::load_with_env(write(&text).path(), [])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("kafka.ssl_key_file:"), "{e}");
+        let text = format!("{MINIMAL}ssl_ca_file = {:?}\n", cert.path());
+        let e = Config::load_with_env(write(&text).path(), [])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("kafka.ssl_ca_file:") && e.contains("only used"),
+            "{e}"
+        );
     }
 }

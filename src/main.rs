@@ -47,6 +47,9 @@ enum Cmd {
     },
     /// Print messages from Kafka topics as they arrive.
     Tail(tools::TailArgs),
+    /// One line per agent from the fleet status topic: alive, silent or stopped, and
+    /// the age of its last heartbeat.
+    Fleet(tools::FleetArgs),
     /// Send commands to agents through Kafka.
     Command {
         #[command(subcommand)]
@@ -144,6 +147,9 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::Check { config } => match load(&config) {
             Ok(cfg) => {
+                for line in &cfg.rewritten {
+                    println!("# {line}");
+                }
                 print!("{}", cfg.redacted_toml());
                 ExitCode::SUCCESS
             }
@@ -204,6 +210,10 @@ fn main() -> ExitCode {
         Cmd::Tail(args) => {
             init_logging(LogFormat::Text, "warn");
             report(runtime().and_then(|rt| rt.block_on(tools::tail(args)).context("tail")))
+        }
+        Cmd::Fleet(args) => {
+            init_logging(LogFormat::Text, "warn");
+            tool_exit("fleet", runtime().map(|rt| rt.block_on(tools::fleet(args))))
         }
         Cmd::Ports => match tools::ports() {
             Ok(()) => ExitCode::SUCCESS,

@@ -103,6 +103,9 @@ impl DeviceState {
 /// Per-device facts for `/status`.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct DeviceStatus {
+    /// The device's `kind` as configured (empty for the agent's own entry).
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub kind: &'static str,
     /// The device's current state as its driver reports it.
     pub state: DeviceState,
     /// Highest `seq` of this device known durable in the buffer.
@@ -118,6 +121,22 @@ pub struct DeviceStatus {
     /// MQTT: messages received (set for MQTT devices only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mqtt: Option<MqttStats>,
+}
+
+/// The latest thing that happened to a command, as the fleet status reports it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LastCommand {
+    /// The command's id.
+    pub command_id: String,
+    /// `pause`, `resume`, `stop` …
+    pub command: String,
+    /// The device it was for, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+    /// `accepted`, `completed`, `rejected` …
+    pub status: &'static str,
+    /// Unix milliseconds of that status.
+    pub at_ms: u64,
 }
 
 /// Counters of one MQTT connection.
@@ -140,6 +159,8 @@ pub struct MqttStats {
 pub struct Metrics {
     /// When the agent started, for uptime.
     pub started: Option<Instant>,
+    /// The latest command result (fleet status heartbeats carry it).
+    pub last_command: Mutex<Option<LastCommand>>,
     /// Records made durable in the buffer (`labgate_records_buffered_total`).
     pub records_ingested: AtomicU64,
     /// Records Kafka acknowledged and the buffer let go.
@@ -240,6 +261,21 @@ impl Metrics {
             .unwrap_or_else(|p| p.into_inner()) = e;
     }
 
+    /// Counts and records a refusal by the broker (credentials, TLS, ACLs) named by
+    /// [`crate::kafka::refusal_cause`]; logged once per episode and per cause.
+    pub fn note_refusal(&self, cause: &str, client: &str) {
+        self.kafka_auth_errors.fetch_add(1, Relaxed);
+        let before = self.auth_error();
+        if before.as_deref() != Some(cause) {
+            tracing::error!(
+                client,
+                cause,
+                "kafka refuses this agent; records stay in the buffer and are sent again"
+            );
+        }
+        self.set_auth_error(Some(cause.to_string()));
+    }
+
     /// The standing credentials / authorisation error, if any.
     pub fn auth_error(&self) -> Option<String> {
         self.kafka_auth_error
@@ -268,6 +304,27 @@ impl Metrics {
     pub fn set_device_state(&self, device: &str, state: DeviceState) {
         let mut d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
         d.entry(device.to_string()).or_default().state = state;
+    }
+
+    /// Registers a device as starting, with its kind.
+    pub fn start_device(&self, device: &str, kind: &'static str) {
+        let mut d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        let e = d.entry(device.to_string()).or_default();
+        e.kind = kind;
+        e.state = DeviceState::Starting;
+    }
+
+    /// Records the latest command decision or outcome, for the fleet status.
+    pub fn set_last_command(&self, c: LastCommand) {
+        *self.last_command.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
+    }
+
+    /// The latest command decision or outcome, if any.
+    pub fn last_command(&self) -> Option<LastCommand> {
+        self.last_command
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Forgets a device removed by a reload.

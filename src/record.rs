@@ -283,6 +283,8 @@ pub enum Body {
 pub enum TopicKind {
     /// `topics.events`.
     Events,
+    /// `topics.agent_events`.
+    AgentEvents,
     /// `topics.data`.
     Data,
     /// `topics.sensors`.
@@ -299,7 +301,8 @@ impl Body {
     /// Which configured topic this body goes to.
     pub fn topic(&self) -> TopicKind {
         match self {
-            Body::ExperimentEvent { .. } | Body::AgentEvent { .. } => TopicKind::Events,
+            Body::ExperimentEvent { .. } => TopicKind::Events,
+            Body::AgentEvent { .. } => TopicKind::AgentEvents,
             Body::EchemData { .. } => TopicKind::Data,
             Body::SensorReading { .. } => TopicKind::Sensors,
             Body::Alert { .. } => TopicKind::Alerts,
@@ -365,7 +368,7 @@ impl Draft {
         }
     }
 
-    /// An event about the agent itself (events topic, keyed by the agent).
+    /// An event about the agent itself (agent events topic, keyed by the agent).
     pub fn agent_event(event: &str, data: serde_json::Map<String, serde_json::Value>) -> Draft {
         Draft::new(
             AGENT_DEVICE,

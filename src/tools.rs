@@ -154,6 +154,143 @@ fn plain_consumer(mut c: ClientConfig) -> Result<BaseConsumer, ToolError> {
     Ok(c.create()?)
 }
 
+#[derive(clap::Args, Debug)]
+/// Arguments of `labgate fleet`.
+pub struct FleetArgs {
+    #[command(flatten)]
+    /// Which brokers, from a config or `--brokers`.
+    pub brokers: Brokers,
+    /// The status topic (default: the config's `topics.status`, else `agent_status`).
+    #[arg(long)]
+    pub topic: Option<String>,
+    /// Print each agent's latest status message as JSON (with `age_seconds` and `state`
+    /// added) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What an agent's latest status message says about it now.
+pub fn fleet_state(status: &Value, age: Duration) -> &'static str {
+    let interval = status["status_interval_ms"].as_u64().unwrap_or(30_000);
+    if status["status"] == "death" {
+        "stopped"
+    } else if age.as_millis() > u128::from(interval) * 3 {
+        "silent"
+    } else {
+        "alive"
+    }
+}
+
+/// Reads the status topic from its start to its current end and prints one line per
+/// agent: its state (`alive`, `silent`: no heartbeat for three intervals, `stopped`: it
+/// said goodbye), the age of its last message, and what that message said.
+pub async fn fleet(args: FleetArgs) -> Result<u8, ToolError> {
+    let (client, cfg) = args.brokers.resolve()?;
+    let topic = args.topic.clone().unwrap_or_else(|| {
+        cfg.as_ref()
+            .map_or_else(|| "agent_status".into(), |c| c.kafka.topics.status.clone())
+    });
+    let latest =
+        tokio::task::spawn_blocking(move || -> Result<BTreeMap<String, Value>, ToolError> {
+            let consumer = plain_consumer(client)?;
+            let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+            let mut tpl = TopicPartitionList::new();
+            let mut ends = BTreeMap::new();
+            for mt in md.topics() {
+                if let Some(e) = mt.error() {
+                    return Err(ToolError::Usage(format!("topic {topic}: {e:?}")));
+                }
+                for p in mt.partitions() {
+                    let (low, high) =
+                        consumer.fetch_watermarks(&topic, p.id(), Duration::from_secs(10))?;
+                    if high > low {
+                        ends.insert(p.id(), high);
+                        tpl.add_partition_offset(&topic, p.id(), Offset::Beginning)?;
+                    }
+                }
+            }
+            let mut latest: BTreeMap<String, Value> = BTreeMap::new();
+            if ends.is_empty() {
+                return Ok(latest);
+            }
+            consumer.assign(&tpl)?;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !ends.is_empty() && Instant::now() < deadline {
+                match consumer.poll(Duration::from_millis(200)) {
+                    Some(Ok(m)) => {
+                        if m.offset() + 1 >= ends.get(&m.partition()).copied().unwrap_or(0) {
+                            ends.remove(&m.partition());
+                        }
+                        let Some(v) = m
+                            .payload()
+                            .and_then(|p| serde_json::from_slice::<Value>(p).ok())
+                        else {
+                            continue;
+                        };
+                        if v["type"] != "agent_status" {
+                            continue;
+                        }
+                        let Some(agent) = v["agent_id"].as_str().map(str::to_string) else {
+                            continue;
+                        };
+                        latest.insert(agent, v);
+                    }
+                    Some(Err(e)) => eprintln!("labgate: {e}"),
+                    None => {}
+                }
+            }
+            Ok(latest)
+        })
+        .await
+        .map_err(|e| ToolError::Usage(e.to_string()))??;
+    let now = SystemTime::now();
+    if !args.json && !latest.is_empty() {
+        println!(
+            "{:<24} {:<8} {:>8}  {:<16} {:<8} {:>7} {:>10} {:>12} {:>8}",
+            "AGENT",
+            "STATE",
+            "AGE",
+            "HOST",
+            "VERSION",
+            "DEVICES",
+            "BUFFERED",
+            "DELIVERED",
+            "DROPPED"
+        );
+    }
+    if latest.is_empty() && !args.json {
+        println!("no agent has published a status yet");
+    }
+    for (agent, mut v) in latest {
+        let age = v["timestamp"]
+            .as_str()
+            .and_then(crate::time::parse_rfc3339)
+            .and_then(|t| now.duration_since(t).ok())
+            .unwrap_or_default();
+        let state = fleet_state(&v, age);
+        if args.json {
+            v["age_seconds"] = age.as_secs_f64().into();
+            v["state"] = state.into();
+            println!("{v}");
+            continue;
+        }
+        let devices = v["devices"].as_array().map_or(0, Vec::len);
+        println!(
+            "{:<24} {:<8} {:>7}s  {:<16} {:<8} {:>7} {:>10} {:>12} {:>8}",
+            agent,
+            state,
+            age.as_secs(),
+            v["host"].as_str().unwrap_or("-"),
+            v["version"].as_str().unwrap_or("-"),
+            devices,
+            v["buffer"]["records"].as_u64().unwrap_or(0),
+            v["records_delivered"].as_u64().unwrap_or(0),
+            v["records_dropped"].as_u64().unwrap_or(0),
+        );
+    }
+    Ok(0)
+}
+
 /// Prints messages as `topic key payload` lines.
 pub async fn tail(args: TailArgs) -> Result<(), ToolError> {
     let (client, cfg) = args.brokers.resolve()?;
@@ -166,6 +303,7 @@ pub async fn tail(args: TailArgs) -> Result<(), ToolError> {
         let t = &cfg.kafka.topics;
         vec![
             t.events.clone(),
+            t.agent_events.clone(),
             t.data.clone(),
             t.sensors.clone(),
             t.alerts.clone(),

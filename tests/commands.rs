@@ -67,7 +67,12 @@ fn pause_stops_data_resume_continues_stop_ends_experiment_and_bad_commands_are_r
     });
     let mut reader = Reader::new(
         &broker.addr(),
-        &[topics.data(), topics.events(), topics.results()],
+        &[
+            topics.data(),
+            topics.events(),
+            topics.agent_events(),
+            topics.results(),
+        ],
     );
     reader.until("data flowing", Duration::from_secs(30), |m| {
         data_points(m) >= 20

@@ -50,7 +50,12 @@ fn start(opts: Options, profile: &str) -> Rig {
     });
     let mut reader = Reader::new(
         &broker.addr(),
-        &[topics.sensors(), topics.events(), topics.results()],
+        &[
+            topics.sensors(),
+            topics.events(),
+            topics.agent_events(),
+            topics.results(),
+        ],
     );
     let sender = Sender::new(&broker.addr());
     wait_until_commands_answered(&sender, &mut reader, &topics.commands(), "agent-line");

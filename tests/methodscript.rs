@@ -92,7 +92,12 @@ impl Rig {
         });
         let mut reader = Reader::new(
             &broker.addr(),
-            &[topics.events(), topics.data(), topics.results()],
+            &[
+                topics.events(),
+                topics.agent_events(),
+                topics.data(),
+                topics.results(),
+            ],
         );
         let sender = Sender::new(&broker.addr());
         wait_until_commands_answered(&sender, &mut reader, &topics.commands(), "agent-ms");

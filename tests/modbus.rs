@@ -41,7 +41,12 @@ fn registers_become_scaled_readings_exceptions_are_counted_pause_stops_the_bus_a
     let agent = Agent::start(dir.path(), &cfg);
     let mut reader = Reader::new(
         &broker.addr(),
-        &[topics.sensors(), topics.events(), topics.results()],
+        &[
+            topics.sensors(),
+            topics.events(),
+            topics.agent_events(),
+            topics.results(),
+        ],
     );
     let msgs = reader
         .until(

@@ -249,7 +249,10 @@ fn sighup_adds_and_removes_devices_without_restart_or_loss_and_refuses_a_bad_con
     );
     let agent = Agent::start(dir.path(), &base);
     let pid = agent.pid();
-    let mut r = Reader::new(&broker.addr(), &[topics.sensors(), topics.events()]);
+    let mut r = Reader::new(
+        &broker.addr(),
+        &[topics.sensors(), topics.events(), topics.agent_events()],
+    );
     let from =
         |m: &Msg, dev: &str| m.json["device_id"] == dev && m.json["type"] == "sensor_reading";
     r.until("env-1 data", Duration::from_secs(30), |m| {

@@ -315,7 +315,10 @@ fn buffer_cap_hit_while_broker_down_drops_oldest_counts_them_and_reports_them() 
     );
     assert_eq!(s["buffer"]["unreported_drops"].as_u64().unwrap(), dropped);
     let _broker = Broker::start_on(port);
-    let mut reader = Reader::new(&brokers, &[topics.sensors(), topics.events()]);
+    let mut reader = Reader::new(
+        &brokers,
+        &[topics.sensors(), topics.events(), topics.agent_events()],
+    );
     let reported = |m: &[Msg]| -> u64 {
         m.iter()
             .filter(|m| m.json["type"] == "agent_event" && m.json["event"] == "records_dropped")
@@ -380,7 +383,12 @@ fn record_the_broker_refuses_for_good_is_dead_lettered_with_an_alert_and_counted
     let agent = Agent::start(dir.path(), &cfg);
     let mut reader = Reader::new(
         &broker.addr(),
-        &[topics.events(), topics.data(), topics.alerts()],
+        &[
+            topics.events(),
+            topics.agent_events(),
+            topics.data(),
+            topics.alerts(),
+        ],
     );
     reader.until("experiment completed", Duration::from_secs(60), |m| {
         m.iter().any(|m| m.json["event"] == "experiment_completed")
@@ -442,7 +450,10 @@ fn dead_letters_are_listed_exported_and_requeued_by_the_operator() {
     let topics = Topics::new();
     let (good, strict) = dead_letter_configs(dir.path(), "agent-dlq-ops", &broker, &topics);
     let mut agent = Agent::start(dir.path(), &strict);
-    let mut reader = Reader::new(&broker.addr(), &[topics.events(), topics.data()]);
+    let mut reader = Reader::new(
+        &broker.addr(),
+        &[topics.events(), topics.agent_events(), topics.data()],
+    );
     reader.until("experiment completed", Duration::from_secs(60), |m| {
         m.iter().any(|m| m.json["event"] == "experiment_completed")
     });

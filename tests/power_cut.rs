@@ -120,7 +120,14 @@ fn a_command_that_ran_is_a_duplicate_after_a_power_cut() {
     agent.wait_status("command consumer assigned", Duration::from_secs(30), |s| {
         s["commands"]["assigned"] == true
     });
-    let mut reader = Reader::new(&r.broker.addr(), &[r.topics.events(), r.topics.results()]);
+    let mut reader = Reader::new(
+        &r.broker.addr(),
+        &[
+            r.topics.events(),
+            r.topics.agent_events(),
+            r.topics.results(),
+        ],
+    );
     let cmd = json!({
         "command": "pause",
         "command_id": "pc-pause-1",

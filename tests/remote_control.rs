@@ -134,6 +134,7 @@ fn reader(s: &Setup) -> Reader {
         &[
             s.topics.results(),
             s.topics.events(),
+            s.topics.agent_events(),
             s.topics.data(),
             s.topics.sensors(),
         ],

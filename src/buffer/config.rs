@@ -24,8 +24,13 @@ pub struct BufferConfig {
     /// reclaims space).
     #[serde(default = "default_max_bytes")]
     pub max_bytes: u64,
+    /// Cap on the number of buffered records, beside the byte cap (whichever is reached
+    /// first applies). Unset: bytes only. The seed application's `offline_buffer_size`
+    /// lands here.
     #[serde(default)]
-    /// What happens to a new record when the buffer is at `max_bytes`.
+    pub max_records: Option<u64>,
+    #[serde(default)]
+    /// What happens to a new record when the buffer is at `max_bytes` or `max_records`.
     pub overflow: OverflowPolicy,
     /// Group commit: the buffer flushes at most this often; nothing is acknowledged
     /// upstream before its flush.
@@ -70,6 +75,7 @@ impl Default for BufferConfig {
     fn default() -> Self {
         BufferConfig {
             max_bytes: default_max_bytes(),
+            max_records: None,
             overflow: OverflowPolicy::default(),
             commit_interval: default_commit(),
             cache_capacity: default_cache(),

@@ -394,6 +394,8 @@ pub struct Buffer {
     quarantine: sled::Tree,
     dir: PathBuf,
     max_bytes: u64,
+    /// `buffer.max_records` (`u64::MAX` when unset).
+    max_records: u64,
     /// `buffer.min_free_bytes` as configured (`None`: [`DEFAULT_MIN_FREE`] or a tenth
     /// of the filesystem).
     min_free_bytes: Option<u64>,
@@ -499,6 +501,7 @@ impl Buffer {
             quarantine,
             dir: dir.to_path_buf(),
             max_bytes: cfg.max_bytes,
+            max_records: cfg.max_records.unwrap_or(u64::MAX),
             min_free_bytes: cfg.min_free_bytes,
             overflow: cfg.overflow,
             per_chunk: cfg.records_per_chunk,
@@ -570,27 +573,33 @@ impl Buffer {
         let cap = self.max_bytes.saturating_sub(side + st.dead_bytes);
         let mut batch = sled::Batch::default();
         let mut incoming: u64 = 0;
+        let mut incoming_records: u64 = 0;
         let mut keep = encoded.len();
-        for (i, (bytes, _)) in encoded.iter().enumerate() {
+        for (i, (bytes, part)) in encoded.iter().enumerate() {
             if self.overflow == OverflowPolicy::RejectNew
-                && st.bytes + incoming + bytes.len() as u64 > cap
+                && (st.bytes + incoming + bytes.len() as u64 > cap
+                    || st.records + incoming_records + part.len() as u64 > self.max_records)
             {
                 keep = i;
                 break;
             }
             incoming += bytes.len() as u64;
+            incoming_records += part.len() as u64;
         }
         // Make room under drop_oldest: unread chunks only, oldest first. Their sizes
         // and devices are read back from sled (overflow is the rare path; keeping them
         // in memory would make memory grow with the backlog).
         if self.overflow == OverflowPolicy::DropOldest {
             let mut excess = (st.bytes + incoming).saturating_sub(cap);
+            let mut excess_records =
+                (st.records + incoming_records).saturating_sub(self.max_records);
             let mut dropped_ids = Vec::new();
-            while excess > 0 {
+            while excess > 0 || excess_records > 0 {
                 let Some((id, len)) = st.unread.pop_front() else {
                     break;
                 };
                 let key = chunk_key(id);
+                excess_records = excess_records.saturating_sub(u64::from(len));
                 st.records -= u64::from(len);
                 out.dropped += u64::from(len);
                 dropped_ids.push(id);
@@ -1162,6 +1171,35 @@ mod tests {
         assert_eq!(b.stats().records, 8);
         assert_eq!(drain(&b), [0, 1, 2, 3, 8, 9, 10, 11]);
         assert_eq!(b.quarantine.len(), 1);
+    }
+
+    #[test]
+    fn max_records_caps_the_count_under_either_policy() {
+        for overflow in [OverflowPolicy::DropOldest, OverflowPolicy::RejectNew] {
+            let dir = tempfile::tempdir().unwrap();
+            let c = BufferConfig {
+                max_records: Some(10),
+                overflow,
+                ..cfg()
+            };
+            let b = Buffer::open(dir.path(), &c).unwrap();
+            let recs: Vec<Stored> = (0..20).map(|i| rec("d", i)).collect();
+            let out = b.append(&recs, 0).unwrap();
+            assert!(b.stats().records <= 10, "{overflow:?}: {:?}", b.stats());
+            b.flush_blocking().unwrap();
+            let kept = drain(&b);
+            match overflow {
+                // Whole chunks of 4 go, oldest first: 16..20 and 12..16 stay, then 8..12.
+                OverflowPolicy::DropOldest => {
+                    assert_eq!(out.dropped, 12, "{out:?}");
+                    assert_eq!(kept, (12..20).collect::<Vec<_>>());
+                }
+                OverflowPolicy::RejectNew => {
+                    assert_eq!(out.rejected, 12, "{out:?}");
+                    assert_eq!(kept, (0..8).collect::<Vec<_>>());
+                }
+            }
+        }
     }
 
     #[test]

@@ -30,7 +30,14 @@ pub struct CommandContext {
     pub earliest: bool,
 }
 
-impl ClientContext for CommandContext {}
+impl ClientContext for CommandContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        match crate::kafka::refusal_cause(&error, reason) {
+            Some(cause) => self.metrics.note_refusal(&cause, "command consumer"),
+            None => tracing::warn!(%error, reason, "kafka command consumer error"),
+        }
+    }
+}
 
 impl ConsumerContext for CommandContext {
     fn rebalance(

@@ -58,6 +58,13 @@ impl Handler {
         };
         counter.fetch_add(1, Relaxed);
         let now = SystemTime::now();
+        self.metrics.set_last_command(crate::metrics::LastCommand {
+            command_id: o.command_id.to_string(),
+            command: o.command.to_string(),
+            device_id: o.device.map(str::to_string),
+            status: o.status.as_str(),
+            at_ms: crate::record::unix_ms(now),
+        });
         tracing::info!(
             target: "labgate::audit",
             command_id = o.command_id,

@@ -57,6 +57,11 @@ pub enum ForwarderError {
     #[error("kafka producer failed fatally: {0}")]
     Fatal(String),
 }
+/// Records in flight and no delivery report for this long: the broker is stalled or
+/// away, and the forwarder stops handing records to the producer until reports come
+/// again. What it has not handed waits in the buffer, where its waiting time is seen
+/// and it is marked replayed when sent; librdkafka's queue stays small meanwhile.
+pub const STALL_GATE: Duration = Duration::from_secs(1);
 /// How long to wait when librdkafka's queue is full.
 const QUEUE_FULL_WAIT: Duration = Duration::from_millis(2);
 
@@ -80,6 +85,23 @@ pub struct Forwarder {
     pub ingest: Ingest,
     /// Records handed to the producer and not yet reported, at most.
     pub window: usize,
+    /// A record older than this (since ingest) is marked replayed when sent.
+    pub replayed_after_ms: u64,
+}
+
+/// The payload of a record that waited `waited_ms` in the buffer: the stored JSON object
+/// with `"replayed":true,"buffered_ms":…` added. `None` when the payload is not a JSON
+/// object (never written by this agent; sent unchanged).
+pub fn replayed_payload(payload: &[u8], waited_ms: u64) -> Option<Vec<u8>> {
+    let body = payload.strip_suffix(b"}")?;
+    if !payload.starts_with(b"{") || body.len() < 2 {
+        return None;
+    }
+    let tail = format!(",\"replayed\":true,\"buffered_ms\":{waited_ms}}}");
+    let mut out = Vec::with_capacity(payload.len() + tail.len());
+    out.extend_from_slice(body);
+    out.extend_from_slice(tail.as_bytes());
+    Some(out)
 }
 
 /// What happened to one attempt to hand a record to the producer.
@@ -93,6 +115,7 @@ impl Forwarder {
     fn topic(&self, kind: TopicKind) -> &str {
         match kind {
             TopicKind::Events => &self.topics.events,
+            TopicKind::AgentEvents => &self.topics.agent_events,
             TopicKind::Data => &self.topics.data,
             TopicKind::Sensors => &self.topics.sensors,
             TopicKind::Alerts => &self.topics.alerts,
@@ -101,8 +124,15 @@ impl Forwarder {
         }
     }
 
-    fn hand(&self, id: RecordId, rec: &Stored, version: &str) -> Handed {
-        let headers = OwnedHeaders::new_with_capacity(4)
+    fn hand(&self, id: RecordId, rec: &Stored, version: &str, now_ms: u64) -> Handed {
+        let waited_ms = now_ms.saturating_sub(rec.ingested_ms);
+        let replayed = if waited_ms > self.replayed_after_ms {
+            replayed_payload(&rec.payload, waited_ms)
+        } else {
+            None
+        };
+        let waited = replayed.as_ref().map(|_| waited_ms.to_string());
+        let mut headers = OwnedHeaders::new_with_capacity(6)
             .insert(Header {
                 key: "content-type",
                 value: Some("application/json"),
@@ -119,12 +149,26 @@ impl Forwarder {
                 key: "device-id",
                 value: Some(rec.device_id.as_str()),
             });
+        if let Some(ms) = &waited {
+            headers = headers
+                .insert(Header {
+                    key: "replayed",
+                    value: Some("true"),
+                })
+                .insert(Header {
+                    key: "buffered-ms",
+                    value: Some(ms.as_str()),
+                });
+        }
+        let payload = replayed.as_deref().unwrap_or(rec.payload.as_slice());
         let record = BaseRecord::with_opaque_to(self.topic(rec.topic), pack_id(id))
             .key(rec.key.as_str())
-            .payload(rec.payload.as_slice())
+            .payload(payload)
             .headers(headers);
         // Count first: the delivery callback may run before send returns.
-        self.sink.in_flight.fetch_add(1, Relaxed);
+        if self.sink.in_flight.fetch_add(1, Relaxed) == 0 {
+            self.sink.progress_ms.store(now_ms, Relaxed);
+        }
         match self.producer.send(record) {
             Ok(()) => Handed::Sent,
             Err((e, _)) => {
@@ -139,6 +183,13 @@ impl Forwarder {
 
     fn in_flight(&self) -> usize {
         self.sink.in_flight.load(Relaxed)
+    }
+
+    /// Whether records are in flight with no delivery report for [`STALL_GATE`].
+    fn stalled(&self, now_ms: u64) -> bool {
+        self.in_flight() > 0
+            && now_ms.saturating_sub(self.sink.progress_ms.load(Relaxed))
+                > STALL_GATE.as_millis() as u64
     }
 
     /// Runs until `shutdown`, then delivers what is durable (the shutdown's own records
@@ -188,6 +239,8 @@ impl Forwarder {
                         rewinding = true;
                     }
                     Filled::Window | Filled::Empty => {}
+                    // Woken by the next report or the beat.
+                    Filled::Stalled => {}
                 }
             }
             if rewinding && self.in_flight() == 0 && self.failures.is_empty() {
@@ -226,6 +279,10 @@ impl Forwarder {
         pending: &mut VecDeque<(RecordId, Stored)>,
         version: &str,
     ) -> Result<Filled, ForwarderError> {
+        let now_ms = crate::record::unix_ms(std::time::SystemTime::now());
+        if self.stalled(now_ms) {
+            return Ok(Filled::Stalled);
+        }
         while self.in_flight() < self.window {
             if pending.is_empty() {
                 match self.buffer.read_next()? {
@@ -236,7 +293,7 @@ impl Forwarder {
             let Some((id, rec)) = pending.pop_front() else {
                 return Ok(Filled::Empty);
             };
-            match self.hand(id, &rec, version) {
+            match self.hand(id, &rec, version, now_ms) {
                 Handed::Sent => {}
                 Handed::QueueFull => {
                     pending.push_front((id, rec));
@@ -303,9 +360,9 @@ impl Forwarder {
         }
         self.metrics.delivery_errors.fetch_add(1, Relaxed);
         if is_auth(&e) {
-            self.metrics.kafka_auth_errors.fetch_add(1, Relaxed);
-            self.metrics.set_auth_error(Some(e.to_string()));
-            tracing::error!(error = %e, chunk = id.chunk, retry_in = ?AUTH_BACKOFF, "kafka refused the credentials or the authorisation; records stay in the buffer and are sent again");
+            let cause = super::refusal_cause(&e, "")
+                .unwrap_or_else(|| format!("the broker refused this agent: {e}"));
+            self.metrics.note_refusal(&cause, "producer");
             return Ok(Retry::Later);
         }
         tracing::warn!(error = %e, chunk = id.chunk, "delivery failed; will resend from the oldest unacked record");
@@ -425,6 +482,8 @@ enum Filled {
     QueueFull,
     /// The producer refused a record for a reason that sending again may fix.
     Failed(KafkaError),
+    /// Records in flight and no report for [`STALL_GATE`]: wait for the broker.
+    Stalled,
 }
 
 /// When a failed record may be sent again.
@@ -544,6 +603,7 @@ pub fn is_auth(e: &KafkaError) -> bool {
                 | C::TransactionalIdAuthorizationFailed
                 | C::SaslAuthenticationFailed
                 | C::Authentication
+                | C::SSL
                 | C::DelegationTokenAuthorizationFailed
         )
     )
@@ -552,6 +612,20 @@ pub fn is_auth(e: &KafkaError) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replayed_payload_is_the_same_object_with_two_fields_more() {
+        let p = br#"{"type":"sensor_reading","value":1.5,"seq":3}"#;
+        let r = replayed_payload(p, 12_345).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&r).unwrap();
+        let mut want: serde_json::Value = serde_json::from_slice(p).unwrap();
+        want["replayed"] = true.into();
+        want["buffered_ms"] = 12_345.into();
+        assert_eq!(v, want);
+        assert_eq!(replayed_payload(b"[1]", 1), None);
+        assert_eq!(replayed_payload(b"{}", 1), None);
+        assert_eq!(replayed_payload(b"", 1), None);
+    }
 
     #[test]
     fn a_dead_lettered_alert_of_the_agent_is_not_alerted_again() {

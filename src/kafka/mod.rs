@@ -5,6 +5,8 @@
 pub mod config;
 /// Reads the buffer in order and produces.
 pub mod forwarder;
+/// Birth, heartbeat and death messages on the status topic.
+pub mod status;
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
@@ -54,11 +56,37 @@ pub fn base_config(k: &KafkaConfig) -> Result<ClientConfig, KafkaSetupError> {
     if let Some(u) = &k.sasl_username {
         c.set("sasl.username", u);
     }
-    if let Some(p) = k
-        .sasl_password()
-        .map_err(|(key, m)| KafkaSetupError::Config(format!("kafka.{key}: {m}")))?
-    {
+    let config_error =
+        |(key, m): config::Invalid| KafkaSetupError::Config(format!("kafka.{key}: {m}"));
+    if let Some(p) = k.sasl_password().map_err(config_error)? {
         c.set("sasl.password", p.expose());
+    }
+    if k.security_protocol.uses_tls() {
+        // Unset, librdkafka asks OpenSSL for its default paths, which for a vendored
+        // OpenSSL (ARM release builds) point at /usr/local/ssl: "probe" looks in the
+        // places distributions keep their CA store instead.
+        let ca = k
+            .ssl_ca_file
+            .as_ref()
+            .map_or_else(|| "probe".to_string(), |p| p.display().to_string());
+        c.set("ssl.ca.location", ca);
+        if let Some(cert) = &k.ssl_cert_file {
+            c.set("ssl.certificate.location", cert.display().to_string());
+        }
+        if let Some(key) = &k.ssl_key_file {
+            c.set("ssl.key.location", key.display().to_string());
+        }
+        if let Some(p) = k.ssl_key_password().map_err(config_error)? {
+            c.set("ssl.key.password", p.expose());
+        }
+        c.set(
+            "ssl.endpoint.identification.algorithm",
+            if k.ssl_verify_hostname {
+                "https"
+            } else {
+                "none"
+            },
+        );
     }
     Ok(c)
 }
@@ -83,6 +111,11 @@ pub struct DeliverySink {
     /// A fatal producer error (librdkafka's idempotence guarantee is broken): the
     /// forwarder stops with it and the agent exits.
     pub fatal: std::sync::Mutex<Option<String>>,
+    /// Reports of the fleet status messages (not records).
+    pub status: Arc<status::StatusSlot>,
+    /// Unix ms of the last delivery report, or of the hand that ended an idle spell:
+    /// records in flight with no progress since then mean the broker is stalled or away.
+    pub progress_ms: std::sync::atomic::AtomicU64,
 }
 
 impl DeliverySink {
@@ -97,6 +130,8 @@ impl DeliverySink {
             failures,
             wake: tokio::sync::Notify::new(),
             fatal: std::sync::Mutex::new(None),
+            status: Arc::new(status::StatusSlot::default()),
+            progress_ms: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -108,6 +143,57 @@ pub struct AgentContext {
     pub metrics: Arc<Metrics>,
     /// Where delivery reports go.
     pub sink: Arc<DeliverySink>,
+}
+
+/// What a person should fix when the broker refuses this agent, in words: the
+/// credentials, the CA, an expired certificate, a mechanism the broker does not offer.
+/// `None` when the error is not a refusal (a broker that is simply away).
+pub fn refusal_cause(error: &KafkaError, reason: &str) -> Option<String> {
+    let text = format!("{error}: {reason}");
+    let lower = text.to_ascii_lowercase();
+    let tls = error.rdkafka_error_code() == Some(RDKafkaErrorCode::SSL)
+        || lower.contains("ssl handshake");
+    let cause = if lower.contains("certificate has expired")
+        || lower.contains("certificate expired")
+    {
+        "a certificate has expired (the broker's, or this agent's kafka.ssl_cert_file)"
+    } else if lower.contains("hostname mismatch") || lower.contains("host name mismatch") {
+        "the broker's certificate does not name the host connected to (kafka.bootstrap_servers, kafka.ssl_verify_hostname)"
+    } else if tls
+        && (lower.contains("certificate verify failed")
+            || lower.contains("unable to get local issuer")
+            || lower.contains("self-signed")
+            || lower.contains("self signed")
+            || lower.contains("could not be verified"))
+    {
+        "the broker's certificate is not signed by a trusted CA (kafka.ssl_ca_file)"
+    } else if tls
+        && (lower.contains("certificate required")
+            || lower.contains("handshake failure")
+            || lower.contains("unknown ca")
+            || lower.contains("bad certificate"))
+    {
+        "the broker refused this agent's TLS client certificate, or none was given (kafka.ssl_cert_file)"
+    } else if lower.contains("unsupported sasl mechanism")
+        || lower.contains("no shared mechanism")
+        || lower.contains("nosharedmechanism")
+    {
+        "the broker does not offer this SASL mechanism (kafka.sasl_mechanism)"
+    } else if lower.contains("authentication failed")
+        || lower.contains("invalid username or password")
+        || lower.contains("sasl authentication")
+        || error.rdkafka_error_code() == Some(RDKafkaErrorCode::SaslAuthenticationFailed)
+        || error.rdkafka_error_code() == Some(RDKafkaErrorCode::Authentication)
+    {
+        "the broker refused the SASL username or password (kafka.sasl_username, kafka.sasl_password)"
+    } else if tls {
+        "the TLS handshake with the broker failed"
+    } else if forwarder::is_auth(error) {
+        "the broker refused this agent's authorisation (ACLs)"
+    } else {
+        return None;
+    };
+    Some(format!("{cause}: {text}"))
 }
 
 impl ClientContext for AgentContext {
@@ -135,13 +221,8 @@ impl ClientContext for AgentContext {
             *self.sink.fatal.lock().unwrap_or_else(|p| p.into_inner()) =
                 Some(format!("{error}: {reason}"));
             self.sink.wake.notify_one();
-        } else if forwarder::is_auth(&error) {
-            self.metrics.kafka_auth_errors.fetch_add(1, Relaxed);
-            if !self.metrics.kafka_auth_failing.load(Relaxed) {
-                tracing::error!(%error, reason, "kafka refuses this agent's credentials; records stay in the buffer");
-            }
-            self.metrics
-                .set_auth_error(Some(format!("{error}: {reason}")));
+        } else if let Some(cause) = refusal_cause(&error, reason) {
+            self.metrics.note_refusal(&cause, "producer");
             self.sink.wake.notify_one();
         } else {
             tracing::debug!(%error, reason, "kafka client error");
@@ -154,6 +235,19 @@ impl ProducerContext for AgentContext {
     type DeliveryOpaque = usize;
 
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
+        if opaque == status::STATUS_OPAQUE {
+            match result {
+                Ok(_) => {
+                    if self.metrics.kafka_auth_failing.swap(false, Relaxed) {
+                        self.metrics.set_auth_error(None);
+                        tracing::info!("kafka accepts this agent again");
+                    }
+                }
+                Err((e, _)) => tracing::warn!(error = %e, "status message not delivered"),
+            }
+            self.sink.status.on_report(result.is_ok());
+            return;
+        }
         let id = unpack_id(opaque);
         match result {
             Ok(_) => match self.sink.buffer.ack(id) {
@@ -180,6 +274,9 @@ impl ProducerContext for AgentContext {
                 let _ = self.sink.failures.send((id, e.clone()));
             }
         }
+        self.sink
+            .progress_ms
+            .store(unix_ms(SystemTime::now()), Relaxed);
         self.sink.in_flight.fetch_sub(1, Relaxed);
         self.sink.wake.notify_one();
     }
@@ -250,12 +347,18 @@ pub async fn create_topics(k: &KafkaConfig) -> Result<(), KafkaSetupError> {
         .topics
         .all()
         .iter()
-        .map(|(_, name)| {
-            NewTopic::new(
+        .map(|(kind, name)| {
+            let t = NewTopic::new(
                 name,
                 k.topic_partitions,
                 TopicReplication::Fixed(k.replication_factor),
-            )
+            );
+            // The fleet status keeps only each agent's latest message.
+            if *kind == "status" {
+                t.set("cleanup.policy", "compact")
+            } else {
+                t
+            }
         })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));

@@ -21,6 +21,20 @@ pub fn agent_config(
     http: u16,
     extra: &str,
 ) -> String {
+    agent_config_kafka(dir, agent_id, brokers, topics, http, "", extra)
+}
+
+/// As [`agent_config`], with `kafka_extra` lines in the `[kafka]` section (security,
+/// intervals).
+pub fn agent_config_kafka(
+    dir: &Path,
+    agent_id: &str,
+    brokers: &str,
+    topics: &Topics,
+    http: u16,
+    kafka_extra: &str,
+    extra: &str,
+) -> String {
     let commands = if extra.contains("[commands]") {
         ""
     } else {
@@ -36,6 +50,7 @@ shutdown_grace = "5s"
 bootstrap_servers = "{brokers}"
 create_topics = true
 commands_offset_reset = "latest"
+{kafka_extra}
 {}
 [http]
 listen = "127.0.0.1:{http}"

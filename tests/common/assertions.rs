@@ -110,6 +110,11 @@ pub fn assert_envelope(m: &Msg, agent_id: &str) {
         t => panic!("unexpected type {t}"),
     };
     assert_eq!(m.key, expected_key, "key of {}", m.json);
+    // Consumers of the experiment-events topic see only experiment events; the agent's
+    // own events have a topic of their own.
+    let on_agent_topic = m.topic.ends_with("agent_events");
+    let is_agent_event = m.json["type"] == "agent_event";
+    assert_eq!(on_agent_topic, is_agent_event, "{} on {}", m.json, m.topic);
 }
 
 /// The seq ranges in 0..=last that are missing, for readable failures.

@@ -179,6 +179,12 @@ impl Topics {
     pub fn data(&self) -> String {
         format!("{}_data", self.prefix)
     }
+    pub fn agent_events(&self) -> String {
+        format!("{}_agent_events", self.prefix)
+    }
+    pub fn status(&self) -> String {
+        format!("{}_status", self.prefix)
+    }
     pub fn sensors(&self) -> String {
         format!("{}_sensors", self.prefix)
     }
@@ -197,6 +203,7 @@ impl Topics {
     pub fn outputs(&self) -> Vec<String> {
         vec![
             self.events(),
+            self.agent_events(),
             self.data(),
             self.sensors(),
             self.alerts(),
@@ -206,8 +213,10 @@ impl Topics {
     }
     pub fn toml(&self) -> String {
         format!(
-            "[kafka.topics]\nevents = \"{}\"\ndata = \"{}\"\nsensors = \"{}\"\nalerts = \"{}\"\ncommands = \"{}\"\ncommand_results = \"{}\"\naggregates = \"{}\"\n",
+            "[kafka.topics]\nevents = \"{}\"\nagent_events = \"{}\"\nstatus = \"{}\"\ndata = \"{}\"\nsensors = \"{}\"\nalerts = \"{}\"\ncommands = \"{}\"\ncommand_results = \"{}\"\naggregates = \"{}\"\n",
             self.events(),
+            self.agent_events(),
+            self.status(),
             self.data(),
             self.sensors(),
             self.alerts(),

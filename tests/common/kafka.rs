@@ -29,8 +29,14 @@ pub struct Reader {
 impl Reader {
     /// Waits until the topics exist, then assigns them from the beginning.
     pub fn new(brokers: &str, topics: &[String]) -> Reader {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", brokers);
+        Reader::with(c, topics)
+    }
+
+    /// As [`Reader::new`], with a client config of the caller's (security settings).
+    pub fn with(mut client: ClientConfig, topics: &[String]) -> Reader {
+        let consumer: BaseConsumer = client
             .set("group.id", "labgate-tests")
             .set("enable.auto.commit", "false")
             .create()
