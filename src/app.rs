@@ -240,6 +240,11 @@ pub async fn run(
         kafka::AgentContext {
             metrics: metrics.clone(),
             sink: sink.clone(),
+            tls: cfg
+                .kafka
+                .security_protocol
+                .uses_tls()
+                .then(|| kafka::tls::TlsProbe::new(&cfg.kafka)),
         },
     )?;
     let background = CancellationToken::new();

@@ -28,13 +28,20 @@ pub struct CommandContext {
     pub metrics: Arc<Metrics>,
     /// Unassigned partitions start at their beginning rather than their end.
     pub earliest: bool,
+    /// With TLS: names why the broker's certificate failed verification.
+    pub tls: Option<Arc<crate::kafka::tls::TlsProbe>>,
 }
 
 impl ClientContext for CommandContext {
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        match crate::kafka::refusal_cause(&error, reason) {
-            Some(cause) => self.metrics.note_refusal(&cause, "command consumer"),
-            None => tracing::warn!(%error, reason, "kafka command consumer error"),
+        if !crate::kafka::note_client_error(
+            &self.metrics,
+            self.tls.as_ref(),
+            "command consumer",
+            &error,
+            reason,
+        ) {
+            tracing::warn!(%error, reason, "kafka command consumer error");
         }
     }
 }
@@ -127,6 +134,10 @@ pub async fn run(
         crate::kafka::consumer_config(kafka, group)?.create_with_context(CommandContext {
             metrics: handler.metrics.clone(),
             earliest: kafka.commands_offset_reset == "earliest",
+            tls: kafka
+                .security_protocol
+                .uses_tls()
+                .then(|| crate::kafka::tls::TlsProbe::new(kafka)),
         })?,
     );
     consumer.subscribe(&[kafka.topics.commands.as_str()])?;

@@ -7,6 +7,8 @@ pub mod config;
 pub mod forwarder;
 /// Birth, heartbeat and death messages on the status topic.
 pub mod status;
+/// The agent's own TLS handshake, to name why the broker's certificate failed.
+pub mod tls;
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
@@ -143,6 +145,37 @@ pub struct AgentContext {
     pub metrics: Arc<Metrics>,
     /// Where delivery reports go.
     pub sink: Arc<DeliverySink>,
+    /// With TLS: names why the broker's certificate failed verification.
+    pub tls: Option<Arc<tls::TlsProbe>>,
+}
+
+/// Counts and records an error that is a refusal by the broker; `false` when it is
+/// not one. With TLS, a failed certificate verification is explained by the agent's
+/// own handshake ([`tls::TlsProbe`]).
+pub fn note_client_error(
+    metrics: &Arc<Metrics>,
+    probe: Option<&Arc<tls::TlsProbe>>,
+    client: &'static str,
+    error: &KafkaError,
+    reason: &str,
+) -> bool {
+    let mut reason = reason.to_string();
+    if let Some(p) = probe {
+        if tls::is_verify_failure(&reason) {
+            if let Some(text) = p.explain(metrics, client, error.clone(), reason.clone()) {
+                if !text.is_empty() {
+                    reason = format!("{reason}; agent's own handshake: {text}");
+                }
+            }
+        }
+    }
+    match refusal_cause(error, &reason) {
+        Some(cause) => {
+            metrics.note_refusal(&cause, client);
+            true
+        }
+        None => false,
+    }
 }
 
 /// What a person should fix when the broker refuses this agent, in words: the
@@ -152,7 +185,9 @@ pub fn refusal_cause(error: &KafkaError, reason: &str) -> Option<String> {
     let text = format!("{error}: {reason}");
     let lower = text.to_ascii_lowercase();
     let tls = error.rdkafka_error_code() == Some(RDKafkaErrorCode::SSL)
-        || lower.contains("ssl handshake");
+        || lower.contains("ssl handshake")
+        || lower.contains("ssl routines")
+        || lower.contains("ssl alert");
     let cause = if lower.contains("certificate has expired")
         || lower.contains("certificate expired")
     {
@@ -174,7 +209,8 @@ pub fn refusal_cause(error: &KafkaError, reason: &str) -> Option<String> {
             || lower.contains("bad certificate"))
     {
         "the broker refused this agent's TLS client certificate, or none was given (kafka.ssl_cert_file)"
-    } else if lower.contains("unsupported sasl mechanism")
+    } else if lower.contains("mechanism handshake failed")
+        || lower.contains("unsupported sasl mechanism")
         || lower.contains("no shared mechanism")
         || lower.contains("nosharedmechanism")
     {
@@ -221,8 +257,7 @@ impl ClientContext for AgentContext {
             *self.sink.fatal.lock().unwrap_or_else(|p| p.into_inner()) =
                 Some(format!("{error}: {reason}"));
             self.sink.wake.notify_one();
-        } else if let Some(cause) = refusal_cause(&error, reason) {
-            self.metrics.note_refusal(&cause, "producer");
+        } else if note_client_error(&self.metrics, self.tls.as_ref(), "producer", &error, reason) {
             self.sink.wake.notify_one();
         } else {
             tracing::debug!(%error, reason, "kafka client error");

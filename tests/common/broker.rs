@@ -36,6 +36,20 @@ pub fn free_port() -> u16 {
         .expect("no free port")
 }
 
+/// How [`Broker::start_with`] starts tansu.
+#[derive(Debug, Clone, Default)]
+pub struct TansuOptions {
+    /// Listen here (0: a free port).
+    pub port: u16,
+    /// Advertise this port instead (a TLS terminator in front of the broker).
+    pub advertised: Option<u16>,
+    /// Keep data and users in `tansu.db` in this directory (tansu needs the `libsql`
+    /// feature); memory storage when unset.
+    pub sqlite_dir: Option<PathBuf>,
+    /// Require SASL (SCRAM) authentication.
+    pub authentication: bool,
+}
+
 /// A tansu broker (memory storage) owned by one test.
 pub struct Broker {
     child: Option<Child>,
@@ -49,19 +63,43 @@ impl Broker {
     }
 
     pub fn start_on(port: u16) -> Broker {
+        Broker::start_with(&TansuOptions {
+            port,
+            ..TansuOptions::default()
+        })
+    }
+
+    /// A broker as `o` says: its port, the port it advertises (a TLS terminator's),
+    /// SQLite storage in a directory (users persist across restarts), authentication.
+    pub fn start_with(o: &TansuOptions) -> Broker {
+        let port = if o.port == 0 { free_port() } else { o.port };
         let log = std::env::temp_dir().join(format!("tansu-{port}.log"));
         let out = std::fs::File::create(&log).expect("tansu log");
         let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(tansu_bin())
-            .args([
-                "broker",
-                "--storage-engine",
-                "memory://tansu/",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
+        let advertised = format!("tcp://127.0.0.1:{}", o.advertised.unwrap_or(port));
+        let mut cmd = Command::new(tansu_bin());
+        cmd.arg("broker");
+        match &o.sqlite_dir {
+            // tansu reads a relative sqlite path against its working directory
+            // (an absolute `sqlite:///…` is misread).
+            Some(dir) => {
+                cmd.current_dir(dir)
+                    .args(["--storage-engine", "sqlite://tansu.db"]);
+            }
+            None => {
+                cmd.args(["--storage-engine", "memory://tansu/"]);
+            }
+        }
+        cmd.args([
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &advertised,
+        ]);
+        if o.authentication {
+            cmd.arg("--authentication");
+        }
+        let child = cmd
             .stdout(out.try_clone().expect("log"))
             .stderr(out)
             .spawn()
@@ -73,6 +111,30 @@ impl Broker {
         };
         b.wait_listening();
         b
+    }
+
+    /// Creates a SCRAM user (`tansu user create`; the broker must not require
+    /// authentication yet).
+    pub fn create_user(&self, name: &str, password: &str, mechanism: &str) {
+        let out = Command::new(tansu_bin())
+            .args([
+                "user",
+                "create",
+                "--broker",
+                &format!("tcp://127.0.0.1:{}", self.port),
+                "--mechanism",
+                mechanism,
+                name,
+                password,
+            ])
+            .output()
+            .expect("tansu user create");
+        assert!(
+            out.status.success(),
+            "tansu user create {name}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     pub fn addr(&self) -> String {

@@ -143,11 +143,14 @@ pub struct Sender {
 
 impl Sender {
     pub fn new(brokers: &str) -> Sender {
-        let producer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set("linger.ms", "0")
-            .create()
-            .expect("producer");
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", brokers);
+        Sender::with(c)
+    }
+
+    /// As [`Sender::new`], with a client config of the caller's (security settings).
+    pub fn with(mut client: ClientConfig) -> Sender {
+        let producer = client.set("linger.ms", "0").create().expect("producer");
         Sender { producer }
     }
 

@@ -4,7 +4,7 @@
 //!
 //! `broker` (tansu, topics) · `agent` (the binary and its config) · `kafka` (reading and
 //! producing) · `assertions` · `mqtt` (mosquitto, a client) · `devices` (shared device
-//! config blocks) · `faultfs` (power cuts, sick disks) · `bench` (for the benchmarks).
+//! config blocks) · `faultfs` (power cuts, sick disks) · `secure` (certificates, a TLS terminator) · `bench` (for the benchmarks).
 // Each test crate uses a part of the harness (and of its re-exports).
 #![allow(dead_code, unused_imports)]
 
@@ -16,6 +16,7 @@ mod devices;
 pub mod faultfs;
 mod kafka;
 mod mqtt;
+mod secure;
 
 pub use agent::*;
 pub use assertions::*;
@@ -24,6 +25,7 @@ pub use broker::*;
 pub use devices::*;
 pub use kafka::*;
 pub use mqtt::*;
+pub use secure::*;
 
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")
