@@ -2,7 +2,7 @@
 # start a local tansu broker. Source it; do not run it.
 
 # Debian packages the build and the tests need.
-LABGATE_PACKAGES=(build-essential pkg-config libssl-dev libudev-dev python3 curl procps systemd mosquitto openssl fuse3)
+LABGATE_PACKAGES=(build-essential pkg-config libssl-dev libudev-dev python3 curl procps systemd mosquitto openssl fuse3 socat)
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
@@ -32,19 +32,42 @@ ensure_rust() {
   rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt >/dev/null 2>&1 || true
 }
 
-# tansu with its memory storage engine; reuses ~/.cargo/bin/tansu when present.
+# tansu with its memory and SQLite storage engines (the secured-Kafka tests keep SCRAM
+# users in SQLite); reuses ~/.cargo/bin/tansu when it has both.
+TANSU_FEATURES="dynostore,libsql"
 ensure_tansu() {
   if [ -n "${TANSU_BIN:-}" ] && [ -x "$TANSU_BIN" ]; then return; fi
   if command -v tansu >/dev/null 2>&1; then
     TANSU_BIN=$(command -v tansu)
   elif [ -x "$HOME/.cargo/bin/tansu" ]; then
     TANSU_BIN="$HOME/.cargo/bin/tansu"
-  else
-    log "installing tansu (cargo install tansu --locked --features dynostore; about 9 minutes, once)"
-    cargo install tansu --locked --features dynostore
+  fi
+  if [ -z "${TANSU_BIN:-}" ] || ! tansu_has_sqlite "$TANSU_BIN"; then
+    log "installing tansu (cargo install tansu --locked --features $TANSU_FEATURES; about 10 minutes, once)"
+    cargo install tansu --locked --features "$TANSU_FEATURES"
     TANSU_BIN="$HOME/.cargo/bin/tansu"
   fi
   export TANSU_BIN
+}
+
+# tansu_has_sqlite BIN: whether BIN starts on a SQLite store (built with `libsql`).
+tansu_has_sqlite() {
+  local bin=$1 dir port pid ok=1
+  dir=$(mktemp -d)
+  port=$(free_port)
+  (cd "$dir" && exec "$bin" broker --storage-engine sqlite://probe.db \
+    --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
+    >"$dir/log" 2>&1) &
+  pid=$!
+  for _ in $(seq 1 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then ok=0; break; fi
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.05
+  done
+  kill "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  rm -rf "$dir"
+  return $ok
 }
 
 free_port() {

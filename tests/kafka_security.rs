@@ -87,6 +87,7 @@ fn scram_broker(dir: &std::path::Path, advertised: Option<u16>) -> Broker {
         advertised,
         sqlite_dir: Some(store.clone()),
         authentication: false,
+        schema_dir: None,
     });
     open.create_user("alice", "alice-512", "scram512");
     open.create_user("bob", "bob-256", "scram256");
@@ -96,6 +97,7 @@ fn scram_broker(dir: &std::path::Path, advertised: Option<u16>) -> Broker {
         advertised,
         sqlite_dir: Some(store),
         authentication: true,
+        schema_dir: None,
     })
 }
 

@@ -48,6 +48,8 @@ pub struct TansuOptions {
     pub sqlite_dir: Option<PathBuf>,
     /// Require SASL (SCRAM) authentication.
     pub authentication: bool,
+    /// Validate produced messages against `DIR/<topic>.json` (`--schema-registry`).
+    pub schema_dir: Option<PathBuf>,
 }
 
 /// A tansu broker (memory storage) owned by one test.
@@ -98,6 +100,11 @@ impl Broker {
         ]);
         if o.authentication {
             cmd.arg("--authentication");
+        }
+        if let Some(dir) = &o.schema_dir {
+            // tansu reads the path of a `file://` URL against its working directory too.
+            assert!(o.sqlite_dir.is_none(), "one working directory for tansu");
+            cmd.current_dir(dir).args(["--schema-registry", "file://."]);
         }
         let child = cmd
             .stdout(out.try_clone().expect("log"))
