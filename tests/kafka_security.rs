@@ -112,13 +112,65 @@ fn tls_with_a_private_ca() {
     });
     let _tls = TlsFront::start(front, &certs, "server.pem", broker.port, false);
     let sec = Security::tls(&certs, false, None);
+    let topics = Topics::new();
     let mut agent = agent_delivers_and_answers(
         dir.path(),
         "tls-a",
         &format!("localhost:{front}"),
         &sec,
-        &Topics::new(),
+        &topics,
     );
+    // The operator tools take the same settings from the same config.
+    let tool = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_labgate"))
+            .args(args)
+            .arg("--config")
+            .arg(&agent.config)
+            .output()
+            .expect("run labgate");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, out, err) = tool(&[
+        "tail",
+        "--topic",
+        &topics.sensors(),
+        "--from-beginning",
+        "--count",
+        "3",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.lines().count(), 3, "{out}");
+    let (code, out, err) = tool(&[
+        "command",
+        "send",
+        "--agent",
+        "tls-a",
+        "--device",
+        "s1",
+        "--wait",
+        "--timeout",
+        "20s",
+        "pause",
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("\"status\":\"completed\""), "{out}");
+    let (code, out, err) = tool(&[
+        "command",
+        "tail",
+        "--from-beginning",
+        "--count",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.lines().count(), 2, "{out}");
+    let (code, out, err) = tool(&["fleet"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("tls-a"), "{out}");
     assert_eq!(agent.terminate(), Some(0));
 }
 
