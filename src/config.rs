@@ -203,8 +203,16 @@ impl Config {
         if b.cache_capacity < 1 << 20 {
             return Err(invalid("buffer.cache_capacity", "must be at least 1048576"));
         }
-        if b.max_records == Some(0) {
-            return Err(invalid("buffer.max_records", "must be at least 1"));
+        if b.max_records
+            .is_some_and(|n| n < b.records_per_chunk as u64)
+        {
+            return Err(invalid(
+                "buffer.max_records",
+                format!(
+                    "must be at least buffer.records_per_chunk ({})",
+                    b.records_per_chunk
+                ),
+            ));
         }
         if b.records_per_chunk == 0 || b.records_per_chunk > 4096 {
             return Err(invalid("buffer.records_per_chunk", "must be 1..=4096"));

@@ -438,6 +438,10 @@ fn be(n: u64) -> [u8; 8] {
     n.to_be_bytes()
 }
 
+fn skipped_records(parts: &[(Vec<u8>, &[Stored])]) -> usize {
+    parts.iter().map(|(_, p)| p.len()).sum()
+}
+
 fn chunk_key(id: u64) -> [u8; 9] {
     let mut k = [CHUNK_PREFIX; 9];
     k[1..].copy_from_slice(&id.to_be_bytes());
@@ -589,6 +593,7 @@ impl Buffer {
         // Make room under drop_oldest: unread chunks only, oldest first. Their sizes
         // and devices are read back from sled (overflow is the rare path; keeping them
         // in memory would make memory grow with the backlog).
+        let mut skip = 0;
         if self.overflow == OverflowPolicy::DropOldest {
             let mut excess = (st.bytes + incoming).saturating_sub(cap);
             let mut excess_records =
@@ -625,10 +630,25 @@ impl Buffer {
             if let Some(&last) = dropped_ids.last() {
                 st.read_cursor = st.read_cursor.max(last + 1);
             }
+            // Still over (one append larger than the room left): the oldest of the
+            // incoming records go too, whole chunks, keeping at least the newest.
+            while skip + 1 < keep && (excess > 0 || excess_records > 0) {
+                let (bytes, part) = &encoded[skip];
+                excess = excess.saturating_sub(bytes.len() as u64);
+                excess_records = excess_records.saturating_sub(part.len() as u64);
+                out.dropped += part.len() as u64;
+                skip += 1;
+            }
         }
         let mut next_seq: HashMap<&str, u64> = HashMap::new();
         let mut new_infos = Vec::with_capacity(keep);
-        for (bytes, part) in encoded.iter().take(keep) {
+        // Dropped incoming records keep their seqs: the gap is what the drop event reports.
+        for (_, part) in encoded.iter().take(skip) {
+            for r in part.iter() {
+                next_seq.insert(&r.device_id, r.seq + 1);
+            }
+        }
+        for (bytes, part) in encoded.iter().take(keep).skip(skip) {
             let id = st.next_chunk + new_infos.len() as u64;
             batch.insert(&chunk_key(id), bytes.as_slice());
             for r in part.iter() {
@@ -637,7 +657,7 @@ impl Buffer {
             new_infos.push((id, part, bytes.len()));
             out.accepted += part.len();
         }
-        out.rejected = records.len() - out.accepted;
+        out.rejected = records.len() - out.accepted - skipped_records(&encoded[..skip]);
         for (dev, seq) in &next_seq {
             let mut k = SEQ_PREFIX.to_vec();
             k.extend_from_slice(dev.as_bytes());
