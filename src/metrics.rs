@@ -503,8 +503,14 @@ impl Metrics {
         counter(
             &mut o,
             "labgate_kafka_auth_errors_total",
-            "Kafka errors naming credentials or authorisation (retried, never dead-lettered).",
+            "Kafka refusals: credentials, TLS certificates, authorisation (retried, never dead-lettered).",
             self.kafka_auth_errors.load(Relaxed),
+        );
+        gauge(
+            &mut o,
+            "labgate_kafka_refused",
+            "1 while the broker refuses this agent (the cause is on /health and /status).",
+            f64::from(u8::from(self.kafka_auth_failing.load(Relaxed))),
         );
         counter(
             &mut o,
@@ -700,6 +706,7 @@ mod tests {
                 "labgate_buffer_errors_total{kind=\"corruption\"}",
                 "labgate_buffer_errors_total{kind=\"other\"}",
                 "labgate_kafka_auth_errors_total",
+                "labgate_kafka_refused",
                 "labgate_buffer_flushes_total",
                 "labgate_commands_total{status=\"accepted\"}",
                 "labgate_commands_total{status=\"completed\"}",

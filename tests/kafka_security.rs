@@ -70,6 +70,7 @@ fn refused_with(agent: &Agent, cause: &str) {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(agent.metric("labgate_kafka_auth_errors_total") >= 1.0);
+    assert_eq!(agent.metric("labgate_kafka_refused"), 1.0);
     assert!(
         agent.log_text().contains(cause),
         "the log names the cause {cause:?}:\n{}",

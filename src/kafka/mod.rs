@@ -278,6 +278,10 @@ impl ProducerContext for AgentContext {
                         tracing::info!("kafka accepts this agent again");
                     }
                 }
+                // Purged at exit: the broker was away; nothing to report.
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::PurgeQueue), _)) => {
+                    tracing::debug!("status message purged at exit")
+                }
                 Err((e, _)) => tracing::warn!(error = %e, "status message not delivered"),
             }
             self.sink.status.on_report(result.is_ok());

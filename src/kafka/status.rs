@@ -256,14 +256,21 @@ impl StatusPublisher {
         if !self.send(Phase::Death) {
             return;
         }
-        let deadline = tokio::time::Instant::now() + grace;
+        // Best effort: with the broker away the death cannot arrive, and shutdown
+        // should not wait the whole grace for it.
+        let wait = if self.metrics.kafka_connected.load(Relaxed) {
+            grace
+        } else {
+            grace.min(Duration::from_secs(1))
+        };
+        let deadline = tokio::time::Instant::now() + wait;
         while self.in_flight() {
             let reported = self.slot.reported.notified();
             if !self.in_flight() {
                 break;
             }
             if tokio::time::timeout_at(deadline, reported).await.is_err() {
-                tracing::warn!("death message not acknowledged within the shutdown grace");
+                tracing::warn!(waited = ?wait, "death message not acknowledged before shutdown");
                 return;
             }
         }
