@@ -202,8 +202,28 @@ fn mutual_tls_and_a_client_without_a_certificate_is_refused() {
         &Security::tls(&certs, false, None).toml,
         &sensors_device("s1", "100ms", None),
     );
-    let agent = Agent::start(dir2.path(), &cfg);
+    let mut agent = Agent::start(dir2.path(), &cfg);
     refused_with(&agent, "client certificate");
+    let waiting = agent.status()["buffer"]["records"].as_u64().unwrap();
+    assert!(waiting > 0, "records wait in the buffer");
+    assert_eq!(agent.terminate(), Some(0));
+    // Given its certificate, the same agent delivers what waited.
+    let fixed = cfg.replace(&Security::tls(&certs, false, None).toml, &sec.toml);
+    assert_ne!(fixed, cfg);
+    std::fs::write(&agent.config, fixed).unwrap();
+    agent.spawn();
+    let mut r = Reader::with(sec.client(&addr), &[topics.sensors()]);
+    r.until("the backlog of mtls-b", Duration::from_secs(60), |m| {
+        m.iter().filter(|x| x.json["agent_id"] == "mtls-b").count() as u64 > waiting
+    });
+    let b: Vec<Msg> = r
+        .msgs
+        .iter()
+        .filter(|x| x.json["agent_id"] == "mtls-b")
+        .cloned()
+        .collect();
+    assert_gap_free(&b);
+    assert_eq!(b[0].json["seq"], 0);
 }
 
 #[test]

@@ -415,6 +415,59 @@ pub async fn create_topics(k: &KafkaConfig) -> Result<(), KafkaSetupError> {
 mod tests {
     use super::*;
 
+    fn kafka(extra: &str) -> KafkaConfig {
+        let text = format!("bootstrap_servers = \"b:9093\"\n{extra}");
+        toml::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn tls_verifies_the_hostname_and_finds_a_ca_store_unless_told_otherwise() {
+        let c = base_config(&kafka("security_protocol = \"SSL\"")).unwrap();
+        assert_eq!(c.get("security.protocol"), Some("ssl"));
+        assert_eq!(
+            c.get("ssl.endpoint.identification.algorithm"),
+            Some("https")
+        );
+        assert_eq!(c.get("ssl.ca.location"), Some("probe"));
+        let c = base_config(&kafka(
+            "security_protocol = \"ssl\"\nssl_verify_hostname = false\nssl_ca_file = \"/x/ca.pem\"",
+        ))
+        .unwrap();
+        assert_eq!(c.get("ssl.endpoint.identification.algorithm"), Some("none"));
+        assert_eq!(c.get("ssl.ca.location"), Some("/x/ca.pem"));
+        let c = base_config(&kafka("")).unwrap();
+        assert_eq!(
+            c.get("ssl.ca.location"),
+            None,
+            "no TLS settings without TLS"
+        );
+    }
+
+    #[test]
+    fn refusals_are_named_by_cause() {
+        let ssl = KafkaError::Global(RDKafkaErrorCode::SSL);
+        let cases = [
+            (ssl.clone(), "SSL handshake failed: certificate verify failed: broker certificate could not be verified; agent's own handshake: ... (certificate has expired)", "expired"),
+            (ssl.clone(), "SSL handshake failed: certificate verify failed; agent's own handshake: (self-signed certificate in certificate chain)", "trusted CA"),
+            (KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure), "Receive failed: error:0A00045C:SSL routines::tlsv13 alert certificate required", "client certificate"),
+            (KafkaError::Global(RDKafkaErrorCode::Authentication), "SASL PLAIN mechanism handshake failed: broker's supported mechanisms: (n/a)", "SASL mechanism"),
+            (KafkaError::Global(RDKafkaErrorCode::Authentication), "SASL authentication error: Authentication failed during authentication due to invalid credentials with SASL mechanism SCRAM-SHA-512",
+                "username or password"),
+        ];
+        for (e, reason, want) in cases {
+            let got = refusal_cause(&e, reason).unwrap_or_default();
+            assert!(got.contains(want), "{reason:?} -> {got:?}");
+        }
+        let away = KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure);
+        assert_eq!(
+            refusal_cause(
+                &away,
+                "Connect to ipv4#127.0.0.1:1 failed: Connection refused"
+            ),
+            None
+        );
+    }
+
     #[test]
     fn record_ids_survive_the_opaque_round_trip() {
         for (chunk, index) in [(0, 0), (1, 4095), ((1 << 47) + 12345, 63)] {
