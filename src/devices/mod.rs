@@ -9,6 +9,8 @@ pub mod line;
 pub mod methodscript;
 pub mod modbus;
 pub mod mqtt;
+/// Instruments on the network: TCP links with the serial links' line handling.
+pub mod net;
 pub mod serial;
 pub mod simulated;
 
@@ -371,6 +373,42 @@ pub(crate) fn check_range(key: &str, v: f64, lo: f64, hi: f64) -> Result<(), (St
             key.to_string(),
             format!("must be between {lo} and {hi}, got {v}"),
         ))
+    }
+}
+
+impl DeviceCtx {
+    /// Calls `open` until it succeeds, backing off between tries (and answering commands
+    /// with the reason meanwhile); None when the agent shuts down first.
+    pub async fn retry_open<T, F>(
+        &mut self,
+        backoff: &mut Backoff,
+        mut open: impl FnMut() -> F,
+    ) -> Option<T>
+    where
+        F: std::future::Future<Output = Result<T, String>>,
+    {
+        let ctx = self;
+        let mut announced = false;
+        loop {
+            if ctx.shutdown.is_cancelled() {
+                return None;
+            }
+            match open().await {
+                Ok(opened) => {
+                    backoff.reset();
+                    return Some(opened);
+                }
+                Err(e) => {
+                    if !announced {
+                        tracing::warn!(device = %ctx.id, error = %e, "instrument not reachable; retrying");
+                        announced = true;
+                    }
+                    if !ctx.wait_unreachable(backoff.step(), &e).await {
+                        return None;
+                    }
+                }
+            }
+        }
     }
 }
 

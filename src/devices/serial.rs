@@ -2,7 +2,7 @@
 //! open it (frame), and a reader thread that turns bytes into lines (serialport is
 //! blocking; the driver tasks are async).
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -141,10 +141,11 @@ pub enum Incoming {
     Lost(String),
 }
 
-/// Reads the port on a thread (serialport is blocking) and hands lines over.
-pub fn spawn_reader(mut port: TTYPort, tx: mpsc::Sender<Incoming>) {
+/// Reads the port (a serial port, or a TCP stream with a read timeout) on a thread (both
+/// are blocking) and hands lines over.
+pub fn spawn_reader<R: Read + Send + 'static>(mut port: R, tx: mpsc::Sender<Incoming>) {
     let spawned = std::thread::Builder::new()
-        .name("serial-reader".into())
+        .name("line-reader".into())
         .spawn(move || {
             let mut codec = LineCodec::default();
             let mut buf = BytesMut::with_capacity(4096);
@@ -172,7 +173,13 @@ pub fn spawn_reader(mut port: TTYPort, tx: mpsc::Sender<Incoming>) {
                             }
                         }
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    // A serial port's timeout is TimedOut, a socket's SO_RCVTIMEO WouldBlock.
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+                        ) =>
+                    {
                         if tx.is_closed() {
                             return;
                         }
@@ -234,12 +241,13 @@ pub fn check_port_choice(port: Option<&str>, usb: Option<&UsbId>) -> Result<(), 
     }
 }
 
-/// An open serial link: where it is, the write half, and lines from the reader thread.
+/// An open link to a line instrument (serial port or TCP socket): where it is, the write
+/// half, and lines from the reader thread.
 pub struct Link {
-    /// The port's path, for events.
+    /// The port's path or the socket's address, for events.
     pub path: String,
     /// The write half.
-    pub writer: TTYPort,
+    pub writer: Box<dyn Write + Send>,
     /// Lines from the reader thread.
     pub lines: mpsc::Receiver<Incoming>,
 }
@@ -254,27 +262,10 @@ pub async fn reconnect<T>(
     backoff: &mut Backoff,
     mut open: impl FnMut(&str) -> Result<T, String>,
 ) -> Option<(String, T)> {
-    let mut announced = false;
-    loop {
-        if ctx.shutdown.is_cancelled() {
-            return None;
-        }
-        match resolve(port, usb).and_then(|path| open(&path).map(|t| (path, t))) {
-            Ok(opened) => {
-                backoff.reset();
-                return Some(opened);
-            }
-            Err(e) => {
-                if !announced {
-                    tracing::warn!(device = %ctx.id, error = %e, "instrument not reachable; retrying");
-                    announced = true;
-                }
-                if !ctx.wait_unreachable(backoff.step(), &e).await {
-                    return None;
-                }
-            }
-        }
-    }
+    ctx.retry_open(backoff, || {
+        std::future::ready(resolve(port, usb).and_then(|path| open(&path).map(|t| (path, t))))
+    })
+    .await
 }
 
 /// [`reconnect`] for the line-oriented drivers: the port opened with `frame`, its read
@@ -298,7 +289,7 @@ pub async fn connect(
     spawn_reader(reader, tx);
     Some(Link {
         path,
-        writer,
+        writer: Box::new(writer),
         lines,
     })
 }

@@ -46,8 +46,12 @@ pub enum SimKind {
         /// Which instrument to imitate.
         kind: line::Kind,
         /// Also create this symlink to the port.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "listen")]
         link: Option<PathBuf>,
+        /// Listen on this TCP address (a SCPI raw socket, e.g. 127.0.0.1:5025) instead
+        /// of a pty; one connection at a time.
+        #[arg(long)]
+        listen: Option<String>,
         /// Answer every Nth measurement poll with an error reply (0 = never).
         #[arg(long, default_value_t = 0)]
         error_every: u32,
@@ -152,6 +156,7 @@ pub async fn serve(
         SimKind::Line {
             kind,
             link,
+            listen,
             error_every,
             silent_every,
             garbage_every,
@@ -163,7 +168,11 @@ pub async fn serve(
                 ..line::Options::new(kind)
             };
             let what = format!("{kind:?}");
-            let sim = line::LineSim::start(opts, link.as_deref()).map(|s| {
+            let sim = match &listen {
+                Some(addr) => line::LineSim::listen(opts, addr),
+                None => line::LineSim::start(opts, link.as_deref()),
+            };
+            let sim = sim.map(|s| {
                 (
                     s.path().to_path_buf(),
                     Box::new(s) as Box<dyn std::any::Any>,

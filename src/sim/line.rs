@@ -1,15 +1,17 @@
-//! Line-instrument simulators on a pty: an MT-SICS balance, Keithley 2400 and 2000 SCPI
-//! meters, and a CSV line sensor that streams. They answer what the shipped profiles in
-//! `devices/profiles/` send, with plausible values, and can inject error replies and
-//! garbage lines.
+//! Line-instrument simulators on a pty or a TCP port (a SCPI raw socket): an MT-SICS
+//! balance, Keithley 2400 and 2000 SCPI meters, and a CSV line sensor that streams. They
+//! answer what the shipped profiles in `devices/profiles/` send, with plausible values,
+//! and can inject error replies and garbage lines; on TCP they can also drop the
+//! connection or fall silent with the socket open (a half-open link).
 
 use std::io::{Read, Write};
-use std::path::Path;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serialport::{SerialPort, TTYPort};
+use serialport::SerialPort;
 
 use crate::devices::simulated::Rng;
 
@@ -57,10 +59,27 @@ impl Options {
     }
 }
 
-/// A running simulator; dropping it closes the pty.
+/// What the instrument's link is: a pty or an accepted TCP connection.
+trait Wire: Read + Write + Send {}
+impl<T: Read + Write + Send> Wire for T {}
+
+/// Faults a TCP simulator can be told to show while it runs.
+#[derive(Debug, Default)]
+struct NetFaults {
+    /// Close the current connection (the instrument rebooted, a switch dropped it).
+    drop_now: AtomicBool,
+    /// Read but never answer, keeping the connection open (a half-open link).
+    silent: AtomicBool,
+    /// Connections accepted so far.
+    accepted: std::sync::atomic::AtomicU64,
+}
+
+/// A running simulator; dropping it closes the pty or the listening socket.
 pub struct LineSim {
     handle: super::Handle,
     received: Arc<Mutex<Vec<String>>>,
+    faults: Arc<NetFaults>,
+    addr: Option<SocketAddr>,
 }
 
 impl LineSim {
@@ -71,17 +90,77 @@ impl LineSim {
             .set_timeout(Duration::from_millis(10))
             .map_err(std::io::Error::other)?;
         let received = Arc::new(Mutex::new(Vec::new()));
-        let mut dev = Instrument {
-            rng: Rng::new(opts.seed),
-            opts,
-            port: master,
-            received: received.clone(),
-            answers: 0,
-            polls: 0,
-            output_on: false,
-        };
-        let handle = super::Handle::spawn("line-sim", path, link, move |stop| dev.serve(&stop))?;
-        Ok(LineSim { handle, received })
+        let faults = Arc::new(NetFaults::default());
+        let mut dev = Instrument::new(opts, received.clone(), faults.clone());
+        let handle = super::Handle::spawn("line-sim", path, link, move |stop| {
+            dev.port = Some(Box::new(master));
+            dev.serve(&stop, false);
+        })?;
+        Ok(LineSim {
+            handle,
+            received,
+            faults,
+            addr: None,
+        })
+    }
+
+    /// Starts the simulator listening on TCP `addr` (`127.0.0.1:0` for a free port),
+    /// one connection at a time, as instruments' raw sockets are.
+    pub fn listen(opts: Options, addr: &str) -> std::io::Result<LineSim> {
+        let listener = TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        let local = listener.local_addr()?;
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let faults = Arc::new(NetFaults::default());
+        let mut dev = Instrument::new(opts, received.clone(), faults.clone());
+        // What a config names as `address`.
+        let path = PathBuf::from(local.to_string());
+        let handle = super::Handle::spawn("line-sim-tcp", path, None, move |stop| {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        dev.faults.accepted.fetch_add(1, Ordering::Relaxed);
+                        dev.faults.drop_now.store(false, Ordering::Relaxed);
+                        let ok = stream.set_nonblocking(false).is_ok()
+                            && stream
+                                .set_read_timeout(Some(Duration::from_millis(10)))
+                                .is_ok();
+                        if ok {
+                            dev.port = Some(Box::new(stream));
+                            dev.serve(&stop, true);
+                        }
+                        dev.port = None;
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        })?;
+        Ok(LineSim {
+            handle,
+            received,
+            faults,
+            addr: Some(local),
+        })
+    }
+
+    /// The TCP address it listens on (TCP simulators only).
+    pub fn addr(&self) -> Option<SocketAddr> {
+        self.addr
+    }
+
+    /// TCP: closes the current connection; the next one is accepted as usual.
+    pub fn drop_connection(&self) {
+        self.faults.drop_now.store(true, Ordering::Relaxed);
+    }
+
+    /// TCP: stops (or resumes) answering while keeping the connection open.
+    pub fn set_silent(&self, silent: bool) {
+        self.faults.silent.store(silent, Ordering::Relaxed);
+    }
+
+    /// TCP: connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.faults.accepted.load(Ordering::Relaxed)
     }
 
     /// The pty a driver opens.
@@ -109,7 +188,8 @@ enum Fate {
 
 struct Instrument {
     opts: Options,
-    port: TTYPort,
+    port: Option<Box<dyn Wire>>,
+    faults: Arc<NetFaults>,
     received: Arc<Mutex<Vec<String>>>,
     rng: Rng,
     /// Lines written (answers or streamed lines), for garbage injection.
@@ -121,19 +201,43 @@ struct Instrument {
 }
 
 impl Instrument {
-    fn send(&mut self, line: &str) {
-        let _ = self.port.write_all(format!("{line}\r\n").as_bytes());
-        self.answers += 1;
-        if self.opts.garbage_every > 0 && self.answers % self.opts.garbage_every == 0 {
-            let _ = self.port.write_all(b"#\x7f@!garbage\r\n");
+    fn new(opts: Options, received: Arc<Mutex<Vec<String>>>, faults: Arc<NetFaults>) -> Self {
+        Instrument {
+            rng: Rng::new(opts.seed),
+            opts,
+            port: None,
+            faults,
+            received,
+            answers: 0,
+            polls: 0,
+            output_on: false,
         }
     }
 
-    fn serve(&mut self, stop: &AtomicBool) {
+    fn send(&mut self, line: &str) {
+        if self.faults.silent.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(port) = self.port.as_mut() else {
+            return;
+        };
+        let _ = port.write_all(format!("{line}\r\n").as_bytes());
+        self.answers += 1;
+        if self.opts.garbage_every > 0 && self.answers % self.opts.garbage_every == 0 {
+            let _ = port.write_all(b"#\x7f@!garbage\r\n");
+        }
+    }
+
+    /// Serves the current link until `stop`; a network link (`eof_ends`) also ends when
+    /// the client closes it or a fault drops it.
+    fn serve(&mut self, stop: &AtomicBool, eof_ends: bool) {
         let mut inbuf = Vec::new();
         let mut buf = [0u8; 512];
         let mut next_stream = Instant::now();
         while !stop.load(Ordering::Relaxed) {
+            if eof_ends && self.faults.drop_now.swap(false, Ordering::Relaxed) {
+                return;
+            }
             if self.opts.kind == Kind::CsvSensor && Instant::now() >= next_stream {
                 next_stream += self.opts.stream_interval;
                 let t = 235.0 + 5.0 * self.rng.symmetric();
@@ -145,7 +249,11 @@ impl Instrument {
                 );
                 self.send(&line);
             }
-            match self.port.read(&mut buf) {
+            let Some(port) = self.port.as_mut() else {
+                return;
+            };
+            match port.read(&mut buf) {
+                Ok(0) if eof_ends => return,
                 Ok(n) if n > 0 => {
                     inbuf.extend_from_slice(&buf[..n]);
                     while let Some(pos) = inbuf.iter().position(|b| *b == b'\n' || *b == b'\r') {
@@ -162,7 +270,12 @@ impl Instrument {
                     }
                 }
                 Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+                    ) => {}
+                Err(_) if eof_ends => return,
                 Err(_) => std::thread::sleep(Duration::from_millis(5)),
             }
         }

@@ -1,4 +1,6 @@
-//! The `line_instrument` device: an instrument described by a profile, on a serial port.
+//! The `line_instrument` device: an instrument described by a profile, on a serial port
+//! or on the network (`address = "host:port"`: a SCPI raw socket, port 5025 unless
+//! given).
 //!
 //! On connect the profile's init commands are sent (answers logged). Then, while running,
 //! the poll command is sent every interval and its answer parsed into sensor readings; an
@@ -12,7 +14,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use serialport::TTYPort;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -20,6 +21,12 @@ use super::profile::{Compiled, Parsed};
 use crate::devices::serial::{self, Frame, Incoming, UsbId};
 use crate::devices::{CommandKind, Control, DeviceCtx, DeviceError};
 use crate::record::{object, Body, Draft};
+
+/// Polls in a row without an answer after which a network link counts as lost (a
+/// half-open connection: the instrument is gone but the socket still looks open) and is
+/// reconnected. Serial ports stay open: an unanswering instrument there is reported
+/// through its timeouts.
+pub const SILENT_POLLS_LOST: u32 = 3;
 
 /// Device error events are sent at most this often (with the count since the last).
 const ERROR_EVENT_EVERY: Duration = Duration::from_secs(10);
@@ -36,6 +43,10 @@ pub struct Config {
     #[serde(default)]
     /// The USB identity of the adapter, so a replugged instrument is found under any name.
     pub usb: Option<UsbId>,
+    /// `host:port` of an instrument on the network (raw socket; port 5025 when only a
+    /// host is given), in place of `port` or `usb`.
+    #[serde(default)]
+    pub address: Option<String>,
     /// A profile name in `profiles_dir` (`mettler-mt-sics`, `keithley-2400`, …) or a path
     /// to a `.toml` profile.
     pub profile: String,
@@ -87,7 +98,19 @@ impl Config {
 
     /// Checks the port choice and that the profile loads; keys are relative to the device.
     pub fn validate(&self) -> Result<(), (String, String)> {
-        serial::check_port_choice(self.port.as_deref(), self.usb.as_ref())?;
+        match &self.address {
+            Some(a) if self.port.is_none() && self.usb.is_none() => {
+                crate::devices::net::check_address(a)?
+            }
+            Some(_) => {
+                return Err((
+                    "address".into(),
+                    "give exactly one of port, usb or address".into(),
+                ))
+            }
+            None => serial::check_port_choice(self.port.as_deref(), self.usb.as_ref())
+                .map_err(|(k, _)| (k, "give exactly one of port, usb or address".into()))?,
+        }
         if self.interval.is_some_and(|i| i.is_zero()) {
             return Err(("interval".into(), "must be greater than zero".into()));
         }
@@ -107,9 +130,13 @@ struct Conn<'a> {
     cfg: &'a Config,
     ctx: &'a mut DeviceCtx,
     profile: &'a Compiled,
-    writer: TTYPort,
+    writer: Box<dyn Write + Send>,
     lines: mpsc::Receiver<Incoming>,
     port: String,
+    /// Over the network: unanswered polls in a row end the connection.
+    networked: bool,
+    /// Polls in a row without an answer.
+    silent_polls: u32,
     running: bool,
     /// When the answer to the last poll is due.
     awaiting: Option<Instant>,
@@ -157,6 +184,7 @@ impl Conn<'_> {
     }
 
     async fn on_line(&mut self, line: &str) -> Result<(), DeviceError> {
+        self.silent_polls = 0;
         if let Some(a) = self.action.take() {
             let l = line.trim_end_matches('\r');
             if a.ok.is_match(l) {
@@ -337,6 +365,10 @@ impl Conn<'_> {
                         self.ctx.metrics.count_timeout(&self.ctx.id);
                         self.device_error(format!("no answer to {:?} within {timeout:?}", poll.as_deref().unwrap_or(""))).await?;
                         self.awaiting = None;
+                        self.silent_polls += 1;
+                        if self.networked && self.silent_polls >= SILENT_POLLS_LOST {
+                            return Ok(Ended::Lost(format!("{} polls in a row unanswered: connection lost", self.silent_polls)));
+                        }
                     }
                     if self.awaiting.is_none() {
                         if let Some(p) = &poll {
@@ -368,15 +400,23 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
     let frame = cfg.frame(&profile);
     let mut backoff = crate::devices::Backoff::default();
     loop {
-        let Some(link) = serial::connect(
-            ctx,
-            cfg.port.as_deref(),
-            cfg.usb.as_ref(),
-            &frame,
-            &mut backoff,
-        )
-        .await
-        else {
+        let link = match &cfg.address {
+            Some(a) => {
+                crate::devices::net::connect(ctx, a, crate::devices::net::SCPI_PORT, &mut backoff)
+                    .await
+            }
+            None => {
+                serial::connect(
+                    ctx,
+                    cfg.port.as_deref(),
+                    cfg.usb.as_ref(),
+                    &frame,
+                    &mut backoff,
+                )
+                .await
+            }
+        };
+        let Some(link) = link else {
             return Ok(());
         };
         let mut conn = Conn {
@@ -386,6 +426,8 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
             writer: link.writer,
             lines: link.lines,
             port: link.path,
+            networked: cfg.address.is_some(),
+            silent_polls: 0,
             running: false,
             awaiting: None,
             unreported_errors: 0,

@@ -13,7 +13,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use serialport::TTYPort;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -154,7 +153,7 @@ struct Conn<'a> {
     cfg: &'a Config,
     ctx: &'a mut DeviceCtx,
     method: &'a Method,
-    writer: TTYPort,
+    writer: Box<dyn Write + Send>,
     lines: mpsc::Receiver<Incoming>,
     session: Session,
     info: Info,
