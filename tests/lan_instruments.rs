@@ -183,3 +183,103 @@ fn a_line_instrument_names_exactly_one_of_port_usb_and_address() {
         assert!(err.contains(key), "{key} not named: {err}");
     }
 }
+
+fn sensor(m: &[Msg], id: &str) -> usize {
+    m.iter().filter(|x| x.json["sensor_id"] == id).count()
+}
+
+#[test]
+fn modbus_tcp_reads_the_same_register_map_and_reconnects_after_the_device_was_off() {
+    use labgate::sim::modbus::{ModbusSim, HUMIDITY_TENTHS, PRESSURE_HPA, TEMPERATURE_TENTHS};
+    let sim = ModbusSim::listen(0, "127.0.0.1:0").unwrap();
+    let addr = sim.path().display().to_string();
+    let broker = Broker::start();
+    let dir = tempdir();
+    let topics = Topics::new();
+    let profile =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("devices/profiles/modbus-th-sensor.toml");
+    let device = format!(
+        "[[devices]]\nkind = \"modbus_tcp\"\nid = \"plc-1\"\naddress = \"{addr}\"\nunit_id = 1\nprofile = \"{}\"\ninterval = \"100ms\"\ntimeout = \"300ms\"\nretries = 0\n",
+        profile.display()
+    );
+    let cfg = agent_config(
+        dir.path(),
+        "agent-mbtcp",
+        &broker.addr(),
+        &topics,
+        free_port(),
+        &device,
+    );
+    let agent = Agent::start(dir.path(), &cfg);
+    let mut r = Reader::new(
+        &broker.addr(),
+        &[topics.sensors(), topics.agent_events(), topics.results()],
+    );
+    r.until("all three registers", Duration::from_secs(30), |m| {
+        ["plc-1.temperature", "plc-1.humidity", "plc-1.pressure"]
+            .iter()
+            .all(|s| sensor(m, s) >= 3)
+    });
+    let value = |id: &str| {
+        r.msgs
+            .iter()
+            .find(|x| x.json["sensor_id"] == id)
+            .unwrap()
+            .json["value"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!((value("plc-1.temperature") - f64::from(TEMPERATURE_TENTHS) / 10.0).abs() < 1e-9);
+    assert!((value("plc-1.humidity") - f64::from(HUMIDITY_TENTHS) / 10.0).abs() < 1e-9);
+    assert!((value("plc-1.pressure") - f64::from(PRESSURE_HPA)).abs() < 1e-3);
+    let connected = r
+        .msgs
+        .iter()
+        .find(|x| x.json["event"] == "device_connected")
+        .unwrap()
+        .json
+        .clone();
+    assert_eq!(connected["data"]["port"], format!("tcp://{addr}"));
+
+    // Pause and resume as over RTU.
+    let sender = Sender::new(&broker.addr());
+    wait_until_commands_answered(&sender, &mut r, &topics.commands(), "agent-mbtcp");
+    let c = json!({"command": "pause", "command_id": "p1", "target": {"agent": "agent-mbtcp", "device": "plc-1"}});
+    sender.send(&topics.commands(), "agent-mbtcp", &c.to_string());
+    r.until("pause completed", Duration::from_secs(20), |m| {
+        m.iter()
+            .any(|x| x.json["command_id"] == "p1" && x.json["status"] == "completed")
+    });
+    let requests = sim.requests();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(sim.requests() <= requests + 3, "paused: no polling");
+    let c = json!({"command": "resume", "command_id": "r1", "target": {"agent": "agent-mbtcp", "device": "plc-1"}});
+    sender.send(&topics.commands(), "agent-mbtcp", &c.to_string());
+
+    // The device is switched off (its connection dropped, new ones refused), then on.
+    let n = sensor(&r.msgs, "plc-1.temperature");
+    r.until("polling again", Duration::from_secs(20), |m| {
+        sensor(m, "plc-1.temperature") >= n + 3
+    });
+    drop(sim);
+    r.until("device_disconnected", Duration::from_secs(30), |m| {
+        events(m, "device_disconnected") >= 1
+    });
+    agent.wait_status("disconnected", Duration::from_secs(20), |s| {
+        s["devices"]["plc-1"]["state"] == "disconnected"
+    });
+    let sim = ModbusSim::listen(0, &addr).unwrap();
+    let n = sensor(&r.msgs, "plc-1.temperature");
+    r.until(
+        "readings after the device came back",
+        Duration::from_secs(60),
+        |m| sensor(m, "plc-1.temperature") >= n + 3 && events(m, "device_connected") >= 2,
+    );
+    assert!(sim.requests() > 0);
+    r.drain_for(Duration::from_secs(1));
+    for m in &r.msgs {
+        assert_matches_schema(m);
+        assert_envelope(m, "agent-mbtcp");
+    }
+    assert_gap_free(&r.msgs);
+}

@@ -35,6 +35,8 @@ pub enum DeviceConfig {
     LineInstrument(line::driver::Config),
     /// Modbus RTU sensors on a serial bus, read by a register map.
     ModbusRtu(modbus::Config),
+    /// Modbus TCP sensors, PLCs or gateways, read by the same register maps.
+    ModbusTcp(modbus::TcpConfig),
     /// Sensors (and controllable hardware) on an MQTT broker.
     Mqtt(mqtt::Config),
     /// A simulated potentiostat running CV/CA/LSV on a model cell (demo, tests).
@@ -50,6 +52,7 @@ impl DeviceConfig {
             DeviceConfig::Methodscript(c) => &c.id,
             DeviceConfig::LineInstrument(c) => &c.id,
             DeviceConfig::ModbusRtu(c) => &c.id,
+            DeviceConfig::ModbusTcp(c) => &c.id,
             DeviceConfig::Mqtt(c) => &c.id,
             DeviceConfig::SimulatedPotentiostat(c) => &c.id,
             DeviceConfig::SimulatedSensors(c) => &c.id,
@@ -62,6 +65,7 @@ impl DeviceConfig {
             DeviceConfig::Methodscript(_) => "methodscript",
             DeviceConfig::LineInstrument(_) => "line_instrument",
             DeviceConfig::ModbusRtu(_) => "modbus_rtu",
+            DeviceConfig::ModbusTcp(_) => "modbus_tcp",
             DeviceConfig::Mqtt(_) => "mqtt",
             DeviceConfig::SimulatedPotentiostat(_) => "simulated_potentiostat",
             DeviceConfig::SimulatedSensors(_) => "simulated_sensors",
@@ -74,6 +78,7 @@ impl DeviceConfig {
             DeviceConfig::Methodscript(c) => c.validate(),
             DeviceConfig::LineInstrument(c) => c.validate(),
             DeviceConfig::ModbusRtu(c) => c.validate(),
+            DeviceConfig::ModbusTcp(c) => c.validate(),
             DeviceConfig::Mqtt(c) => c.validate(),
             DeviceConfig::SimulatedPotentiostat(c) => c.validate(),
             DeviceConfig::SimulatedSensors(c) => c.validate(),
@@ -94,6 +99,7 @@ impl DeviceConfig {
             DeviceConfig::Mqtt(c) => c.accepts(cmd),
             DeviceConfig::Methodscript(_)
             | DeviceConfig::ModbusRtu(_)
+            | DeviceConfig::ModbusTcp(_)
             | DeviceConfig::SimulatedPotentiostat(_)
             | DeviceConfig::SimulatedSensors(_) => lifecycle,
         }
@@ -307,6 +313,7 @@ async fn run_driver(cfg: &DeviceConfig, ctx: &mut DeviceCtx) -> Result<(), Devic
             DeviceConfig::Methodscript(c) => methodscript::driver::run(c, ctx).await,
             DeviceConfig::LineInstrument(c) => line::driver::run(c, ctx).await,
             DeviceConfig::ModbusRtu(c) => modbus::run(c, ctx).await,
+            DeviceConfig::ModbusTcp(c) => modbus::run_tcp(c, ctx).await,
             DeviceConfig::Mqtt(c) => mqtt::run(c, ctx).await,
             DeviceConfig::SimulatedPotentiostat(c) => simulated::potentiostat::run(c, ctx).await,
             DeviceConfig::SimulatedSensors(c) => simulated::sensors::run(c, ctx).await,

@@ -1,6 +1,8 @@
-//! `modbus_rtu`: Modbus RTU sensors on a serial bus (tokio-modbus), read by a register-map
-//! profile (`devices/profiles/modbus-*.toml`). One request at a time on the bus; Modbus
-//! exceptions and timeouts are retried, then counted and reported.
+//! `modbus_rtu` and `modbus_tcp`: Modbus sensors and PLCs on a serial bus or on the
+//! network (tokio-modbus), read by the same register-map profiles
+//! (`devices/profiles/modbus-*.toml`). One request at a time; Modbus exceptions and
+//! timeouts are retried, then counted and reported; three polls in a row with no register
+//! answering mean the bus or the connection is gone, and it is opened again with backoff.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -322,9 +324,10 @@ enum ReadError {
 async fn read_once(
     ctx: &mut Context,
     r: &Register,
+    slave: u8,
     timeout: Duration,
 ) -> Result<Vec<u16>, ReadError> {
-    ctx.set_slave(Slave(r.slave));
+    ctx.set_slave(Slave(slave));
     let n = r.data_type.registers();
     let fut = async {
         if r.function == 3 {
@@ -343,14 +346,147 @@ async fn read_once(
     }
 }
 
-/// Driver entry point: poll the register map every interval; pause/resume/start/stop
-/// control polling.
+/// What every Modbus device polls with.
+struct Poll<'a> {
+    profile: &'a Profile,
+    interval: Duration,
+    timeout: Duration,
+    retries: u32,
+    location: Option<&'a String>,
+    /// Modbus TCP: the unit id to address instead of each register's `slave`.
+    unit_id: Option<u8>,
+}
+
+/// Why polling one connection ended.
+enum BusEnd {
+    Lost(String),
+    Shutdown,
+}
+
+/// Polls the register map every interval on an open bus until it is lost or the agent
+/// stops; pause/resume/start/stop control polling.
+async fn poll_bus(
+    p: &Poll<'_>,
+    ctx: &mut DeviceCtx,
+    bus: &mut Context,
+    running: &mut bool,
+) -> Result<BusEnd, DeviceError> {
+    let mut tick = tokio::time::interval(p.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut consecutive_failures = 0u32;
+    loop {
+        tokio::select! {
+            _ = tick.tick(), if *running => {
+                let mut all_failed = true;
+                for r in &p.profile.registers {
+                    let slave = p.unit_id.unwrap_or(r.slave);
+                    let mut last = None;
+                    let mut regs = None;
+                    for _ in 0..=p.retries {
+                        match read_once(bus, r, slave, p.timeout).await {
+                            Ok(v) => { regs = Some(v); break; }
+                            Err(e) => last = Some(e),
+                        }
+                    }
+                    match (regs, last) {
+                        (Some(v), _) => {
+                            all_failed = false;
+                            let Some(raw) = decode(&v, r.data_type, r.word_order) else { continue };
+                            let value = raw * r.scale + r.offset;
+                            if !crate::record::usable_value(value) {
+                                // An f32 register holding NaN or infinity (a sensor fault).
+                                ctx.metrics.count_malformed(&ctx.id);
+                                tracing::warn!(device = %ctx.id, register = r.address, value, "register value not usable (NaN, infinite or beyond ±1e100)");
+                                continue;
+                            }
+                            ctx.emit(Draft::new(
+                                ctx.id.clone(),
+                                Body::SensorReading {
+                                    sensor_id: format!("{}.{}", ctx.id, r.name),
+                                    sensor_type: r.sensor_type.clone(),
+                                    value,
+                                    unit: r.unit.clone(),
+                                    location: p.location.cloned(),
+                                    metadata: [("slave".to_string(), slave.into()), ("register".to_string(), r.address.into())].into_iter().collect(),
+                                },
+                            ))
+                            .await?;
+                        }
+                        (None, Some(ReadError::Exception(x))) => {
+                            all_failed = false; // the slave is there, it refused
+                            ctx.metrics.count_error_reply(&ctx.id);
+                            tracing::warn!(device = %ctx.id, register = %r.name, exception = %x, "modbus exception");
+                        }
+                        (None, Some(ReadError::Transport(e))) => {
+                            ctx.metrics.count_timeout(&ctx.id);
+                            tracing::warn!(device = %ctx.id, register = %r.name, error = %e, "modbus request failed");
+                        }
+                        (None, None) => {}
+                    }
+                }
+                consecutive_failures = if all_failed { consecutive_failures + 1 } else { 0 };
+                if consecutive_failures >= 3 {
+                    // The bus or the connection is gone (unplugged adapter, a half-open
+                    // or closed socket): open it again.
+                    return Ok(BusEnd::Lost("no register answered three polls in a row".into()));
+                }
+            }
+            c = ctx.control.recv() => {
+                let Some(c) = c else { return Ok(BusEnd::Shutdown) };
+                let reply = if !c.params.is_empty() {
+                    Err(format!("{} takes no parameters", c.command.as_str()))
+                } else if c.command.is_action() {
+                    Err(format!("a Modbus sensor has no {}", c.command.as_str()))
+                } else {
+                    *running = matches!(c.command, CommandKind::Start | CommandKind::Resume);
+                    ctx.set_state(match c.command {
+                        CommandKind::Pause => crate::metrics::DeviceState::Paused,
+                        CommandKind::Stop => crate::metrics::DeviceState::Idle,
+                        _ => crate::metrics::DeviceState::Running,
+                    });
+                    Ok(if *running { "polling".to_string() } else { "polling stopped".to_string() })
+                };
+                let _ = c.reply.send(reply);
+            }
+            () = ctx.shutdown.cancelled() => return Ok(BusEnd::Shutdown),
+        }
+    }
+}
+
+/// Announces a connected bus: state and `device_connected`.
+async fn connected(
+    ctx: &mut DeviceCtx,
+    running: bool,
+    at: String,
+    profile: &str,
+) -> Result<(), DeviceError> {
+    ctx.set_state(if running {
+        crate::metrics::DeviceState::Running
+    } else {
+        crate::metrics::DeviceState::Idle
+    });
+    ctx.device_event(
+        "device_connected",
+        object([("port", at.into()), ("profile", profile.into())]),
+    )
+    .await
+}
+
+/// `modbus_rtu` entry point: open the serial bus, poll, reopen when it is lost.
 pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
     let profile = cfg.load_profile().map_err(DeviceError::Config)?;
     let frame = frame(&profile);
+    let poll = Poll {
+        profile: &profile,
+        interval: cfg.interval,
+        timeout: cfg.timeout,
+        retries: cfg.retries,
+        location: cfg.location.as_ref(),
+        unit_id: None,
+    };
     let mut backoff = crate::devices::Backoff::default();
     let mut running = true;
-    'connect: loop {
+    loop {
         let Some((path, stream)) = crate::devices::serial::reconnect(
             ctx,
             cfg.port.as_deref(),
@@ -363,96 +499,116 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
             return Ok(());
         };
         let mut bus = tokio_modbus::client::rtu::attach_slave(stream, Slave(1));
-        ctx.set_state(if running {
-            crate::metrics::DeviceState::Running
+        connected(ctx, running, path, &profile.name).await?;
+        match poll_bus(&poll, ctx, &mut bus, &mut running).await? {
+            BusEnd::Shutdown => return Ok(()),
+            BusEnd::Lost(reason) => ctx.disconnected(reason).await?,
+        }
+    }
+}
+
+/// The Modbus TCP port, used when an address gives none.
+pub const MODBUS_TCP_PORT: u16 = 502;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+/// A `modbus_tcp` device: a Modbus TCP sensor, PLC or RTU gateway, polled by a register map.
+pub struct TcpConfig {
+    /// The device id records and commands carry.
+    pub id: String,
+    /// `host:port` (port 502 when only a host is given).
+    pub address: String,
+    /// Address every register with this unit id instead of the profile's `slave`
+    /// (devices that answer one unit id only, often 1 or 255). Unset: the profile's, as
+    /// behind an RTU gateway.
+    #[serde(default)]
+    pub unit_id: Option<u8>,
+    /// A profile name in `profiles_dir` or a path to a `.toml` profile (the serial
+    /// settings in it are not used).
+    pub profile: String,
+    #[serde(default = "d_profiles_dir")]
+    /// Where profile names are looked up.
+    pub profiles_dir: PathBuf,
+    #[serde(default = "d_interval", with = "crate::time::serde_duration")]
+    /// How often the register map is read.
+    pub interval: Duration,
+    /// Per request.
+    #[serde(default = "d_timeout", with = "crate::time::serde_duration")]
+    pub timeout: Duration,
+    /// Further attempts after a failed request.
+    #[serde(default = "d_retries")]
+    pub retries: u32,
+    #[serde(default)]
+    /// Where the sensors are, copied into each reading.
+    pub location: Option<String>,
+}
+
+impl TcpConfig {
+    fn load_profile(&self) -> Result<Profile, String> {
+        let direct = std::path::Path::new(&self.profile);
+        let path = if direct.extension().is_some_and(|e| e == "toml") {
+            direct.to_path_buf()
         } else {
-            crate::metrics::DeviceState::Idle
-        });
-        ctx.device_event(
-            "device_connected",
-            object([
-                ("port", path.into()),
-                ("profile", profile.name.clone().into()),
-            ]),
-        )
-        .await?;
-        let mut tick = tokio::time::interval(cfg.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut consecutive_failures = 0u32;
-        loop {
-            tokio::select! {
-                _ = tick.tick(), if running => {
-                    let mut all_failed = true;
-                    for r in &profile.registers {
-                        let mut last = None;
-                        let mut regs = None;
-                        for _ in 0..=cfg.retries {
-                            match read_once(&mut bus, r, cfg.timeout).await {
-                                Ok(v) => { regs = Some(v); break; }
-                                Err(e) => last = Some(e),
-                            }
-                        }
-                        match (regs, last) {
-                            (Some(v), _) => {
-                                all_failed = false;
-                                let Some(raw) = decode(&v, r.data_type, r.word_order) else { continue };
-                                let value = raw * r.scale + r.offset;
-                                if !crate::record::usable_value(value) {
-                                    // An f32 register holding NaN or infinity (a sensor fault).
-                                    ctx.metrics.count_malformed(&ctx.id);
-                                    tracing::warn!(device = %ctx.id, register = r.address, value, "register value not usable (NaN, infinite or beyond ±1e100)");
-                                    continue;
-                                }
-                                ctx.emit(Draft::new(
-                                    ctx.id.clone(),
-                                    Body::SensorReading {
-                                        sensor_id: format!("{}.{}", ctx.id, r.name),
-                                        sensor_type: r.sensor_type.clone(),
-                                        value,
-                                        unit: r.unit.clone(),
-                                        location: cfg.location.clone(),
-                                        metadata: [("slave".to_string(), r.slave.into()), ("register".to_string(), r.address.into())].into_iter().collect(),
-                                    },
-                                ))
-                                .await?;
-                            }
-                            (None, Some(ReadError::Exception(x))) => {
-                                all_failed = false; // the slave is there, it refused
-                                ctx.metrics.count_error_reply(&ctx.id);
-                                tracing::warn!(device = %ctx.id, register = %r.name, exception = %x, "modbus exception");
-                            }
-                            (None, Some(ReadError::Transport(e))) => {
-                                ctx.metrics.count_timeout(&ctx.id);
-                                tracing::warn!(device = %ctx.id, register = %r.name, error = %e, "modbus request failed");
-                            }
-                            (None, None) => {}
-                        }
-                    }
-                    consecutive_failures = if all_failed { consecutive_failures + 1 } else { 0 };
-                    if consecutive_failures >= 3 {
-                        // The bus itself is gone (unplugged adapter): reopen it.
-                        ctx.disconnected("no register answered three polls in a row".into()).await?;
-                        continue 'connect;
-                    }
+            self.profiles_dir.join(format!("{}.toml", self.profile))
+        };
+        Profile::load(&path)
+    }
+
+    /// Checks the address, the timings and that the profile loads.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        crate::devices::net::check_address(&self.address)?;
+        if self.interval.is_zero() || self.timeout.is_zero() {
+            return Err((
+                "interval".into(),
+                "interval and timeout must be greater than zero".into(),
+            ));
+        }
+        self.load_profile()
+            .map(|_| ())
+            .map_err(|e| ("profile".to_string(), e))
+    }
+}
+
+/// `modbus_tcp` entry point: connect (keepalive on), poll, reconnect with backoff when
+/// the connection is refused, dropped or half-open.
+pub async fn run_tcp(cfg: &TcpConfig, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
+    let profile = cfg.load_profile().map_err(DeviceError::Config)?;
+    let poll = Poll {
+        profile: &profile,
+        interval: cfg.interval,
+        timeout: cfg.timeout,
+        retries: cfg.retries,
+        location: cfg.location.as_ref(),
+        unit_id: cfg.unit_id,
+    };
+    let address = crate::devices::net::with_port(&cfg.address, MODBUS_TCP_PORT);
+    let mut backoff = crate::devices::Backoff::default();
+    let mut running = true;
+    loop {
+        let stream = ctx
+            .retry_open(&mut backoff, || {
+                let a = address.clone();
+                async move {
+                    let (s, _) = tokio::task::spawn_blocking(move || crate::devices::net::open(&a))
+                        .await
+                        .map_err(|e| format!("connect task: {e}"))??;
+                    s.set_nonblocking(true).map_err(|e| e.to_string())?;
+                    tokio::net::TcpStream::from_std(s).map_err(|e| e.to_string())
                 }
-                c = ctx.control.recv() => {
-                    let Some(c) = c else { return Ok(()) };
-                    let reply = if !c.params.is_empty() {
-                        Err(format!("{} takes no parameters", c.command.as_str()))
-                    } else if c.command.is_action() {
-                        Err(format!("a Modbus sensor has no {}", c.command.as_str()))
-                    } else {
-                        running = matches!(c.command, CommandKind::Start | CommandKind::Resume);
-                        ctx.set_state(match c.command {
-                            CommandKind::Pause => crate::metrics::DeviceState::Paused,
-                            CommandKind::Stop => crate::metrics::DeviceState::Idle,
-                            _ => crate::metrics::DeviceState::Running,
-                        });
-                        Ok(if running { "polling".to_string() } else { "polling stopped".to_string() })
-                    };
-                    let _ = c.reply.send(reply);
+            })
+            .await;
+        let Some(stream) = stream else {
+            return Ok(());
+        };
+        let mut bus = tokio_modbus::client::tcp::attach_slave(stream, Slave(1));
+        connected(ctx, running, format!("tcp://{address}"), &profile.name).await?;
+        match poll_bus(&poll, ctx, &mut bus, &mut running).await? {
+            BusEnd::Shutdown => return Ok(()),
+            BusEnd::Lost(reason) => {
+                ctx.disconnected(reason.clone()).await?;
+                if !ctx.wait_unreachable(backoff.step(), &reason).await {
+                    return Ok(());
                 }
-                () = ctx.shutdown.cancelled() => return Ok(()),
             }
         }
     }

@@ -32,8 +32,11 @@ pub enum SimKind {
     /// A Modbus RTU slave serving devices/profiles/modbus-th-sensor.toml's register map.
     Modbus {
         /// Also create this symlink to the port.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "listen")]
         link: Option<PathBuf>,
+        /// Serve Modbus TCP on this address (e.g. 127.0.0.1:5020) instead of RTU on a pty.
+        #[arg(long)]
+        listen: Option<String>,
         /// Answer every Nth request with ServerDeviceBusy (0 = never).
         #[arg(long, default_value_t = 0)]
         busy_every: u32,
@@ -143,14 +146,26 @@ pub async fn serve(
                 started("EmStat Pico", sim)?,
             )
         }
-        SimKind::Modbus { link, busy_every } => {
-            let sim = modbus::ModbusSim::start(busy_every, link.as_deref()).map(|s| {
+        SimKind::Modbus {
+            link,
+            listen,
+            busy_every,
+        } => {
+            let sim = match &listen {
+                Some(addr) => modbus::ModbusSim::listen(busy_every, addr),
+                None => modbus::ModbusSim::start(busy_every, link.as_deref()),
+            };
+            let sim = sim.map(|s| {
                 (
                     s.path().to_path_buf(),
                     Box::new(s) as Box<dyn std::any::Any>,
                 )
             });
-            let what = "Modbus RTU slave 1";
+            let what = if listen.is_some() {
+                "Modbus TCP unit 1"
+            } else {
+                "Modbus RTU slave 1"
+            };
             (what.to_string(), link, started(what, sim)?)
         }
         SimKind::Line {

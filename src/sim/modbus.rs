@@ -1,4 +1,5 @@
-//! A Modbus RTU slave on a pty (tokio-modbus' RTU server), serving the register map of
+//! A Modbus RTU slave on a pty, or a Modbus TCP server on a port (tokio-modbus' servers),
+//! serving the register map of
 //! `devices/profiles/modbus-th-sensor.toml`: slave 1, input registers 0 (temperature,
 //! i16 tenths) and 1 (humidity, u16 tenths), holding registers 10–11 (pressure, f32
 //! word-swapped). Unmapped addresses answer IllegalDataAddress, other slaves stay silent,
@@ -139,5 +140,76 @@ impl ModbusSim {
     /// Closes the pty, as unplugging the adapter would.
     pub fn unplug(self) {
         drop(self.handle);
+    }
+
+    /// A Modbus TCP server on `addr` (`127.0.0.1:0` for a free port) with the same
+    /// register map; unit id 1 answers. Dropping it closes the listener and every
+    /// connection (the device switched off). [`ModbusSim::path`] is its address.
+    pub fn listen(busy_every: u32, addr: &str) -> std::io::Result<ModbusSim> {
+        let listener = std::net::TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        let local = listener.local_addr()?;
+        let requests = Arc::new(AtomicU32::new(0));
+        let counter = requests.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
+        let thread = std::thread::Builder::new()
+            .name("modbus-tcp-sim".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let listener = match tokio::net::TcpListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(()));
+                    let server = tokio_modbus::server::tcp::Server::new(listener);
+                    let on_connected = |stream, socket_addr| {
+                        let requests = counter.clone();
+                        async move {
+                            tokio_modbus::server::tcp::accept_tcp_connection(
+                                stream,
+                                socket_addr,
+                                |_| {
+                                    Ok(Some(Slave {
+                                        requests: requests.clone(),
+                                        busy_every,
+                                    }))
+                                },
+                            )
+                        }
+                    };
+                    let abort = async move {
+                        let _ = stopped.await;
+                    };
+                    if let Err(e) = server.serve_until(&on_connected, |_| {}, abort).await {
+                        eprintln!("modbus TCP simulator stopped: {e}");
+                    }
+                });
+            })?;
+        ready_rx
+            .recv()
+            .map_err(|_| std::io::Error::other("modbus simulator thread ended during set-up"))??;
+        let handle = super::Handle::new(
+            std::path::PathBuf::from(local.to_string()),
+            None,
+            thread,
+            move || {
+                let _ = stop.send(());
+            },
+        );
+        Ok(ModbusSim { handle, requests })
     }
 }
