@@ -297,6 +297,7 @@ pub async fn run(
         router: router.clone(),
         ingest: ingest.clone(),
         metrics: metrics.clone(),
+        buffer: buffer.clone(),
         stop: dev_stop.clone(),
     };
     for d in &cfg.devices {
@@ -493,6 +494,8 @@ struct Fleet {
     router: Router,
     ingest: ingest::Ingest,
     metrics: Arc<Metrics>,
+    /// Given to drivers that keep source positions in it.
+    buffer: Arc<Buffer>,
     stop: CancellationToken,
 }
 
@@ -514,6 +517,7 @@ impl Fleet {
             control: rx,
             shutdown: stop.clone(),
             metrics: self.metrics.clone(),
+            store: self.buffer.clone(),
         };
         tracing::info!(device = d.id(), kind = d.kind(), "device starting");
         let task = self.tracker.spawn(devices::supervise(d.clone(), ctx));

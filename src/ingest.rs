@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::buffer::{AppendOutcome, Buffer, BufferError};
+use crate::buffer::{AppendOutcome, Buffer, BufferError, Cursor};
 use crate::metrics::{DropReason, Metrics};
 use crate::pipeline::Pipeline;
 use crate::record::{object, stamp, Draft, Stored, AGENT_DEVICE};
@@ -44,8 +44,11 @@ pub enum IngestError {
 pub type Receipt = oneshot::Receiver<Result<(), IngestError>>;
 
 struct Item {
-    draft: Draft,
+    /// None: only a source position to store.
+    draft: Option<Draft>,
     done: Option<oneshot::Sender<Result<(), IngestError>>>,
+    /// A source position written in the same batch as this record (and those before it).
+    cursor: Option<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
 /// The sending side of ingest. Cheap to clone.
@@ -58,7 +61,11 @@ impl Ingest {
     /// Queues a record. Waits only if ingest itself is behind (never on Kafka).
     pub async fn send(&self, draft: Draft) -> Result<(), IngestError> {
         self.tx
-            .send(Item { draft, done: None })
+            .send(Item {
+                draft: Some(draft),
+                done: None,
+                cursor: None,
+            })
             .await
             .map_err(|_| IngestError::Closed)
     }
@@ -83,11 +90,33 @@ impl Ingest {
     /// source keep receiving while earlier records are flushed: receipts resolve in
     /// the order the records were sent (MQTT acks must go out in that order).
     pub async fn send_tracked(&self, draft: Draft) -> Result<Receipt, IngestError> {
+        self.send_item(Some(draft), None).await
+    }
+
+    /// Queues a record (or none) with a source position that is stored in the same
+    /// atomic batch as it, and only if it (and every record before it) is: a reader of
+    /// files that resumes from its positions after a crash neither repeats nor skips a
+    /// record. The receipt resolves once both are durable.
+    pub async fn send_with_cursor(
+        &self,
+        draft: Option<Draft>,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+    ) -> Result<Receipt, IngestError> {
+        self.send_item(draft, Some((key, value))).await
+    }
+
+    async fn send_item(
+        &self,
+        draft: Option<Draft>,
+        cursor: Option<(Vec<u8>, Option<Vec<u8>>)>,
+    ) -> Result<Receipt, IngestError> {
         let (done, rx) = oneshot::channel();
         self.tx
             .send(Item {
                 draft,
                 done: Some(done),
+                cursor,
             })
             .await
             .map_err(|_| IngestError::Closed)?;
@@ -302,15 +331,37 @@ impl Writer {
         // the reading was downsampled away, which counts as done).
         let mut dones = Vec::new();
         let mut derived = Vec::new();
+        let mut cursors: Vec<Cursor> = Vec::new();
         let process = !self.pipeline.is_idle();
         for item in items.drain(..) {
-            let keep = !process || self.pipeline.observe(&item.draft, now, &mut derived);
+            let Some(draft) = item.draft else {
+                if let Some((key, value)) = item.cursor {
+                    cursors.push(Cursor {
+                        after: stored.len(),
+                        key,
+                        value,
+                    });
+                }
+                if let Some(d) = item.done {
+                    // Done when the records before it were handled (the cursor's rule).
+                    dones.push((d, stored.len().checked_sub(1)));
+                }
+                continue;
+            };
+            let keep = !process || self.pipeline.observe(&draft, now, &mut derived);
             let index = if keep {
-                self.stamp_into(&item.draft, now, &mut stored)
+                self.stamp_into(&draft, now, &mut stored)
                     .map_err(|e| e.to_string())
             } else {
                 Ok(None)
             };
+            if let Some((key, value)) = item.cursor {
+                cursors.push(Cursor {
+                    after: stored.len(),
+                    key,
+                    value,
+                });
+            }
             for d in derived.drain(..) {
                 // Alerts and aggregates carry no waiter; an encode failure is counted.
                 let _ = self.stamp_into(&d, now, &mut stored);
@@ -323,9 +374,11 @@ impl Writer {
                 (None, _) => {}
             }
         }
-        let out = self.write(&stored, 0)?;
+        let out = self.write_with(&stored, 0, &cursors)?;
         for (d, i) in dones {
-            self.waiting.push((d, i.is_none_or(|i| i < out.accepted)));
+            // Nothing at all is written below the disk floor, positions included.
+            let ok = !out.disk_full && i.is_none_or(|i| i < out.handled());
+            self.waiting.push((d, ok));
         }
         Ok(())
     }
@@ -375,15 +428,25 @@ impl Writer {
 
     /// Appends stamped records and accounts for the outcome.
     fn write(&mut self, stored: &[Stored], reported: u64) -> Result<AppendOutcome, BufferError> {
-        let out = self.buffer.append(stored, reported)?;
-        for s in &stored[..out.accepted] {
+        self.write_with(stored, reported, &[])
+    }
+
+    /// [`Writer::write`] with source positions in the same batch.
+    fn write_with(
+        &mut self,
+        stored: &[Stored],
+        reported: u64,
+        cursors: &[Cursor],
+    ) -> Result<AppendOutcome, BufferError> {
+        let out = self.buffer.append_with(stored, reported, cursors)?;
+        for s in &stored[out.skipped..out.handled()] {
             self.unflushed_seqs.insert(s.device_id.clone(), s.seq);
         }
         self.unflushed_count += out.accepted as u64;
         if out.rejected > 0 {
             // Give the refused seqs back so the device's sequence stays gap-free for
             // what was actually kept; the refusal itself is counted and reported.
-            for s in &stored[out.accepted..] {
+            for s in &stored[out.handled()..] {
                 let next = self.seqs.entry(s.device_id.clone()).or_insert(s.seq);
                 *next = (*next).min(s.seq);
             }

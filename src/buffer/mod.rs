@@ -115,6 +115,25 @@ use crate::record::{unix_ms, Stored};
 const CHUNK_PREFIX: u8 = b'c';
 const SEQ_PREFIX: &[u8] = b"s/";
 const UNREPORTED: &[u8] = b"u";
+/// Source positions (how far a folder device has read each file), written in the same
+/// batch as the records read up to them.
+const CURSOR_PREFIX: &[u8] = b"p/";
+
+/// A stored source position: its key and value.
+pub type CursorEntry = (Vec<u8>, Vec<u8>);
+
+/// A source position to store with an append: written only if the first `after`
+/// records of the append were written (or dropped by the policy), so it never runs
+/// ahead of what it stands for. `value: None` removes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    /// Records of the append this position covers.
+    pub after: usize,
+    /// The position's key (its owner chooses; stored under its own prefix).
+    pub key: Vec<u8>,
+    /// The position, or None to forget it.
+    pub value: Option<Vec<u8>>,
+}
 
 /// Errors of the buffer. All are sled or corruption errors: fatal for the agent.
 #[derive(Debug, thiserror::Error)]
@@ -187,15 +206,26 @@ pub struct RecordId {
 /// What happened to an append.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct AppendOutcome {
-    /// Records written (a prefix of those given).
+    /// Records given that were dropped at once under `drop_oldest` (a prefix: one
+    /// append larger than the room left); counted in `dropped` too.
+    pub skipped: usize,
+    /// Records written (those after `skipped`).
     pub accepted: usize,
-    /// Records refused under `reject_new` (the suffix).
+    /// Records refused under `reject_new` or for lack of disk (the suffix).
     pub rejected: usize,
-    /// Older records deleted under `drop_oldest` to make room.
+    /// Records deleted under `drop_oldest` to make room (older ones, and `skipped`).
     pub dropped: u64,
     /// The refusal was for lack of disk space (below the free-space floor), whatever
     /// the overflow policy.
     pub disk_full: bool,
+}
+
+impl AppendOutcome {
+    /// Records given that were written or dropped by the policy (a prefix), as opposed
+    /// to refused.
+    pub fn handled(&self) -> usize {
+        self.skipped + self.accepted
+    }
 }
 
 /// A record the broker refused for good, kept for a human to look at.
@@ -557,8 +587,19 @@ impl Buffer {
         records: &[Stored],
         reported_drops: u64,
     ) -> Result<AppendOutcome, BufferError> {
+        self.append_with(records, reported_drops, &[])
+    }
+
+    /// [`Buffer::append`], with source positions written in the same batch (those
+    /// whose records were all handled; see [`Cursor`]).
+    pub fn append_with(
+        &self,
+        records: &[Stored],
+        reported_drops: u64,
+        cursors: &[Cursor],
+    ) -> Result<AppendOutcome, BufferError> {
         let mut out = AppendOutcome::default();
-        if self.low_disk() && !records.is_empty() {
+        if self.low_disk() && (!records.is_empty() || !cursors.is_empty()) {
             // Below the floor nothing is written, under either policy: sled is
             // log-structured, so deleting old chunks to make room would itself append
             // to its log, and it reclaims the space only later. What is refused is
@@ -657,11 +698,20 @@ impl Buffer {
             new_infos.push((id, part, bytes.len()));
             out.accepted += part.len();
         }
-        out.rejected = records.len() - out.accepted - skipped_records(&encoded[..skip]);
+        out.skipped = skipped_records(&encoded[..skip]);
+        out.rejected = records.len() - out.accepted - out.skipped;
         for (dev, seq) in &next_seq {
             let mut k = SEQ_PREFIX.to_vec();
             k.extend_from_slice(dev.as_bytes());
             batch.insert(k, &be(*seq));
+        }
+        for c in cursors.iter().filter(|c| c.after <= out.handled()) {
+            let mut k = CURSOR_PREFIX.to_vec();
+            k.extend_from_slice(&c.key);
+            match &c.value {
+                Some(v) => batch.insert(k, v.as_slice()),
+                None => batch.remove(k),
+            }
         }
         let total = st.unreported_drops + out.dropped;
         let unreported = total - reported_drops.min(total);
@@ -675,6 +725,25 @@ impl Buffer {
             st.add_chunk(id, part, bytes);
         }
         st.unreported_drops = unreported;
+        Ok(out)
+    }
+
+    /// A stored source position (see [`Cursor`]).
+    pub fn cursor(&self, key: &[u8]) -> Result<Option<Vec<u8>>, BufferError> {
+        let mut k = CURSOR_PREFIX.to_vec();
+        k.extend_from_slice(key);
+        Ok(self.outbox.get(k)?.map(|v| v.to_vec()))
+    }
+
+    /// Every stored source position whose key starts with `prefix`.
+    pub fn cursors(&self, prefix: &[u8]) -> Result<Vec<CursorEntry>, BufferError> {
+        let mut k = CURSOR_PREFIX.to_vec();
+        k.extend_from_slice(prefix);
+        let mut out = Vec::new();
+        for kv in self.outbox.scan_prefix(&k) {
+            let (key, v) = kv?;
+            out.push((key[CURSOR_PREFIX.len()..].to_vec(), v.to_vec()));
+        }
         Ok(out)
     }
 
@@ -1191,6 +1260,48 @@ mod tests {
         assert_eq!(b.stats().records, 8);
         assert_eq!(drain(&b), [0, 1, 2, 3, 8, 9, 10, 11]);
         assert_eq!(b.quarantine.len(), 1);
+    }
+
+    #[test]
+    fn a_cursor_is_written_with_its_records_and_never_ahead_of_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = BufferConfig {
+            max_records: Some(8),
+            overflow: OverflowPolicy::RejectNew,
+            ..cfg()
+        };
+        let b = Buffer::open(dir.path(), &c).unwrap();
+        let recs: Vec<Stored> = (0..12).map(|i| rec("d", i)).collect();
+        let cur = |after: usize, v: &[u8]| Cursor {
+            after,
+            key: b"f/x".to_vec(),
+            value: Some(v.to_vec()),
+        };
+        // 8 fit, 4 are refused: the cursor after 4 records lands, the one after 12 not.
+        let out = b
+            .append_with(&recs, 0, &[cur(4, b"four"), cur(12, b"twelve")])
+            .unwrap();
+        assert_eq!(out.rejected, 4);
+        assert_eq!(b.cursor(b"f/x").unwrap().as_deref(), Some(&b"four"[..]));
+        b.flush_blocking().unwrap();
+        drop(b);
+        let b = Buffer::open(dir.path(), &c).unwrap();
+        assert_eq!(
+            b.cursors(b"f/").unwrap(),
+            vec![(b"f/x".to_vec(), b"four".to_vec())]
+        );
+        assert_eq!(b.stats().records, 8, "cursors are not records");
+        b.append_with(
+            &[],
+            0,
+            &[Cursor {
+                after: 0,
+                key: b"f/x".to_vec(),
+                value: None,
+            }],
+        )
+        .unwrap();
+        assert_eq!(b.cursor(b"f/x").unwrap(), None);
     }
 
     #[test]

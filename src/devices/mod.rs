@@ -5,6 +5,8 @@
 //! restarts a driver that fails, with exponential backoff, until shutdown.
 
 pub mod control;
+/// Instruments that write result files into a directory.
+pub mod folder;
 pub mod line;
 pub mod methodscript;
 pub mod modbus;
@@ -37,6 +39,8 @@ pub enum DeviceConfig {
     ModbusRtu(modbus::Config),
     /// Modbus TCP sensors, PLCs or gateways, read by the same register maps.
     ModbusTcp(modbus::TcpConfig),
+    /// An instrument that writes result files into a directory.
+    Folder(folder::Config),
     /// Sensors (and controllable hardware) on an MQTT broker.
     Mqtt(mqtt::Config),
     /// A simulated potentiostat running CV/CA/LSV on a model cell (demo, tests).
@@ -53,6 +57,7 @@ impl DeviceConfig {
             DeviceConfig::LineInstrument(c) => &c.id,
             DeviceConfig::ModbusRtu(c) => &c.id,
             DeviceConfig::ModbusTcp(c) => &c.id,
+            DeviceConfig::Folder(c) => &c.id,
             DeviceConfig::Mqtt(c) => &c.id,
             DeviceConfig::SimulatedPotentiostat(c) => &c.id,
             DeviceConfig::SimulatedSensors(c) => &c.id,
@@ -66,6 +71,7 @@ impl DeviceConfig {
             DeviceConfig::LineInstrument(_) => "line_instrument",
             DeviceConfig::ModbusRtu(_) => "modbus_rtu",
             DeviceConfig::ModbusTcp(_) => "modbus_tcp",
+            DeviceConfig::Folder(_) => "folder",
             DeviceConfig::Mqtt(_) => "mqtt",
             DeviceConfig::SimulatedPotentiostat(_) => "simulated_potentiostat",
             DeviceConfig::SimulatedSensors(_) => "simulated_sensors",
@@ -79,6 +85,7 @@ impl DeviceConfig {
             DeviceConfig::LineInstrument(c) => c.validate(),
             DeviceConfig::ModbusRtu(c) => c.validate(),
             DeviceConfig::ModbusTcp(c) => c.validate(),
+            DeviceConfig::Folder(c) => c.validate(),
             DeviceConfig::Mqtt(c) => c.validate(),
             DeviceConfig::SimulatedPotentiostat(c) => c.validate(),
             DeviceConfig::SimulatedSensors(c) => c.validate(),
@@ -100,6 +107,7 @@ impl DeviceConfig {
             DeviceConfig::Methodscript(_)
             | DeviceConfig::ModbusRtu(_)
             | DeviceConfig::ModbusTcp(_)
+            | DeviceConfig::Folder(_)
             | DeviceConfig::SimulatedPotentiostat(_)
             | DeviceConfig::SimulatedSensors(_) => lifecycle,
         }
@@ -196,6 +204,9 @@ pub struct DeviceCtx {
     pub shutdown: CancellationToken,
     /// Per-device counters and state.
     pub metrics: Arc<Metrics>,
+    /// The buffer, for drivers that resume from source positions stored with their
+    /// records (`Buffer::cursor`; written through `Ingest::send_with_cursor`).
+    pub store: Arc<crate::buffer::Buffer>,
 }
 
 impl DeviceCtx {
@@ -314,6 +325,7 @@ async fn run_driver(cfg: &DeviceConfig, ctx: &mut DeviceCtx) -> Result<(), Devic
             DeviceConfig::LineInstrument(c) => line::driver::run(c, ctx).await,
             DeviceConfig::ModbusRtu(c) => modbus::run(c, ctx).await,
             DeviceConfig::ModbusTcp(c) => modbus::run_tcp(c, ctx).await,
+            DeviceConfig::Folder(c) => folder::run(c, ctx).await,
             DeviceConfig::Mqtt(c) => mqtt::run(c, ctx).await,
             DeviceConfig::SimulatedPotentiostat(c) => simulated::potentiostat::run(c, ctx).await,
             DeviceConfig::SimulatedSensors(c) => simulated::sensors::run(c, ctx).await,
