@@ -424,7 +424,7 @@ sensor_id = "rh-1"
             .readings(&h, "log-1", "1764585000.5,21.5,\"40.25\"")
             .unwrap();
         assert_eq!(r.len(), 2);
-        assert_eq!(r[0].sensor_id, "log-1.T____C_");
+        assert_eq!(r[0].sensor_id, "log-1.T___C_");
         assert_eq!(r[0].value, 21.5);
         assert_eq!(r[1].sensor_id, "rh-1");
         assert_eq!(r[1].value, 40.25);
