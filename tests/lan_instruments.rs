@@ -283,3 +283,56 @@ fn modbus_tcp_reads_the_same_register_map_and_reconnects_after_the_device_was_of
     }
     assert_gap_free(&r.msgs);
 }
+
+#[test]
+fn a_balance_on_the_network_weighs_tares_and_zeroes() {
+    let sim = LineSim::listen(Options::new(Kind::MtSics), "127.0.0.1:0").unwrap();
+    let addr = sim.addr().unwrap();
+    let broker = Broker::start();
+    let dir = tempdir();
+    let topics = Topics::new();
+    let device = format!(
+        "[[devices]]\nkind = \"line_instrument\"\nid = \"bal-1\"\naddress = \"{addr}\"\nprofile = \"mettler-mt-sics\"\nprofiles_dir = \"{}\"\ninterval = \"100ms\"\n",
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("devices/profiles")
+            .display()
+    );
+    let cfg = agent_config(
+        dir.path(),
+        "agent-bal",
+        &broker.addr(),
+        &topics,
+        free_port(),
+        &device,
+    );
+    let _agent = Agent::start(dir.path(), &cfg);
+    let mut r = Reader::new(&broker.addr(), &[topics.sensors(), topics.results()]);
+    let sender = Sender::new(&broker.addr());
+    wait_until_commands_answered(&sender, &mut r, &topics.commands(), "agent-bal");
+    r.until("weights", Duration::from_secs(30), |m| {
+        m.iter().filter(|x| x.json["sensor_type"] == "mass").count() >= 5
+    });
+    for (id, cmd, answer) in [("t1", "tare", "T S"), ("z1", "zero", "Z A")] {
+        let c = json!({"command": cmd, "command_id": id, "target": {"agent": "agent-bal", "device": "bal-1"}});
+        sender.send(&topics.commands(), "agent-bal", &c.to_string());
+        r.until(cmd, Duration::from_secs(20), |m| {
+            m.iter()
+                .any(|x| x.json["command_id"] == id && x.json["status"] == "completed")
+        });
+        let done = r
+            .msgs
+            .iter()
+            .find(|x| x.json["command_id"] == id && x.json["status"] == "completed")
+            .unwrap();
+        assert!(
+            done.json["reason"].as_str().unwrap_or("").contains(answer),
+            "{}",
+            done.json
+        );
+    }
+    let sent = sim.received();
+    assert!(
+        sent.iter().any(|l| l == "T") && sent.iter().any(|l| l == "Z"),
+        "{sent:?}"
+    );
+}
