@@ -106,9 +106,10 @@ fn scram_broker(dir: &std::path::Path, advertised: Option<u16>) -> Broker {
 fn tls_with_a_private_ca() {
     let dir = tempdir();
     let certs = Certs::make(dir.path());
-    let front = free_port();
+    let front = hold_port();
+    let front_port = front.port;
     let broker = Broker::start_with(&TansuOptions {
-        advertised: Some(front),
+        advertised: Some(front_port),
         ..TansuOptions::default()
     });
     let _tls = TlsFront::start(front, &certs, "server.pem", broker.port, false);
@@ -117,7 +118,7 @@ fn tls_with_a_private_ca() {
     let mut agent = agent_delivers_and_answers(
         dir.path(),
         "tls-a",
-        &format!("localhost:{front}"),
+        &format!("localhost:{}", front_port),
         &sec,
         &topics,
     );
@@ -179,13 +180,14 @@ fn tls_with_a_private_ca() {
 fn mutual_tls_and_a_client_without_a_certificate_is_refused() {
     let dir = tempdir();
     let certs = Certs::make(dir.path());
-    let front = free_port();
+    let front = hold_port();
+    let front_port = front.port;
     let broker = Broker::start_with(&TansuOptions {
-        advertised: Some(front),
+        advertised: Some(front_port),
         ..TansuOptions::default()
     });
     let _tls = TlsFront::start(front, &certs, "server.pem", broker.port, true);
-    let addr = format!("localhost:{front}");
+    let addr = format!("localhost:{}", front_port);
     let sec = Security::tls(&certs, true, None);
     let topics = Topics::new();
     let mut agent = agent_delivers_and_answers(dir.path(), "mtls-a", &addr, &sec, &topics);
@@ -230,13 +232,14 @@ fn mutual_tls_and_a_client_without_a_certificate_is_refused() {
 fn an_untrusted_ca_is_named_and_nothing_is_lost_once_fixed() {
     let dir = tempdir();
     let certs = Certs::make(dir.path());
-    let front = free_port();
+    let front = hold_port();
+    let front_port = front.port;
     let broker = Broker::start_with(&TansuOptions {
-        advertised: Some(front),
+        advertised: Some(front_port),
         ..TansuOptions::default()
     });
     let _tls = TlsFront::start(front, &certs, "server.pem", broker.port, false);
-    let addr = format!("localhost:{front}");
+    let addr = format!("localhost:{}", front_port);
     let topics = Topics::new();
     let good = Security::tls(&certs, false, None);
     let wrong = good
@@ -280,13 +283,14 @@ fn an_untrusted_ca_is_named_and_nothing_is_lost_once_fixed() {
 fn an_expired_broker_certificate_is_named_and_retried_until_renewed() {
     let dir = tempdir();
     let certs = Certs::make(dir.path());
-    let front = free_port();
+    let front = hold_port();
+    let front_port = front.port;
     let broker = Broker::start_with(&TansuOptions {
-        advertised: Some(front),
+        advertised: Some(front_port),
         ..TansuOptions::default()
     });
     let tls = TlsFront::start(front, &certs, "server-expired.pem", broker.port, false);
-    let addr = format!("localhost:{front}");
+    let addr = format!("localhost:{}", front_port);
     let topics = Topics::new();
     let sec = Security::tls(&certs, false, None);
     let cfg = agent_config_kafka(
@@ -302,7 +306,7 @@ fn an_expired_broker_certificate_is_named_and_retried_until_renewed() {
     refused_with(&agent, "expired");
     // The broker's certificate is renewed; the agent, still running, gets through.
     drop(tls);
-    let _tls = TlsFront::start(front, &certs, "server.pem", broker.port, false);
+    let _tls = TlsFront::on(front_port, &certs, "server.pem", broker.port, false);
     agent.wait_status("healthy again", Duration::from_secs(60), |s| {
         s["health"].as_array().is_some_and(Vec::is_empty)
             && s["buffer"]["records"].as_u64() == Some(0)
@@ -341,14 +345,15 @@ fn sasl_scram_sha_256_and_512() {
 fn sasl_ssl_scram_through_tls() {
     let dir = tempdir();
     let certs = Certs::make(dir.path());
-    let front = free_port();
-    let broker = scram_broker(dir.path(), Some(front));
+    let front = hold_port();
+    let front_port = front.port;
+    let broker = scram_broker(dir.path(), Some(front_port));
     let _tls = TlsFront::start(front, &certs, "server.pem", broker.port, false);
     let sec = Security::tls(&certs, false, Some(("SCRAM-SHA-512", "alice", "alice-512")));
     let mut agent = agent_delivers_and_answers(
         dir.path(),
         "sasl-ssl-a",
-        &format!("localhost:{front}"),
+        &format!("localhost:{}", front_port),
         &sec,
         &Topics::new(),
     );

@@ -101,8 +101,11 @@ pub fn probe(k: &KafkaConfig) -> Option<String> {
     }
     b.danger_accept_invalid_hostnames(!k.ssl_verify_hostname);
     let connector = b.build().ok()?;
-    let addr = server.to_socket_addrs().ok()?.next()?;
-    let tcp = TcpStream::connect_timeout(&addr, PROBE_TIMEOUT).ok()?;
+    // `localhost` may resolve to ::1 first while the broker listens on 127.0.0.1.
+    let tcp = server
+        .to_socket_addrs()
+        .ok()?
+        .find_map(|addr| TcpStream::connect_timeout(&addr, PROBE_TIMEOUT).ok())?;
     tcp.set_read_timeout(Some(PROBE_TIMEOUT)).ok()?;
     tcp.set_write_timeout(Some(PROBE_TIMEOUT)).ok()?;
     match connector.connect(host, tcp) {

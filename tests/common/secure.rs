@@ -132,6 +132,23 @@ impl Certs {
     }
 }
 
+/// A free port kept bound until its user takes it, so that tests running in parallel
+/// cannot be handed the same one meanwhile (the broker is told to advertise it before
+/// the TLS terminator listens on it).
+pub struct PortHold {
+    listener: Option<std::net::TcpListener>,
+    pub port: u16,
+}
+
+pub fn hold_port() -> PortHold {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    let port = listener.local_addr().expect("local addr").port();
+    PortHold {
+        listener: Some(listener),
+        port,
+    }
+}
+
 /// socat terminating TLS on `port` and forwarding to a broker.
 pub struct TlsFront {
     child: Option<Child>,
@@ -139,8 +156,21 @@ pub struct TlsFront {
 }
 
 impl TlsFront {
-    /// `client_certs`: require a client certificate signed by the CA (mutual TLS).
+    /// On the held port. `client_certs`: require a client certificate signed by the CA
+    /// (mutual TLS).
     pub fn start(
+        mut hold: PortHold,
+        certs: &Certs,
+        server_cert: &str,
+        broker_port: u16,
+        client_certs: bool,
+    ) -> TlsFront {
+        drop(hold.listener.take());
+        TlsFront::on(hold.port, certs, server_cert, broker_port, client_certs)
+    }
+
+    /// On a port the test already had (a renewed certificate on the same address).
+    pub fn on(
         port: u16,
         certs: &Certs,
         server_cert: &str,
@@ -154,7 +184,7 @@ impl TlsFront {
             certs.path("ca.pem"),
             u8::from(client_certs)
         );
-        let child = Command::new("socat")
+        let mut child = Command::new("socat")
             .args([listen.as_str(), &format!("TCP:127.0.0.1:{broker_port}")])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -165,6 +195,12 @@ impl TlsFront {
             assert!(Instant::now() < deadline, "socat did not listen on {port}");
             std::thread::sleep(Duration::from_millis(50));
         }
+        // A socat that could not bind exits at once: then what answered was not ours.
+        std::thread::sleep(Duration::from_millis(150));
+        assert!(
+            matches!(child.try_wait(), Ok(None)),
+            "socat could not listen on {port} (port taken?)"
+        );
         TlsFront {
             child: Some(child),
             port,
