@@ -54,6 +54,9 @@ fn scpi_over_tcp_reads_obeys_and_survives_dropped_refused_and_half_open_links() 
     r.until("readings over TCP", Duration::from_secs(30), |m| {
         voltages(m) >= 10
     });
+    r.until("device_connected", Duration::from_secs(20), |m| {
+        events(m, "device_connected") >= 1
+    });
     let connected = r
         .msgs
         .iter()
@@ -232,6 +235,10 @@ fn modbus_tcp_reads_the_same_register_map_and_reconnects_after_the_device_was_of
     assert!((value("plc-1.temperature") - f64::from(TEMPERATURE_TENTHS) / 10.0).abs() < 1e-9);
     assert!((value("plc-1.humidity") - f64::from(HUMIDITY_TENTHS) / 10.0).abs() < 1e-9);
     assert!((value("plc-1.pressure") - f64::from(PRESSURE_HPA)).abs() < 1e-3);
+    // On another topic than the readings: it may be read after them.
+    r.until("device_connected", Duration::from_secs(20), |m| {
+        events(m, "device_connected") >= 1
+    });
     let connected = r
         .msgs
         .iter()
