@@ -215,9 +215,28 @@ pub async fn fleet(args: FleetArgs) -> Result<u8, ToolError> {
             }
             consumer.assign(&tpl)?;
             let deadline = Instant::now() + Duration::from_secs(30);
-            while !ends.is_empty() && Instant::now() < deadline {
+            // A broker's watermark can trail its last message: once the ends read at the
+            // start are reached, they are read once more and any newer part read too.
+            let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+            let mut second_look = false;
+            while Instant::now() < deadline {
+                if ends.is_empty() {
+                    if second_look {
+                        break;
+                    }
+                    second_look = true;
+                    for (&part, &seen) in &next {
+                        let (_, high) =
+                            consumer.fetch_watermarks(&topic, part, Duration::from_secs(10))?;
+                        if high > seen {
+                            ends.insert(part, high);
+                        }
+                    }
+                    continue;
+                }
                 match consumer.poll(Duration::from_millis(200)) {
                     Some(Ok(m)) => {
+                        next.insert(m.partition(), m.offset() + 1);
                         if m.offset() + 1 >= ends.get(&m.partition()).copied().unwrap_or(0) {
                             ends.remove(&m.partition());
                         }

@@ -34,6 +34,24 @@ fn fleet(config: &std::path::Path) -> (i32, String) {
     )
 }
 
+/// Runs `labgate fleet` until the agent's line says `state` (what the broker shows a
+/// consumer can trail what was just produced by a moment).
+fn fleet_until(config: &std::path::Path, agent: &str, state: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, out) = fleet(config);
+        assert_eq!(code, 0, "{out}");
+        if fleet_line(&out, agent).contains(&format!(" {state} ")) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fleet never said {state}:\n{out}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn fleet_line<'a>(out: &'a str, agent: &str) -> &'a str {
     out.lines()
         .find(|l| l.split_whitespace().next() == Some(agent))
@@ -64,9 +82,7 @@ fn birth_heartbeats_and_death_on_sigterm_and_only_silence_after_sigkill() {
             >= 2
     });
     // The fleet tool sees it alive.
-    let (code, out) = fleet(&agent.config);
-    assert_eq!(code, 0, "{out}");
-    assert!(fleet_line(&out, "fleet-a").contains(" alive "), "{out}");
+    fleet_until(&agent.config, "fleet-a", "alive");
     let before_stop = r.msgs.len();
     assert_eq!(agent.terminate(), Some(0), "{}", agent.log_text());
     r.until("death", Duration::from_secs(20), |m| {
@@ -104,8 +120,7 @@ fn birth_heartbeats_and_death_on_sigterm_and_only_silence_after_sigkill() {
     assert!(hb["records_delivered"].as_u64().unwrap() > 0, "{hb}");
     assert_eq!(hb["kafka"]["connected"], true, "{hb}");
     assert!(hb["config_digest"].as_str().unwrap().starts_with("sha256:"));
-    let (_, out) = fleet(&agent.config);
-    assert!(fleet_line(&out, "fleet-a").contains(" stopped "), "{out}");
+    fleet_until(&agent.config, "fleet-a", "stopped");
 
     // A crash says nothing: the last message stays a heartbeat, and it grows old.
     agent.spawn();
@@ -125,8 +140,7 @@ fn birth_heartbeats_and_death_on_sigterm_and_only_silence_after_sigkill() {
         "no death after SIGKILL: {second:?}"
     );
     // Three intervals (1.5 s) without a heartbeat: silent.
-    let (_, out) = fleet(&agent.config);
-    assert!(fleet_line(&out, "fleet-a").contains(" silent "), "{out}");
+    fleet_until(&agent.config, "fleet-a", "silent");
 }
 
 #[test]
