@@ -78,6 +78,43 @@ fn refused_with(agent: &Agent, cause: &str) {
     );
 }
 
+/// An agent refused for `cause` under the `wrong` settings, its records waiting in the
+/// buffer; restarted on the same data dir with `good`: everything it made arrives, from
+/// seq 0, with no gap. Returns the agent, running.
+fn refused_then_fixed(
+    dir: &std::path::Path,
+    id: &str,
+    addr: &str,
+    wrong: &str,
+    good: &Security,
+    cause: &str,
+) -> Agent {
+    let topics = Topics::new();
+    let http = free_port();
+    let sensors = sensors_device("s1", "50ms", None);
+    let cfg = |kafka: &str| agent_config_kafka(dir, id, addr, &topics, http, kafka, &sensors);
+    let mut agent = Agent::start(dir, &cfg(wrong));
+    refused_with(&agent, cause);
+    let waiting = agent.status()["buffer"]["records"].as_u64().unwrap();
+    assert!(waiting > 0, "records wait in the buffer");
+    assert_eq!(agent.terminate(), Some(0));
+    std::fs::write(&agent.config, cfg(&good.toml)).unwrap();
+    agent.spawn();
+    let buffered = agent.status()["records_buffered"].as_u64().unwrap();
+    let mut r = Reader::with(good.client(addr), &[topics.sensors()]);
+    r.until(
+        "the backlog and new readings",
+        Duration::from_secs(60),
+        |m| m.len() as u64 > waiting + buffered,
+    );
+    assert_gap_free(&r.msgs);
+    assert_eq!(
+        r.msgs[0].json["seq"], 0,
+        "the first reading made while refused arrived"
+    );
+    agent
+}
+
 /// A broker with SQLite storage and the two SCRAM users, restarted with authentication.
 fn scram_broker(dir: &std::path::Path, advertised: Option<u16>) -> Broker {
     let store = dir.join("tansu");
@@ -193,39 +230,18 @@ fn mutual_tls_and_a_client_without_a_certificate_is_refused() {
     let mut agent = agent_delivers_and_answers(dir.path(), "mtls-a", &addr, &sec, &topics);
     assert_eq!(agent.terminate(), Some(0));
 
-    // The same agent without its certificate: refused, and said so.
+    // An agent without its certificate: refused, and said so; given it, it delivers
+    // what waited.
     let dir2 = tempdir();
-    let cfg = agent_config_kafka(
+    let without = Security::tls(&certs, false, None);
+    refused_then_fixed(
         dir2.path(),
         "mtls-b",
         &addr,
-        &topics,
-        free_port(),
-        &Security::tls(&certs, false, None).toml,
-        &sensors_device("s1", "100ms", None),
+        &without.toml,
+        &sec,
+        "client certificate",
     );
-    let mut agent = Agent::start(dir2.path(), &cfg);
-    refused_with(&agent, "client certificate");
-    let waiting = agent.status()["buffer"]["records"].as_u64().unwrap();
-    assert!(waiting > 0, "records wait in the buffer");
-    assert_eq!(agent.terminate(), Some(0));
-    // Given its certificate, the same agent delivers what waited.
-    let fixed = cfg.replace(&Security::tls(&certs, false, None).toml, &sec.toml);
-    assert_ne!(fixed, cfg);
-    std::fs::write(&agent.config, fixed).unwrap();
-    agent.spawn();
-    let mut r = Reader::with(sec.client(&addr), &[topics.sensors()]);
-    r.until("the backlog of mtls-b", Duration::from_secs(60), |m| {
-        m.iter().filter(|x| x.json["agent_id"] == "mtls-b").count() as u64 > waiting
-    });
-    let b: Vec<Msg> = r
-        .msgs
-        .iter()
-        .filter(|x| x.json["agent_id"] == "mtls-b")
-        .cloned()
-        .collect();
-    assert_gap_free(&b);
-    assert_eq!(b[0].json["seq"], 0);
 }
 
 #[test]
@@ -240,42 +256,17 @@ fn an_untrusted_ca_is_named_and_nothing_is_lost_once_fixed() {
     });
     let _tls = TlsFront::start(front, &certs, "server.pem", broker.port, false);
     let addr = format!("localhost:{}", front_port);
-    let topics = Topics::new();
     let good = Security::tls(&certs, false, None);
     let wrong = good
         .toml
         .replace(&certs.path("ca.pem"), &certs.path("other-ca.pem"));
-    let http = free_port();
-    let sensors = sensors_device("s1", "50ms", None);
-    let cfg = agent_config_kafka(dir.path(), "ca-a", &addr, &topics, http, &wrong, &sensors);
-    let mut agent = Agent::start(dir.path(), &cfg);
-    refused_with(&agent, "not signed by a trusted CA");
-    let waiting = agent.status()["buffer"]["records"].as_u64().unwrap();
-    assert!(waiting > 0, "records wait in the buffer");
-    assert_eq!(agent.terminate(), Some(0));
-    // Fixed: the same data dir, the right CA.
-    let cfg = agent_config_kafka(
+    refused_then_fixed(
         dir.path(),
         "ca-a",
         &addr,
-        &topics,
-        http,
-        &good.toml,
-        &sensors,
-    );
-    std::fs::write(&agent.config, cfg).unwrap();
-    agent.spawn();
-    let buffered = agent.status()["records_buffered"].as_u64().unwrap();
-    let mut r = Reader::with(good.client(&addr), &[topics.sensors()]);
-    r.until(
-        "the backlog and new readings",
-        Duration::from_secs(60),
-        |m| m.len() as u64 > waiting + buffered,
-    );
-    assert_gap_free(&r.msgs);
-    assert_eq!(
-        r.msgs[0].json["seq"], 0,
-        "the first reading made while refused arrived"
+        &wrong,
+        &good,
+        "not signed by a trusted CA",
     );
 }
 
@@ -364,50 +355,21 @@ fn sasl_ssl_scram_through_tls() {
 fn a_wrong_password_is_named_and_nothing_is_lost_once_fixed() {
     let dir = tempdir();
     let broker = scram_broker(dir.path(), None);
-    let topics = Topics::new();
     let good = Security::sasl_plaintext("SCRAM-SHA-512", "alice", "alice-512");
     let wrong = good.toml.replace("alice-512", "not-her-password");
-    let http = free_port();
-    let sensors = sensors_device("s1", "50ms", None);
     let d = tempdir();
-    let cfg = agent_config_kafka(
+    let agent = refused_then_fixed(
         d.path(),
         "pw-a",
         &broker.addr(),
-        &topics,
-        http,
         &wrong,
-        &sensors,
+        &good,
+        "SASL username or password",
     );
-    let mut agent = Agent::start(d.path(), &cfg);
-    refused_with(&agent, "SASL username or password");
     assert!(
         !agent.log_text().contains("not-her-password"),
         "the password is never logged"
     );
-    let waiting = agent.status()["buffer"]["records"].as_u64().unwrap();
-    assert!(waiting > 0);
-    assert_eq!(agent.terminate(), Some(0));
-    let cfg = agent_config_kafka(
-        d.path(),
-        "pw-a",
-        &broker.addr(),
-        &topics,
-        http,
-        &good.toml,
-        &sensors,
-    );
-    std::fs::write(&agent.config, cfg).unwrap();
-    agent.spawn();
-    let buffered = agent.status()["records_buffered"].as_u64().unwrap();
-    let mut r = Reader::with(good.client(&broker.addr()), &[topics.sensors()]);
-    r.until(
-        "the backlog and new readings",
-        Duration::from_secs(60),
-        |m| m.len() as u64 > waiting + buffered,
-    );
-    assert_gap_free(&r.msgs);
-    assert_eq!(r.msgs[0].json["seq"], 0);
 }
 
 /// tansu offers SCRAM only: PLAIN's configuration reaches the broker as far as the

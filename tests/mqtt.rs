@@ -631,76 +631,11 @@ every = 5
     }
 }
 
-/// A CA and a server certificate for 127.0.0.1 (openssl CLI), in `dir`.
-fn make_certs(dir: &std::path::Path) {
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl (Debian package openssl) is needed for the TLS test");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=labgate-test-ca",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
-    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "san.ext",
-    ]);
-    for f in ["ca.pem", "server.pem", "server.key"] {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
-    }
-}
-
 #[test]
 fn tls_with_a_private_ca_and_a_password_from_a_file() {
     let tls_port = free_port();
     let mqtt = Mosquitto::start_with(|dir| {
-        make_certs(dir);
+        let certs = Certs::make(dir);
         std::fs::write(dir.join("passwd"), "labgate:s3cret\n").unwrap();
         let out = Command::new("mosquitto_passwd")
             .args(["-U", "passwd"])
@@ -714,7 +649,10 @@ fn tls_with_a_private_ca_and_a_password_from_a_file() {
         );
         let d = dir.display();
         format!(
-            "per_listener_settings true\nlistener {tls_port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\npassword_file {d}/passwd\nallow_anonymous false\n"
+            "per_listener_settings true\nlistener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\npassword_file {d}/passwd\nallow_anonymous false\n",
+            certs.path("ca.pem"),
+            certs.path("server.pem"),
+            certs.path("server.key"),
         )
     });
     let broker = Broker::start();
@@ -737,7 +675,7 @@ ca_file = "{}"
   unit = "°C"
 "#,
         dir.path().join("mqtt-password").display(),
-        mqtt.dir.path().join("ca.pem").display()
+        mqtt.dir.path().join("certs/ca.pem").display()
     );
     let agent = Agent::start(
         dir.path(),

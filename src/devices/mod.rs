@@ -431,6 +431,17 @@ impl DeviceCtx {
     }
 }
 
+/// Where a device's `profile` is: itself when it names a `.toml` file, else
+/// `<profiles_dir>/<profile>.toml`.
+pub fn profile_path(profile: &str, profiles_dir: &std::path::Path) -> std::path::PathBuf {
+    let direct = std::path::Path::new(profile);
+    if direct.extension().is_some_and(|e| e == "toml") {
+        direct.to_path_buf()
+    } else {
+        profiles_dir.join(format!("{profile}.toml"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

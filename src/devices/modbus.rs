@@ -256,12 +256,7 @@ fn d_retries() -> u32 {
 
 impl Config {
     fn load_profile(&self) -> Result<Profile, String> {
-        let direct = std::path::Path::new(&self.profile);
-        let path = if direct.extension().is_some_and(|e| e == "toml") {
-            direct.to_path_buf()
-        } else {
-            self.profiles_dir.join(format!("{}.toml", self.profile))
-        };
+        let path = crate::devices::profile_path(&self.profile, &self.profiles_dir);
         Profile::load(&path)
     }
 
@@ -545,12 +540,7 @@ pub struct TcpConfig {
 
 impl TcpConfig {
     fn load_profile(&self) -> Result<Profile, String> {
-        let direct = std::path::Path::new(&self.profile);
-        let path = if direct.extension().is_some_and(|e| e == "toml") {
-            direct.to_path_buf()
-        } else {
-            self.profiles_dir.join(format!("{}.toml", self.profile))
-        };
+        let path = crate::devices::profile_path(&self.profile, &self.profiles_dir);
         Profile::load(&path)
     }
 

@@ -78,52 +78,26 @@ impl ModbusSim {
         let (master, path) = super::open_pty(link)?;
         let holder = super::hold_slave(&path)?;
         let requests = Arc::new(AtomicU32::new(0));
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let service = Slave {
             requests: requests.clone(),
             busy_every,
         };
-        // The async serial stream must be made inside a runtime: build both on the
-        // simulator's thread, and report set-up failures back here.
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
-        let thread = std::thread::Builder::new()
-            .name("modbus-sim".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                rt.block_on(async move {
-                    let stream = match tokio_serial::SerialStream::try_from(master) {
-                        Ok(s) => s,
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(std::io::Error::other(e)));
-                            return;
-                        }
-                    };
-                    let _ = ready_tx.send(Ok(()));
-                    let server = tokio_modbus::server::rtu::Server::new(stream);
-                    let abort = async move {
-                        let _ = stopped.await;
-                    };
-                    if let Err(e) = server.serve_until(service, abort).await {
-                        eprintln!("modbus simulator stopped: {e}");
-                    }
-                    drop(holder);
-                });
-            })?;
-        ready_rx
-            .recv()
-            .map_err(|_| std::io::Error::other("modbus simulator thread ended during set-up"))??;
-        let handle = super::Handle::new(path, link, thread, move || {
-            let _ = stop.send(());
-        });
+        let handle = serve_on_thread("modbus-sim", path, link, move |ready, stopped| async move {
+            // The async serial stream must be made inside the runtime.
+            let stream = match tokio_serial::SerialStream::try_from(master) {
+                Ok(s) => s,
+                Err(e) => return ready(Err(std::io::Error::other(e))),
+            };
+            ready(Ok(()));
+            let server = tokio_modbus::server::rtu::Server::new(stream);
+            let stop = async move {
+                let _ = stopped.await;
+            };
+            if let Err(e) = server.serve_until(service, stop).await {
+                eprintln!("modbus simulator stopped: {e}");
+            }
+            drop(holder);
+        })?;
         Ok(ModbusSim { handle, requests })
     }
 
@@ -151,65 +125,86 @@ impl ModbusSim {
         let local = listener.local_addr()?;
         let requests = Arc::new(AtomicU32::new(0));
         let counter = requests.clone();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
-        let thread = std::thread::Builder::new()
-            .name("modbus-tcp-sim".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
+        let path = std::path::PathBuf::from(local.to_string());
+        let handle = serve_on_thread(
+            "modbus-tcp-sim",
+            path,
+            None,
+            move |ready, stopped| async move {
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => return ready(Err(e)),
+                };
+                ready(Ok(()));
+                let server = tokio_modbus::server::tcp::Server::new(listener);
+                let on_connected = |stream, socket_addr| {
+                    let requests = counter.clone();
+                    async move {
+                        tokio_modbus::server::tcp::accept_tcp_connection(
+                            stream,
+                            socket_addr,
+                            |_| {
+                                Ok(Some(Slave {
+                                    requests: requests.clone(),
+                                    busy_every,
+                                }))
+                            },
+                        )
                     }
                 };
-                rt.block_on(async move {
-                    let listener = match tokio::net::TcpListener::from_std(listener) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                            return;
-                        }
-                    };
-                    let _ = ready_tx.send(Ok(()));
-                    let server = tokio_modbus::server::tcp::Server::new(listener);
-                    let on_connected = |stream, socket_addr| {
-                        let requests = counter.clone();
-                        async move {
-                            tokio_modbus::server::tcp::accept_tcp_connection(
-                                stream,
-                                socket_addr,
-                                |_| {
-                                    Ok(Some(Slave {
-                                        requests: requests.clone(),
-                                        busy_every,
-                                    }))
-                                },
-                            )
-                        }
-                    };
-                    let abort = async move {
-                        let _ = stopped.await;
-                    };
-                    if let Err(e) = server.serve_until(&on_connected, |_| {}, abort).await {
-                        eprintln!("modbus TCP simulator stopped: {e}");
-                    }
-                });
-            })?;
-        ready_rx
-            .recv()
-            .map_err(|_| std::io::Error::other("modbus simulator thread ended during set-up"))??;
-        let handle = super::Handle::new(
-            std::path::PathBuf::from(local.to_string()),
-            None,
-            thread,
-            move || {
-                let _ = stop.send(());
+                let stop = async move {
+                    let _ = stopped.await;
+                };
+                if let Err(e) = server.serve_until(&on_connected, |_| {}, stop).await {
+                    eprintln!("modbus TCP simulator stopped: {e}");
+                }
             },
-        );
+        )?;
         Ok(ModbusSim { handle, requests })
     }
+}
+
+/// Tells [`serve_on_thread`] the server is set up (or why it is not).
+type Ready = Box<dyn FnOnce(std::io::Result<()>) + Send>;
+
+/// Runs `serve` on a thread of its own with a current-thread runtime (tokio-modbus'
+/// servers are async). `serve` calls its first argument once set up (or failed), which
+/// this waits for, and ends when its second one (the stop signal) fires; the returned
+/// handle stops it when dropped.
+fn serve_on_thread<F, Fut>(
+    name: &str,
+    path: std::path::PathBuf,
+    link: Option<&Path>,
+    serve: F,
+) -> std::io::Result<super::Handle>
+where
+    F: FnOnce(Ready, tokio::sync::oneshot::Receiver<()>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
+    let thread = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let ready: Ready = Box::new(move |r| {
+                let _ = ready_tx.send(r);
+            });
+            rt.block_on(serve(ready, stopped));
+        })?;
+    ready_rx
+        .recv()
+        .map_err(|_| std::io::Error::other("modbus simulator thread ended during set-up"))??;
+    Ok(super::Handle::new(path, link, thread, move || {
+        let _ = stop.send(());
+    }))
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 
-/// A private CA, a broker certificate for `localhost`/127.0.0.1, a client certificate
+/// In `<dir>/certs`: a private CA, a broker certificate for `localhost`/127.0.0.1, a client certificate
 /// (its key encrypted with [`Certs::KEY_PASSWORD`]), an expired broker certificate, and
 /// a second CA that signed none of them.
 pub struct Certs {
@@ -124,6 +124,12 @@ impl Certs {
             format!("{}\n", Self::KEY_PASSWORD),
         )
         .unwrap();
+        // Readable by brokers that drop privileges (mosquitto): these are test keys.
+        for e in std::fs::read_dir(&dir).unwrap() {
+            use std::os::unix::fs::PermissionsExt;
+            let p = e.unwrap().path();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
         Certs { dir }
     }
 

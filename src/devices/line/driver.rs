@@ -76,12 +76,7 @@ fn d_true() -> bool {
 
 impl Config {
     fn load_profile(&self) -> Result<Compiled, String> {
-        let direct = std::path::Path::new(&self.profile);
-        let path = if direct.extension().is_some_and(|e| e == "toml") {
-            direct.to_path_buf()
-        } else {
-            self.profiles_dir.join(format!("{}.toml", self.profile))
-        };
+        let path = crate::devices::profile_path(&self.profile, &self.profiles_dir);
         Compiled::load(&path).map_err(|e| e.to_string())
     }
 
