@@ -49,6 +49,9 @@ struct Item {
     done: Option<oneshot::Sender<Result<(), IngestError>>>,
     /// A source position written in the same batch as this record (and those before it).
     cursor: Option<(Vec<u8>, Option<Vec<u8>>)>,
+    /// The source has gone back to its stored position after a refusal: its positions
+    /// are accepted again (see [`Ingest::send_with_cursor`]).
+    resync: bool,
 }
 
 /// The sending side of ingest. Cheap to clone.
@@ -65,6 +68,7 @@ impl Ingest {
                 draft: Some(draft),
                 done: None,
                 cursor: None,
+                resync: false,
             })
             .await
             .map_err(|_| IngestError::Closed)
@@ -90,26 +94,34 @@ impl Ingest {
     /// source keep receiving while earlier records are flushed: receipts resolve in
     /// the order the records were sent (MQTT acks must go out in that order).
     pub async fn send_tracked(&self, draft: Draft) -> Result<Receipt, IngestError> {
-        self.send_item(Some(draft), None).await
+        self.send_item(Some(draft), None, false).await
     }
 
     /// Queues a record (or none) with a source position that is stored in the same
     /// atomic batch as it, and only if it (and every record before it) is: a reader of
     /// files that resumes from its positions after a crash neither repeats nor skips a
     /// record. The receipt resolves once both are durable.
+    ///
+    /// Once a record with a position is refused (the buffer full under `reject_new`, or
+    /// low on disk), every later item with that key is refused too, even when room
+    /// frees up meanwhile: otherwise a later row could land with its position and leave
+    /// a gap behind it. The source learns it from its receipts, goes back to its stored
+    /// position and sends again with `resync` set, which accepts its items again.
     pub async fn send_with_cursor(
         &self,
         draft: Option<Draft>,
         key: Vec<u8>,
         value: Option<Vec<u8>>,
+        resync: bool,
     ) -> Result<Receipt, IngestError> {
-        self.send_item(draft, Some((key, value))).await
+        self.send_item(draft, Some((key, value)), resync).await
     }
 
     async fn send_item(
         &self,
         draft: Option<Draft>,
         cursor: Option<(Vec<u8>, Option<Vec<u8>>)>,
+        resync: bool,
     ) -> Result<Receipt, IngestError> {
         let (done, rx) = oneshot::channel();
         self.tx
@@ -117,6 +129,7 @@ impl Ingest {
                 draft,
                 done: Some(done),
                 cursor,
+                resync,
             })
             .await
             .map_err(|_| IngestError::Closed)?;
@@ -233,6 +246,7 @@ async fn run_inner(mut input: IngestReceiver, stage: IngestStage) -> Result<(), 
         unflushed_count: 0,
         last_drop_report: None,
         overflow_reported: 0,
+        refused_sources: std::collections::HashSet::new(),
     };
     let mut items = Vec::with_capacity(BATCH);
     let mut last_flush = Instant::now();
@@ -321,6 +335,8 @@ struct Writer {
     /// Reject-new refusals not yet reported by an event (drop-oldest ones are counted
     /// durably by the buffer).
     overflow_reported: u64,
+    /// Position keys whose source had a record refused and has not resynced yet.
+    refused_sources: std::collections::HashSet<Vec<u8>>,
 }
 
 impl Writer {
@@ -334,6 +350,17 @@ impl Writer {
         let mut cursors: Vec<Cursor> = Vec::new();
         let process = !self.pipeline.is_idle();
         for item in items.drain(..) {
+            if let Some((key, _)) = &item.cursor {
+                if item.resync {
+                    self.refused_sources.remove(key);
+                } else if self.refused_sources.contains(key) {
+                    // Behind a refused record of the same source: refused in turn.
+                    if let Some(d) = item.done {
+                        let _ = d.send(Err(IngestError::Rejected));
+                    }
+                    continue;
+                }
+            }
             let Some(draft) = item.draft else {
                 if let Some((key, value)) = item.cursor {
                     cursors.push(Cursor {
@@ -375,6 +402,11 @@ impl Writer {
             }
         }
         let out = self.write_with(&stored, 0, &cursors)?;
+        for c in &cursors {
+            if out.disk_full || c.after > out.handled() {
+                self.refused_sources.insert(c.key.clone());
+            }
+        }
         for (d, i) in dones {
             // Nothing at all is written below the disk floor, positions included.
             let ok = !out.disk_full && i.is_none_or(|i| i < out.handled());

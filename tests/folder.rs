@@ -334,3 +334,97 @@ fn a_kill_9_in_the_middle_of_a_large_file_loses_and_repeats_no_row() {
     assert_gap_free(&got.into_iter().cloned().collect::<Vec<_>>());
     let _ = &r.topics;
 }
+
+#[test]
+fn a_missing_directory_is_disconnected_until_it_appears() {
+    let base = tempdir();
+    let w = base.path().join("exports");
+    let mut r = rig(
+        &w,
+        &folder_device("late-1", &w, "folder-csv-readings", "settle = \"300ms\""),
+    );
+    r.agent
+        .wait_status("disconnected", Duration::from_secs(20), |s| {
+            s["devices"]["late-1"]["state"] == "disconnected"
+        });
+    std::fs::create_dir_all(&w).unwrap();
+    std::fs::write(
+        w.join("a.csv"),
+        format!("time,temperature_C,humidity_pct\n{},20.0,40.0\n", ts(0)),
+    )
+    .unwrap();
+    r.reader.until(
+        "the reading and device_connected",
+        Duration::from_secs(30),
+        |m| {
+            readings(m, "a.csv").len() == 2
+                && m.iter().any(|x| x.json["event"] == "device_connected")
+        },
+    );
+    r.agent
+        .wait_status("running", Duration::from_secs(10), |s| {
+            s["devices"]["late-1"]["state"] == "running"
+        });
+}
+
+/// Under `reject_new` a full buffer refuses rows: the device goes back to its last
+/// durable position and reads them again once there is room, so none is lost and none
+/// is read twice.
+#[test]
+fn a_full_buffer_holds_a_file_back_without_losing_or_repeating_a_row() {
+    const ROWS: u64 = 3_000;
+    let watched = tempdir();
+    let w = watched.path();
+    let mut text = String::from("time,temperature_C,humidity_pct\n");
+    for i in 0..ROWS {
+        text.push_str(&format!("{},{}.25,{}.5\n", ts(i), i % 1000, i % 100));
+    }
+    std::fs::write(w.join("full.csv"), &text).unwrap();
+    // No broker yet: the buffer (64 KiB, reject_new) fills and refuses.
+    let port = free_port();
+    let dir = tempdir();
+    let topics = Topics::new();
+    let device = format!(
+        "[buffer]\nmax_bytes = 65536\noverflow = \"reject_new\"\n\n{}",
+        folder_device(
+            "logger-full",
+            w,
+            "folder-csv-readings",
+            "settle = \"300ms\""
+        )
+    );
+    let cfg = agent_config(
+        dir.path(),
+        "agent-full",
+        &format!("127.0.0.1:{port}"),
+        &topics,
+        free_port(),
+        &device,
+    );
+    let agent = Agent::start(dir.path(), &cfg);
+    agent.wait_status("the buffer refusing rows", Duration::from_secs(30), |_| {
+        agent.metric("labgate_records_dropped_total{reason=\"buffer_full_reject_new\"}") > 0.0
+    });
+    let _broker = Broker::start_on(port);
+    let mut reader = Reader::new(&format!("127.0.0.1:{port}"), &[topics.sensors()]);
+    reader.until("every row", Duration::from_secs(120), |m| {
+        readings(m, "full.csv")
+            .iter()
+            .map(|x| x.json["event_id"].as_str().unwrap_or(""))
+            .collect::<HashSet<_>>()
+            .len() as u64
+            >= 2 * ROWS
+    });
+    reader.drain_for(Duration::from_secs(1));
+    let mut ids: BTreeMap<(u64, String), HashSet<String>> = BTreeMap::new();
+    for m in readings(&reader.msgs, "full.csv") {
+        ids.entry((
+            m.json["metadata"]["row"].as_u64().unwrap(),
+            m.json["sensor_id"].as_str().unwrap().to_string(),
+        ))
+        .or_default()
+        .insert(m.json["event_id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(ids.len() as u64, 2 * ROWS, "every row's two readings");
+    assert!(ids.values().all(|s| s.len() == 1), "no row read twice");
+}

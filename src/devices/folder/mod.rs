@@ -126,12 +126,7 @@ fn d_points() -> usize {
 
 impl Config {
     fn load_profile(&self) -> Result<FileProfile, String> {
-        let direct = Path::new(&self.profile);
-        let path = if direct.extension().is_some_and(|e| e == "toml") {
-            direct.to_path_buf()
-        } else {
-            self.profiles_dir.join(format!("{}.toml", self.profile))
-        };
+        let path = crate::devices::profile_path(&self.profile, &self.profiles_dir);
         FileProfile::load(&path)
     }
 
@@ -209,6 +204,11 @@ struct Folder<'a> {
     positions: HashMap<String, Position>,
     seen: HashMap<String, Seen>,
     running: bool,
+    /// Files whose rows the buffer refused: their next send resyncs
+    /// (`Ingest::send_with_cursor`).
+    resync: HashSet<String>,
+    /// The directory could be listed at the last scan.
+    connected: bool,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -267,16 +267,17 @@ impl Folder<'_> {
 
     /// Sends a record with the file's new position (or the position alone).
     async fn send(
-        &self,
+        &mut self,
         name: &str,
         draft: Option<Draft>,
         p: &Position,
     ) -> Result<Receipt, DeviceError> {
         let value = Some(serde_json::to_vec(p).unwrap_or_default());
+        let resync = self.resync.remove(name);
         Ok(self
             .ctx
             .ingest
-            .send_with_cursor(draft, self.key(name), value)
+            .send_with_cursor(draft, self.key(name), value, resync)
             .await?)
     }
 
@@ -298,14 +299,7 @@ impl Folder<'_> {
         let entries = match std::fs::read_dir(&self.cfg.path) {
             Ok(e) => e,
             Err(e) => {
-                if self
-                    .ctx
-                    .metrics
-                    .device_snapshot()
-                    .get(&self.ctx.id)
-                    .map(|d| d.state)
-                    != Some(crate::metrics::DeviceState::Disconnected)
-                {
+                if std::mem::take(&mut self.connected) {
                     self.ctx
                         .disconnected(format!("{}: {e}", self.cfg.path.display()))
                         .await?;
@@ -313,14 +307,9 @@ impl Folder<'_> {
                 return Ok(());
             }
         };
-        if self
-            .ctx
-            .metrics
-            .device_snapshot()
-            .get(&self.ctx.id)
-            .is_some_and(|d| d.state == crate::metrics::DeviceState::Disconnected)
-        {
-            self.connected().await?;
+        if !self.connected {
+            self.connected = true;
+            self.announce().await?;
         }
         let mut files: Vec<(SystemTime, String, std::fs::Metadata)> = Vec::new();
         for e in entries.flatten() {
@@ -363,7 +352,7 @@ impl Folder<'_> {
             drop(
                 self.ctx
                     .ingest
-                    .send_with_cursor(None, self.key(&name), None)
+                    .send_with_cursor(None, self.key(&name), None, true)
                     .await?,
             );
         }
@@ -371,7 +360,7 @@ impl Folder<'_> {
         Ok(())
     }
 
-    async fn connected(&mut self) -> Result<(), DeviceError> {
+    async fn announce(&mut self) -> Result<(), DeviceError> {
         self.ctx.set_state(if self.running {
             crate::metrics::DeviceState::Running
         } else {
@@ -468,7 +457,9 @@ impl Folder<'_> {
                 }
             }
             Err(Stop::Refused) => {
+                tracing::warn!(device = %self.ctx.id, file = name, "buffer refused rows; reading again from the last stored position");
                 // Back to the last durable position; the next scan tries again.
+                self.resync.insert(name.to_string());
                 self.positions.remove(name);
                 if let Ok(Some(v)) = self.ctx.store.cursor(&self.key(name)) {
                     if let Ok(p) = serde_json::from_slice::<Position>(&v) {
@@ -496,8 +487,16 @@ impl Folder<'_> {
             Ok(f) => f,
             Err(_) => return Ok(()), // gone meanwhile
         };
-        let header = match self.header(&mut f, p)? {
-            Some(h) => h,
+        let mut head = Vec::new();
+        f.by_ref()
+            .take(MAX_ROW as u64 * (self.profile.skip_lines as u64 + 4))
+            .read_to_end(&mut head)
+            .map_err(|e| Stop::Reject(e.to_string()))?;
+        let header = match self.header(&head)? {
+            Some((h, after)) => {
+                p.pos = p.pos.max(after);
+                h
+            }
             None if finished && size > 0 => {
                 return Err(Stop::Reject("no header line".into()));
             }
@@ -543,18 +542,9 @@ impl Folder<'_> {
         Ok(())
     }
 
-    /// Skips the preamble and reads the header (from the start of the file); moves
-    /// `p.pos` past it when nothing was read yet. None while the header is not written.
-    fn header(
-        &self,
-        f: &mut std::fs::File,
-        p: &mut Position,
-    ) -> Result<Option<format::Header>, Stop> {
-        let mut head = Vec::new();
-        f.by_ref()
-            .take(MAX_ROW as u64 * (self.profile.skip_lines as u64 + 4))
-            .read_to_end(&mut head)
-            .map_err(|e| Stop::Reject(e.to_string()))?;
+    /// Skips the preamble and reads the header from the start of a file; returns it with
+    /// the offset after it. None while the header is not written.
+    fn header(&self, head: &[u8]) -> Result<Option<(format::Header, u64)>, Stop> {
         let mut offset = 0usize;
         let mut skipped = 0;
         loop {
@@ -571,10 +561,7 @@ impl Folder<'_> {
                 continue;
             }
             let h = self.profile.header(&line).map_err(Stop::Reject)?;
-            if p.pos < offset as u64 {
-                p.pos = offset as u64;
-            }
-            return Ok(Some(h));
+            return Ok(Some((h, offset as u64)));
         }
     }
 
@@ -651,21 +638,15 @@ impl Folder<'_> {
             Ok(t) => t,
             Err(_) => return Ok(()),
         };
-        let mut f = match std::fs::File::open(path) {
-            Ok(f) => f,
-            Err(_) => return Ok(()),
-        };
-        let mut start = Position::default();
-        let header = self
-            .header(&mut f, &mut start)?
+        let (header, after) = self
+            .header(&text)?
             .ok_or_else(|| Stop::Reject("no header line".into()))?;
         let Some(cols) = self.profile.echem.clone() else {
             return Err(Stop::Reject("not an echem profile".into()));
         };
-        // The file may have changed between the two reads: never slice past its end.
-        let body = usize::try_from(start.pos)
+        let body = usize::try_from(after)
             .ok()
-            .and_then(|p| text.get(p..))
+            .and_then(|a| text.get(a..))
             .unwrap_or_default();
         let mut points: Vec<Point> = Vec::new();
         for (n, line) in String::from_utf8_lossy(body).lines().enumerate() {
@@ -815,6 +796,8 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
         positions: HashMap::new(),
         seen: HashMap::new(),
         running: true,
+        resync: HashSet::new(),
+        connected: false,
     };
     folder.load_positions()?;
     folder
