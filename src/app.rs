@@ -48,6 +48,14 @@ pub enum AgentError {
     #[error(transparent)]
     /// The buffer could not be opened or failed while running.
     Buffer(#[from] BufferError),
+    #[error("{key}: {message}")]
+    /// The ingest API's clients cannot be set up (a token file gone since `check`).
+    Api {
+        /// The config key.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
     #[error(transparent)]
     /// A Kafka client could not be built from the config.
     Kafka(#[from] kafka::KafkaSetupError),
@@ -80,6 +88,7 @@ impl AgentError {
             AgentError::Buffer(_) | AgentError::DataDir { .. } => 74,
             AgentError::Stage { disk: true, .. } => 74,
             AgentError::Stage { .. } => 70,
+            AgentError::Api { .. } => 64,
             _ => 1,
         }
     }
@@ -187,6 +196,16 @@ pub async fn run(
         tracing::warn!("commands.allow_unsigned = true: anyone who can write the command topic can pause, resume and stop instruments");
     }
 
+    let (ingest, ingest_rx) = ingest::channel(INGEST_QUEUE);
+    let apps = Arc::new(devices::app::AppHub::default());
+    let api = if cfg.api.enabled() {
+        Some(
+            http::api::Api::new(&cfg.api, ingest.clone(), apps.clone())
+                .map_err(|(key, message)| AgentError::Api { key, message })?,
+        )
+    } else {
+        None
+    };
     // HTTP first, so /health answers while everything else starts.
     let http_stop = CancellationToken::new();
     let http_state = Arc::new(HttpState {
@@ -195,6 +214,7 @@ pub async fn run(
         buffer: buffer.clone(),
         kafka_unhealthy_after: cfg.http.kafka_unhealthy_after,
         commands_enabled: cfg.kafka.commands_enabled,
+        api,
     });
     let http_task = match cfg.http.addr() {
         Some(addr) => {
@@ -207,14 +227,13 @@ pub async fn run(
             tracing::info!(%addr, "http listening");
             Some(tokio::spawn(http::serve(
                 listener,
-                http_state,
+                http_state.clone(),
                 http_stop.clone(),
             )))
         }
         None => None,
     };
 
-    let (ingest, ingest_rx) = ingest::channel(INGEST_QUEUE);
     let ingest_drain = CancellationToken::new();
     let (drained_tx, drained_rx) = oneshot::channel();
     let ingest_task = tokio::spawn(ingest::run(
@@ -227,6 +246,7 @@ pub async fn run(
             pipeline: crate::pipeline::Pipeline::new(&cfg.pipeline, metrics.clone()),
             drain: ingest_drain.clone(),
             drained: Some(drained_tx),
+            topic_names: cfg.kafka.topics.names(),
         },
     ));
     if let Some(note) = last_error {
@@ -298,6 +318,7 @@ pub async fn run(
         ingest: ingest.clone(),
         metrics: metrics.clone(),
         buffer: buffer.clone(),
+        apps,
         stop: dev_stop.clone(),
     };
     for d in &cfg.devices {
@@ -389,6 +410,7 @@ pub async fn run(
             fwd_stop,
             status: status_task,
             http_stop,
+            http: http_state,
             grace: cfg.agent.shutdown_grace,
         },
     )
@@ -411,6 +433,8 @@ struct Drain {
     /// Sends the death message when `fwd_stop` fires.
     status: JoinHandle<()>,
     http_stop: CancellationToken,
+    /// Its API stops taking records before ingest ends.
+    http: Arc<HttpState>,
     grace: Duration,
 }
 
@@ -435,6 +459,10 @@ async fn drain(mut stages: Stages, d: Drain) -> Result<(), AgentError> {
             Err(_) => tracing::warn!("command consumer did not stop within the grace period"),
             Ok(Ok(Ok(()))) => {}
         }
+    }
+    // Lab software's records now get 503 (retry later); those already taken are stored.
+    if let Some(api) = &d.http.api {
+        api.close();
     }
     d.ingest_drain.cancel();
     if tokio::time::timeout(bound, d.drained).await.is_err() {
@@ -496,6 +524,8 @@ struct Fleet {
     metrics: Arc<Metrics>,
     /// Given to drivers that keep source positions in it.
     buffer: Arc<Buffer>,
+    /// Where app devices meet their applications (shared with the HTTP API).
+    apps: Arc<devices::app::AppHub>,
     stop: CancellationToken,
 }
 
@@ -518,6 +548,8 @@ impl Fleet {
             shutdown: stop.clone(),
             metrics: self.metrics.clone(),
             store: self.buffer.clone(),
+            apps: self.apps.clone(),
+            run: None,
         };
         tracing::info!(device = d.id(), kind = d.kind(), "device starting");
         let task = self.tracker.spawn(devices::supervise(d.clone(), ctx));
@@ -562,6 +594,7 @@ async fn reload(path: &Path, current: &mut Config, fleet: &mut Fleet) {
         ("buffer", as_json(&current.buffer), as_json(&new.buffer)),
         ("http", as_json(&current.http), as_json(&new.http)),
         ("log", as_json(&current.log), as_json(&new.log)),
+        ("api", as_json(&current.api), as_json(&new.api)),
         (
             "pipeline",
             as_json(&current.pipeline),

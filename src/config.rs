@@ -61,6 +61,9 @@ pub struct Config {
     /// Edge processing of sensor readings: thresholds, aggregates, downsampling.
     #[serde(default)]
     pub pipeline: crate::pipeline::PipelineConfig,
+    /// The ingest API for lab software (off unless clients are configured).
+    #[serde(default)]
+    pub api: crate::http::api::ApiConfig,
     /// Keys written in another spelling (the seed application's) and what each became,
     /// for `labgate check`.
     #[serde(skip)]
@@ -250,6 +253,28 @@ impl Config {
         self.pipeline
             .validate()
             .map_err(|(key, msg)| invalid(format!("pipeline.{key}"), msg))?;
+        let devices: Vec<(String, &'static str)> = self
+            .devices
+            .iter()
+            .map(|d| (d.id().to_string(), d.kind()))
+            .collect();
+        self.api
+            .validate(&devices)
+            .map_err(|(key, msg)| invalid(format!("api.{key}"), msg))?;
+        if self.api.enabled() && self.http.listen.is_empty() {
+            return Err(invalid(
+                "http.listen",
+                "is empty, but [[api.clients]] are configured: the ingest API is served on http.listen",
+            ));
+        }
+        for (i, d) in self.devices.iter().enumerate() {
+            if d.kind() == "app" && !self.api.clients.iter().any(|c| c.device() == d.id()) {
+                return Err(invalid(
+                    format!("devices[{i}].id"),
+                    format!("app device {:?} needs an [[api.clients]] entry with device = {:?}: its application receives commands through the API", d.id(), d.id()),
+                ));
+            }
+        }
         Ok(())
     }
 

@@ -167,6 +167,8 @@ pub struct IngestStage {
     pub drain: tokio_util::sync::CancellationToken,
     /// Told when the drain above is done.
     pub drained: Option<oneshot::Sender<()>>,
+    /// Topic names by kind, for delivery receipts (`runs`).
+    pub topic_names: HashMap<crate::record::TopicKind, String>,
 }
 
 /// Runs until every [`Ingest`] handle is dropped, then appends and flushes what is left.
@@ -234,6 +236,7 @@ async fn run_inner(mut input: IngestReceiver, stage: IngestStage) -> Result<(), 
         pipeline,
         drain,
         mut drained,
+        topic_names,
     } = stage;
     let mut w = Writer {
         pipeline,
@@ -247,6 +250,7 @@ async fn run_inner(mut input: IngestReceiver, stage: IngestStage) -> Result<(), 
         last_drop_report: None,
         overflow_reported: 0,
         refused_sources: std::collections::HashSet::new(),
+        runs: crate::runs::Tracker::new(topic_names),
     };
     let mut items = Vec::with_capacity(BATCH);
     let mut last_flush = Instant::now();
@@ -300,6 +304,9 @@ async fn run_inner(mut input: IngestReceiver, stage: IngestStage) -> Result<(), 
                 if w.pipeline_tick(|p, now| p.tick(now))? {
                     dirty = true;
                 }
+                if w.receipts()? {
+                    dirty = true;
+                }
             }
         }
         w.metrics.beats.ingest.beat();
@@ -337,6 +344,8 @@ struct Writer {
     overflow_reported: u64,
     /// Position keys whose source had a record refused and has not resynced yet.
     refused_sources: std::collections::HashSet<Vec<u8>>,
+    /// Runs followed for their delivery receipts.
+    runs: crate::runs::Tracker,
 }
 
 impl Writer {
@@ -348,6 +357,8 @@ impl Writer {
         let mut dones = Vec::new();
         let mut derived = Vec::new();
         let mut cursors: Vec<Cursor> = Vec::new();
+        // Records of runs, by their index in `stored`, for the receipts.
+        let mut seen: Vec<(usize, crate::runs::Seen)> = Vec::new();
         let process = !self.pipeline.is_idle();
         for item in items.drain(..) {
             if let Some((key, _)) = &item.cursor {
@@ -382,6 +393,11 @@ impl Writer {
             } else {
                 Ok(None)
             };
+            if let Ok(Some(i)) = index {
+                if let Some(s) = crate::runs::Seen::of(&draft, stored[i].seq, now) {
+                    seen.push((i, s));
+                }
+            }
             if let Some((key, value)) = item.cursor {
                 cursors.push(Cursor {
                     after: stored.len(),
@@ -402,6 +418,14 @@ impl Writer {
             }
         }
         let out = self.write_with(&stored, 0, &cursors)?;
+        if !seen.is_empty() {
+            let next = self.buffer.next_chunk_id();
+            let drops = self.metrics.dropped_total();
+            for (i, s) in seen {
+                let kept = !out.disk_full && i >= out.skipped && i < out.handled();
+                self.runs.observe(s, kept, next, drops);
+            }
+        }
         for c in &cursors {
             if out.disk_full || c.after > out.handled() {
                 self.refused_sources.insert(c.key.clone());
@@ -437,6 +461,26 @@ impl Writer {
                 Err(e)
             }
         }
+    }
+
+    /// Appends the delivery receipts of runs whose records have all left the buffer.
+    /// Returns whether it appended anything.
+    fn receipts(&mut self) -> Result<bool, BufferError> {
+        if self.runs.is_empty() {
+            return Ok(false);
+        }
+        let drops = self.metrics.dropped_total();
+        let due = self.runs.due(self.buffer.low_watermark(), drops);
+        if due.is_empty() {
+            return Ok(false);
+        }
+        let now = SystemTime::now();
+        let mut stored = Vec::with_capacity(due.len());
+        for d in &due {
+            let _ = self.stamp_into(d, now, &mut stored);
+        }
+        self.write(&stored, 0)?;
+        Ok(true)
     }
 
     /// Appends what the pipeline emits on its own (windows of quiet sensors, or all of

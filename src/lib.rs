@@ -46,6 +46,7 @@ pub mod metrics;
 pub mod pipeline;
 mod poison_test;
 pub mod record;
+pub mod runs;
 pub mod secret;
 pub mod sim;
 pub mod systemd;

@@ -273,6 +273,7 @@ async fn a_million_extreme_messages_pass_through_ingest_and_stamp_without_a_pani
             pipeline: Pipeline::new(&pipeline_config(), metrics.clone()),
             drain: Default::default(),
             drained: None,
+            topic_names: Default::default(),
         },
     ));
     let mut mapper = Mapper::new(&subscriptions()).unwrap_or_else(|e| panic!("{e}"));

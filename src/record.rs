@@ -279,7 +279,7 @@ pub enum Body {
 }
 
 /// Which configured topic a record goes to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum TopicKind {
     /// `topics.events`.
     Events,
@@ -356,6 +356,40 @@ pub struct Draft {
     pub time: Option<SystemTime>,
     /// What it says.
     pub body: Body,
+    /// The source's own event id (lab software posting through the ingest API brings
+    /// one so that its retries are recognised downstream); a new one is made when None.
+    pub event_id: Option<uuid::Uuid>,
+    /// The run this record belongs to, as its caller named it (sample, operator, ELN
+    /// reference, metadata): carried by every record of that run.
+    pub run: Option<std::sync::Arc<RunMeta>>,
+}
+
+/// What the caller said about a run beside its `experiment_id`; every record of the run
+/// carries it as `run`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunMeta {
+    /// The sample measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample: Option<String>,
+    /// Who runs it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator: Option<String>,
+    /// The electronic lab notebook entry it belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eln_ref: Option<String>,
+    /// Anything else the caller attached.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+}
+
+impl RunMeta {
+    /// Whether it says nothing.
+    pub fn is_empty(&self) -> bool {
+        self.sample.is_none()
+            && self.operator.is_none()
+            && self.eln_ref.is_none()
+            && self.metadata.is_empty()
+    }
 }
 
 impl Draft {
@@ -365,7 +399,15 @@ impl Draft {
             device_id: device_id.into(),
             time: Some(SystemTime::now()),
             body,
+            event_id: None,
+            run: None,
         }
+    }
+
+    /// This draft as part of a run the caller described (no-op for `None`).
+    pub fn in_run(mut self, run: Option<&std::sync::Arc<RunMeta>>) -> Draft {
+        self.run = run.cloned();
+        self
     }
 
     /// An event about the agent itself (agent events topic, keyed by the agent).
@@ -412,6 +454,8 @@ struct Wire<'a> {
     /// `timestamp` is the agent's receive time instead.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     source_time_rejected: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    run: Option<&'a RunMeta>,
 }
 
 /// Errors of turning a record into bytes.
@@ -440,7 +484,7 @@ pub fn stamp(
         },
     };
     let ts = crate::time::format_rfc3339_millis(time).unwrap_or_default();
-    let event_id = uuid::Uuid::new_v4();
+    let event_id = draft.event_id.unwrap_or_else(uuid::Uuid::new_v4);
     let mut id_buf = uuid::Uuid::encode_buffer();
     let wire = Wire {
         body: &draft.body,
@@ -451,6 +495,7 @@ pub fn stamp(
         event_id: event_id.hyphenated().encode_lower(&mut id_buf),
         schema_version: SCHEMA_VERSION,
         source_time_rejected,
+        run: draft.run.as_deref(),
     };
     let payload =
         serde_json::to_vec(&wire).map_err(|e| EncodeError::Json(draft.body.type_name(), e))?;
@@ -493,6 +538,8 @@ mod tests {
     #[test]
     fn experiment_event_has_users_shape_plus_envelope() {
         let d = Draft {
+            event_id: None,
+            run: None,
             device_id: "pstat-1".into(),
             time: Some(SystemTime::UNIX_EPOCH + Duration::from_millis(1_705_314_600_000)),
             body: Body::ExperimentEvent {

@@ -953,6 +953,27 @@ impl Buffer {
         Ok(decode(id.chunk, &v)?.into_iter().nth(id.index as usize))
     }
 
+    /// The id the next appended chunk gets: every record appended so far is in a chunk
+    /// below it.
+    pub fn next_chunk_id(&self) -> u64 {
+        self.state().next_chunk
+    }
+
+    /// The oldest chunk still buffered (in flight or not yet read), or
+    /// [`Buffer::next_chunk_id`] when none is: every chunk below it has left the buffer
+    /// (acknowledged by Kafka, dead-lettered, or dropped by the overflow policy).
+    pub fn low_watermark(&self) -> u64 {
+        let st = self.state();
+        let in_flight = st.in_flight.keys().next().copied();
+        let unread = st.unread.front().map(|(id, _)| id);
+        match (in_flight, unread) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(a), None) => a,
+            (None, Some(b)) => b,
+            (None, None) => st.next_chunk,
+        }
+    }
+
     /// Moves the read cursor back to the oldest chunk with unacked records, so that
     /// everything not yet acknowledged is read (and sent) again, in order.
     pub fn rewind(&self) {

@@ -242,6 +242,8 @@ impl Handler {
             let control = Control {
                 command: cmd.kind,
                 params: cmd.params.clone(),
+                command_id: cmd.command_id.clone(),
+                issuer: cmd.issuer.clone(),
                 reply,
             };
             let refused = match outbox {

@@ -88,6 +88,8 @@ async fn trip(
     let control = Control {
         command,
         params: Default::default(),
+        command_id: format!("lease-{id}-{}", uuid::Uuid::new_v4()),
+        issuer: None,
         reply,
     };
     let outcome = match outbox.map(|o| o.send(control)) {

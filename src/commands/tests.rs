@@ -495,6 +495,7 @@ async fn timeouts_and_a_stop_overtaking_queued_work_are_reported() {
             pipeline: crate::pipeline::Pipeline::new(&Default::default(), metrics.clone()),
             drain: Default::default(),
             drained: None,
+            topic_names: Default::default(),
         },
     ));
     let router = Router::default();

@@ -345,6 +345,13 @@ impl Validator {
                 ),
             ));
         };
+        if kind == CommandKind::Start {
+            // A run's name and description are checked here, before anything runs:
+            // an id that would break keys or topics is refused with its reason.
+            if let Err(e) = crate::runs::check_run_fields(&params) {
+                return Err(fail(&r, Code::Schema, format!("params.{e}")));
+            }
+        }
         Ok(Shape {
             obj,
             r,

@@ -144,6 +144,8 @@ mod tests {
             Control {
                 command: kind,
                 params: Default::default(),
+                command_id: "c".into(),
+                issuer: None,
                 reply,
             },
             rx,

@@ -4,6 +4,8 @@
 //! Drivers are a plain enum ([`DeviceConfig`]) dispatched with `match`. The supervisor
 //! restarts a driver that fails, with exponential backoff, until shutdown.
 
+/// Applications as devices: their commands go to a program over HTTP.
+pub mod app;
 pub mod control;
 /// Instruments that write result files into a directory.
 pub mod folder;
@@ -47,6 +49,8 @@ pub enum DeviceConfig {
     SimulatedPotentiostat(simulated::potentiostat::Config),
     /// Simulated environmental sensors (demo, tests).
     SimulatedSensors(simulated::sensors::Config),
+    /// Lab software that carries out its commands itself (over the HTTP API).
+    App(app::Config),
 }
 
 impl DeviceConfig {
@@ -61,6 +65,7 @@ impl DeviceConfig {
             DeviceConfig::Mqtt(c) => &c.id,
             DeviceConfig::SimulatedPotentiostat(c) => &c.id,
             DeviceConfig::SimulatedSensors(c) => &c.id,
+            DeviceConfig::App(c) => &c.id,
         }
     }
 
@@ -75,6 +80,7 @@ impl DeviceConfig {
             DeviceConfig::Mqtt(_) => "mqtt",
             DeviceConfig::SimulatedPotentiostat(_) => "simulated_potentiostat",
             DeviceConfig::SimulatedSensors(_) => "simulated_sensors",
+            DeviceConfig::App(_) => "app",
         }
     }
 
@@ -89,6 +95,7 @@ impl DeviceConfig {
             DeviceConfig::Mqtt(c) => c.validate(),
             DeviceConfig::SimulatedPotentiostat(c) => c.validate(),
             DeviceConfig::SimulatedSensors(c) => c.validate(),
+            DeviceConfig::App(c) => c.validate(),
         }
     }
 
@@ -109,7 +116,8 @@ impl DeviceConfig {
             | DeviceConfig::ModbusTcp(_)
             | DeviceConfig::Folder(_)
             | DeviceConfig::SimulatedPotentiostat(_)
-            | DeviceConfig::SimulatedSensors(_) => lifecycle,
+            | DeviceConfig::SimulatedSensors(_)
+            | DeviceConfig::App(_) => lifecycle,
         }
     }
 }
@@ -172,6 +180,10 @@ pub struct Control {
     pub command: CommandKind,
     /// The command's parameters (method parameters for `start`).
     pub params: serde_json::Map<String, serde_json::Value>,
+    /// The command's id (results key on it; an application answers with it).
+    pub command_id: String,
+    /// Who signed it (`None`: unsigned, or the agent's own lease).
+    pub issuer: Option<String>,
     /// `Ok(detail)` when done, `Err(reason)` when the device could not do it.
     pub reply: oneshot::Sender<Result<String, String>>,
 }
@@ -207,6 +219,11 @@ pub struct DeviceCtx {
     /// The buffer, for drivers that resume from source positions stored with their
     /// records (`Buffer::cursor`; written through `Ingest::send_with_cursor`).
     pub store: Arc<crate::buffer::Buffer>,
+    /// Where `app` devices meet the applications that carry out their commands.
+    pub apps: Arc<app::AppHub>,
+    /// The run in progress as its caller described it: [`DeviceCtx::experiment_event`]
+    /// and the driver's data records carry it. Set at a run's start, cleared at its end.
+    pub run: Option<Arc<crate::record::RunMeta>>,
 }
 
 impl DeviceCtx {
@@ -227,14 +244,17 @@ impl DeviceCtx {
         experiment_id: &str,
         data: serde_json::Map<String, serde_json::Value>,
     ) -> Result<(), DeviceError> {
-        self.emit(Draft::new(
-            self.id.clone(),
-            crate::record::Body::ExperimentEvent {
-                event: event.into(),
-                experiment_id: experiment_id.into(),
-                data,
-            },
-        ))
+        self.emit(
+            Draft::new(
+                self.id.clone(),
+                crate::record::Body::ExperimentEvent {
+                    event: event.into(),
+                    experiment_id: experiment_id.into(),
+                    data,
+                },
+            )
+            .in_run(self.run.as_ref()),
+        )
         .await
     }
 
@@ -329,6 +349,7 @@ async fn run_driver(cfg: &DeviceConfig, ctx: &mut DeviceCtx) -> Result<(), Devic
             DeviceConfig::Mqtt(c) => mqtt::run(c, ctx).await,
             DeviceConfig::SimulatedPotentiostat(c) => simulated::potentiostat::run(c, ctx).await,
             DeviceConfig::SimulatedSensors(c) => simulated::sensors::run(c, ctx).await,
+            DeviceConfig::App(c) => app::run(c, ctx).await,
         }
     };
     caught(attempt).await

@@ -231,6 +231,37 @@ impl Default for Topics {
 }
 
 impl Topics {
+    /// The topic records of this kind go to.
+    pub fn name(&self, kind: crate::record::TopicKind) -> &str {
+        use crate::record::TopicKind;
+        match kind {
+            TopicKind::Events => &self.events,
+            TopicKind::AgentEvents => &self.agent_events,
+            TopicKind::Data => &self.data,
+            TopicKind::Sensors => &self.sensors,
+            TopicKind::Alerts => &self.alerts,
+            TopicKind::CommandResults => &self.command_results,
+            TopicKind::Aggregates => &self.aggregates,
+        }
+    }
+
+    /// Every kind with its topic name.
+    pub fn names(&self) -> std::collections::HashMap<crate::record::TopicKind, String> {
+        use crate::record::TopicKind::*;
+        [
+            Events,
+            AgentEvents,
+            Data,
+            Sensors,
+            Alerts,
+            CommandResults,
+            Aggregates,
+        ]
+        .into_iter()
+        .map(|k| (k, self.name(k).to_string()))
+        .collect()
+    }
+
     /// All topic names, for creation and validation.
     pub fn all(&self) -> [(&'static str, &str); 9] {
         [

@@ -113,15 +113,7 @@ enum Handed {
 
 impl Forwarder {
     fn topic(&self, kind: TopicKind) -> &str {
-        match kind {
-            TopicKind::Events => &self.topics.events,
-            TopicKind::AgentEvents => &self.topics.agent_events,
-            TopicKind::Data => &self.topics.data,
-            TopicKind::Sensors => &self.topics.sensors,
-            TopicKind::Alerts => &self.topics.alerts,
-            TopicKind::CommandResults => &self.topics.command_results,
-            TopicKind::Aggregates => &self.topics.aggregates,
-        }
+        self.topics.name(kind)
     }
 
     fn hand(&self, id: RecordId, rec: &Stored, version: &str, now_ms: u64) -> Handed {

@@ -261,6 +261,8 @@ impl Pipeline {
             AlertState::Cleared => self.metrics.alerts_cleared.fetch_add(1, Relaxed),
         };
         Draft {
+            event_id: None,
+            run: None,
             device_id: s.device_id.to_string(),
             time: Some(s.t),
             body: Body::Alert {
@@ -282,6 +284,8 @@ impl Pipeline {
         self.metrics.aggregates_emitted.fetch_add(1, Relaxed);
         let avg = a.avg();
         Draft {
+            event_id: None,
+            run: None,
             device_id: a.device_id,
             time: Some(crate::time::clamp(a.end)),
             body: Body::SensorAggregate {
@@ -307,6 +311,8 @@ mod tests {
 
     fn reading(v: f64, ms: u64) -> Draft {
         Draft {
+            event_id: None,
+            run: None,
             device_id: "env".into(),
             time: Some(SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_000 + ms)),
             body: Body::SensorReading {

@@ -592,6 +592,8 @@ impl Folder<'_> {
                 let last = readings.len() - 1;
                 for (i, r) in readings.into_iter().enumerate().skip(already) {
                     let draft = Draft {
+                        event_id: None,
+                        run: None,
                         device_id: self.ctx.id.clone(),
                         time: Some(r.time.unwrap_or(now)),
                         body: Body::SensorReading {

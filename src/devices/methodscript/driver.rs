@@ -144,8 +144,9 @@ struct Experiment {
     error: Option<(u16, String, Option<String>)>,
     /// Who asked to start (answered when the device echoes `e`).
     start_reply: Option<oneshot::Sender<Result<String, String>>>,
-    /// Who asked to stop (answered when the script has ended).
+    /// Who asked to stop (answered when the script has ended), and its command id.
     stop_reply: Option<oneshot::Sender<Result<String, String>>>,
+    stop_command: Option<String>,
     points: u64,
 }
 
@@ -257,7 +258,8 @@ impl Conn<'_> {
                 step_index: exp.scan,
                 points,
             },
-        );
+        )
+        .in_run(self.ctx.run.as_ref());
         self.ctx.emit(draft).await
     }
 
@@ -270,6 +272,14 @@ impl Conn<'_> {
             let _ = reply.send(Err("an experiment is already running".into()));
             return Ok(());
         }
+        let mut params = params;
+        let spec = match crate::runs::take_run(&mut params) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = reply.send(Err(e.to_string()));
+                return Ok(());
+            }
+        };
         let mut values = self.cfg.params.clone();
         values.extend(params);
         let (script, effective) = match self.method.render(&values) {
@@ -290,11 +300,14 @@ impl Conn<'_> {
             let _ = reply.send(Err(e));
             return Ok(());
         }
-        let id = format!(
-            "exp-{}-{}",
-            self.ctx.id,
-            crate::record::unix_ms(std::time::SystemTime::now())
-        );
+        let id = spec.experiment_id.unwrap_or_else(|| {
+            format!(
+                "exp-{}-{}",
+                self.ctx.id,
+                crate::record::unix_ms(std::time::SystemTime::now())
+            )
+        });
+        self.ctx.run = spec.meta;
         let mut data = object([
             ("method", self.method.name.clone().into()),
             ("technique", self.method.technique.clone().into()),
@@ -317,6 +330,7 @@ impl Conn<'_> {
             error: None,
             start_reply: Some(reply),
             stop_reply: None,
+            stop_command: None,
             points: 0,
         });
         self.ctx.set_state(crate::metrics::DeviceState::Running);
@@ -350,7 +364,10 @@ impl Conn<'_> {
                 }
                 match (cmd, &mut self.exp) {
                     // A stop is done when the script has ended (the cell is off).
-                    (Command::Abort, Some(exp)) => exp.stop_reply = Some(c.reply),
+                    (Command::Abort, Some(exp)) => {
+                        exp.stop_reply = Some(c.reply);
+                        exp.stop_command = Some(c.command_id);
+                    }
                     _ => self.pending.push((cmd, c.reply)),
                 }
             }
@@ -456,11 +473,15 @@ impl Conn<'_> {
                     "experiment_failed"
                 } else if aborted {
                     data.insert("reason".into(), "stop command".into());
+                    if let Some(id) = exp.stop_command.take() {
+                        data.insert("command_id".into(), id.into());
+                    }
                     "experiment_stopped"
                 } else {
                     "experiment_completed"
                 };
                 self.ctx.experiment_event(event, &exp.id, data).await?;
+                self.ctx.run = None;
                 if let Some(r) = exp.stop_reply.take() {
                     let _ = r.send(Ok("stopped; script ended, cell off".into()));
                 }
@@ -529,6 +550,7 @@ impl Conn<'_> {
             self.ctx
                 .experiment_event("experiment_failed", &exp.id, data)
                 .await?;
+            self.ctx.run = None;
             for r in [exp.start_reply.take(), exp.stop_reply.take()]
                 .into_iter()
                 .flatten()

@@ -455,6 +455,8 @@ pub(crate) fn reading_draft(
     now: SystemTime,
 ) -> Draft {
     Draft {
+        event_id: None,
+        run: None,
         device_id: device.to_string(),
         time: Some(r.time.unwrap_or(now)),
         body: Body::SensorReading {

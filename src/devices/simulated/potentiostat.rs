@@ -153,6 +153,8 @@ struct Runner<'a> {
     chunk_started: Instant,
     technique: &'static str,
     step_index: u32,
+    /// The stop command that ended the run, if one did.
+    stopped_by: Option<String>,
 }
 
 impl Runner<'_> {
@@ -172,15 +174,18 @@ impl Runner<'_> {
         }
         let points = std::mem::take(&mut self.chunk);
         self.ctx
-            .emit(Draft::new(
-                self.ctx.id.clone(),
-                Body::EchemData {
-                    technique: self.technique.into(),
-                    experiment_id: self.experiment_id.clone(),
-                    step_index: self.step_index,
-                    points,
-                },
-            ))
+            .emit(
+                Draft::new(
+                    self.ctx.id.clone(),
+                    Body::EchemData {
+                        technique: self.technique.into(),
+                        experiment_id: self.experiment_id.clone(),
+                        step_index: self.step_index,
+                        points,
+                    },
+                )
+                .in_run(self.ctx.run.as_ref()),
+            )
             .await
     }
 
@@ -214,7 +219,10 @@ impl Runner<'_> {
                 .await?;
                 (Ok("resumed".into()), Flow::Continue)
             }
-            CommandKind::Stop => (Ok("stopped".into()), Flow::Stop),
+            CommandKind::Stop => {
+                self.stopped_by = Some(c.command_id.clone());
+                (Ok("stopped".into()), Flow::Stop)
+            }
             CommandKind::Start => (
                 Err(format!(
                     "experiment {} is already running",
@@ -334,15 +342,15 @@ impl Runner<'_> {
                     Flow::Continue => {}
                     Flow::Stop => {
                         self.flush_chunk().await?;
-                        self.event(
-                            "experiment_stopped",
-                            object([
-                                ("step_index", index.into()),
-                                ("reason", "stop command".into()),
-                                ("duration", started.elapsed().as_secs_f64().into()),
-                            ]),
-                        )
-                        .await?;
+                        let mut data = object([
+                            ("step_index", index.into()),
+                            ("reason", "stop command".into()),
+                            ("duration", started.elapsed().as_secs_f64().into()),
+                        ]);
+                        if let Some(id) = self.stopped_by.take() {
+                            data.insert("command_id".into(), id.into());
+                        }
+                        self.event("experiment_stopped", data).await?;
                         return Ok(Flow::Stop);
                     }
                     Flow::Shutdown => {
@@ -406,14 +414,20 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
     let mut running = cfg.autostart;
     let mut done: u32 = 0;
     let mut counter: u64 = 0;
+    // How the next run was named and described by the start command that asked for it.
+    let mut next = crate::runs::RunSpec::default();
     loop {
         if running {
             counter += 1;
-            let experiment_id = format!(
-                "exp-{}-{}-{counter}",
-                ctx.id,
-                crate::record::unix_ms(std::time::SystemTime::now())
-            );
+            let spec = std::mem::take(&mut next);
+            let experiment_id = spec.experiment_id.unwrap_or_else(|| {
+                format!(
+                    "exp-{}-{}-{counter}",
+                    ctx.id,
+                    crate::record::unix_ms(std::time::SystemTime::now())
+                )
+            });
+            ctx.run = spec.meta;
             let mut r = Runner {
                 cfg,
                 ctx: &mut *ctx,
@@ -423,8 +437,11 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
                 chunk_started: Instant::now(),
                 technique: "",
                 step_index: 0,
+                stopped_by: None,
             };
-            match r.experiment(&mut rng).await? {
+            let flow = r.experiment(&mut rng).await;
+            ctx.run = None;
+            match flow? {
                 Flow::Shutdown => return Ok(()),
                 Flow::Stop => running = false,
                 Flow::Continue => {
@@ -447,13 +464,22 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
                 c = ctx.control.recv() => {
                     let Some(c) = c else { return Ok(()) };
                     let reply = match c.command {
-                        CommandKind::Start if !c.params.is_empty() => {
-                            Err("simulated_potentiostat's start takes no parameters".to_string())
-                        }
                         CommandKind::Start => {
-                            running = true;
-                            done = 0;
-                            Ok("started".to_string())
+                            let mut params = c.params.clone();
+                            match crate::runs::take_run(&mut params) {
+                                Err(e) => Err(e.to_string()),
+                                Ok(_) if !params.is_empty() => Err(format!(
+                                    "simulated_potentiostat's start takes only the run's fields ({}), not {}",
+                                    crate::runs::RUN_FIELDS.join(", "),
+                                    params.keys().cloned().collect::<Vec<_>>().join(", ")
+                                )),
+                                Ok(spec) => {
+                                    next = spec;
+                                    running = true;
+                                    done = 0;
+                                    Ok("started".to_string())
+                                }
+                            }
                         }
                         CommandKind::Stop => {
                             running = false;

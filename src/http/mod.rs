@@ -1,14 +1,23 @@
-//! `/health`, `/metrics` (Prometheus text) and `/status` (JSON) over plain HTTP/1.1.
+//! The agent's HTTP listener: `/health`, `/metrics` (Prometheus text), `/status` (JSON),
+//! and, when configured, the ingest API and app devices' command streams ([`api`]).
 //!
-//! Three read-only GET endpoints on loopback do not need a web framework: requests are
-//! read up to a small limit with a timeout, answered within a timeout, and the
-//! connection closed; at most [`MAX_CONNECTIONS`] are served at once.
+//! axum routes and hyper serves. The accept loop is ours: at most [`MAX_CONNECTIONS`]
+//! connections at once (more wait in the listen backlog), and a request head must
+//! arrive within [`IO_TIMEOUT`], so idle or slow clients cannot exhaust the agent.
+
+pub mod api;
+pub mod shapes;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -34,6 +43,8 @@ pub struct HttpState {
     pub kafka_unhealthy_after: Duration,
     /// Whether the command consumer's loop is expected to beat.
     pub commands_enabled: bool,
+    /// The ingest API, when `[[api.clients]]` are configured.
+    pub api: Option<api::Api>,
 }
 
 impl HttpState {
@@ -124,35 +135,98 @@ impl HttpState {
             },
         })
     }
+}
 
-    fn respond(&self, path: &str) -> (u16, &'static str, String) {
-        match path {
-            "/health" => {
-                let reasons = self.health_reasons();
-                let code = if reasons.is_empty() { 200 } else { 503 };
-                let body =
-                    json!({"status": if code == 200 {"ok"} else {"unhealthy"}, "reasons": reasons});
-                (code, "application/json", body.to_string())
-            }
-            "/metrics" => (
-                200,
-                "text/plain; version=0.0.4",
-                self.metrics.render(&self.buffer.stats()),
-            ),
-            "/status" => (200, "application/json", self.status().to_string()),
-            _ => (404, "text/plain", "not found\n".into()),
-        }
+async fn health(State(st): State<Arc<HttpState>>) -> Response {
+    let reasons = st.health_reasons();
+    let code = if reasons.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body =
+        json!({"status": if reasons.is_empty() {"ok"} else {"unhealthy"}, "reasons": reasons});
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+async fn metrics(State(st): State<Arc<HttpState>>) -> Response {
+    let mut text = st.metrics.render(&st.buffer.stats());
+    if let Some(api) = &st.api {
+        api.render_metrics(&mut text);
     }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+async fn status(State(st): State<Arc<HttpState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        st.status().to_string(),
+    )
+        .into_response()
+}
+
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        include_str!("../../schemas/openapi.json"),
+    )
+        .into_response()
+}
+
+async fn not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        [(header::CONTENT_TYPE, "application/json")],
+        json!({"error": "not_found"}).to_string(),
+    )
+        .into_response()
+}
+
+fn ingest_route(kind: shapes::Kind) -> axum::routing::MethodRouter<Arc<HttpState>> {
+    post(
+        move |State(st): State<Arc<HttpState>>, headers: HeaderMap, body: Body| async move {
+            api::ingest(st, kind, headers, body).await
+        },
+    )
+}
+
+/// Every route of the listener.
+pub fn router(state: Arc<HttpState>) -> axum::Router {
+    axum::Router::new()
+        .route("/health", axum::routing::get(health))
+        .route("/metrics", axum::routing::get(metrics))
+        .route("/status", axum::routing::get(status))
+        .route("/v1/openapi.json", axum::routing::get(openapi))
+        .route("/v1/whoami", axum::routing::get(api::whoami))
+        .route("/v1/events", ingest_route(shapes::Kind::Event))
+        .route("/v1/data", ingest_route(shapes::Kind::Data))
+        .route("/v1/readings", ingest_route(shapes::Kind::Reading))
+        .route(
+            "/v1/devices/{id}/commands",
+            axum::routing::get(api::command_stream),
+        )
+        .route(
+            "/v1/commands/{command_id}/result",
+            post(api::command_result),
+        )
+        .fallback(not_found)
+        .with_state(state)
 }
 
 /// Connections served at once; more wait in the listen backlog, so a flood of idle
 /// clients cannot exhaust the agent.
 pub const MAX_CONNECTIONS: usize = 64;
-/// Each of reading the request and writing the answer must finish within this.
+/// A request's head must arrive within this.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves until shutdown.
 pub async fn serve(listener: TcpListener, state: Arc<HttpState>, shutdown: CancellationToken) {
+    let app = router(state);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let permit = tokio::select! {
@@ -173,60 +247,22 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>, shutdown: Cance
             },
             () = shutdown.cancelled() => return,
         };
-        let state = state.clone();
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let stop = shutdown.clone();
         tokio::spawn(async move {
-            if let Err(e) = answer(stream, &state).await {
-                tracing::debug!(error = %e, "http request failed");
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(IO_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    tracing::debug!(error = %e, "http connection ended with an error");
+                },
+                () = stop.cancelled() => {}
             }
             drop(permit);
         });
     }
-}
-
-async fn answer(mut stream: TcpStream, state: &HttpState) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 4096];
-    let mut len = 0;
-    let read = async {
-        loop {
-            let n = stream.read(&mut buf[len..]).await?;
-            if n == 0 {
-                break;
-            }
-            len += n;
-            if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") || len == buf.len() {
-                break;
-            }
-        }
-        Ok::<_, std::io::Error>(())
-    };
-    tokio::time::timeout(IO_TIMEOUT, read)
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request timeout"))??;
-    let head = String::from_utf8_lossy(&buf[..len]);
-    let mut parts = head.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (code, ctype, body) = if method == "GET" {
-        state.respond(path.split('?').next().unwrap_or(""))
-    } else {
-        (405, "text/plain", "method not allowed\n".into())
-    };
-    let reason = match code {
-        200 => "OK",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        _ => "Service Unavailable",
-    };
-    let resp = format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let write = async {
-        stream.write_all(resp.as_bytes()).await?;
-        stream.shutdown().await
-    };
-    tokio::time::timeout(IO_TIMEOUT, write)
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "response timeout"))?
 }
 
 /// A minimal GET for the CLI (`labgate buffer stats` asks the running agent).
