@@ -460,6 +460,17 @@ fn bad_requests_are_refused_with_their_reason_and_counted() {
         agent.metric("labgate_api_records_total{outcome=\"duplicate\"}"),
         1.0
     );
+    // The API describes itself, and the shapes it documents are the ones it takes.
+    let doc = request(a, "GET", "/v1/openapi.json", &[], b"").json();
+    let schema = |name: &str| {
+        jsonschema::validator_for(&doc["components"]["schemas"][name])
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+    };
+    assert!(schema("ExperimentEvent").is_valid(&with_id));
+    assert!(schema("SensorReading").is_valid(&reading(1.0)));
+    assert!(schema("EchemData").is_valid(&json!({"technique": "CV", "experiment_id": "e1", "points": [{"t": 0.0, "e": 0.1, "i": 1e-6}]})));
+    assert!(!schema("ExperimentEvent")
+        .is_valid(&json!({"event": "x", "experiment_id": "e1", "colour": "red"})));
     // The agent runs on after all of it.
     assert_eq!(agent.get("/health").0, 200, "{}", agent.get("/health").1);
 }
@@ -725,4 +736,130 @@ autostart = false
         assert_eq!(m.json["run"]["metadata"]["electrode"], "GC-3");
         assert_matches_schema(m);
     }
+}
+
+/// An app device's command stream, read by hand: the raw SSE bytes of a real socket.
+struct Stream {
+    lines: std::io::Lines<BufReader<std::net::TcpStream>>,
+}
+
+impl Stream {
+    fn open(agent: &Agent, device: &str) -> Stream {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(agent.http).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        write!(
+            s,
+            "GET /v1/devices/{device}/commands HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nAccept: text/event-stream\r\n\r\n"
+        )
+        .unwrap();
+        let mut lines = BufReader::new(s).lines();
+        let status = lines.next().unwrap().unwrap();
+        assert!(status.contains(" 200 "), "{status}");
+        let mut st = Stream { lines };
+        st.until(|l| l.starts_with("event: ready"));
+        st
+    }
+
+    fn until(&mut self, f: impl Fn(&str) -> bool) -> String {
+        loop {
+            let l = self.lines.next().expect("stream open").expect("read");
+            if f(&l) {
+                return l;
+            }
+        }
+    }
+
+    /// The next command on the stream.
+    fn command(&mut self) -> Value {
+        let l = self.until(|l| l.starts_with("data: ") && l.contains("command_id"));
+        serde_json::from_str(&l["data: ".len()..]).unwrap()
+    }
+}
+
+#[test]
+fn an_app_gets_its_commands_on_a_stream_and_a_command_times_out_when_it_is_gone() {
+    let broker = Broker::start();
+    let dir = tempdir();
+    let topics = Topics::new();
+    let agent = Agent::start(
+        dir.path(),
+        &agent_config(
+            dir.path(),
+            "agent-app",
+            &broker.addr(),
+            &topics,
+            free_port(),
+            &api_section(dir.path(), ""),
+        ),
+    );
+    agent.wait_status("command consumer assigned", Duration::from_secs(30), |s| {
+        s["commands"]["assigned"] == true
+    });
+    let send = |cmd: &str, device_timeout: &str| {
+        let agent_config = agent.config.clone();
+        let (cmd, device_timeout) = (cmd.to_string(), device_timeout.to_string());
+        std::thread::spawn(move || {
+            Command::new(env!("CARGO_BIN_EXE_labgate"))
+                .args(["command", "send", "--config"])
+                .arg(agent_config)
+                .args([
+                    "--agent",
+                    "agent-app",
+                    "--device",
+                    "lab-app",
+                    "--device-timeout",
+                    &device_timeout,
+                    "--wait",
+                    "--timeout",
+                    "30s",
+                    &cmd,
+                ])
+                .output()
+                .unwrap()
+        })
+    };
+    // Nobody holds the stream: the command waits for its deadline and times out.
+    let out = send("pause", "2s").join().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(14),
+        "timeout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // One is sent while no application is there; it is handed over when one connects.
+    let stop = send("stop", "20s");
+    std::thread::sleep(Duration::from_secs(2));
+    let mut a = Stream::open(&agent, "lab-app");
+    let first = a.command();
+    assert_eq!(first["command"], "stop");
+    // The application goes away without answering; its next stream gets it again.
+    drop(a);
+    let mut b = Stream::open(&agent, "lab-app");
+    let again = b.command();
+    assert_eq!(again["command_id"], first["command_id"]);
+    let path = format!(
+        "/v1/commands/{}/result",
+        again["command_id"].as_str().unwrap()
+    );
+    let r = post_json(
+        agent.http,
+        &path,
+        TOKEN,
+        &json!({"status": "failed", "message": "valve stuck"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let out = stop.join().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(10), "failed: {text}");
+    assert!(text.contains("valve stuck"), "{text}");
+    // Answered already: a second answer finds nothing waiting.
+    let r = post_json(agent.http, &path, TOKEN, &json!({"status": "completed"}));
+    assert_eq!(r.status, 404, "{}", r.body);
+    let r = post_json(agent.http, &path, TOKEN, &json!({"status": "done"}));
+    assert_eq!(
+        (r.status, r.json()["field"].clone()),
+        (400, json!("status"))
+    );
+    assert_eq!(agent.status()["devices"]["lab-app"]["kind"], "app");
 }

@@ -144,12 +144,29 @@ fn a_full_cv_run_reaches_kafka_exactly_as_the_instrument_sent_it() {
     assert_eq!(info[0]["data"]["serial"], "ESPICOSIM0001");
     assert_eq!(info[0]["data"]["device_type"], "espico");
     assert_eq!(info[0]["data"]["mscript_version"], "01.09.00");
-    rig.send("c-start", "start", json!({"scan_rate": "200mV/s"}));
-    rig.reader
-        .until("experiment_completed", Duration::from_secs(60), |m| {
-            !events(m, "experiment_completed").is_empty()
-        });
+    // The run is named and described by whoever starts it.
+    rig.send(
+        "c-start",
+        "start",
+        json!({"scan_rate": "200mV/s", "experiment_id": "ms_cv_1", "sample": "ferrocene 1 mM", "operator": "ana"}),
+    );
+    rig.reader.until(
+        "experiment_completed and its receipt",
+        Duration::from_secs(60),
+        |m| !events(m, "experiment_completed").is_empty() && !events(m, "run_delivered").is_empty(),
+    );
     let msgs = rig.reader.drain_for(Duration::from_millis(500)).to_vec();
+    for m in msgs
+        .iter()
+        .filter(|m| m.json.get("experiment_id").is_some())
+    {
+        assert_eq!(m.json["experiment_id"], "ms_cv_1");
+        assert_eq!(m.json["run"]["sample"], "ferrocene 1 mM", "{}", m.json);
+        assert_eq!(m.json["run"]["operator"], "ana");
+    }
+    let receipt = &events(&msgs, "run_delivered")[0]["data"];
+    assert_eq!(receipt["ended"], "completed");
+    assert_eq!(receipt["points"], 321);
     assert_eq!(statuses(&msgs, "c-start"), ["accepted", "completed"]);
     let started = &events(&msgs, "experiment_started")[0];
     assert_eq!(started["data"]["technique"], "CV");

@@ -117,7 +117,11 @@ fn the_demo_config_runs_against_a_broker_that_checks_every_schema() {
             .replace("127.0.0.1:9464", &format!("127.0.0.1:{http}"))
             .replace("mqtt://127.0.0.1:1883", &mqtt.url())
             .replace("interval = \"2s\"", "interval = \"200ms\"");
-    let agent = Agent::start(dir.path(), &demo);
+    let agent = Agent::start_with_env(
+        dir.path(),
+        &demo,
+        &[("LABGATE_DEMO_TOKEN", "demo-token-0123456789abcdef")],
+    );
     let mut r = Reader::new(
         &broker.addr(),
         &topics.iter().map(|t| t.to_string()).collect::<Vec<_>>(),

@@ -685,18 +685,19 @@ pub async fn command_result(
         Ok(b) => b,
         Err(r) => return r,
     };
-    let r: ResultBody =
-        match serde_json::from_slice(&bytes) {
-            Ok(r) => r,
-            Err(e) => return invalid(
+    let r: ResultBody = match serde_json::from_slice(&bytes) {
+        Ok(r) => r,
+        Err(e) => {
+            return invalid(
                 api,
                 "body",
                 &format!(
                     "expected {{\"status\": \"completed\"|\"failed\", \"message\": \"…\"}}: {e}"
                 ),
                 None,
-            ),
-        };
+            )
+        }
+    };
     let text = r.message.unwrap_or_default();
     if text.len() > 1000 {
         return invalid(api, "message", "at most 1000 bytes", None);

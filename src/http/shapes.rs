@@ -436,6 +436,55 @@ mod tests {
         assert_eq!(m.draft.event_id.unwrap().to_string(), id);
     }
 
+    fn any_json() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            "[ -~]{0,80}".prop_map(Value::from),
+            Just(Value::from("x".repeat(300))),
+        ];
+        leaf.prop_recursive(3, 32, 6, |inner| {
+            let keys = prop_oneof![
+                Just("t".to_string()),
+                Just("e".to_string()),
+                Just("i".to_string()),
+                Just("points".to_string()),
+                Just("experiment_id".to_string()),
+                Just("event".to_string()),
+                Just("timestamp".to_string()),
+                Just("event_id".to_string()),
+                Just("metadata".to_string()),
+                Just("value".to_string()),
+                Just("sensor_id".to_string()),
+                Just("step_index".to_string()),
+                Just("status".to_string()),
+                "[a-z_]{1,8}",
+            ];
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::btree_map(keys, inner, 0..8)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn no_body_panics_the_parser(v in any_json()) {
+            for kind in [Kind::Event, Kind::Data, Kind::Reading] {
+                if let Ok(m) = parse(kind, &v, "lab-app") {
+                    // What is taken can be stamped and is valid JSON.
+                    let s = crate::record::stamp(&m.draft, "a", 0, SystemTime::now()).unwrap();
+                    let _: Value = serde_json::from_slice(&s.payload).unwrap();
+                }
+            }
+        }
+    }
+
     #[test]
     fn bad_fields_are_named() {
         let cases = [

@@ -69,6 +69,8 @@ level = "info,labgate=debug"
 /// The real `labgate` binary running a config.
 pub struct Agent {
     child: Option<Child>,
+    /// Environment variables the process gets beside the test's own.
+    pub env: Vec<(String, String)>,
     pub http: SocketAddr,
     pub config: PathBuf,
     pub log: PathBuf,
@@ -76,12 +78,21 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(dir: &Path, config: &str) -> Agent {
+        Agent::start_with_env(dir, config, &[])
+    }
+
+    /// As [`Agent::start`], with these environment variables set for the process.
+    pub fn start_with_env(dir: &Path, config: &str, env: &[(&str, &str)]) -> Agent {
         let path = dir.join("labgate.toml");
         std::fs::write(&path, config).expect("write config");
         let cfg: toml::Value = toml::from_str(config).expect("config is TOML");
         let http: SocketAddr = cfg["http"]["listen"].as_str().unwrap().parse().unwrap();
         let mut a = Agent {
             child: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             http,
             config: path,
             log: dir.join("agent.log"),
@@ -105,6 +116,7 @@ impl Agent {
             .args(["run", "--config"])
             .arg(&self.config)
             .env("RUNTIME_DIRECTORY", &run)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
