@@ -2,7 +2,7 @@
 # start a local tansu broker. Source it; do not run it.
 
 # Debian packages the build and the tests need.
-LABGATE_PACKAGES=(build-essential pkg-config libssl-dev libudev-dev python3 curl procps systemd mosquitto openssl fuse3 socat)
+LABGATE_PACKAGES=(build-essential pkg-config libssl-dev libudev-dev python3 curl procps systemd mosquitto openssl fuse3 socat chromium chromium-driver)
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 

@@ -198,6 +198,27 @@ pub async fn run(
 
     let (ingest, ingest_rx) = ingest::channel(INGEST_QUEUE);
     let apps = Arc::new(devices::app::AppHub::default());
+    let live = Arc::new(crate::live::Live::new(
+        serde_json::to_value(&cfg.pipeline.thresholds).unwrap_or_default(),
+    ));
+    // The command handler: the Kafka consumer's, and the status page's buttons'.
+    let router = Router::default();
+    let handler = Arc::new(Handler {
+        validator: Validator::new(cfg.agent.agent_id.clone(), cfg.commands.clone()),
+        router: router.clone(),
+        ingest: ingest.clone(),
+        metrics: metrics.clone(),
+        replay: commands::replay::ReplayStore::new(buffer.side_tree("command_ids")?),
+        waits: TaskTracker::new(),
+    });
+    let local = if cfg.http.operators.is_empty() {
+        None
+    } else {
+        Some(
+            http::page::Local::new(&cfg.http.operators, handler.clone())
+                .map_err(|(key, message)| AgentError::Api { key, message })?,
+        )
+    };
     let api = if cfg.api.enabled() {
         Some(
             http::api::Api::new(&cfg.api, ingest.clone(), apps.clone())
@@ -215,6 +236,8 @@ pub async fn run(
         kafka_unhealthy_after: cfg.http.kafka_unhealthy_after,
         commands_enabled: cfg.kafka.commands_enabled,
         api,
+        live: live.clone(),
+        local,
     });
     let http_task = match cfg.http.addr() {
         Some(addr) => {
@@ -247,6 +270,7 @@ pub async fn run(
             drain: ingest_drain.clone(),
             drained: Some(drained_tx),
             topic_names: cfg.kafka.topics.names(),
+            live: live.clone(),
         },
     ));
     if let Some(note) = last_error {
@@ -309,7 +333,6 @@ pub async fn run(
     // or replace one device while the others (and the buffer) carry on.
     let dev_stop = CancellationToken::new();
     let devices_tracker = TaskTracker::new();
-    let router = Router::default();
     let mut fleet = Fleet {
         agent_id: cfg.agent.agent_id.clone(),
         running: BTreeMap::new(),
@@ -327,15 +350,8 @@ pub async fn run(
 
     // Commands.
     let cmd_stop = CancellationToken::new();
+    tokio::spawn(feed_status(http_state.clone(), background.clone()));
     let cmd_task = if cfg.kafka.commands_enabled {
-        let handler = Handler {
-            validator: Validator::new(cfg.agent.agent_id.clone(), cfg.commands.clone()),
-            router,
-            ingest: ingest.clone(),
-            metrics: metrics.clone(),
-            replay: commands::replay::ReplayStore::new(buffer.side_tree("command_ids")?),
-            waits: TaskTracker::new(),
-        };
         let cfg = cfg.clone();
         let stop = cmd_stop.clone();
         Some(tokio::spawn(async move {
@@ -349,7 +365,7 @@ pub async fn run(
             .await
         }))
     } else {
-        drop(router);
+        drop(handler);
         None
     };
     drop(ingest);
@@ -463,6 +479,9 @@ async fn drain(mut stages: Stages, d: Drain) -> Result<(), AgentError> {
     // Lab software's records now get 503 (retry later); those already taken are stored.
     if let Some(api) = &d.http.api {
         api.close();
+    }
+    if let Some(local) = &d.http.local {
+        local.close();
     }
     d.ingest_drain.cancel();
     if tokio::time::timeout(bound, d.drained).await.is_err() {
@@ -671,6 +690,35 @@ async fn reload(path: &Path, current: &mut Config, fleet: &mut Fleet) {
 /// Comparable form of any config section.
 fn as_json<T: serde::Serialize>(v: &T) -> serde_json::Value {
     serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
+}
+
+/// Status for the page: every two seconds while a page watches, and a delivery sample
+/// every [`crate::live::RATE_EVERY`] for its rate plot.
+async fn feed_status(st: Arc<HttpState>, stop: CancellationToken) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        n += 1;
+        if n % crate::live::RATE_EVERY.as_secs().max(1) == 0 {
+            st.live.sample_rate(
+                crate::record::unix_ms(std::time::SystemTime::now()),
+                st.metrics.records_delivered.load(Relaxed),
+                st.metrics.records_ingested.load(Relaxed),
+            );
+        }
+        if n % 2 == 0 && st.live.watched() {
+            let mut s = st.status();
+            s["type"] = "status".into();
+            s["at_ms"] = crate::record::unix_ms(std::time::SystemTime::now()).into();
+            st.live.send(s);
+        }
+    }
 }
 
 async fn create_topics_until_done(cfg: &kafka::KafkaConfig, stop: CancellationToken) {

@@ -169,6 +169,8 @@ pub struct IngestStage {
     pub drained: Option<oneshot::Sender<()>>,
     /// Topic names by kind, for delivery receipts (`runs`).
     pub topic_names: HashMap<crate::record::TopicKind, String>,
+    /// What the status page shows; sees every record stamped.
+    pub live: Arc<crate::live::Live>,
 }
 
 /// Runs until every [`Ingest`] handle is dropped, then appends and flushes what is left.
@@ -237,6 +239,7 @@ async fn run_inner(mut input: IngestReceiver, stage: IngestStage) -> Result<(), 
         drain,
         mut drained,
         topic_names,
+        live,
     } = stage;
     let mut w = Writer {
         pipeline,
@@ -251,6 +254,8 @@ async fn run_inner(mut input: IngestReceiver, stage: IngestStage) -> Result<(), 
         overflow_reported: 0,
         refused_sources: std::collections::HashSet::new(),
         runs: crate::runs::Tracker::new(topic_names),
+        draining: false,
+        live,
     };
     let mut items = Vec::with_capacity(BATCH);
     let mut last_flush = Instant::now();
@@ -284,6 +289,12 @@ async fn run_inner(mut input: IngestReceiver, stage: IngestStage) -> Result<(), 
                 w.flush().await?;
                 last_flush = Instant::now();
                 dirty = false;
+                // The forwarder stops once it has delivered what is durable now: a receipt
+                // made later would wait in the buffer until the next start.
+                w.draining = true;
+                if !w.runs.is_empty() {
+                    tracing::info!(runs = w.runs.len(), "agent stopping: delivery receipts of runs still in flight are not sent");
+                }
                 if let Some(tx) = drained.take() {
                     let _ = tx.send(());
                 }
@@ -346,6 +357,10 @@ struct Writer {
     refused_sources: std::collections::HashSet<Vec<u8>>,
     /// Runs followed for their delivery receipts.
     runs: crate::runs::Tracker,
+    /// Shutdown has begun: no more receipts.
+    draining: bool,
+    /// The status page's view.
+    live: Arc<crate::live::Live>,
 }
 
 impl Writer {
@@ -360,6 +375,8 @@ impl Writer {
         // Records of runs, by their index in `stored`, for the receipts.
         let mut seen: Vec<(usize, crate::runs::Seen)> = Vec::new();
         let process = !self.pipeline.is_idle();
+        let live = self.live.clone();
+        let mut view = live.view();
         for item in items.drain(..) {
             if let Some((key, _)) = &item.cursor {
                 if item.resync {
@@ -394,6 +411,7 @@ impl Writer {
                 Ok(None)
             };
             if let Ok(Some(i)) = index {
+                view.record(&draft, now);
                 if let Some(s) = crate::runs::Seen::of(&draft, stored[i].seq, now) {
                     seen.push((i, s));
                 }
@@ -407,7 +425,9 @@ impl Writer {
             }
             for d in derived.drain(..) {
                 // Alerts and aggregates carry no waiter; an encode failure is counted.
-                let _ = self.stamp_into(&d, now, &mut stored);
+                if let Ok(Some(_)) = self.stamp_into(&d, now, &mut stored) {
+                    view.record(&d, now);
+                }
             }
             match (item.done, index) {
                 (Some(d), Ok(i)) => dones.push((d, i)),
@@ -417,6 +437,7 @@ impl Writer {
                 (None, _) => {}
             }
         }
+        drop(view);
         let out = self.write_with(&stored, 0, &cursors)?;
         if !seen.is_empty() {
             let next = self.buffer.next_chunk_id();
@@ -466,7 +487,7 @@ impl Writer {
     /// Appends the delivery receipts of runs whose records have all left the buffer.
     /// Returns whether it appended anything.
     fn receipts(&mut self) -> Result<bool, BufferError> {
-        if self.runs.is_empty() {
+        if self.runs.is_empty() || self.draining {
             return Ok(false);
         }
         let drops = self.metrics.dropped_total();

@@ -42,6 +42,7 @@ pub mod heartbeat;
 pub mod http;
 pub mod ingest;
 pub mod kafka;
+pub mod live;
 pub mod metrics;
 pub mod pipeline;
 mod poison_test;

@@ -108,6 +108,8 @@ pub struct DeviceStatus {
     pub kind: &'static str,
     /// The device's current state as its driver reports it.
     pub state: DeviceState,
+    /// Unix ms when it entered that state.
+    pub since_ms: u64,
     /// Highest `seq` of this device known durable in the buffer.
     pub last_durable_seq: Option<u64>,
     /// Lines from the device that could not be parsed (garbage, line noise).
@@ -303,7 +305,11 @@ impl Metrics {
     /// Records where a device is now.
     pub fn set_device_state(&self, device: &str, state: DeviceState) {
         let mut d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
-        d.entry(device.to_string()).or_default().state = state;
+        let e = d.entry(device.to_string()).or_default();
+        if e.state != state || e.since_ms == 0 {
+            e.state = state;
+            e.since_ms = crate::record::unix_ms(std::time::SystemTime::now());
+        }
     }
 
     /// Registers a device as starting, with its kind.
@@ -312,6 +318,7 @@ impl Metrics {
         let e = d.entry(device.to_string()).or_default();
         e.kind = kind;
         e.state = DeviceState::Starting;
+        e.since_ms = crate::record::unix_ms(std::time::SystemTime::now());
     }
 
     /// Records the latest command decision or outcome, for the fleet status.

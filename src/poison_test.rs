@@ -274,6 +274,7 @@ async fn a_million_extreme_messages_pass_through_ingest_and_stamp_without_a_pani
             drain: Default::default(),
             drained: None,
             topic_names: Default::default(),
+            live: std::sync::Arc::new(crate::live::Live::new(serde_json::Value::Null)),
         },
     ));
     let mut mapper = Mapper::new(&subscriptions()).unwrap_or_else(|e| panic!("{e}"));

@@ -19,7 +19,9 @@
 //! carry is hashed as NaN `0x7ff8000000000000`. Python: `struct.pack(">ddd", t, e, i)`.
 //!
 //! What a receipt cannot see: the tracker lives in memory, so a run in progress when
-//! the agent crashes gets no receipt (its records are still delivered); and records
+//! the agent crashes or stops gets no receipt (its records are still delivered; an
+//! orderly stop sends no receipts once it has begun, since the forwarder delivers only
+//! what is durable at that point); and records
 //! dropped by the overflow policy are counted per run only when they were dropped on
 //! the way in; a chunk dropped later to make room marks every receipt open at that time
 //! as possibly incomplete (`records_dropped_meanwhile`).

@@ -120,7 +120,10 @@ fn the_demo_config_runs_against_a_broker_that_checks_every_schema() {
     let agent = Agent::start_with_env(
         dir.path(),
         &demo,
-        &[("LABGATE_DEMO_TOKEN", "demo-token-0123456789abcdef")],
+        &[
+            ("LABGATE_DEMO_TOKEN", "demo-token-0123456789abcdef"),
+            ("LABGATE_DEMO_OPERATOR_TOKEN", "operator-token-0123456789"),
+        ],
     );
     let mut r = Reader::new(
         &broker.addr(),

@@ -126,10 +126,9 @@ pub async fn run(
     kafka: &KafkaConfig,
     group: &str,
     policy: &CommandsConfig,
-    handler: Handler,
+    handler: Arc<Handler>,
     shutdown: CancellationToken,
 ) -> Result<(), CommandError> {
-    let handler = Arc::new(handler);
     let consumer: Arc<StreamConsumer<CommandContext>> = Arc::new(
         crate::kafka::consumer_config(kafka, group)?.create_with_context(CommandContext {
             metrics: handler.metrics.clone(),

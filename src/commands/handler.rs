@@ -29,6 +29,27 @@ struct Outcome<'a> {
     received: SystemTime,
 }
 
+fn base<'a>(
+    cmd: &'a Command,
+    device: Option<&'a str>,
+    status: CommandStatus,
+    code: Option<&'static str>,
+    reason: Option<String>,
+    received: SystemTime,
+) -> Outcome<'a> {
+    Outcome {
+        command_id: &cmd.command_id,
+        command: cmd.kind.as_str(),
+        device,
+        issuer: cmd.issuer.as_deref(),
+        issued_at: Some(cmd.issued_at),
+        status,
+        code,
+        reason,
+        received,
+    }
+}
+
 /// Validates, routes and reports commands.
 pub struct Handler {
     /// Checks shape, signature, lifetime and reach of each command.
@@ -118,6 +139,77 @@ impl Handler {
         }
     }
 
+    /// A command from an operator at the instrument (the status page's buttons): no
+    /// signature, the local token stands for it, but the same device allow-list, replay
+    /// store, inbox, results and audit as a command from Kafka. The issuer is
+    /// `local:<operator>`. Returns the command's id.
+    pub async fn handle_local(
+        self: &Arc<Self>,
+        operator: &str,
+        allowed: &[crate::devices::CommandKind],
+        device: &str,
+        kind: crate::devices::CommandKind,
+    ) -> String {
+        let received = SystemTime::now();
+        let issuer = format!("local:{operator}");
+        let command_id = format!("local-{}", uuid::Uuid::new_v4());
+        let refuse = |code: super::Code, reason: String| (code, reason);
+        let refusal = if !allowed.contains(&kind) {
+            Some(refuse(
+                super::Code::NotAllowed,
+                format!("operator {operator} may not {}", kind.as_str()),
+            ))
+        } else {
+            self.router.read(|r| match r.configs.get(device) {
+                None => Some(refuse(
+                    super::Code::UnknownDevice,
+                    format!("no device {device:?}"),
+                )),
+                Some(c) if !self.validator.policy.allows(c, kind) => Some(refuse(
+                    super::Code::NotAllowed,
+                    format!(
+                        "device {device} ({}) does not accept {}",
+                        c.kind(),
+                        kind.as_str()
+                    ),
+                )),
+                Some(_) => None,
+            })
+        };
+        if let Some((code, reason)) = refusal {
+            self.result(Outcome {
+                command_id: &command_id,
+                command: kind.as_str(),
+                device: Some(device),
+                issuer: Some(&issuer),
+                issued_at: Some(received),
+                status: CommandStatus::Rejected,
+                code: Some(code.as_str()),
+                reason: Some(format!("{}: {reason}", code.as_str())),
+                received,
+            })
+            .await;
+            return command_id;
+        }
+        let ttl = self
+            .validator
+            .policy
+            .max_ttl
+            .min(std::time::Duration::from_secs(60));
+        let cmd = Command {
+            command_id: command_id.clone(),
+            kind,
+            params: Default::default(),
+            device: Some(device.to_string()),
+            issuer: Some(issuer),
+            issued_at: received,
+            expires_at: crate::time::add(received, ttl).unwrap_or(received),
+            timeout: self.validator.policy.timeout,
+        };
+        self.execute(cmd, received).await;
+        command_id
+    }
+
     /// Handles one command message: decision, routing and `accepted` results are done
     /// (and durable) when this returns; device outcomes follow from their own tasks.
     pub async fn handle(self: &Arc<Self>, payload: &[u8], meta: Meta) {
@@ -156,26 +248,11 @@ impl Handler {
                 return;
             }
         };
-        fn base<'a>(
-            cmd: &'a Command,
-            device: Option<&'a str>,
-            status: CommandStatus,
-            code: Option<&'static str>,
-            reason: Option<String>,
-            received: SystemTime,
-        ) -> Outcome<'a> {
-            Outcome {
-                command_id: &cmd.command_id,
-                command: cmd.kind.as_str(),
-                device,
-                issuer: cmd.issuer.as_deref(),
-                issued_at: Some(cmd.issued_at),
-                status,
-                code,
-                reason,
-                received,
-            }
-        }
+        self.execute(cmd, received).await;
+    }
+
+    /// A command that passed validation: claim its id, route it, report every status.
+    async fn execute(self: &Arc<Self>, cmd: Command, received: SystemTime) {
         let keep_until = cmd
             .expires_at
             .checked_add(self.validator.policy.clock_skew)

@@ -496,6 +496,7 @@ async fn timeouts_and_a_stop_overtaking_queued_work_are_reported() {
             drain: Default::default(),
             drained: None,
             topic_names: Default::default(),
+            live: std::sync::Arc::new(crate::live::Live::new(serde_json::Value::Null)),
         },
     ));
     let router = Router::default();

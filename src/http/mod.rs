@@ -6,6 +6,7 @@
 //! arrive within [`IO_TIMEOUT`], so idle or slow clients cannot exhaust the agent.
 
 pub mod api;
+pub mod page;
 pub mod shapes;
 
 use std::net::SocketAddr;
@@ -45,6 +46,10 @@ pub struct HttpState {
     pub commands_enabled: bool,
     /// The ingest API, when `[[api.clients]]` are configured.
     pub api: Option<api::Api>,
+    /// What the status page shows.
+    pub live: Arc<crate::live::Live>,
+    /// The page's buttons, when operators are configured.
+    pub local: Option<page::Local>,
 }
 
 impl HttpState {
@@ -198,6 +203,9 @@ fn ingest_route(kind: shapes::Kind) -> axum::routing::MethodRouter<Arc<HttpState
 /// Every route of the listener.
 pub fn router(state: Arc<HttpState>) -> axum::Router {
     axum::Router::new()
+        .route("/", axum::routing::get(page::page))
+        .route("/live", axum::routing::get(page::live))
+        .route("/v1/local/commands", post(page::local_command))
         .route("/health", axum::routing::get(health))
         .route("/metrics", axum::routing::get(metrics))
         .route("/status", axum::routing::get(status))
@@ -304,6 +312,9 @@ pub struct HttpConfig {
         with = "crate::time::serde_duration"
     )]
     pub kafka_unhealthy_after: Duration,
+    /// Who may pause, resume and stop devices from the status page.
+    #[serde(default)]
+    pub operators: Vec<page::OperatorConfig>,
 }
 
 fn default_unhealthy_after() -> Duration {
@@ -319,6 +330,7 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: default_listen(),
             kafka_unhealthy_after: default_unhealthy_after(),
+            operators: Vec::new(),
         }
     }
 }
@@ -343,6 +355,6 @@ impl HttpConfig {
                 "must be an address such as 127.0.0.1:9464, or empty to disable".into(),
             ));
         }
-        Ok(())
+        page::validate(&self.operators)
     }
 }
