@@ -187,9 +187,11 @@ fn a_measurement_renamed_into_place_is_one_run_and_a_broken_one_is_moved_aside()
     )
     .unwrap();
     std::fs::rename(&tmp, w.join("ca-001.csv")).unwrap();
-    r.reader.until("the run", Duration::from_secs(20), |m| {
-        m.iter().any(|x| x.json["event"] == "experiment_completed")
-    });
+    r.reader
+        .until("the run and its receipt", Duration::from_secs(20), |m| {
+            m.iter().any(|x| x.json["event"] == "experiment_completed")
+                && m.iter().any(|x| x.json["event"] == "run_delivered")
+        });
     r.reader.drain_for(Duration::from_millis(500));
     let mut run: Vec<&Msg> = r
         .reader
@@ -214,8 +216,14 @@ fn a_measurement_renamed_into_place_is_one_run_and_a_broken_one_is_moved_aside()
             "data",
             "data",
             "data",
-            "experiment_completed"
+            "experiment_completed",
+            "run_delivered"
         ]
+    );
+    let receipt = &run[run.len() - 1].json["data"];
+    assert_eq!(
+        (receipt["ended"].as_str(), receipt["points"].as_u64()),
+        (Some("completed"), Some(100))
     );
     let points: Vec<&serde_json::Value> = run
         .iter()

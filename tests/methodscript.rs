@@ -299,6 +299,24 @@ fn unplug_mid_run_fails_the_experiment_with_partial_data_and_the_next_run_works_
         .until("the partial data", Duration::from_secs(20), |m| {
             points(m).len() as u64 == partial
         });
+    // The run cut short by the unplug still gets its receipt, saying so.
+    let msgs = rig
+        .reader
+        .until(
+            "the unplugged run's receipt",
+            Duration::from_secs(20),
+            |m| !events(m, "run_delivered").is_empty(),
+        )
+        .to_vec();
+    let receipt = &events(&msgs, "run_delivered")[0];
+    assert_eq!(receipt["experiment_id"], failed["experiment_id"]);
+    assert_eq!(receipt["data"]["ended"], "failed");
+    assert_eq!(receipt["data"]["cut_short"], true);
+    assert_eq!(receipt["data"]["points"], partial);
+    assert!(receipt["data"]["error"]
+        .as_str()
+        .unwrap()
+        .starts_with("device disconnected"));
     rig.agent
         .wait_status("disconnected", Duration::from_secs(10), |s| {
             s["devices"]["pstat-1"]["state"] == "disconnected"

@@ -69,10 +69,15 @@ fn demo_devices_end_to_end_every_message_matches_its_schema_with_gap_free_seq() 
             .filter(|m| m.json["type"] == "sensor_reading")
             .count()
     };
+    let receipts = |m: &[Msg]| {
+        m.iter()
+            .filter(|m| m.json["event"] == "run_delivered")
+            .count()
+    };
     reader.until(
-        "two experiments and 40 sensor readings",
+        "two experiments, their receipts and 40 sensor readings",
         Duration::from_secs(60),
-        |m| completed(m) == 2 && sensors(m) == 40,
+        |m| completed(m) == 2 && receipts(m) == 2 && sensors(m) == 40,
     );
     let msgs = reader.drain_for(Duration::from_millis(500)).to_vec();
     for m in &msgs {
@@ -96,7 +101,8 @@ fn demo_devices_end_to_end_every_message_matches_its_schema_with_gap_free_seq() 
                 "step_completed",
                 "step_started",
                 "step_completed",
-                "experiment_completed"
+                "experiment_completed",
+                "run_delivered"
             ],
             "{exp}"
         );

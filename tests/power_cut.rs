@@ -147,7 +147,10 @@ fn a_command_that_ran_is_a_duplicate_after_a_power_cut() {
         statuses(m).contains(&"completed".to_string())
     });
     r.cut_and_restart(&mut agent);
-    agent.wait_status("command consumer assigned", Duration::from_secs(30), |s| {
+    // The cut process never left its consumer group: the broker hands the partition over
+    // once that member's session (10 s) has expired and a second rebalance has run,
+    // which under a loaded test run can take longer than half a minute.
+    agent.wait_status("command consumer assigned", Duration::from_secs(90), |s| {
         s["commands"]["assigned"] == true
     });
     // The same command again, as a redelivery or a replay would bring it.

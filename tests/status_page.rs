@@ -190,6 +190,35 @@ fn the_page_shows_the_demo_live_stops_an_instrument_and_recovers_after_a_restart
         until(&c, "threshold line", Duration::from_secs(10), "const s = document.querySelector('#dev-env-sim-1 svg.trend[data-sensor=\"temp-001\"]'); return s && s.querySelectorAll('line.threshold').length").await;
         screenshot(&c, "status-page.png").await;
 
+        // Lab software's runs are drawn too: a CV of two scans (one trace each), then an
+        // impedance spectrum (a Nyquist plot), posted through the ingest API.
+        let post = |body: Value| {
+            let r = post_json(agent.http, "/v1/data", "demo-token-0123456789abcdef", &body);
+            assert_eq!(r.status, 202, "{}", r.body);
+        };
+        let tri: Vec<Value> = (0..2)
+            .flat_map(|scan| {
+                (0..120).map(move |k| {
+                    let e = if k < 60 { -0.2 + k as f64 * 0.01 } else { 0.4 - (k - 60) as f64 * 0.01 };
+                    json!({"t": (scan * 120 + k) as f64 * 0.1, "e": e, "i": 1e-6 * (e * 8.0).sin()})
+                })
+            })
+            .collect();
+        post(json!({"technique": "CV", "experiment_id": "api_cv", "points": tri}));
+        let traces = until(&c, "two CV traces", Duration::from_secs(20), "const s = document.querySelector('#dev-lab-app svg.run'); return s && s.dataset.plot === 'iv' ? Number(s.dataset.traces) : 0").await;
+        assert_eq!(traces, 2, "one trace per scan");
+        let eis: Vec<Value> = (0..30)
+            .map(|k| {
+                let w = 10f64.powf(5.0 - k as f64 * 0.2) * std::f64::consts::TAU;
+                let (rs, rct, c) = (100.0, 1000.0, 1e-6);
+                let z = rct / (1.0 + (w * rct * c).powi(2));
+                json!({"t": k as f64, "f": w / std::f64::consts::TAU, "z_re": rs + z, "z_im": -z * w * rct * c})
+            })
+            .collect();
+        post(json!({"technique": "EIS", "experiment_id": "api_eis", "points": eis}));
+        until(&c, "a Nyquist plot", Duration::from_secs(20), "const s = document.querySelector('#dev-lab-app svg.run'); return s && s.dataset.plot === 'nyquist'").await;
+        screenshot(&c, "status-page-eis.png").await;
+
         // A stop from the page reaches the instrument as Z and shows in the history.
         let z_before = sim.received().iter().filter(|c| *c == "Z").count();
         js(&c, &format!("sessionStorage.setItem('labgate-operator', '{OPERATOR_TOKEN}'); return 1")).await;
