@@ -581,7 +581,12 @@ runs = 1
         let devices = &demo[demo.find("[[devices]]").expect("devices")..];
         let mut cfg = agent_config(dir.path(), "agent-idle", &b, &topics, free_port(), devices);
         cfg = cfg.replace("level = \"info,labgate=debug\"", "level = \"warn\"");
-        let mut agent = Agent::start(dir.path(), &cfg);
+        // The demo's lab application device needs its API token.
+        let mut agent = Agent::start_with_env(
+            dir.path(),
+            &cfg,
+            &[("LABGATE_DEMO_TOKEN", "bench-demo-token-0123456789")],
+        );
         std::thread::sleep(Duration::from_secs(20));
         let hwm = rss_kib(agent.pid(), "VmHWM:");
         let rss = rss_kib(agent.pid(), "VmRSS:");

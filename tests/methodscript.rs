@@ -354,3 +354,35 @@ fn unplug_mid_run_fails_the_experiment_with_partial_data_and_the_next_run_works_
     assert!(bad >= 2.0, "garbage lines were counted and skipped: {bad}");
     let _ = (&rig.dir, &rig.broker);
 }
+
+#[test]
+fn a_run_ended_by_the_agents_shutdown_says_so_and_a_scan_cut_short_is_not_completed() {
+    let (mut rig, sim) = Rig::start(
+        &Options {
+            speed: 1.0,
+            ..Options::default()
+        },
+        "cv",
+        r#"n_scans = 3, e_step = "5m", scan_rate = "100mV/s""#,
+    );
+    rig.send("c-start", "start", json!({"experiment_id": "cv_sigterm"}));
+    rig.reader
+        .until("the first scan under way", Duration::from_secs(30), |m| {
+            points(m).len() >= 10
+        });
+    rig.agent.terminate();
+    let msgs = rig
+        .reader
+        .until("experiment_stopped", Duration::from_secs(20), |m| {
+            !events(m, "experiment_stopped").is_empty()
+        })
+        .to_vec();
+    let stopped = &events(&msgs, "experiment_stopped")[0];
+    assert_eq!(stopped["experiment_id"], "cv_sigterm");
+    assert_eq!(stopped["data"]["reason"], "agent shutdown", "{stopped}");
+    assert!(stopped["data"].get("command_id").is_none());
+    // The scan in progress was cut short, not completed.
+    assert!(events(&msgs, "scan_completed").is_empty(), "{msgs:?}");
+    assert_eq!(events(&msgs, "scan_cut_short").len(), 1);
+    assert_eq!(sim.received().last().map(String::as_str), Some("Z"));
+}

@@ -147,7 +147,18 @@ struct Experiment {
     /// Who asked to stop (answered when the script has ended), and its command id.
     stop_reply: Option<oneshot::Sender<Result<String, String>>>,
     stop_command: Option<String>,
+    /// The agent is stopping: the abort is its own, not a command's.
+    shutting_down: bool,
+    /// A scan has begun and not yet ended (`C…` seen, `-` not yet).
+    in_scan: bool,
     points: u64,
+}
+
+impl Experiment {
+    /// An abort is on its way (a stop command or the agent's shutdown).
+    fn aborting(&self) -> bool {
+        self.stop_reply.is_some() || self.shutting_down
+    }
 }
 
 struct Conn<'a> {
@@ -331,6 +342,8 @@ impl Conn<'_> {
             start_reply: Some(reply),
             stop_reply: None,
             stop_command: None,
+            shutting_down: false,
+            in_scan: false,
             points: 0,
         });
         self.ctx.set_state(crate::metrics::DeviceState::Running);
@@ -394,7 +407,8 @@ impl Conn<'_> {
             }
             Output::ScanStarted(_) => {
                 self.flush_chunk().await?;
-                if let Some(exp) = &self.exp {
+                if let Some(exp) = &mut self.exp {
+                    exp.in_scan = true;
                     let (id, scan) = (exp.id.clone(), exp.scan);
                     self.ctx
                         .experiment_event("scan_started", &id, object([("scan", scan.into())]))
@@ -406,8 +420,15 @@ impl Conn<'_> {
                 if let Some(exp) = &mut self.exp {
                     let (id, scan) = (exp.id.clone(), exp.scan);
                     exp.scan += 1;
+                    exp.in_scan = false;
+                    // A scan that ends because of an abort did not run to its end.
+                    let event = if exp.aborting() {
+                        "scan_cut_short"
+                    } else {
+                        "scan_completed"
+                    };
                     self.ctx
-                        .experiment_event("scan_completed", &id, object([("scan", scan.into())]))
+                        .experiment_event(event, &id, object([("scan", scan.into())]))
                         .await?;
                 }
             }
@@ -459,6 +480,15 @@ impl Conn<'_> {
                 let Some(mut exp) = self.exp.take() else {
                     return Ok(());
                 };
+                if exp.in_scan {
+                    self.ctx
+                        .experiment_event(
+                            "scan_cut_short",
+                            &exp.id,
+                            object([("scan", exp.scan.into())]),
+                        )
+                        .await?;
+                }
                 let mut data = object([
                     ("duration", exp.started.elapsed().as_secs_f64().into()),
                     ("points", exp.points.into()),
@@ -471,6 +501,9 @@ impl Conn<'_> {
                         data.insert("context".into(), c.into());
                     }
                     "experiment_failed"
+                } else if aborted && exp.shutting_down && exp.stop_reply.is_none() {
+                    data.insert("reason".into(), "agent shutdown".into());
+                    "experiment_stopped"
                 } else if aborted {
                     data.insert("reason".into(), "stop command".into());
                     if let Some(id) = exp.stop_command.take() {
@@ -626,9 +659,10 @@ impl Conn<'_> {
 
     /// Agent shutdown: abort a running script (so the cell goes off) and record it.
     async fn shutdown(&mut self) -> Result<(), DeviceError> {
-        if self.exp.is_none() {
+        let Some(exp) = &mut self.exp else {
             return Ok(());
-        }
+        };
+        exp.shutting_down = true;
         if let Ok(bytes) = self.session.command(Command::Abort) {
             let _ = self.write(bytes);
         }
