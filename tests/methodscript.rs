@@ -386,3 +386,100 @@ fn a_run_ended_by_the_agents_shutdown_says_so_and_a_scan_cut_short_is_not_comple
     assert_eq!(events(&msgs, "scan_cut_short").len(), 1);
     assert_eq!(sim.received().last().map(String::as_str), Some("Z"));
 }
+
+/// A CV as PalmSens' example scripts are written: its own `e` line, comments, no
+/// labgate header.
+const PALMSENS_STYLE_CV: &str = "e
+#############
+# CV on a dummy cell, written the way the vendor's examples are
+#############
+var c
+var p
+set_pgstat_chan 0
+set_pgstat_mode 3
+set_max_bandwidth 200
+set_range ba 100u
+set_autoranging ba 1n 1m
+set_e -200m
+cell_on
+meas_loop_cv p c -200m 600m -200m 10m 500m
+  pck_start
+  pck_add p
+  pck_add c
+  pck_end
+endloop
+on_finished:
+  cell_off
+
+";
+
+#[test]
+fn a_script_as_the_vendor_writes_it_runs_unchanged_and_a_mislabelled_one_is_refused() {
+    let scripts = tempdir();
+    let file = scripts.path().join("palmsens-cv.mscr");
+    std::fs::write(&file, PALMSENS_STYLE_CV).unwrap();
+    let (mut rig, sim) = Rig::start(
+        &Options {
+            speed: 0.0,
+            ..Options::default()
+        },
+        file.to_str().unwrap(),
+        "",
+    );
+    rig.send("c-start", "start", json!({"experiment_id": "vendor_cv"}));
+    let msgs = rig
+        .reader
+        .until("the vendor script's run", Duration::from_secs(60), |m| {
+            !events(m, "experiment_completed").is_empty()
+        })
+        .to_vec();
+    let started = &events(&msgs, "experiment_started")[0];
+    assert_eq!(
+        started["data"]["technique"], "CV",
+        "the technique comes from the loop"
+    );
+    let sent = sim.data_lines();
+    let msgs = rig
+        .reader
+        .until("all points", Duration::from_secs(20), |m| {
+            points(m).len() == sent.len()
+        })
+        .to_vec();
+    assert!(sent.len() > 100);
+    assert!(msgs
+        .iter()
+        .filter(|m| m.json["type"] == "echem_data")
+        .all(|m| m.json["technique"] == "CV"));
+    // One `e`: the script's own line is not sent as a second command.
+    assert_eq!(
+        sim.received().iter().filter(|c| *c == "e").count(),
+        1,
+        "{:?}",
+        sim.received()
+    );
+    assert_eq!(statuses(&msgs, "c-start"), ["accepted", "completed"]);
+
+    // Labelled DPV while its loop is a CV: `check` refuses it and says where.
+    let wrong = scripts.path().join("labelled-dpv.mscr");
+    std::fs::write(
+        &wrong,
+        PALMSENS_STYLE_CV.replacen("e\n", "e\n# technique: DPV\n", 1),
+    )
+    .unwrap();
+    let cfg = std::fs::read_to_string(&rig.agent.config)
+        .unwrap()
+        .replace(file.to_str().unwrap(), wrong.to_str().unwrap());
+    let bad = rig.dir.path().join("bad.toml");
+    std::fs::write(&bad, cfg).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_labgate"))
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("devices[0].method") && err.contains("line 2") && err.contains("meas_loop_cv"),
+        "{err}"
+    );
+}

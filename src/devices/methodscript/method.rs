@@ -152,6 +152,8 @@ impl Method {
         let mut technique = None;
         let mut params: Vec<ParamSpec> = Vec::new();
         let mut body = Vec::new();
+        // The measurement loops as written: (line, command, technique).
+        let mut loops: Vec<(usize, String, String)> = Vec::new();
         for (i, raw) in text.lines().enumerate() {
             let n = i + 1;
             let line = raw.trim_end_matches('\r');
@@ -159,7 +161,7 @@ impl Method {
             if let Some(c) = trimmed.strip_prefix('#') {
                 let c = c.trim();
                 if let Some(t) = c.strip_prefix("technique:") {
-                    technique = Some(t.trim().to_string());
+                    technique = Some((n, t.trim().to_string()));
                 } else if let Some(p) = c.strip_prefix("param ") {
                     params.push(parse_param(p).map_err(|m| syntax(n, m))?);
                 }
@@ -167,6 +169,16 @@ impl Method {
             }
             if trimmed.is_empty() {
                 continue;
+            }
+            // Scripts as PalmSens' tools and examples write them begin with the `e`
+            // command that runs them; the session sends that itself.
+            if body.is_empty() && trimmed == "e" {
+                continue;
+            }
+            if let Some(cmd) = trimmed.split_whitespace().next() {
+                if let Some(t) = loop_technique(cmd) {
+                    loops.push((n, cmd.to_string(), t));
+                }
             }
             if line.len() > 128 {
                 return Err(syntax(
@@ -176,7 +188,28 @@ impl Method {
             }
             body.push(line.to_string());
         }
-        let technique = technique.ok_or_else(|| syntax(1, "no `# technique:` line".into()))?;
+        // The technique is the measurement loop's; a `# technique:` line may name it,
+        // and must then agree with a loop of the script.
+        let technique = match (technique, loops.first()) {
+            (None, Some((_, _, t))) => t.clone(),
+            (None, None) => {
+                return Err(syntax(
+                    1,
+                    "no measurement loop (meas_loop_…) and no `# technique:` line: cannot tell what the script measures".into(),
+                ))
+            }
+            (Some((_, t)), None) => t,
+            (Some((n, t)), Some(_)) => {
+                if !loops.iter().any(|(_, _, lt)| lt.eq_ignore_ascii_case(&t)) {
+                    let (ln, cmd, lt) = &loops[0];
+                    return Err(syntax(
+                        n,
+                        format!("`# technique: {t}`, but the measurement loop on line {ln} is {cmd} ({lt})"),
+                    ));
+                }
+                t
+            }
+        };
         let m = Method {
             name: name.to_string(),
             technique,
@@ -270,6 +303,16 @@ impl Method {
     }
 }
 
+/// The technique a measurement-loop command measures (`meas_loop_cv` → `CV`,
+/// `meas_loop_ca_alt_mux` → `CA`, `meas_fast_cv` → `CV`), None for other commands.
+pub fn loop_technique(command: &str) -> Option<String> {
+    let rest = command
+        .strip_prefix("meas_loop_")
+        .or_else(|| command.strip_prefix("meas_fast_"))?;
+    let name = rest.split('_').next().filter(|n| !n.is_empty())?;
+    Some(name.to_ascii_uppercase())
+}
+
 fn placeholders(line: &str) -> Vec<&str> {
     let mut out = Vec::new();
     let mut rest = line;
@@ -330,6 +373,41 @@ mod tests {
     fn shipped(name: &str) -> Method {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("devices/methods");
         Method::load(&dir, name).unwrap()
+    }
+
+    #[test]
+    fn a_script_as_palmsens_writes_it_needs_no_header_and_keeps_one_e() {
+        let text = "e\n# a CV as an example script writes it\nvar c\nvar p\nset_pgstat_mode 3\ncell_on\nmeas_loop_cv p c -200m 600m -200m 10m 100m\n  pck_start\n  pck_add p\n  pck_add c\n  pck_end\nendloop\non_finished:\ncell_off\n";
+        let m = Method::parse("example", text).unwrap();
+        assert_eq!(m.technique, "CV");
+        let (script, _) = m.render(&serde_json::Map::new()).unwrap();
+        assert!(
+            script.starts_with("var c\n"),
+            "the session sends the e: {script}"
+        );
+        assert_eq!(script.matches("\ne\n").count(), 0);
+        // A header that names another technique than the loop is refused, at its line.
+        let wrong = text.replacen("e\n", "e\n# technique: DPV\n", 1);
+        match Method::parse("example", &wrong) {
+            Err(MethodError::Syntax { line, message, .. }) => {
+                assert_eq!(line, 2);
+                assert!(
+                    message.contains("meas_loop_cv") && message.contains("line 8"),
+                    "{message}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            loop_technique("meas_loop_ca_alt_mux").as_deref(),
+            Some("CA")
+        );
+        assert_eq!(loop_technique("meas_loop_eis").as_deref(), Some("EIS"));
+        assert_eq!(loop_technique("set_e"), None);
+        assert!(
+            Method::parse("x", "var c\ncell_on\n").is_err(),
+            "nothing measured"
+        );
     }
 
     #[test]
