@@ -441,9 +441,13 @@ fn a_script_as_the_vendor_writes_it_runs_unchanged_and_a_mislabelled_one_is_refu
     let sent = sim.data_lines();
     let msgs = rig
         .reader
-        .until("all points", Duration::from_secs(20), |m| {
-            points(m).len() == sent.len()
-        })
+        .until(
+            "all points and the start's results",
+            Duration::from_secs(20),
+            |m| {
+                points(m).len() == sent.len() && statuses(m, "c-start") == ["accepted", "completed"]
+            },
+        )
         .to_vec();
     assert!(sent.len() > 100);
     assert!(msgs
