@@ -15,7 +15,6 @@ mod common;
 
 use std::io::Write;
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -148,15 +147,6 @@ fn ingest_api(broker: &Broker) {
     ));
 }
 
-struct Driver(Child);
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn status_page(broker: &Broker) {
     let dir = tempdir();
     let http = free_port();
@@ -189,32 +179,12 @@ pause_between = "1s"
     let idle = cpu_share(pid, window);
     let rss_none = rss_kib(pid, "VmRSS:") as f64 / 1024.0;
 
-    let port = free_port();
-    let _driver = Driver(
-        Command::new("chromedriver")
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("chromedriver (Debian: chromium-driver)"),
-    );
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (_driver, port) = chromedriver();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let url = format!("http://127.0.0.1:{http}/");
     let open = |rt: &tokio::runtime::Runtime| {
         rt.block_on(async {
-            let mut caps = serde_json::Map::new();
-            caps.insert(
-                "goog:chromeOptions".into(),
-                json!({"args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,1000"]}),
-            );
-            let c = fantoccini::ClientBuilder::native()
-                .capabilities(caps)
-                .connect(&format!("http://127.0.0.1:{port}"))
-                .await
-                .expect("chromium");
+            let c = browser(port, 1280, 1000).await;
             c.goto(&url).await.unwrap();
             c
         })

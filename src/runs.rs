@@ -148,8 +148,9 @@ pub fn check_run_fields(params: &Map<String, Value>) -> Result<(), RunFieldError
     take_run(&mut copy).map(|_| ())
 }
 
-/// How a terminal event ends a run.
-fn ending(event: &str) -> Option<&'static str> {
+/// How a terminal event ends a run (`experiment_stopped` → `stopped`); None for an
+/// event that does not end one.
+pub fn ending(event: &str) -> Option<&'static str> {
     Some(match event {
         "experiment_completed" => "completed",
         "experiment_stopped" => "stopped",

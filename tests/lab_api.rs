@@ -35,6 +35,40 @@ id = "lab-app"
     )
 }
 
+/// A tansu, and an agent on it with the API and the app device `lab-app`. Bind every
+/// field when taking it apart: one left to `..` or `_` is dropped at once, and the
+/// broker or the data dir with it.
+struct Lab {
+    broker: Broker,
+    /// Holds the agent's data dir and config.
+    _dir: tempfile::TempDir,
+    topics: Topics,
+    agent: Agent,
+}
+
+fn lab(agent_id: &str) -> Lab {
+    let broker = Broker::start();
+    let dir = tempdir();
+    let topics = Topics::new();
+    let agent = Agent::start(
+        dir.path(),
+        &agent_config(
+            dir.path(),
+            agent_id,
+            &broker.addr(),
+            &topics,
+            free_port(),
+            &api_section(dir.path(), ""),
+        ),
+    );
+    Lab {
+        broker,
+        _dir: dir,
+        topics,
+        agent,
+    }
+}
+
 fn labgate(agent: &Agent, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_labgate"))
         .args([args[0], args[1], "--config"])
@@ -139,21 +173,13 @@ fn check_receipt(msgs: &[Msg], topics: &Topics, experiment_id: &str) -> Value {
 
 #[test]
 fn the_seed_clients_calls_land_in_kafka_and_a_pause_reaches_its_callback() {
-    let broker = Broker::start();
-    let dir = tempdir();
-    let topics = Topics::new();
-    let http = free_port();
-    let agent = Agent::start(
-        dir.path(),
-        &agent_config(
-            dir.path(),
-            "agent-lab",
-            &broker.addr(),
-            &topics,
-            http,
-            &api_section(dir.path(), ""),
-        ),
-    );
+    let Lab {
+        broker,
+        topics,
+        agent,
+        _dir,
+    } = lab("agent-lab");
+    let http = agent.http.port();
     agent.wait_status("command consumer assigned", Duration::from_secs(30), |s| {
         s["commands"]["assigned"] == true
     });
@@ -271,20 +297,12 @@ print("DONE", flush=True)
 
 #[test]
 fn bad_requests_are_refused_with_their_reason_and_counted() {
-    let broker = Broker::start();
-    let dir = tempdir();
-    let topics = Topics::new();
-    let agent = Agent::start(
-        dir.path(),
-        &agent_config(
-            dir.path(),
-            "agent-bad",
-            &broker.addr(),
-            &topics,
-            free_port(),
-            &api_section(dir.path(), ""),
-        ),
-    );
+    let Lab {
+        broker,
+        topics,
+        agent,
+        _dir,
+    } = lab("agent-bad");
     let a = agent.http;
     let ok_event = json!({"event": "x", "experiment_id": "e1", "data": {}});
     // Tokens.
@@ -526,20 +544,12 @@ max_records = 8
 
 #[test]
 fn a_record_answered_202_reaches_kafka_after_a_kill9() {
-    let broker = Broker::start();
-    let dir = tempdir();
-    let topics = Topics::new();
-    let mut agent = Agent::start(
-        dir.path(),
-        &agent_config(
-            dir.path(),
-            "agent-k9",
-            &broker.addr(),
-            &topics,
-            free_port(),
-            &api_section(dir.path(), ""),
-        ),
-    );
+    let Lab {
+        broker,
+        topics,
+        mut agent,
+        _dir,
+    } = lab("agent-k9");
     agent.wait_status("kafka connected", Duration::from_secs(30), |s| {
         s["kafka"]["connected"] == true
     });
@@ -779,20 +789,12 @@ impl Stream {
 
 #[test]
 fn an_app_gets_its_commands_on_a_stream_and_a_command_times_out_when_it_is_gone() {
-    let broker = Broker::start();
-    let dir = tempdir();
-    let topics = Topics::new();
-    let agent = Agent::start(
-        dir.path(),
-        &agent_config(
-            dir.path(),
-            "agent-app",
-            &broker.addr(),
-            &topics,
-            free_port(),
-            &api_section(dir.path(), ""),
-        ),
-    );
+    let Lab {
+        broker: _broker,
+        topics: _topics,
+        agent,
+        _dir,
+    } = lab("agent-app");
     agent.wait_status("command consumer assigned", Duration::from_secs(30), |s| {
         s["commands"]["assigned"] == true
     });

@@ -7,7 +7,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -89,42 +88,17 @@ fn the_demo_config_runs_against_a_broker_that_checks_every_schema() {
         Some(&link),
     )
     .unwrap();
-    let mut sim = Command::new(env!("CARGO_BIN_EXE_labgate"))
-        .args([
-            "simulate",
-            "mqtt-sensors",
-            "--broker",
-            &mqtt.url(),
-            "--preset",
-            "zigbee2mqtt",
-            "--interval",
-            "500ms",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let sensors = zigbee2mqtt_sensors(&mqtt.url());
     let http = free_port();
-    let demo =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo.toml"))
-            .unwrap()
-            .replace("127.0.0.1:9092", &broker.addr())
-            .replace("/tmp/labgate-demo-emstat", &link.display().to_string())
-            .replace(
-                "\"/tmp/labgate-demo\"",
-                &format!("{:?}", dir.path().join("data")),
-            )
-            .replace("127.0.0.1:9464", &format!("127.0.0.1:{http}"))
-            .replace("mqtt://127.0.0.1:1883", &mqtt.url())
-            .replace("interval = \"2s\"", "interval = \"200ms\"");
-    let agent = Agent::start_with_env(
-        dir.path(),
-        &demo,
-        &[
-            ("LABGATE_DEMO_TOKEN", "demo-token-0123456789abcdef"),
-            ("LABGATE_DEMO_OPERATOR_TOKEN", "operator-token-0123456789"),
-        ],
-    );
+    let demo = demo_config(
+        &broker.addr(),
+        &mqtt.url(),
+        &link,
+        &dir.path().join("data"),
+        http,
+    )
+    .replace("interval = \"2s\"", "interval = \"200ms\"");
+    let agent = Agent::start_with_env(dir.path(), &demo, &DEMO_ENV);
     let mut r = Reader::new(
         &broker.addr(),
         &topics.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
@@ -147,8 +121,7 @@ fn the_demo_config_runs_against_a_broker_that_checks_every_schema() {
         .all(|t| has(m, t))
             && m.iter().any(|x| x.json["device_id"] == "mqtt-lab")
     });
-    let _ = sim.kill();
-    let _ = sim.wait();
+    drop(sensors);
     // Nothing was refused: no dead letters, no drops, and every message also passes the
     // local check.
     let s = agent.status();

@@ -5,56 +5,17 @@
 
 mod common;
 
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use fantoccini::{Client, ClientBuilder, Locator};
+use fantoccini::{Client, Locator};
 use labgate::sim::emstat::{Emstat, Options};
 use serde_json::{json, Value};
 
-const OPERATOR_TOKEN: &str = "operator-token-0123456789";
-
-struct Driver(Child);
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// chromedriver on a free port (Debian: chromium-driver).
-fn chromedriver() -> (Driver, u16) {
-    let port = free_port();
-    let child = Command::new("chromedriver")
-        .arg(format!("--port={port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("chromedriver must be installed (Debian: chromium chromium-driver; scripts/test installs them)");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "chromedriver did not listen");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (Driver(child), port)
-}
-
-async fn browser(port: u16, width: u32, height: u32) -> Client {
-    let mut caps = serde_json::Map::new();
-    caps.insert(
-        "goog:chromeOptions".into(),
-        json!({"args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", format!("--window-size={width},{height}")]}),
-    );
-    ClientBuilder::native()
-        .capabilities(caps)
-        .connect(&format!("http://127.0.0.1:{port}"))
-        .await
-        .expect("a chromium session")
-}
+/// The demo config's operator token, as the tests run it.
+const OPERATOR_TOKEN: &str = DEMO_ENV[1].1;
 
 fn artifacts() -> PathBuf {
     let dir = std::env::var_os("LABGATE_ARTIFACTS")
@@ -99,16 +60,6 @@ async fn until(c: &Client, what: &str, timeout: Duration, script: &str) -> Value
     }
 }
 
-fn demo_config(broker: &Broker, mqtt: &Mosquitto, link: &Path, data: &Path, http: u16) -> String {
-    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo.toml"))
-        .unwrap()
-        .replace("127.0.0.1:9092", &broker.addr())
-        .replace("/tmp/labgate-demo-emstat", &link.display().to_string())
-        .replace("\"/tmp/labgate-demo\"", &format!("{data:?}"))
-        .replace("127.0.0.1:9464", &format!("127.0.0.1:{http}"))
-        .replace("mqtt://127.0.0.1:1883", &mqtt.url())
-}
-
 #[test]
 fn the_page_shows_the_demo_live_stops_an_instrument_and_recovers_after_a_restart() {
     let broker = Broker::start();
@@ -123,37 +74,22 @@ fn the_page_shows_the_demo_live_stops_an_instrument_and_recovers_after_a_restart
         Some(&link),
     )
     .unwrap();
-    let mut sensors = Command::new(env!("CARGO_BIN_EXE_labgate"))
-        .args([
-            "simulate",
-            "mqtt-sensors",
-            "--broker",
-            &mqtt.url(),
-            "--preset",
-            "zigbee2mqtt",
-            "--interval",
-            "500ms",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let sensors = zigbee2mqtt_sensors(&mqtt.url());
     let http = free_port();
-    let config = demo_config(&broker, &mqtt, &link, &dir.path().join("data"), http);
+    let config = demo_config(
+        &broker.addr(),
+        &mqtt.url(),
+        &link,
+        &dir.path().join("data"),
+        http,
+    );
     let devices: Vec<String> = toml::from_str::<toml::Value>(&config).unwrap()["devices"]
         .as_array()
         .unwrap()
         .iter()
         .map(|d| d["id"].as_str().unwrap().to_string())
         .collect();
-    let mut agent = Agent::start_with_env(
-        dir.path(),
-        &config,
-        &[
-            ("LABGATE_DEMO_TOKEN", "demo-token-0123456789abcdef"),
-            ("LABGATE_DEMO_OPERATOR_TOKEN", OPERATOR_TOKEN),
-        ],
-    );
+    let mut agent = Agent::start_with_env(dir.path(), &config, &DEMO_ENV);
     // Everything the page needs is in the binary, and it is small.
     let page = request(agent.http, "GET", "/", &[], b"");
     assert_eq!(page.status, 200);
@@ -193,7 +129,7 @@ fn the_page_shows_the_demo_live_stops_an_instrument_and_recovers_after_a_restart
         // Lab software's runs are drawn too: a CV of two scans (one trace each), then an
         // impedance spectrum (a Nyquist plot), posted through the ingest API.
         let post = |body: Value| {
-            let r = post_json(agent.http, "/v1/data", "demo-token-0123456789abcdef", &body);
+            let r = post_json(agent.http, "/v1/data", DEMO_ENV[0].1, &body);
             assert_eq!(r.status, 202, "{}", r.body);
         };
         let tri: Vec<Value> = (0..2)
@@ -268,8 +204,7 @@ fn the_page_shows_the_demo_live_stops_an_instrument_and_recovers_after_a_restart
         screenshot(&phone, "status-page-phone.png").await;
         phone.close().await.unwrap();
     });
-    let _ = sensors.kill();
-    let _ = sensors.wait();
+    drop(sensors);
 }
 
 #[test]

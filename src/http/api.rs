@@ -31,14 +31,13 @@ use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
 use super::shapes::{self, Kind};
-use super::HttpState;
+use super::{json_reply as reply, token, HttpState};
 use crate::devices::app::{AppHub, ToDriver};
 use crate::ingest::{Ingest, IngestError};
-use crate::secret::{Secret, Sources};
+use crate::secret::Secret;
 
 /// The `[api]` section.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -85,9 +84,6 @@ pub struct ClientConfig {
     pub token_env: Option<String>,
 }
 
-/// Tokens shorter than this are refused: a bearer token is the client's only proof.
-pub const MIN_TOKEN_LEN: usize = 16;
-
 impl ClientConfig {
     /// The device the client writes as.
     pub fn device(&self) -> &str {
@@ -95,23 +91,11 @@ impl ClientConfig {
     }
 
     fn token(&self) -> Result<Secret, (String, String)> {
-        let src = Sources {
-            key: "token",
-            inline: self.token.as_ref(),
-            file: self.token_file.as_deref(),
-            env: self.token_env.as_deref(),
-        };
-        match src.read()? {
-            None => Err((
-                "token".into(),
-                "one of token, token_file, token_env is required".into(),
-            )),
-            Some(t) if t.expose().len() < MIN_TOKEN_LEN => Err((
-                "token".into(),
-                format!("must be at least {MIN_TOKEN_LEN} characters"),
-            )),
-            Some(t) => Ok(t),
-        }
+        token::read(
+            self.token.as_ref(),
+            self.token_file.as_deref(),
+            self.token_env.as_deref(),
+        )
     }
 }
 
@@ -158,7 +142,7 @@ impl ApiConfig {
                 }
             }
             let t = c.token().map_err(|(f, m)| (k(&f), m))?;
-            if !tokens.insert(digest(t.expose())) {
+            if !tokens.insert(token::digest(t.expose())) {
                 return Err((k("token"), "is the same as another client's token".into()));
             }
         }
@@ -166,15 +150,11 @@ impl ApiConfig {
     }
 }
 
-fn digest(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
-}
-
 /// A client as the running API knows it.
 struct Client {
     name: String,
     device: String,
-    token: [u8; 32],
+    token: token::Digest,
 }
 
 /// Counters of the API, on `/metrics`.
@@ -225,7 +205,7 @@ impl Api {
             clients.push(Client {
                 name: c.name.clone(),
                 device: c.device().to_string(),
-                token: digest(t.expose()),
+                token: token::digest(t.expose()),
             });
         }
         Ok(Api {
@@ -254,26 +234,7 @@ impl Api {
     }
 
     fn client(&self, headers: &HeaderMap) -> Option<&Client> {
-        let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-        let (scheme, token) = v.split_once(' ')?;
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return None;
-        }
-        let d = digest(token.trim());
-        // Compares every byte of every client's digest: no early exit to time.
-        let mut found = None;
-        for c in &self.clients {
-            let same = c
-                .token
-                .iter()
-                .zip(d.iter())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
-            if same {
-                found = Some(c);
-            }
-        }
-        found
+        token::find(headers, &self.clients, |c| &c.token)
     }
 
     fn seen(&self, id: &uuid::Uuid) -> bool {
@@ -334,15 +295,6 @@ impl Api {
             c.results.load(Relaxed)
         );
     }
-}
-
-fn reply(code: StatusCode, body: Value) -> Response {
-    (
-        code,
-        [(header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
-    )
-        .into_response()
 }
 
 fn unauthorized(api: &Api) -> Response {
@@ -541,16 +493,7 @@ pub async fn ingest(state: Arc<HttpState>, kind: Kind, headers: HeaderMap, body:
                 Some(meta) => api.apps.describe_run(&client.device, exp, meta.clone()),
                 None => m.draft.run = api.apps.run(&client.device, exp),
             }
-            if m.event.as_deref().is_some_and(|e| {
-                matches!(
-                    e,
-                    "experiment_completed"
-                        | "experiment_stopped"
-                        | "experiment_failed"
-                        | "experiment_aborted"
-                        | "experiment_cancelled"
-                )
-            }) {
+            if m.event.as_deref().and_then(crate::runs::ending).is_some() {
                 api.apps.end_run(&client.device, exp);
             }
         }

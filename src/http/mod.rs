@@ -8,6 +8,7 @@
 pub mod api;
 pub mod page;
 pub mod shapes;
+pub mod token;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -140,6 +141,16 @@ impl HttpState {
             },
         })
     }
+}
+
+/// A JSON answer with this status.
+pub(crate) fn json_reply(code: StatusCode, body: serde_json::Value) -> Response {
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 async fn health(State(st): State<Arc<HttpState>>) -> Response {

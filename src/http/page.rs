@@ -20,14 +20,13 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
+use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 
-use super::HttpState;
+use super::{json_reply as reply, token, HttpState};
 use crate::commands::Handler;
 use crate::devices::CommandKind;
-use crate::secret::{Secret, Sources};
+use crate::secret::Secret;
 
 /// The page, as built into the binary.
 pub const PAGE: &str = include_str!("page.html");
@@ -57,9 +56,6 @@ fn d_commands() -> Vec<CommandKind> {
     vec![CommandKind::Pause, CommandKind::Resume, CommandKind::Stop]
 }
 
-/// Tokens shorter than this are refused.
-pub const MIN_TOKEN_LEN: usize = 16;
-
 impl OperatorConfig {
     fn read_token(&self) -> Result<Secret, (String, String)> {
         if let Some(f) = &self.token_file {
@@ -79,23 +75,11 @@ impl OperatorConfig {
                 ));
             }
         }
-        let src = Sources {
-            key: "token",
-            inline: self.token.as_ref(),
-            file: self.token_file.as_deref(),
-            env: self.token_env.as_deref(),
-        };
-        match src.read()? {
-            None => Err((
-                "token".into(),
-                "one of token, token_file, token_env is required".into(),
-            )),
-            Some(t) if t.expose().len() < MIN_TOKEN_LEN => Err((
-                "token".into(),
-                format!("must be at least {MIN_TOKEN_LEN} characters"),
-            )),
-            Some(t) => Ok(t),
-        }
+        token::read(
+            self.token.as_ref(),
+            self.token_file.as_deref(),
+            self.token_env.as_deref(),
+        )
     }
 }
 
@@ -123,7 +107,7 @@ pub fn validate(ops: &[OperatorConfig]) -> Result<(), (String, String)> {
 
 struct Operator {
     name: String,
-    token: [u8; 32],
+    token: token::Digest,
     commands: Vec<CommandKind>,
 }
 
@@ -144,7 +128,7 @@ impl Local {
                 .map_err(|(f, m)| (format!("http.operators[{i}].{f}"), m))?;
             operators.push(Operator {
                 name: o.name.clone(),
-                token: Sha256::digest(t.expose().as_bytes()).into(),
+                token: token::digest(t.expose()),
                 commands: o.commands.clone(),
             });
         }
@@ -163,34 +147,8 @@ impl Local {
     }
 
     fn operator(&self, headers: &HeaderMap) -> Option<&Operator> {
-        let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-        let (scheme, token) = v.split_once(' ')?;
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return None;
-        }
-        let d: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
-        let mut found = None;
-        for o in &self.operators {
-            if o.token
-                .iter()
-                .zip(d.iter())
-                .fold(0u8, |a, (x, y)| a | (x ^ y))
-                == 0
-            {
-                found = Some(o);
-            }
-        }
-        found
+        token::find(headers, &self.operators, |o| &o.token)
     }
-}
-
-fn reply(code: StatusCode, body: Value) -> Response {
-    (
-        code,
-        [(header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
-    )
-        .into_response()
 }
 
 /// `GET /`: the page.

@@ -71,3 +71,55 @@ client_id = "{client_id}"
 "#
     )
 }
+
+/// The demo config (`config/demo.toml`) pointed at this test's broker, mosquitto, EmStat
+/// link, data dir and HTTP port. Run it with [`DEMO_ENV`].
+pub fn demo_config(
+    brokers: &str,
+    mqtt_url: &str,
+    emstat_link: &std::path::Path,
+    data_dir: &std::path::Path,
+    http: u16,
+) -> String {
+    std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo.toml"),
+    )
+    .expect("config/demo.toml")
+    .replace("127.0.0.1:9092", brokers)
+    .replace(
+        "/tmp/labgate-demo-emstat",
+        &emstat_link.display().to_string(),
+    )
+    .replace("\"/tmp/labgate-demo\"", &format!("{data_dir:?}"))
+    .replace("127.0.0.1:9464", &format!("127.0.0.1:{http}"))
+    .replace("mqtt://127.0.0.1:1883", mqtt_url)
+}
+
+/// The secrets the demo config reads from the environment: the lab application's API
+/// token and the status page's operator token.
+pub const DEMO_ENV: [(&str, &str); 2] = [
+    ("LABGATE_DEMO_TOKEN", "demo-token-0123456789abcdef"),
+    ("LABGATE_DEMO_OPERATOR_TOKEN", "operator-token-0123456789"),
+];
+
+/// `labgate simulate mqtt-sensors --preset zigbee2mqtt` publishing every 500 ms, as the
+/// demo's MQTT device expects.
+pub fn zigbee2mqtt_sensors(mqtt_url: &str) -> super::KillOnDrop {
+    super::KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_labgate"))
+            .args([
+                "simulate",
+                "mqtt-sensors",
+                "--broker",
+                mqtt_url,
+                "--preset",
+                "zigbee2mqtt",
+                "--interval",
+                "500ms",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("labgate simulate mqtt-sensors"),
+    )
+}

@@ -4,7 +4,7 @@
 //!
 //! `broker` (tansu, topics) · `agent` (the binary and its config) · `kafka` (reading and
 //! producing) · `assertions` · `mqtt` (mosquitto, a client) · `devices` (shared device
-//! config blocks) · `faultfs` (power cuts, sick disks) · `secure` (certificates, a TLS terminator) · `http` (hand-written HTTP requests) · `bench` (for the benchmarks).
+//! config blocks) · `faultfs` (power cuts, sick disks) · `secure` (certificates, a TLS terminator) · `http` (hand-written HTTP requests) · `browser` (chromium through chromedriver) · `bench` (for the benchmarks).
 // Each test crate uses a part of the harness (and of its re-exports).
 #![allow(dead_code, unused_imports)]
 
@@ -12,6 +12,7 @@ mod agent;
 mod assertions;
 mod bench;
 mod broker;
+mod browser;
 mod devices;
 pub mod faultfs;
 mod http;
@@ -23,6 +24,7 @@ pub use agent::*;
 pub use assertions::*;
 pub use bench::*;
 pub use broker::*;
+pub use browser::*;
 pub use devices::*;
 pub use http::*;
 pub use kafka::*;
