@@ -1,12 +1,11 @@
 //! An EmStat Pico simulator on a pty pair: it answers `t i v e l r h H Z Y` as
-//! docs/protocols.md §1 documents, runs `meas_loop_cv` / `meas_loop_ca` / `meas_loop_lsv` from
-//! a script with currents from the simulated cell, and writes `P` lines with the exact
-//! encoding. For tests and for users without hardware.
+//! docs/protocols.md §1 documents and interprets the scripts it is sent ([`super::interp`]):
+//! every measurement loop with data from the simulated cell, `P` lines with the exact
+//! encoding, errors at their line and column. For tests and for users without hardware.
 //!
 //! Undocumented behaviour is configurable: the reply to `h`/`H` ([`HaltReply`]). Faults
 //! can be injected: garbage lines, XON/XOFF bytes, and unplugging (closing the pty).
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,9 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serialport::{SerialPort, TTYPort};
 
-use crate::devices::methodscript::encode_value;
-use crate::devices::methodscript::method::parse_quantity;
-use crate::devices::simulated::cell::{Generator, Step};
+use super::interp::{Status, Vm};
 
 /// How the simulated device answers `h` and `H` (undocumented on real devices).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -125,31 +122,15 @@ impl Emstat {
     }
 }
 
-/// What a parsed script will do.
-struct Plan {
-    /// Loop marker id and the step to run (None: a script without a measurement loop).
-    step: Option<(u16, Step)>,
-    /// Order of `pck_add` variables mapped to their role: 't', 'e' or 'i'.
-    pack: Vec<char>,
-    /// `send_string` texts, sent before the loop.
-    texts: Vec<String>,
-    /// An error to report instead of running: (code, line).
-    error: Option<(u16, usize)>,
-}
-
 struct Run {
-    gen: Option<Generator>,
-    loop_id: u16,
-    pack: Vec<char>,
-    scan: Option<usize>,
-    /// Lines still to write before points (echo, texts, loop marker …).
+    vm: Vm,
+    /// Output waiting to be written.
     queue: Vec<String>,
     /// Wall-clock start, shifted forward by pauses.
     started: Instant,
-    /// Seconds between points (step / scan rate, or the CA interval).
-    interval: f64,
     paused_at: Option<Instant>,
-    finishing: bool,
+    /// Simulated time of the script's next action.
+    next: f64,
 }
 
 struct Device {
@@ -165,42 +146,6 @@ struct Device {
     halted: bool,
     lines_out: u64,
 }
-
-const KNOWN: &[&str] = &[
-    "var",
-    "store_var",
-    "set_pgstat_chan",
-    "set_pgstat_mode",
-    "set_max_bandwidth",
-    "set_range",
-    "set_range_minmax",
-    "set_autoranging",
-    "set_e",
-    "set_i",
-    "cell_on",
-    "cell_off",
-    "timer_start",
-    "timer_get",
-    "meas_loop_cv",
-    "meas_loop_ca",
-    "meas_loop_lsv",
-    "pck_start",
-    "pck_add",
-    "pck_end",
-    "endloop",
-    "on_finished:",
-    "send_string",
-    "wait",
-    "loop",
-    "breakloop",
-    "if",
-    "else",
-    "endif",
-    "add_var",
-    "copy_var",
-    "set_gpio_cfg",
-    "set_gpio",
-];
 
 impl Device {
     fn write(&mut self, s: &str) {
@@ -299,15 +244,21 @@ impl Device {
             "Z" => {
                 if running {
                     self.write("Z\n");
-                    self.finish_loop();
+                    self.halted = false;
+                    if let Some(r) = &mut self.run {
+                        r.vm.abort(&mut r.queue);
+                    }
                 } else {
                     self.write("Z!0006\n");
                 }
             }
             "Y" => {
-                if running {
+                let aborted = self
+                    .run
+                    .as_mut()
+                    .is_some_and(|r| r.vm.abort_loop(&mut r.queue));
+                if aborted {
                     self.write("Y\n");
-                    self.finish_loop();
                 } else {
                     self.write("Y!0006\n");
                 }
@@ -330,77 +281,40 @@ impl Device {
         }
     }
 
-    /// Ends the measurement loop now (abort): close it, run on_finished, end the script.
-    fn finish_loop(&mut self) {
-        self.halted = false;
-        if let Some(r) = &mut self.run {
-            r.gen = None;
-            if r.scan.take().is_some() {
-                r.queue.push("-".into());
+    fn start(&mut self, lines: &[String], echo: &str) {
+        let mut text = lines.join("\n");
+        text.push('\n');
+        self.write(&format!("{echo}\n"));
+        match Vm::load(&text, self.opts.seed) {
+            Err(error) => self.write(&format!("{error}\n\n")),
+            Ok(vm) => {
+                self.halted = false;
+                self.run = Some(Run {
+                    vm,
+                    queue: Vec::new(),
+                    started: Instant::now(),
+                    paused_at: None,
+                    next: 0.0,
+                });
             }
-            r.queue.push("*".into());
-            r.finishing = true;
         }
     }
 
-    fn start(&mut self, lines: &[String], echo: &str) {
-        let plan = plan(lines);
-        let mut queue = vec![echo.to_string()];
-        if let Some((code, line)) = plan.error {
-            queue.push(format!("!{code:04X}: Line {line}, Col 1"));
-            queue.push(String::new());
-            for l in queue {
-                self.write(&format!("{l}\n"));
-            }
-            return;
+    /// Simulated seconds since the script started (infinite when running as fast as
+    /// possible).
+    fn now(&self, r: &Run) -> f64 {
+        if self.opts.speed <= 0.0 {
+            return f64::INFINITY;
         }
-        queue.extend(plan.texts.iter().map(|t| format!("T{t}")));
-        let (gen, loop_id, interval) = match plan.step {
-            Some((id, step)) => {
-                queue.push(format!("M{id:04X}"));
-                let interval = match step {
-                    Step::Cv {
-                        e_step, scan_rate, ..
-                    }
-                    | Step::Lsv {
-                        e_step, scan_rate, ..
-                    } => e_step / scan_rate,
-                    Step::Ca { t_interval, .. } => t_interval,
-                };
-                (
-                    Some(Generator::new(&step, 0.2, 0.01, self.opts.seed)),
-                    id,
-                    interval,
-                )
-            }
-            None => (None, 0, 0.0),
-        };
-        self.halted = false;
-        self.run = Some(Run {
-            gen,
-            loop_id,
-            pack: plan.pack,
-            scan: None,
-            queue,
-            started: Instant::now(),
-            interval,
-            paused_at: None,
-            finishing: false,
-        });
+        let wall = r.paused_at.unwrap_or_else(Instant::now);
+        wall.saturating_duration_since(r.started).as_secs_f64() * self.opts.speed
     }
 
     fn due(&self, r: &Run) -> bool {
-        if !r.queue.is_empty() || r.gen.is_none() || self.opts.speed <= 0.0 {
-            return true;
-        }
-        let Some(g) = &r.gen else { return true };
-        let k = g.position();
-        // The time of the next point, from the plan of the step.
-        let t_next = k as f64 * r.interval;
-        r.started.elapsed().as_secs_f64() * self.opts.speed >= t_next
+        !r.queue.is_empty() || self.now(r) >= r.next
     }
 
-    /// Writes what is due now: queued lines, or the next point.
+    /// Runs the script up to now and writes what it produced.
     fn produce(&mut self) {
         if self.halted {
             return;
@@ -409,188 +323,31 @@ impl Device {
         if !self.due(r) {
             return;
         }
+        let now = self.now(r);
         let Some(r) = &mut self.run else { return };
-        if !r.queue.is_empty() {
-            let lines: Vec<String> = r.queue.drain(..).collect();
-            for l in lines {
-                self.write(&format!("{l}\n"));
-            }
-            return;
+        let status = r.vm.advance(now, 200, &mut r.queue);
+        match status {
+            Status::Until(t) => r.next = t,
+            Status::Busy | Status::Ended => r.next = 0.0,
         }
-        let Some(g) = r.gen.as_mut() else {
-            // Loop done (or none): on_finished runs, the script ends.
+        let lines: Vec<String> = r.queue.drain(..).collect();
+        if status == Status::Ended {
             self.run = None;
-            self.write("\n");
-            return;
-        };
-        let k = g.position();
-        let Some(p) = g.next_point() else {
-            r.gen = None;
-            let mut tail = Vec::new();
-            if r.scan.take().is_some() {
-                tail.push("-".to_string());
-            }
-            tail.push("*".to_string());
-            r.queue.extend(tail);
-            return;
-        };
-        let scan = g.scan_of(k);
-        let multi_scan = r.loop_id == 5 && g.scan_of(g.len().saturating_sub(1)) > 0;
-        let mut pre = Vec::new();
-        if multi_scan && r.scan != Some(scan) {
-            if r.scan.is_some() {
-                pre.push("-".to_string());
-            }
-            pre.push(format!("C{:04X}", 0));
-            r.scan = Some(scan);
         }
-        let mut vars = Vec::new();
-        for role in &r.pack {
-            let field = match role {
-                't' => format!(
-                    "eb{}",
-                    encode_value(p.t).unwrap_or_else(|| "     nan".into())
-                ),
-                'e' => format!(
-                    "da{}",
-                    encode_value(p.e).unwrap_or_else(|| "     nan".into())
-                ),
-                _ => {
-                    let range = if p.i.abs() < 2e-6 { 1 } else { 8 };
-                    format!(
-                        "ba{},10,2{range:02X}",
-                        encode_value(p.i).unwrap_or_else(|| "     nan".into())
-                    )
-                }
-            };
-            vars.push(field);
-        }
-        let line = format!("P{}", vars.join(";"));
-        for l in pre {
+        for l in lines {
             self.write(&format!("{l}\n"));
-        }
-        self.write(&format!("{line}\n"));
-        if let Ok(mut d) = self.data_lines.lock() {
-            d.push(line);
-        }
-        let n = self.data_lines.lock().map(|d| d.len()).unwrap_or(0) as u32;
-        if self.opts.garbage_every > 0 && n % self.opts.garbage_every == 0 {
-            self.write("P#garbage\u{7f}!!\n");
-        }
-    }
-}
-
-/// Reads a script: variables, the measurement loop, what each packet carries.
-fn plan(lines: &[String]) -> Plan {
-    let mut vars: HashMap<String, f64> = HashMap::new();
-    let mut out = Plan {
-        step: None,
-        pack: Vec::new(),
-        texts: Vec::new(),
-        error: None,
-    };
-    let (mut e_var, mut t_var) = (String::new(), String::new());
-    let mut pack_names = Vec::new();
-    for (n, line) in lines.iter().enumerate() {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let Some(first) = words.first() else { continue };
-        if line.len() > 128 {
-            out.error = Some((0x0008, n + 1));
-            return out;
-        }
-        if first.starts_with('#') {
-            continue;
-        }
-        if !KNOWN.contains(first) {
-            out.error = Some((0x4001, n + 1));
-            return out;
-        }
-        let num = |w: &str| -> Option<f64> {
-            vars.get(w)
-                .copied()
-                .or_else(|| parse_quantity(w.trim_end_matches('i'), "-").ok())
-        };
-        match *first {
-            "store_var" if words.len() >= 3 => {
-                if let Some(v) = num(words[2]) {
-                    vars.insert(words[1].to_string(), v);
-                }
-            }
-            "send_string" => {
-                out.texts.push(
-                    line.trim_start()["send_string".len()..]
-                        .trim()
-                        .trim_matches('"')
-                        .to_string(),
-                );
-            }
-            "timer_get" if words.len() >= 2 => t_var = words[1].to_string(),
-            "pck_add" if words.len() >= 2 => pack_names.push(words[1].to_string()),
-            "meas_loop_cv" | "meas_loop_lsv" | "meas_loop_ca" => {
-                let args: Vec<Option<f64>> = words[3..]
-                    .iter()
-                    .filter(|w| !w.starts_with("nscans"))
-                    .map(|w| num(w))
-                    .collect();
-                let nscans = words
-                    .iter()
-                    .find_map(|w| w.strip_prefix("nscans(").and_then(|r| r.strip_suffix(')')))
-                    .and_then(num)
-                    .unwrap_or(1.0) as u32;
-                if words.len() < 3 || args.iter().any(Option::is_none) {
-                    out.error = Some((0x0007, n + 1));
-                    return out;
-                }
-                e_var = words[1].to_string();
-                let a: Vec<f64> = args.into_iter().flatten().collect();
-                let step = match (*first, a.as_slice()) {
-                    ("meas_loop_cv", [b, v1, v2, s, r, ..]) => (
-                        5,
-                        Step::Cv {
-                            e_begin: *b,
-                            e_vertex1: *v1,
-                            e_vertex2: *v2,
-                            e_step: *s,
-                            scan_rate: *r,
-                            n_scans: nscans.max(1),
-                        },
-                    ),
-                    ("meas_loop_lsv", [b, e, s, r, ..]) => (
-                        0,
-                        Step::Lsv {
-                            e_begin: *b,
-                            e_end: *e,
-                            e_step: *s,
-                            scan_rate: *r,
-                        },
-                    ),
-                    ("meas_loop_ca", [e, ti, tr, ..]) => (
-                        7,
-                        Step::Ca {
-                            e_dc: *e,
-                            t_interval: *ti,
-                            t_run: *tr,
-                        },
-                    ),
-                    _ => {
-                        out.error = Some((0x0007, n + 1));
-                        return out;
+            if l.starts_with('P') {
+                let n = match self.data_lines.lock() {
+                    Ok(mut d) => {
+                        d.push(l);
+                        d.len() as u32
                     }
+                    Err(_) => 0,
                 };
-                out.step = Some(step);
+                if self.opts.garbage_every > 0 && n % self.opts.garbage_every == 0 {
+                    self.write("P#garbage\u{7f}!!\n");
+                }
             }
-            _ => {}
         }
     }
-    // The loop's current variable, and any variable this simulator does not model, is
-    // sent as a current.
-    out.pack = pack_names
-        .iter()
-        .map(|n| match n {
-            n if *n == t_var => 't',
-            n if *n == e_var => 'e',
-            _ => 'i',
-        })
-        .collect();
-    out
 }

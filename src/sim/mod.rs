@@ -3,9 +3,11 @@
 
 pub mod cli;
 pub mod emstat;
+pub mod interp;
 pub mod line;
 pub mod modbus;
 pub mod mqtt;
+pub mod techniques;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use super::script::Script;
 use super::SI_PREFIXES;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -12,13 +13,15 @@ pub enum MethodError {
     #[error("method {0}: cannot read: {1}")]
     /// The file cannot be read (method, reason).
     Read(String, String),
-    #[error("method {method}: line {line}: {message}")]
+    #[error("method {method}: line {line}, col {col}: {message}")]
     /// A line of the method is wrong.
     Syntax {
         /// The method's name.
         method: String,
         /// The line in the method file, from 1.
         line: usize,
+        /// The column, from 1.
+        col: usize,
         /// What is wrong.
         message: String,
     },
@@ -60,8 +63,10 @@ pub struct Method {
     pub technique: String,
     /// Declared parameters, in file order.
     pub params: Vec<ParamSpec>,
-    /// Script lines without comments, with placeholders.
+    /// Script lines as written (full-line comments left out), with placeholders.
     body: Vec<String>,
+    /// The line in the method file of each line of `body`, from 1.
+    lines: Vec<usize>,
 }
 
 /// Parses `12`, `-200m`, `1.5e-3`, `100mV/s` (with `unit` = `V/s`). The unit, when given,
@@ -142,18 +147,19 @@ impl Method {
         Method::parse(&stem, &text)
     }
 
-    /// Parses a method file's text.
+    /// Parses a method file's text and checks it as a device would: every problem is
+    /// reported at its line and column in this text.
     pub fn parse(name: &str, text: &str) -> Result<Method, MethodError> {
-        let syntax = |line: usize, message: String| MethodError::Syntax {
+        let syntax = |line: usize, col: usize, message: String| MethodError::Syntax {
             method: name.to_string(),
             line,
+            col,
             message,
         };
         let mut technique = None;
         let mut params: Vec<ParamSpec> = Vec::new();
         let mut body = Vec::new();
-        // The measurement loops as written: (line, command, technique).
-        let mut loops: Vec<(usize, String, String)> = Vec::new();
+        let mut lines = Vec::new();
         for (i, raw) in text.lines().enumerate() {
             let n = i + 1;
             let line = raw.trim_end_matches('\r');
@@ -163,7 +169,7 @@ impl Method {
                 if let Some(t) = c.strip_prefix("technique:") {
                     technique = Some((n, t.trim().to_string()));
                 } else if let Some(p) = c.strip_prefix("param ") {
-                    params.push(parse_param(p).map_err(|m| syntax(n, m))?);
+                    params.push(parse_param(p).map_err(|m| syntax(n, 1, m))?);
                 }
                 continue;
             }
@@ -175,25 +181,28 @@ impl Method {
             if body.is_empty() && trimmed == "e" {
                 continue;
             }
-            if let Some(cmd) = trimmed.split_whitespace().next() {
-                if let Some(t) = loop_technique(cmd) {
-                    loops.push((n, cmd.to_string(), t));
-                }
-            }
-            if line.len() > 128 {
-                return Err(syntax(
-                    n,
-                    "longer than the device's 128-character line limit".into(),
-                ));
-            }
             body.push(line.to_string());
+            lines.push(n);
         }
-        // The technique is the measurement loop's; a `# technique:` line may name it,
-        // and must then agree with a loop of the script.
+        let script = Script::parse(text);
+        if let Some(p) = script.check(text).into_iter().next() {
+            return Err(syntax(p.line, p.col, p.message));
+        }
+        // The measurement loops as written: (line, command, technique).
+        let loops: Vec<(usize, String, String)> = script
+            .stmts
+            .iter()
+            .filter_map(|s| {
+                super::script::technique(&s.cmd.text).map(|t| (s.line, s.cmd.text.clone(), t))
+            })
+            .collect();
+        // The technique is the first measurement loop's; a `# technique:` line may name
+        // it, and must then agree with a loop of the script.
         let technique = match (technique, loops.first()) {
             (None, Some((_, _, t))) => t.clone(),
             (None, None) => {
                 return Err(syntax(
+                    1,
                     1,
                     "no measurement loop (meas_loop_…) and no `# technique:` line: cannot tell what the script measures".into(),
                 ))
@@ -204,6 +213,7 @@ impl Method {
                     let (ln, cmd, lt) = &loops[0];
                     return Err(syntax(
                         n,
+                        1,
                         format!("`# technique: {t}`, but the measurement loop on line {ln} is {cmd} ({lt})"),
                     ));
                 }
@@ -215,13 +225,15 @@ impl Method {
             technique,
             params,
             body,
+            lines,
         };
         // Every placeholder declared, every declaration used.
-        for (i, line) in m.body.iter().enumerate() {
+        for (line, n) in m.body.iter().zip(&m.lines) {
             for ph in placeholders(line) {
                 if !m.params.iter().any(|p| p.name == ph) {
                     return Err(syntax(
-                        i + 1,
+                        *n,
+                        line.find("{{").map_or(1, |c| c + 1),
                         format!("placeholder {{{{{ph}}}}} is not declared"),
                     ));
                 }
@@ -238,6 +250,12 @@ impl Method {
             }
         }
         Ok(m)
+    }
+
+    /// The line in the method file of line `sent` (from 1) of the script sent to the
+    /// device (the lines after its `e`).
+    pub fn user_line(&self, sent: usize) -> Option<usize> {
+        self.lines.get(sent.checked_sub(1)?).copied()
     }
 
     /// Fills the placeholders. `values` override defaults; each is a number in the
@@ -303,15 +321,6 @@ impl Method {
     }
 }
 
-/// The technique a measurement-loop command measures (`meas_loop_cv` → `CV`,
-/// `meas_loop_ca_alt_mux` → `CA`, `meas_fast_cv` → `CV`), None for other commands.
-pub fn loop_technique(command: &str) -> Option<String> {
-    let rest = command
-        .strip_prefix("meas_loop_")
-        .or_else(|| command.strip_prefix("meas_fast_"))?;
-    let name = rest.split('_').next().filter(|n| !n.is_empty())?;
-    Some(name.to_ascii_uppercase())
-}
 
 fn placeholders(line: &str) -> Vec<&str> {
     let mut out = Vec::new();
@@ -398,12 +407,6 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(
-            loop_technique("meas_loop_ca_alt_mux").as_deref(),
-            Some("CA")
-        );
-        assert_eq!(loop_technique("meas_loop_eis").as_deref(), Some("EIS"));
-        assert_eq!(loop_technique("set_e"), None);
         assert!(
             Method::parse("x", "var c\ncell_on\n").is_err(),
             "nothing measured"

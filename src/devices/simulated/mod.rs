@@ -4,7 +4,7 @@
 
 pub mod cell;
 pub mod potentiostat;
-mod rng;
+pub mod rng;
 pub mod sensors;
 
 pub use rng::Rng;
