@@ -2,7 +2,7 @@
 # start a local tansu broker. Source it; do not run it.
 
 # Debian packages the build and the tests need.
-LABGATE_PACKAGES=(build-essential pkg-config libssl-dev libudev-dev python3 curl procps systemd mosquitto openssl fuse3 socat chromium chromium-driver)
+LABGATE_PACKAGES=(build-essential pkg-config libssl-dev libudev-dev python3 python3-venv curl procps systemd mosquitto openssl fuse3 socat chromium chromium-driver)
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
@@ -18,6 +18,27 @@ ensure_packages() {
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
+}
+
+# Python packages the MethodSCRIPT cross-checks use, in their own virtualenv (reused):
+# PalmSens' MethodSCRIPT grammar (pypalmsens, without its .NET runtime) and an
+# independent MethodSCRIPT data decoder (labmcp-palmsens). LABGATE_PYTHON names it.
+PYTOOLS=(antlr4-python3-runtime==4.13.2 labmcp-palmsens==0.1.3)
+PYTOOLS_NODEPS=(pypalmsens==2.2.0)
+ensure_pytools() {
+  local venv="$HOME/.cache/labgate-pytools"
+  local probe='import labmcp_palmsens.driver, antlr4, importlib.util as u; assert u.find_spec("pypalmsens")'
+  if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "$probe" 2>/dev/null; then
+    log "installing the MethodSCRIPT cross-check tools (pip: ${PYTOOLS[*]} ${PYTOOLS_NODEPS[*]})"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check "${PYTOOLS[@]}"
+    # Only pypalmsens' grammar is used: not its .NET runtime bridge and numerics. pip
+    # warns about those missing; the probe below is what decides.
+    "$venv/bin/pip" install -q --disable-pip-version-check --no-deps "${PYTOOLS_NODEPS[@]}" 2>"$venv/pip-nodeps.log" || {
+      cat "$venv/pip-nodeps.log" >&2; exit 1; }
+    "$venv/bin/python" -c "$probe"
+  fi
+  export LABGATE_PYTHON="$venv/bin/python"
 }
 
 ensure_rust() {

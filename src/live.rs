@@ -243,6 +243,7 @@ impl Viewing<'_> {
                 experiment_id,
                 step_index,
                 points,
+                ..
             } => {
                 let run = self.view.runs.entry(d.device_id.clone()).or_default();
                 if run.experiment_id != *experiment_id {
@@ -470,6 +471,8 @@ mod tests {
                 technique: "CV".into(),
                 experiment_id: exp.into(),
                 step_index: 0,
+                scan: None,
+                applied: Vec::new(),
                 points: (0..n).map(|k| Point::tei(k as f64, 0.1, 1e-6)).collect(),
             },
         )

@@ -62,6 +62,24 @@ pub struct Point {
     /// EIS: imaginary part of the impedance, Ohm.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub z_im: Option<f64>,
+    /// EIS: impedance modulus |Z|, Ohm.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub z_mod: Option<f64>,
+    /// EIS: phase of the impedance, degrees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<f64>,
+    /// SWV: forward current, A.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub i_fwd: Option<f64>,
+    /// SWV: reverse current, A.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub i_rev: Option<f64>,
+    /// ACV: AC current, A.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub i_ac: Option<f64>,
+    /// Multiplexer channel the point was measured on, from 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<u16>,
 }
 
 impl Point {
@@ -75,6 +93,12 @@ impl Point {
             f: None,
             z_re: None,
             z_im: None,
+            z_mod: None,
+            phase: None,
+            i_fwd: None,
+            i_rev: None,
+            i_ac: None,
+            channel: None,
         }
     }
 }
@@ -166,8 +190,15 @@ pub enum Body {
         technique: String,
         /// The run the points belong to.
         experiment_id: String,
-        /// Which step of the run, from 0.
+        /// Which step of the run, from 0 (for a MethodSCRIPT run: which measurement loop).
         step_index: u32,
+        /// The scan of a multi-scan step (CV with `nscans`), from 0.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        scan: Option<u32>,
+        /// Point fields that are the applied setting rather than a measurement (`e`
+        /// when the instrument did not report the potential it applied).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        applied: Vec<String>,
         /// The points, in measurement order.
         points: Vec<Point>,
     },

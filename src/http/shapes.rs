@@ -338,6 +338,8 @@ pub fn parse(kind: Kind, v: &Value, device: &str) -> Result<Message, FieldError>
                     technique,
                     experiment_id: experiment_id.clone(),
                     step_index,
+                    scan: None,
+                    applied: Vec::new(),
                     points,
                 },
                 Some(experiment_id),

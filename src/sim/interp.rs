@@ -293,10 +293,11 @@ impl Vm {
             }
             "array" => {
                 let n = self.value(arg(1), line)?.v;
-                if !(n >= 0.0 && n <= 100_000.0) {
+                if !(0.0..=100_000.0).contains(&n) {
                     return Err((script::code::BAD_ARGUMENT, line, arg(1).col));
                 }
-                self.arrays.insert(arg(0).text.clone(), vec![Val::new(0.0, b"aa"); n as usize]);
+                self.arrays
+                    .insert(arg(0).text.clone(), vec![Val::new(0.0, b"aa"); n as usize]);
             }
             "store_var" => {
                 let v = self.value(arg(1), line)?.v;
@@ -367,10 +368,11 @@ impl Vm {
             "array_set" => {
                 let i = self.value(arg(1), line)?;
                 let v = self.value(arg(2), line)?;
-                let a = self
-                    .arrays
-                    .get_mut(&arg(0).text)
-                    .ok_or((script::code::UNDECLARED, line, arg(0).col))?;
+                let a = self.arrays.get_mut(&arg(0).text).ok_or((
+                    script::code::UNDECLARED,
+                    line,
+                    arg(0).col,
+                ))?;
                 if !(i.v >= 0.0 && (i.v as usize) < a.len()) {
                     return Err((script::code::BAD_ARGUMENT, line, arg(1).col));
                 }
@@ -378,7 +380,11 @@ impl Vm {
             }
             "array_get" => {
                 let i = self.value(arg(1), line)?.v;
-                let a = self.arrays.get(&arg(0).text).ok_or((script::code::UNDECLARED, line, arg(0).col))?;
+                let a = self.arrays.get(&arg(0).text).ok_or((
+                    script::code::UNDECLARED,
+                    line,
+                    arg(0).col,
+                ))?;
                 if !(i >= 0.0 && (i as usize) < a.len()) {
                     return Err((script::code::BAD_ARGUMENT, line, arg(1).col));
                 }
@@ -513,7 +519,10 @@ impl Vm {
                 args.push(self.value(a, line)?.v);
             }
             let channels = if mux {
-                let (a, b) = (args.get(3).copied().unwrap_or(1.0), args.get(4).copied().unwrap_or(1.0));
+                let (a, b) = (
+                    args.get(3).copied().unwrap_or(1.0),
+                    args.get(4).copied().unwrap_or(1.0),
+                );
                 if !(a >= 1.0 && b >= a && b <= 16.0) {
                     return Err((script::code::BAD_ARGUMENT, line, s.cmd.col));
                 }
@@ -521,9 +530,13 @@ impl Vm {
             } else {
                 (self.channel, self.channel)
             };
-            self.seed = self.seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-            let samples = techniques::samples(&technique, &args, nscans, self.channel, channels, self.seed)
-                .map_err(|r| {
+            self.seed = self
+                .seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1);
+            let samples =
+                techniques::samples(&technique, &args, nscans, self.channel, channels, self.seed)
+                    .map_err(|r| {
                     let col = if r.arg == 0 {
                         s.cmd.col
                     } else {
@@ -589,7 +602,11 @@ impl Vm {
             let e = sample.outs.first().copied().unwrap_or(0.0);
             self.set(&s.args[0], Val::new(e, b"da"), line)?;
             let name = s.args[1].text.clone();
-            let a = self.arrays.get_mut(&name).ok_or((script::code::UNDECLARED, line, s.args[1].col))?;
+            let a = self.arrays.get_mut(&name).ok_or((
+                script::code::UNDECLARED,
+                line,
+                s.args[1].col,
+            ))?;
             for (j, v) in sample.outs.iter().skip(1).enumerate() {
                 if let Some(slot) = a.get_mut(j) {
                     *slot = Val::new(*v, b"ba");
@@ -624,7 +641,15 @@ mod tests {
     fn loops_conditions_and_arithmetic_run_as_written() {
         let out = run("var i\nvar n\nstore_var i 0i ja\nstore_var n 0i ja\nloop i < 5i\n  if i == 2i\n    add_var n 10i\n  elseif i >= 3i\n    add_var n 100i\n  else\n    add_var n 1i\n  endif\n  add_var i 1i\nendloop\npck_start\npck_add n\npck_end\n");
         // n = 1 + 1 + 10 + 100 + 100
-        assert_eq!(out, ["L", "+", &format!("Pja{}", encode_value(212.0).unwrap()), ""]);
+        assert_eq!(
+            out,
+            [
+                "L",
+                "+",
+                &format!("Pja{}", encode_value(212.0).unwrap()),
+                ""
+            ]
+        );
         let out = run("var i\nstore_var i 0i ja\nloop i < 100i\n  add_var i 1i\n  if i >= 3i\n    breakloop\n  endif\nendloop\npck_start\npck_add i\npck_end\n");
         assert_eq!(out[2], format!("Pja{}", encode_value(3.0).unwrap()));
     }
@@ -632,7 +657,10 @@ mod tests {
     #[test]
     fn two_loops_run_in_sequence_each_with_its_own_packages() {
         let out = run("var c\nvar p\nvar f\nvar r\nvar z\nmeas_loop_lsv p c 0 100m 10m 100m\n pck_start\n pck_add p\n pck_add c\n pck_end\nendloop\nmeas_loop_eis f r z 10m 1k 10 3i 0\n pck_start\n pck_add f\n pck_add r\n pck_add z\n pck_end\nendloop\n");
-        let m: Vec<&String> = out.iter().filter(|l| l.starts_with('M') || *l == "*").collect();
+        let m: Vec<&String> = out
+            .iter()
+            .filter(|l| l.starts_with('M') || *l == "*")
+            .collect();
         assert_eq!(m, ["M0000", "*", "M000D", "*"]);
         let eis: Vec<&String> = out.iter().filter(|l| l.starts_with("Pdc")).collect();
         assert_eq!(eis.len(), 3);
@@ -641,7 +669,11 @@ mod tests {
 
     #[test]
     fn a_loop_without_pck_still_takes_its_time_and_waits_count() {
-        let mut vm = Vm::load("var c\nvar p\nmeas_loop_ca p c 0 100m 2\nendloop\nwait 3\n", 1).unwrap();
+        let mut vm = Vm::load(
+            "var c\nvar p\nmeas_loop_ca p c 0 100m 2\nendloop\nwait 3\n",
+            1,
+        )
+        .unwrap();
         let mut out = Vec::new();
         while vm.advance(f64::INFINITY, 1000, &mut out) != Status::Ended {}
         assert!((vm.clock() - 5.0).abs() < 0.11, "clock {}", vm.clock());
@@ -649,8 +681,39 @@ mod tests {
     }
 
     #[test]
+    fn every_example_script_passes_the_check_and_runs_to_its_end() {
+        use crate::devices::methodscript::method::Method;
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("devices/methods/examples");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let m = Method::load(&dir, path.to_str().unwrap()).unwrap_or_else(|e| panic!("{e}"));
+            let (script, _) = m.render(&serde_json::Map::new()).unwrap();
+            let out = run(&script);
+            let loops = out.iter().filter(|l| l.starts_with('M')).count();
+            let ends = out.iter().filter(|l| *l == "*").count();
+            let data = out.iter().filter(|l| l.starts_with('P')).count();
+            assert!(
+                loops >= 1 && loops == ends && data >= 5,
+                "{}: {loops} loops, {data} packages",
+                path.display()
+            );
+            assert!(
+                !out.iter().any(|l| l.contains('!')),
+                "{}: {out:?}",
+                path.display()
+            );
+            n += 1;
+        }
+        assert!(n >= 15, "{n} example scripts");
+    }
+
+    #[test]
     fn errors_name_the_line_and_column_as_received() {
-        assert_eq!(Vm::load("var c\n  set_ee 1\n", 1).err().as_deref(), Some("!4001: Line 2, Col 3"));
+        assert_eq!(
+            Vm::load("var c\n  set_ee 1\n", 1).err().as_deref(),
+            Some("!4001: Line 2, Col 3")
+        );
         let out = run("var a\nstore_var a 1 ja\ndiv_var a 0\non_finished:\nsend_string \"off\"\n");
         assert_eq!(out, ["!0028: Line 3, Col 11", "Toff", ""]);
     }

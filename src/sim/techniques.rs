@@ -6,6 +6,8 @@
 //! (a sigmoidal wave; DPV and SWV differences peak at E°), CP the Sand equation, EIS and
 //! GEIS a Randles circuit, OCP a slowly settling rest potential.
 
+use std::f64::consts::FRAC_1_SQRT_2;
+
 use crate::devices::simulated::cell::{Generator, Step};
 use crate::devices::simulated::rng::Rng;
 
@@ -57,8 +59,20 @@ pub fn samples(
     let scale = 1.0 + 0.15 * f64::from(channel.saturating_sub(1));
     let mut rng = Rng::new(seed ^ u64::from(channel));
     let noise = |rng: &mut Rng, v: f64| v * (1.0 + 0.003 * rng.symmetric());
-    let need = |n: usize| if args.len() < n { Err(bad(args.len() + 1)) } else { Ok(()) };
-    let positive = |i: usize| if args[i] > 0.0 && args[i].is_finite() { Ok(args[i]) } else { Err(bad(i + 1)) };
+    let need = |n: usize| {
+        if args.len() < n {
+            Err(bad(args.len() + 1))
+        } else {
+            Ok(())
+        }
+    };
+    let positive = |i: usize| {
+        if args[i] > 0.0 && args[i].is_finite() {
+            Ok(args[i])
+        } else {
+            Err(bad(i + 1))
+        }
+    };
     let count = |span: f64, step: f64| -> Result<usize, Refused> {
         let n = (span.abs() / step).round();
         if !(n.is_finite() && n < 2_000_000.0) {
@@ -68,7 +82,9 @@ pub fn samples(
     };
     // The pulse current of the reversible couple at potential e after `t_p` s.
     let wave = |e: f64, t_p: f64| {
-        scale * COTTRELL / (std::f64::consts::PI * t_p.max(1e-4)).sqrt() / (1.0 + (-F_RT * (e - E0)).exp())
+        scale * COTTRELL
+            / (std::f64::consts::PI * t_p.max(1e-4)).sqrt()
+            / (1.0 + (-F_RT * (e - E0)).exp())
     };
     let mut out = Vec::new();
     match technique {
@@ -105,13 +121,29 @@ pub fn samples(
             };
             // Refuse before building: the generator holds every point.
             let n = match &step {
-                Step::Cv { e_begin, e_vertex1, e_vertex2, e_step, n_scans, .. } => {
-                    ((e_vertex1 - e_begin).abs() + (e_vertex2 - e_vertex1).abs() + (e_begin - e_vertex2).abs())
+                Step::Cv {
+                    e_begin,
+                    e_vertex1,
+                    e_vertex2,
+                    e_step,
+                    n_scans,
+                    ..
+                } => {
+                    ((e_vertex1 - e_begin).abs()
+                        + (e_vertex2 - e_vertex1).abs()
+                        + (e_begin - e_vertex2).abs())
                         / e_step
                         * f64::from(*n_scans)
                 }
-                Step::Lsv { e_begin, e_end, e_step, .. } => (e_end - e_begin).abs() / e_step,
-                Step::Ca { t_interval, t_run, .. } => t_run / t_interval,
+                Step::Lsv {
+                    e_begin,
+                    e_end,
+                    e_step,
+                    ..
+                } => (e_end - e_begin).abs() / e_step,
+                Step::Ca {
+                    t_interval, t_run, ..
+                } => t_run / t_interval,
             };
             if !(n.is_finite() && n < 2_000_000.0) {
                 return Err(bad(0));
@@ -175,10 +207,13 @@ pub fn samples(
                         let (amp, freq) = (args[4], positive(5)?);
                         let x = (F_RT * (e - E0)).exp();
                         let slope = F_RT * x / (1.0 + x).powi(2);
-                        let i_ac = noise(&mut rng, scale * COTTRELL * amp * slope * (std::f64::consts::PI * freq).sqrt());
+                        let i_ac = noise(
+                            &mut rng,
+                            scale * COTTRELL * amp * slope * (std::f64::consts::PI * freq).sqrt(),
+                        );
                         let i_dc = noise(&mut rng, wave(e, interval));
                         let z = amp / i_ac.abs().max(1e-15);
-                        vec![e, i_dc, amp, i_ac, z * 0.7071, -z * 0.7071]
+                        vec![e, i_dc, amp, i_ac, z * FRAC_1_SQRT_2, -z * FRAC_1_SQRT_2]
                     }
                 };
                 out.push(Sample {
@@ -211,7 +246,9 @@ pub fn samples(
                     "CP" => {
                         // Sand: the potential climbs as the surface empties, τ at the end.
                         let i = args[0];
-                        let tau = (COTTRELL * scale * std::f64::consts::PI.sqrt() / (2.0 * i.abs().max(1e-12))).powi(2);
+                        let tau = (COTTRELL * scale * std::f64::consts::PI.sqrt()
+                            / (2.0 * i.abs().max(1e-12)))
+                        .powi(2);
                         let r = (t.sqrt() / (tau.sqrt() - t.sqrt()).max(1e-3)).max(1e-9);
                         let e = (E0 + i.signum() * r.ln() / F_RT).clamp(-2.0, 2.0) + RS * i;
                         vec![noise(&mut rng, e), i]
@@ -229,7 +266,11 @@ pub fn samples(
                         vec![dc, noise(&mut rng, i)]
                     }
                 };
-                out.push(Sample { dt: t, outs, scan: 0 });
+                out.push(Sample {
+                    dt: t,
+                    outs,
+                    scan: 0,
+                });
             }
         }
         "LSP" => {
@@ -254,7 +295,7 @@ pub fn samples(
             need(4)?;
             let (f_start, f_end) = (positive(1)?, positive(2)?);
             let n = args[3];
-            if !(n >= 1.0 && n <= 10_000.0 && n.fract() == 0.0) {
+            if !((1.0..=10_000.0).contains(&n) && n.fract() == 0.0) {
                 return Err(bad(4));
             }
             let n = n as usize;
@@ -286,10 +327,19 @@ pub fn samples(
                     let s = 1.0 + 0.15 * f64::from(ch.saturating_sub(1));
                     outs.push(noise(&mut rng, s * wave(e, t)));
                 }
-                out.push(Sample { dt: t, outs, scan: 0 });
+                out.push(Sample {
+                    dt: t,
+                    outs,
+                    scan: 0,
+                });
             }
         }
-        _ => return Err(Refused { code: 0x001B, arg: 0 }),
+        _ => {
+            return Err(Refused {
+                code: 0x001B,
+                arg: 0,
+            })
+        }
     }
     Ok(out)
 }
@@ -319,12 +369,21 @@ mod tests {
         ] {
             let s = samples(tech, &args, 1, 1, (1, 1), 3).unwrap();
             assert_eq!(s.len(), 101);
-            let peak = s.iter().max_by(|a, b| a.outs[1].total_cmp(&b.outs[1])).unwrap();
-            assert!((peak.outs[0] - E0).abs() < 0.05, "{tech} peak at {}", peak.outs[0]);
+            let peak = s
+                .iter()
+                .max_by(|a, b| a.outs[1].total_cmp(&b.outs[1]))
+                .unwrap();
+            assert!(
+                (peak.outs[0] - E0).abs() < 0.05,
+                "{tech} peak at {}",
+                peak.outs[0]
+            );
             assert!(peak.outs[1] > 1e-6, "{tech} peak current {}", peak.outs[1]);
         }
         let swv = samples("SWV", &[-0.3, 0.7, 0.01, 0.025, 10.0], 1, 1, (1, 1), 3).unwrap();
-        assert!(swv.iter().all(|s| (s.outs[1] - (s.outs[2] - s.outs[3])).abs() < 1e-15));
+        assert!(swv
+            .iter()
+            .all(|s| (s.outs[1] - (s.outs[2] - s.outs[3])).abs() < 1e-15));
     }
 
     #[test]

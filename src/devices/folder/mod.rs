@@ -700,6 +700,8 @@ impl Folder<'_> {
                     technique: cols.technique.clone(),
                     experiment_id: experiment_id.clone(),
                     step_index: 0,
+                    scan: None,
+                    applied: Vec::new(),
                     points: chunk.to_vec(),
                 },
             );

@@ -17,6 +17,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::method::Method;
+use super::plan::{self, Plan};
+use super::script::Script;
 use super::session::{Command, Output, Session, State};
 use super::Line;
 use crate::devices::serial::{self, Flow, Frame, Incoming, Parity, UsbId};
@@ -127,6 +129,9 @@ struct Info {
     mscript_version: String,
 }
 
+/// A device error: code, text, its context, and where in the method file.
+type DeviceFault = (u16, String, Option<String>, Option<(usize, usize)>);
+
 /// How a connection ended.
 enum Ended {
     Lost(String),
@@ -136,12 +141,24 @@ enum Ended {
 struct Experiment {
     id: String,
     technique: String,
+    /// The script's loops and where the device is in it.
+    plan: Plan,
+    /// The measurement loop running (index into `plan.loops`).
+    current: Option<usize>,
+    /// Measurement loops started so far (the step of the records).
+    loops_started: u32,
+    /// Points of the running loop so far.
+    loop_points: u64,
+    /// The running loop reports scans (`C…` seen).
+    loop_has_scans: bool,
+    /// Fields of the chunk's points that are the applied setting.
+    chunk_applied: Vec<&'static str>,
     started: Instant,
     chunk: Vec<Point>,
     chunk_started: Instant,
     scan: u32,
-    /// First device error seen: (code, text, context).
-    error: Option<(u16, String, Option<String>)>,
+    /// First device error seen: (code, text, context, line and column in the method file).
+    error: Option<DeviceFault>,
     /// Who asked to start (answered when the device echoes `e`).
     start_reply: Option<oneshot::Sender<Result<String, String>>>,
     /// Who asked to stop (answered when the script has ended), and its command id.
@@ -175,6 +192,17 @@ struct Conn<'a> {
 }
 
 impl Conn<'_> {
+    /// `Line L, Col C` of the script as sent → line and column in the method file.
+    fn user_place(&self, context: &str) -> Option<(usize, usize)> {
+        let mut nums = context
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse::<usize>().ok());
+        let line = nums.next()??;
+        let col = nums.next().flatten().unwrap_or(1);
+        Some((self.method.user_line(line)?, col))
+    }
+
     fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
         self.writer
             .write_all(bytes)
@@ -261,12 +289,15 @@ impl Conn<'_> {
             return Ok(());
         }
         let points = std::mem::take(&mut exp.chunk);
+        let applied = std::mem::take(&mut exp.chunk_applied);
         let draft = Draft::new(
             self.ctx.id.clone(),
             Body::EchemData {
                 technique: exp.technique.clone(),
                 experiment_id: exp.id.clone(),
-                step_index: exp.scan,
+                step_index: exp.loops_started.saturating_sub(1),
+                scan: exp.loop_has_scans.then_some(exp.scan),
+                applied: applied.into_iter().map(String::from).collect(),
                 points,
             },
         )
@@ -300,6 +331,7 @@ impl Conn<'_> {
                 return Ok(());
             }
         };
+        let plan = Plan::new(&Script::parse_sent(&script));
         let bytes = match self.session.start(&script) {
             Ok(b) => b,
             Err(e) => {
@@ -334,6 +366,12 @@ impl Conn<'_> {
         self.exp = Some(Experiment {
             id,
             technique: self.method.technique.clone(),
+            plan,
+            current: None,
+            loops_started: 0,
+            loop_points: 0,
+            loop_has_scans: false,
+            chunk_applied: Vec::new(),
             started: Instant::now(),
             chunk: Vec::with_capacity(self.cfg.points_per_message),
             chunk_started: Instant::now(),
@@ -409,6 +447,7 @@ impl Conn<'_> {
                 self.flush_chunk().await?;
                 if let Some(exp) = &mut self.exp {
                     exp.in_scan = true;
+                    exp.loop_has_scans = true;
                     let (id, scan) = (exp.id.clone(), exp.scan);
                     self.ctx
                         .experiment_event("scan_started", &id, object([("scan", scan.into())]))
@@ -443,12 +482,24 @@ impl Conn<'_> {
                     return Ok(());
                 };
                 exp.scan = scan;
-                let point = point_from(&package, exp.started.elapsed().as_secs_f64());
-                if exp.chunk.is_empty() {
-                    exp.chunk_started = Instant::now();
+                let lp = exp.current.and_then(|c| exp.plan.loops.get(c));
+                let fallback_t = exp.started.elapsed().as_secs_f64();
+                let (points, applied) = plan::points(lp, &package, exp.loop_points, fallback_t);
+                if applied != exp.chunk_applied && !exp.chunk.is_empty() {
+                    self.flush_chunk().await?;
                 }
-                exp.chunk.push(point);
-                exp.points += 1;
+                let Some(exp) = &mut self.exp else {
+                    return Ok(());
+                };
+                exp.chunk_applied = applied;
+                exp.loop_points += 1;
+                for point in points {
+                    if exp.chunk.is_empty() {
+                        exp.chunk_started = Instant::now();
+                    }
+                    exp.chunk.push(point);
+                    exp.points += 1;
+                }
                 if exp.chunk.len() >= self.cfg.points_per_message {
                     self.flush_chunk().await?;
                 }
@@ -467,8 +518,16 @@ impl Conn<'_> {
                 context,
             } => {
                 tracing::warn!(device = %self.ctx.id, code = format!("{code:04X}"), %text, "device error");
+                let place = context.as_deref().and_then(|c| self.user_place(c));
+                let text = match place {
+                    Some((line, col)) => {
+                        format!("{text} (line {line}, col {col} of {})", self.method.name)
+                    }
+                    None => text,
+                };
                 if let Some(exp) = &mut self.exp {
-                    exp.error.get_or_insert((code, text.clone(), context));
+                    exp.error
+                        .get_or_insert((code, text.clone(), context, place));
                     if let Some(r) = exp.start_reply.take() {
                         let _ = r.send(Err(format!("device error {code:04X}: {text}")));
                     }
@@ -493,12 +552,18 @@ impl Conn<'_> {
                     ("duration", exp.started.elapsed().as_secs_f64().into()),
                     ("points", exp.points.into()),
                 ]);
-                let event = if let Some((code, text, context)) = exp.error.take().filter(|_| failed)
+                let event = if let Some((code, text, context, place)) =
+                    exp.error.take().filter(|_| failed)
                 {
                     data.insert("error_code".into(), format!("{code:04X}").into());
                     data.insert("error".into(), text.into());
+                    data.insert("reason".into(), "device error".into());
                     if let Some(c) = context {
                         data.insert("context".into(), c.into());
+                    }
+                    if let Some((line, col)) = place {
+                        data.insert("line".into(), line.into());
+                        data.insert("column".into(), col.into());
                     }
                     "experiment_failed"
                 } else if aborted && exp.shutting_down && exp.stop_reply.is_none() {
@@ -511,6 +576,7 @@ impl Conn<'_> {
                     }
                     "experiment_stopped"
                 } else {
+                    data.insert("reason".into(), "completed".into());
                     "experiment_completed"
                 };
                 self.ctx.experiment_event(event, &exp.id, data).await?;
@@ -563,7 +629,47 @@ impl Conn<'_> {
                     Err(format!("device refused {letter}: {text} ({code:04X})")),
                 );
             }
-            Output::MeasLoopStarted(_) | Output::MeasLoopEnded => {}
+            Output::MeasLoopStarted(_) => {
+                self.flush_chunk().await?;
+                if let Some(exp) = &mut self.exp {
+                    exp.current = exp.plan.meas_started();
+                    exp.loops_started += 1;
+                    exp.loop_points = 0;
+                    exp.loop_has_scans = false;
+                    exp.scan = 0;
+                    let lp = exp.current.and_then(|c| exp.plan.loops.get(c));
+                    if let Some(lp) = lp {
+                        exp.technique = lp.technique.clone();
+                    }
+                    let line = lp.and_then(|l| self.method.user_line(l.line));
+                    let mut data = object([
+                        ("step", exp.loops_started.saturating_sub(1).into()),
+                        ("technique", exp.technique.clone().into()),
+                    ]);
+                    if let Some(l) = line {
+                        data.insert("line".into(), l.into());
+                    }
+                    let id = exp.id.clone();
+                    self.ctx.experiment_event("step_started", &id, data).await?;
+                }
+            }
+            Output::MeasLoopEnded => {
+                self.flush_chunk().await?;
+                if let Some(exp) = &mut self.exp {
+                    exp.current = None;
+                    exp.plan.meas_ended();
+                }
+            }
+            Output::LoopStarted => {
+                if let Some(exp) = &mut self.exp {
+                    exp.plan.loop_started();
+                }
+            }
+            Output::LoopEnded => {
+                if let Some(exp) = &mut self.exp {
+                    exp.plan.loop_ended();
+                }
+            }
             Output::Unexpected(l) => {
                 tracing::debug!(device = %self.ctx.id, line = %l, "unexpected line")
             }
@@ -576,6 +682,7 @@ impl Conn<'_> {
         self.flush_chunk().await?;
         if let Some(mut exp) = self.exp.take() {
             let data = object([
+                ("reason", "disconnect".into()),
                 ("error", format!("device disconnected: {reason}").into()),
                 ("points", exp.points.into()),
                 ("partial", true.into()),
@@ -706,6 +813,12 @@ pub fn point_from(package: &super::Package, fallback_t: f64) -> Point {
         f: value("dc"),
         z_re: value("cc"),
         z_im: value("cd"),
+        z_mod: value("cb"),
+        phase: value("ca"),
+        channel: value("ea")
+            .filter(|c| *c >= 0.0 && *c < 65_536.0)
+            .map(|c| c as u16),
+        ..Point::tei(0.0, f64::NAN, f64::NAN)
     }
 }
 

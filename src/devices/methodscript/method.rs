@@ -185,8 +185,17 @@ impl Method {
             lines.push(n);
         }
         let script = Script::parse(text);
-        if let Some(p) = script.check(text).into_iter().next() {
-            return Err(syntax(p.line, p.col, p.message));
+        let problems = script.check(text);
+        if let Some(p) = problems.first() {
+            // Every problem, so one `labgate check` shows all there is to fix.
+            let mut message = p.message.clone();
+            for q in problems.iter().skip(1).take(9) {
+                message.push_str(&format!("; line {}, col {}: {}", q.line, q.col, q.message));
+            }
+            if problems.len() > 10 {
+                message.push_str(&format!("; and {} more", problems.len() - 10));
+            }
+            return Err(syntax(p.line, p.col, message));
         }
         // The measurement loops as written: (line, command, technique).
         let loops: Vec<(usize, String, String)> = script
@@ -320,7 +329,6 @@ impl Method {
         Ok((script, effective))
     }
 }
-
 
 fn placeholders(line: &str) -> Vec<&str> {
     let mut out = Vec::new();

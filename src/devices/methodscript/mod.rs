@@ -9,6 +9,7 @@ mod codec;
 pub mod driver;
 pub mod method;
 mod package;
+pub mod plan;
 pub mod script;
 pub mod session;
 

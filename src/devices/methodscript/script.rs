@@ -139,30 +139,141 @@ const UNCHECKED: Sig = Sig {
 /// Every command of the MethodSCRIPT 1.9 registry; block and condition commands are
 /// handled by the structure check.
 const REGISTRY: &[&str] = &[
-    "var", "array", "store_var", "copy_var", "add_var", "sub_var", "mul_var", "div_var",
-    "set_e", "set_int", "await_int", "wait", "loop", "endloop", "breakloop", "if", "else",
-    "elseif", "endif", "get_time", "meas", "meas_loop_lsv", "meas_loop_cv", "meas_loop_dpv",
-    "meas_loop_swv", "meas_loop_npv", "meas_loop_ca", "meas_loop_pad", "meas_loop_ocp",
-    "meas_loop_eis", "set_autoranging", "pck_start", "pck_add", "pck_end", "set_max_bandwidth",
-    "set_cr", "cell_on", "cell_off", "set_pgstat_mode", "send_string", "set_pgstat_chan",
-    "set_gpio_cfg", "set_gpio_pullup", "set_gpio", "get_gpio", "set_pot_range",
-    "set_poly_we_mode", "file_open", "file_close", "set_script_output", "array_get", "array_set",
-    "i2c_config", "i2c_read_byte", "i2c_write_byte", "i2c_read", "i2c_write", "i2c_write_read",
-    "hibernate", "abort", "timer_start", "timer_get", "set_range", "set_range_minmax",
-    "meas_loop_cp", "set_i", "meas_loop_lsp", "meas_loop_geis", "int_to_float", "float_to_int",
-    "bit_and_var", "bit_or_var", "bit_xor_var", "bit_lsl_var", "bit_lsr_var", "bit_inv_var",
-    "set_channel_sync", "set_acquisition_frac", "mux_config", "mux_get_channel_count",
-    "mux_set_channel", "set_gpio_msk", "get_gpio_msk", "set_e_aux", "set_ir_comp",
-    "meas_fast_cv", "set_acquisition_frac_autoadjust", "alter_vartype", "meas_loop_acv",
-    "meas_ms_eis", "meas_fast_ca", "mod_var", "notify_led", "set_scan_dir",
-    "meas_loop_ca_alt_mux", "meas_loop_cp_alt_mux", "meas_loop_ocp_alt_mux", "smooth",
-    "peak_detect", "set_bipot_mode", "set_bipot_potential", "meas_loop_eis_dual", "rtc_get",
-    "beep", "battery_perc", "get_progress", "pow_var", "subarray", "log_var", "linear_fit",
-    "mean", "trim_enable", "meas_scp", "display_text", "display_btns", "display_clear",
-    "display_progress", "display_icon", "display_draw", "display_inp_num", "display_scroll_add",
-    "display_scroll_get", "display_keyboard", "qr_scan", "str", "store_str", "load_saved_start",
-    "load_saved_end", "load_saved_var", "load_saved_str", "save_var", "save_str",
-    "float_to_int_round", "drop_detect_loop", "display_filebrowse",
+    "var",
+    "array",
+    "store_var",
+    "copy_var",
+    "add_var",
+    "sub_var",
+    "mul_var",
+    "div_var",
+    "set_e",
+    "set_int",
+    "await_int",
+    "wait",
+    "loop",
+    "endloop",
+    "breakloop",
+    "if",
+    "else",
+    "elseif",
+    "endif",
+    "get_time",
+    "meas",
+    "meas_loop_lsv",
+    "meas_loop_cv",
+    "meas_loop_dpv",
+    "meas_loop_swv",
+    "meas_loop_npv",
+    "meas_loop_ca",
+    "meas_loop_pad",
+    "meas_loop_ocp",
+    "meas_loop_eis",
+    "set_autoranging",
+    "pck_start",
+    "pck_add",
+    "pck_end",
+    "set_max_bandwidth",
+    "set_cr",
+    "cell_on",
+    "cell_off",
+    "set_pgstat_mode",
+    "send_string",
+    "set_pgstat_chan",
+    "set_gpio_cfg",
+    "set_gpio_pullup",
+    "set_gpio",
+    "get_gpio",
+    "set_pot_range",
+    "set_poly_we_mode",
+    "file_open",
+    "file_close",
+    "set_script_output",
+    "array_get",
+    "array_set",
+    "i2c_config",
+    "i2c_read_byte",
+    "i2c_write_byte",
+    "i2c_read",
+    "i2c_write",
+    "i2c_write_read",
+    "hibernate",
+    "abort",
+    "timer_start",
+    "timer_get",
+    "set_range",
+    "set_range_minmax",
+    "meas_loop_cp",
+    "set_i",
+    "meas_loop_lsp",
+    "meas_loop_geis",
+    "int_to_float",
+    "float_to_int",
+    "bit_and_var",
+    "bit_or_var",
+    "bit_xor_var",
+    "bit_lsl_var",
+    "bit_lsr_var",
+    "bit_inv_var",
+    "set_channel_sync",
+    "set_acquisition_frac",
+    "mux_config",
+    "mux_get_channel_count",
+    "mux_set_channel",
+    "set_gpio_msk",
+    "get_gpio_msk",
+    "set_e_aux",
+    "set_ir_comp",
+    "meas_fast_cv",
+    "set_acquisition_frac_autoadjust",
+    "alter_vartype",
+    "meas_loop_acv",
+    "meas_ms_eis",
+    "meas_fast_ca",
+    "mod_var",
+    "notify_led",
+    "set_scan_dir",
+    "meas_loop_ca_alt_mux",
+    "meas_loop_cp_alt_mux",
+    "meas_loop_ocp_alt_mux",
+    "smooth",
+    "peak_detect",
+    "set_bipot_mode",
+    "set_bipot_potential",
+    "meas_loop_eis_dual",
+    "rtc_get",
+    "beep",
+    "battery_perc",
+    "get_progress",
+    "pow_var",
+    "subarray",
+    "log_var",
+    "linear_fit",
+    "mean",
+    "trim_enable",
+    "meas_scp",
+    "display_text",
+    "display_btns",
+    "display_clear",
+    "display_progress",
+    "display_icon",
+    "display_draw",
+    "display_inp_num",
+    "display_scroll_add",
+    "display_scroll_get",
+    "display_keyboard",
+    "qr_scan",
+    "str",
+    "store_str",
+    "load_saved_start",
+    "load_saved_end",
+    "load_saved_var",
+    "load_saved_str",
+    "save_var",
+    "save_str",
+    "float_to_int_round",
+    "drop_detect_loop",
+    "display_filebrowse",
 ];
 
 fn signature(cmd: &str) -> Option<Sig> {
@@ -272,10 +383,7 @@ pub fn option(text: &str) -> Option<(&str, Vec<&str>)> {
     }
     Some((
         name,
-        inner
-            .split([',', ' '])
-            .filter(|s| !s.is_empty())
-            .collect(),
+        inner.split([',', ' ']).filter(|s| !s.is_empty()).collect(),
     ))
 }
 
@@ -342,9 +450,12 @@ fn split_condition(args: Vec<Token>) -> Vec<Token> {
         let mut rest = t.text.as_str();
         let mut col = t.col;
         while !rest.is_empty() {
-            let found = rest
-                .char_indices()
-                .find_map(|(i, _)| OPERATORS.iter().find(|o| rest[i..].starts_with(**o)).map(|o| (i, *o)));
+            let found = rest.char_indices().find_map(|(i, _)| {
+                OPERATORS
+                    .iter()
+                    .find(|o| rest[i..].starts_with(**o))
+                    .map(|o| (i, *o))
+            });
             match found {
                 Some((0, op)) => {
                     out.push(Token {
@@ -486,10 +597,16 @@ impl Script {
             let target = match c {
                 "store_var" => arg(0),
                 "copy_var" => arg(1),
-                "add_var" | "sub_var" | "mul_var" | "div_var" | "mod_var" | "pow_var"
-                | "timer_get" | "array_get" | "mux_get_channel_count" | "get_gpio" => {
-                    arg(if c == "array_get" { 2 } else { 0 })
-                }
+                "add_var"
+                | "sub_var"
+                | "mul_var"
+                | "div_var"
+                | "mod_var"
+                | "pow_var"
+                | "timer_get"
+                | "array_get"
+                | "mux_get_channel_count"
+                | "get_gpio" => arg(if c == "array_get" { 2 } else { 0 }),
                 _ => None,
             };
             let Some(target) = target else { continue };
@@ -546,8 +663,18 @@ impl Checker {
         if let Some((name, index)) = element(text) {
             match self.vars.get(name) {
                 Some(true) => {}
-                Some(false) => self.problem(t, line, code::BAD_ARGUMENT, format!("{name} is not an array")),
-                None => self.problem(t, line, code::UNDECLARED, format!("array {name} is not declared")),
+                Some(false) => self.problem(
+                    t,
+                    line,
+                    code::BAD_ARGUMENT,
+                    format!("{name} is not an array"),
+                ),
+                None => self.problem(
+                    t,
+                    line,
+                    code::UNDECLARED,
+                    format!("array {name} is not declared"),
+                ),
             }
             let idx = Token {
                 text: index.to_string(),
@@ -568,7 +695,12 @@ impl Checker {
             return;
         }
         if text.starts_with(|c: char| c.is_ascii_digit() || c == '-' || c == '+' || c == '.') {
-            self.problem(t, line, code::UNEXPECTED, format!("{text:?} is not a number (digits with an SI prefix: 100m, 2u, 5i)"));
+            self.problem(
+                t,
+                line,
+                code::UNEXPECTED,
+                format!("{text:?} is not a number (digits with an SI prefix: 100m, 2u, 5i)"),
+            );
         } else {
             self.problem(t, line, code::UNEXPECTED, format!("unexpected {text:?}"));
         }
@@ -580,33 +712,68 @@ impl Checker {
             Kind::Val => self.value(t, line),
             Kind::Out => {
                 if literal(text).is_some() {
-                    self.problem(t, line, code::BAD_ARGUMENT, format!("{text} is a number where a variable is written"));
+                    self.problem(
+                        t,
+                        line,
+                        code::BAD_ARGUMENT,
+                        format!("{text} is a number where a variable is written"),
+                    );
                 } else {
                     self.value(t, line);
                 }
             }
             Kind::Type => {
                 let b = text.as_bytes();
-                if !(b.len() == 2 && b.iter().all(u8::is_ascii_lowercase)) && !is_placeholder(text) {
-                    self.problem(t, line, code::BAD_ARGUMENT, format!("{text:?} is not a variable type (two letters: ba, da, ja …)"));
+                if !(is_placeholder(text) || b.len() == 2 && b.iter().all(u8::is_ascii_lowercase)) {
+                    self.problem(
+                        t,
+                        line,
+                        code::BAD_ARGUMENT,
+                        format!("{text:?} is not a variable type (two letters: ba, da, ja …)"),
+                    );
                 }
             }
             Kind::Str => {
                 let s = text.strip_prefix('f').unwrap_or(text);
                 if !(s.len() >= 2 && s.starts_with('"') && s.ends_with('"')) {
-                    self.problem(t, line, code::UNEXPECTED, format!("{text} is not a string in double quotes"));
+                    self.problem(
+                        t,
+                        line,
+                        code::UNEXPECTED,
+                        format!("{text} is not a string in double quotes"),
+                    );
                 }
             }
             Kind::Array => match self.vars.get(text) {
                 Some(true) => {}
-                Some(false) => self.problem(t, line, code::BAD_ARGUMENT, format!("{text} is not an array")),
-                None => self.problem(t, line, code::UNDECLARED, format!("array {text} is not declared (`array {text} <size>`)")),
+                Some(false) => self.problem(
+                    t,
+                    line,
+                    code::BAD_ARGUMENT,
+                    format!("{text} is not an array"),
+                ),
+                None => self.problem(
+                    t,
+                    line,
+                    code::UNDECLARED,
+                    format!("array {text} is not declared (`array {text} <size>`)"),
+                ),
             },
             Kind::New => {
                 if !is_name(text) {
-                    self.problem(t, line, code::BAD_NAME, format!("{text:?} is not a valid variable name"));
+                    self.problem(
+                        t,
+                        line,
+                        code::BAD_NAME,
+                        format!("{text:?} is not a valid variable name"),
+                    );
                 } else if self.vars.contains_key(text) {
-                    self.problem(t, line, code::VAR_EXISTS, format!("variable {text} already exists"));
+                    self.problem(
+                        t,
+                        line,
+                        code::VAR_EXISTS,
+                        format!("variable {text} already exists"),
+                    );
                 }
             }
         }
@@ -619,7 +786,10 @@ impl Checker {
                 &s.cmd,
                 s.line,
                 code::BAD_ARGUMENT,
-                format!("{} needs a condition `a <op> b` with op one of == != >= <= > <", s.cmd.text),
+                format!(
+                    "{} needs a condition `a <op> b` with op one of == != >= <= > <",
+                    s.cmd.text
+                ),
             );
             return;
         }
@@ -631,8 +801,19 @@ impl Checker {
         match self.blocks.last() {
             Some((kind, _, _)) if want.contains(kind) => self.blocks.pop().map(|b| b.0),
             other => {
-                let open = other.map(|(k, l, _)| format!(" (the open block is the {k} on line {l})")).unwrap_or_default();
-                self.problem(&s.cmd, s.line, code::UNEXPECTED, format!("{} without a matching {}{open}", s.cmd.text, want.join(" or ")));
+                let open = other
+                    .map(|(k, l, _)| format!(" (the open block is the {k} on line {l})"))
+                    .unwrap_or_default();
+                self.problem(
+                    &s.cmd,
+                    s.line,
+                    code::UNEXPECTED,
+                    format!(
+                        "{} without a matching {}{open}",
+                        s.cmd.text,
+                        want.join(" or ")
+                    ),
+                );
                 None
             }
         }
@@ -654,7 +835,12 @@ impl Checker {
             }
             "elseif" | "else" => {
                 if self.blocks.last().map(|b| b.0) != Some("if") {
-                    self.problem(&s.cmd, s.line, code::UNEXPECTED, format!("{c} outside an if block"));
+                    self.problem(
+                        &s.cmd,
+                        s.line,
+                        code::UNEXPECTED,
+                        format!("{c} outside an if block"),
+                    );
                 } else if self.else_seen.last() == Some(&true) {
                     self.problem(&s.cmd, s.line, code::UNEXPECTED, format!("{c} after else"));
                 } else if c == "else" {
@@ -665,7 +851,12 @@ impl Checker {
                 if c == "elseif" {
                     self.condition(s);
                 } else if let Some(a) = s.args.first() {
-                    self.problem(a, s.line, code::BAD_ARGUMENT, "else takes no arguments".into());
+                    self.problem(
+                        a,
+                        s.line,
+                        code::BAD_ARGUMENT,
+                        "else takes no arguments".into(),
+                    );
                 }
                 return;
             }
@@ -676,21 +867,44 @@ impl Checker {
                 return;
             }
             "endloop" => {
-                if let Some((at, _)) = self.in_pck.filter(|_| self.blocks.last().is_some_and(|b| b.0 == "measurement loop")) {
-                    self.problem(&s.cmd, s.line, code::ENDED_UNEXPECTEDLY, format!("endloop inside the pck_start block of line {at}"));
+                if let Some((at, _)) = self.in_pck.filter(|_| {
+                    self.blocks
+                        .last()
+                        .is_some_and(|b| b.0 == "measurement loop")
+                }) {
+                    self.problem(
+                        &s.cmd,
+                        s.line,
+                        code::ENDED_UNEXPECTEDLY,
+                        format!("endloop inside the pck_start block of line {at}"),
+                    );
                 }
                 self.close(s, &["loop", "measurement loop"]);
                 return;
             }
             "breakloop" => {
-                if !self.blocks.iter().any(|b| b.0 == "loop" || b.0 == "measurement loop") {
-                    self.problem(&s.cmd, s.line, code::UNEXPECTED, "breakloop outside a loop".into());
+                if !self
+                    .blocks
+                    .iter()
+                    .any(|b| b.0 == "loop" || b.0 == "measurement loop")
+                {
+                    self.problem(
+                        &s.cmd,
+                        s.line,
+                        code::UNEXPECTED,
+                        "breakloop outside a loop".into(),
+                    );
                 }
                 return;
             }
             "on_finished:" => {
                 if let Some(first) = self.on_finished {
-                    self.problem(&s.cmd, s.line, code::UNEXPECTED, format!("a second on_finished: (the first is on line {first})"));
+                    self.problem(
+                        &s.cmd,
+                        s.line,
+                        code::UNEXPECTED,
+                        format!("a second on_finished: (the first is on line {first})"),
+                    );
                 } else if let Some((k, l, _)) = self.blocks.last() {
                     let msg = format!("on_finished: inside the {k} of line {l}");
                     self.problem(&s.cmd, s.line, code::UNEXPECTED, msg);
@@ -701,36 +915,62 @@ impl Checker {
             _ => {}
         }
         let Some(sig) = signature(c) else {
-            self.problem(&s.cmd, s.line, code::UNKNOWN_COMMAND, format!("unknown command {c:?}"));
+            self.problem(
+                &s.cmd,
+                s.line,
+                code::UNKNOWN_COMMAND,
+                format!("unknown command {c:?}"),
+            );
             return;
         };
         match c {
             "pck_start" => {
                 if let Some((l, _)) = self.in_pck {
-                    self.problem(&s.cmd, s.line, code::UNEXPECTED, format!("pck_start inside the pck_start of line {l}"));
+                    self.problem(
+                        &s.cmd,
+                        s.line,
+                        code::UNEXPECTED,
+                        format!("pck_start inside the pck_start of line {l}"),
+                    );
                 }
                 self.in_pck = Some((s.line, s.cmd.col));
             }
-            "pck_end" => {
-                if self.in_pck.take().is_none() {
-                    self.problem(&s.cmd, s.line, code::UNEXPECTED, "pck_end without pck_start".into());
-                }
+            // The guard closes the open package (take) whichever way it goes.
+            "pck_end" if self.in_pck.take().is_none() => {
+                self.problem(
+                    &s.cmd,
+                    s.line,
+                    code::UNEXPECTED,
+                    "pck_end without pck_start".into(),
+                );
             }
             "pck_add" if self.in_pck.is_none() => {
-                self.problem(&s.cmd, s.line, code::UNEXPECTED, "pck_add outside pck_start … pck_end".into());
+                self.problem(
+                    &s.cmd,
+                    s.line,
+                    code::UNEXPECTED,
+                    "pck_add outside pck_start … pck_end".into(),
+                );
             }
             _ => {}
         }
         if sig.checked {
             let fixed = sig.kinds.len();
-            let given = s.args.iter().take_while(|a| !(sig.options && option(&a.text).is_some())).count();
+            let given = s
+                .args
+                .iter()
+                .take_while(|a| !(sig.options && option(&a.text).is_some()))
+                .count();
             if given != fixed {
                 let at = s.args.get(fixed).unwrap_or(&s.cmd);
                 self.problem(
                     at,
                     s.line,
                     code::BAD_ARGUMENT,
-                    format!("{c} takes {fixed} argument{}, not {given}", if fixed == 1 { "" } else { "s" }),
+                    format!(
+                        "{c} takes {fixed} argument{}, not {given}",
+                        if fixed == 1 { "" } else { "s" }
+                    ),
                 );
             }
             for (k, a) in sig.kinds.iter().zip(&s.args) {
@@ -741,10 +981,21 @@ impl Checker {
                     Some((_, inner)) => {
                         for (j, v) in inner.iter().enumerate() {
                             let col = a.col + a.text.find('(').unwrap_or(0) + 1 + j;
-                            self.value(&Token { text: (*v).to_string(), col }, s.line);
+                            self.value(
+                                &Token {
+                                    text: (*v).to_string(),
+                                    col,
+                                },
+                                s.line,
+                            );
                         }
                     }
-                    None => self.problem(a, s.line, code::BAD_ARGUMENT, format!("unexpected argument {:?}", a.text)),
+                    None => self.problem(
+                        a,
+                        s.line,
+                        code::BAD_ARGUMENT,
+                        format!("unexpected argument {:?}", a.text),
+                    ),
                 }
             }
             if let (Some(Kind::New), Some(name)) = (sig.kinds.first(), s.args.first()) {
@@ -756,7 +1007,12 @@ impl Checker {
         if is_meas_loop(c) {
             if let Some((_, l, _)) = self.blocks.iter().find(|b| b.0 == "measurement loop") {
                 let l = *l;
-                self.problem(&s.cmd, s.line, code::NESTED_MEAS_LOOP, format!("measurement loops cannot be nested (one is open since line {l})"));
+                self.problem(
+                    &s.cmd,
+                    s.line,
+                    code::NESTED_MEAS_LOOP,
+                    format!("measurement loops cannot be nested (one is open since line {l})"),
+                );
             }
             self.blocks.push(("measurement loop", s.line, s.cmd.col));
         }
@@ -777,12 +1033,18 @@ mod tests {
     fn a_good_script_has_no_problems_and_keeps_its_positions() {
         assert_eq!(problems(CV), vec![]);
         let s = Script::parse(CV);
-        assert_eq!(s.stmts[0].cmd.text, "var", "the leading e is not a statement");
+        assert_eq!(
+            s.stmts[0].cmd.text, "var",
+            "the leading e is not a statement"
+        );
         assert_eq!(s.stmts[0].line, 3);
         let set_e = &s.stmts[3];
         assert_eq!(set_e.args.len(), 1, "the comment is not an argument");
         let pck_add = &s.stmts[7];
-        assert_eq!((pck_add.line, pck_add.cmd.col, pck_add.args[0].col), (10, 5, 13));
+        assert_eq!(
+            (pck_add.line, pck_add.cmd.col, pck_add.args[0].col),
+            (10, 5, 13)
+        );
         assert_eq!(s.meas_loops(), vec![(5, 10)]);
     }
 
@@ -805,7 +1067,8 @@ mod tests {
         for (text, (line, col, code)) in cases {
             let p = problems(text);
             assert!(
-                p.iter().any(|q| (q.line, q.col, q.code) == (*line, *col, *code)),
+                p.iter()
+                    .any(|q| (q.line, q.col, q.code) == (*line, *col, *code)),
                 "{text:?}: expected line {line}, col {col}, code {code:04X} in {p:?}"
             );
         }
@@ -817,10 +1080,23 @@ mod tests {
         assert_eq!(problems(text), vec![]);
         let s = Script::parse(text);
         let cond = s.stmts.iter().find(|s| s.cmd.text == "loop").unwrap();
-        assert_eq!(cond.args.iter().map(|t| t.text.as_str()).collect::<Vec<_>>(), ["i", "<", "channels"]);
+        assert_eq!(
+            cond.args
+                .iter()
+                .map(|t| t.text.as_str())
+                .collect::<Vec<_>>(),
+            ["i", "<", "channels"]
+        );
         assert_eq!(cond.args[2].col, 12);
-        let send = s.stmts.iter().find(|s| s.cmd.text == "send_string").unwrap();
-        assert_eq!(send.args[0].text, "\"two # or more\"", "a # inside a string is text");
+        let send = s
+            .stmts
+            .iter()
+            .find(|s| s.cmd.text == "send_string")
+            .unwrap();
+        assert_eq!(
+            send.args[0].text, "\"two # or more\"",
+            "a # inside a string is text"
+        );
     }
 
     #[test]

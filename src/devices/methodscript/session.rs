@@ -31,6 +31,10 @@ pub enum Output {
     MeasLoopStarted(u16),
     /// The measurement loop ended (`*`).
     MeasLoopEnded,
+    /// A generic loop began (`L`).
+    LoopStarted,
+    /// A generic loop ended (`+`).
+    LoopEnded,
     /// A scan began (`L`), with its number in this loop.
     ScanStarted(u16),
     /// The scan ended (`+`).
@@ -224,7 +228,8 @@ impl Session {
                 vec![Output::ScanStarted(*id)]
             }
             Line::ScanEnd => vec![Output::ScanEnded],
-            Line::LoopStart | Line::LoopEnd => Vec::new(),
+            Line::LoopStart => vec![Output::LoopStarted],
+            Line::LoopEnd => vec![Output::LoopEnded],
             Line::Data(p) => vec![Output::Data {
                 scan: self.scans.saturating_sub(1),
                 package: p.clone(),

@@ -181,6 +181,8 @@ impl Runner<'_> {
                         technique: self.technique.into(),
                         experiment_id: self.experiment_id.clone(),
                         step_index: self.step_index,
+                        scan: None,
+                        applied: Vec::new(),
                         points,
                     },
                 )
