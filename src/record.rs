@@ -37,8 +37,19 @@ pub fn valid_id(s: &str) -> bool {
 /// rejections that name no device).
 pub const AGENT_DEVICE: &str = "agent";
 
+/// A value of a data package that no point field names (its MethodSCRIPT type code and
+/// value), kept rather than dropped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Extra {
+    /// The variable type (`ba`, `cc`, `ja` …).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The value; None for NaN.
+    pub value: Option<f64>,
+}
+
 /// One measured point of an electrochemical technique.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Point {
     /// Seconds since the start of the step.
     pub t: f64,
@@ -80,6 +91,9 @@ pub struct Point {
     /// Multiplexer channel the point was measured on, from 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channel: Option<u16>,
+    /// Values of the instrument's package that no field above names, in package order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub more: Vec<Extra>,
 }
 
 impl Point {
@@ -99,6 +113,7 @@ impl Point {
             i_rev: None,
             i_ac: None,
             channel: None,
+            more: Vec::new(),
         }
     }
 }

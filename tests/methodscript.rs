@@ -237,6 +237,11 @@ fn pause_resume_stop_through_kafka_reach_the_instrument_as_h_h_z() {
         });
     let received = sim.received();
     assert_eq!(&received[4..], ["e", "h", "H", "Z"], "{received:?}");
+    // The run says it was a stop command, and which one.
+    let msgs = rig.reader.drain_for(Duration::from_millis(100)).to_vec();
+    let stopped = &events(&msgs, "experiment_stopped")[0];
+    assert_eq!(stopped["data"]["reason"], "stop command", "{stopped}");
+    assert_eq!(stopped["data"]["command_id"], "c-stop", "{stopped}");
     // Every point the instrument sent before the abort completed is in Kafka.
     let msgs = rig.reader.drain_for(Duration::from_millis(500)).to_vec();
     assert_eq!(points(&msgs).len(), sim.data_lines().len());
@@ -291,6 +296,7 @@ fn unplug_mid_run_fails_the_experiment_with_partial_data_and_the_next_run_works_
         "{failed}"
     );
     assert_eq!(failed["data"]["partial"], true);
+    assert_eq!(failed["data"]["reason"], "disconnect", "{failed}");
     let partial = failed["data"]["points"].as_u64().unwrap();
     assert!(partial >= 20);
     // Every point received before the unplug is kept (data and events are on different

@@ -68,6 +68,7 @@ pub struct Vm {
     interval: Option<(f64, f64)>,
     mux_count: u32,
     channel: u32,
+    e_set: f64,
     seed: u64,
     finishing: bool,
     ended: bool,
@@ -80,7 +81,7 @@ impl Vm {
     /// with (`!XXXX: Line L, Col C`).
     pub fn load(text: &str, seed: u64) -> Result<Vm, String> {
         let script = Script::parse_sent(text);
-        if let Some(p) = script.check(text).into_iter().next() {
+        if let Some(p) = script.check().into_iter().next() {
             return Err(format!("!{:04X}: Line {}, Col {}", p.code, p.line, p.col));
         }
         let mut jump = HashMap::new();
@@ -143,6 +144,7 @@ impl Vm {
             interval: None,
             mux_count: 0,
             channel: 1,
+            e_set: 0.0,
             seed,
             finishing: false,
             ended: false,
@@ -265,6 +267,31 @@ impl Vm {
         }
         self.vars.insert(t.text.clone(), v);
         Ok(())
+    }
+
+    /// `f"Peak: {h[0i]} A at {p}"`: each `{…}` replaced by the value it names.
+    fn interpolate(&self, text: &str) -> String {
+        let mut out = String::new();
+        let mut rest = text;
+        while let Some(a) = rest.find('{') {
+            out.push_str(&rest[..a]);
+            let Some(b) = rest[a..].find('}') else {
+                out.push_str(&rest[a..]);
+                return out;
+            };
+            let name = &rest[a + 1..a + b];
+            let tok = script::Token {
+                text: name.to_string(),
+                col: 0,
+            };
+            match self.value(&tok, 0) {
+                Ok(v) => out.push_str(&format!("{}", v.v)),
+                Err(_) => out.push_str(&rest[a..=a + b]),
+            }
+            rest = &rest[a + b + 1..];
+        }
+        out.push_str(rest);
+        out
     }
 
     fn condition(&self, s: &script::Stmt) -> Result<bool, (u16, usize, usize)> {
@@ -414,8 +441,102 @@ impl Vm {
                 }
             }
             "send_string" => {
-                let t = arg(0).text.trim_start_matches('f').trim_matches('"');
-                out.push(format!("T{t}"));
+                let raw = &arg(0).text;
+                let text = match raw.strip_prefix('f') {
+                    Some(f) => self.interpolate(f.trim_matches('"')),
+                    None => raw.trim_matches('"').to_string(),
+                };
+                out.push(format!("T{text}"));
+            }
+            "set_e" => {
+                self.e_set = self.value(arg(0), line)?.v;
+            }
+            "int_to_float" => {}
+            "float_to_int" | "float_to_int_round" => {
+                let a = self.value(arg(0), line)?;
+                let v = if c == "float_to_int" {
+                    a.v.trunc()
+                } else {
+                    a.v.round()
+                };
+                self.set(arg(0), Val { v, kind: a.kind }, line)?;
+            }
+            "log_var" => {
+                let a = self.value(arg(0), line)?;
+                if a.v <= 0.0 {
+                    return Err((0x0010, line, arg(0).col));
+                }
+                self.set(
+                    arg(0),
+                    Val {
+                        v: a.v.ln(),
+                        kind: a.kind,
+                    },
+                    line,
+                )?;
+            }
+            "alter_vartype" => {
+                let a = self.value(arg(0), line)?;
+                let k = arg(1).text.as_bytes();
+                if k.len() != 2 {
+                    return Err((script::code::BAD_ARGUMENT, line, arg(1).col));
+                }
+                self.set(arg(0), Val::new(a.v, &[k[0], k[1]]), line)?;
+            }
+            "mean" => {
+                let a = self.arrays.get(&arg(0).text).ok_or((
+                    script::code::UNDECLARED,
+                    line,
+                    arg(0).col,
+                ))?;
+                let m = a.iter().map(|v| v.v).sum::<f64>() / a.len().max(1) as f64;
+                let kind = a.first().map_or(*b"aa", |v| v.kind);
+                self.set(arg(1), Val { v: m, kind }, line)?;
+            }
+            "linear_fit" => {
+                let xs = self.arrays.get(&arg(0).text).ok_or((
+                    script::code::UNDECLARED,
+                    line,
+                    arg(0).col,
+                ))?;
+                let ys = self.arrays.get(&arg(1).text).ok_or((
+                    script::code::UNDECLARED,
+                    line,
+                    arg(1).col,
+                ))?;
+                let n = xs.len().min(ys.len()) as f64;
+                let (sx, sy) = (
+                    xs.iter().map(|v| v.v).sum::<f64>(),
+                    ys.iter().map(|v| v.v).sum::<f64>(),
+                );
+                let sxx: f64 = xs.iter().map(|v| v.v * v.v).sum();
+                let sxy: f64 = xs.iter().zip(ys).map(|(x, y)| x.v * y.v).sum();
+                let d = n * sxx - sx * sx;
+                if d == 0.0 || n < 2.0 {
+                    return Err((0x0028, line, s.cmd.col));
+                }
+                let slope = (n * sxy - sx * sy) / d;
+                let intercept = (sy - slope * sx) / n;
+                self.set(arg(2), Val::new(slope, b"aa"), line)?;
+                self.set(arg(3), Val::new(intercept, b"aa"), line)?;
+            }
+            "meas" => {
+                // One measurement of a quantity: `meas <time> <var> <type>`.
+                let t = self.value(arg(0), line)?.v;
+                if !(t >= 0.0 && t.is_finite()) {
+                    return Err((script::code::BAD_ARGUMENT, line, arg(0).col));
+                }
+                self.clock += t;
+                let k = arg(2).text.as_bytes();
+                let kind = [
+                    k.first().copied().unwrap_or(b'a'),
+                    k.get(1).copied().unwrap_or(b'a'),
+                ];
+                let v = match &kind {
+                    b"ab" | b"da" => techniques::E0,
+                    _ => 0.0,
+                };
+                self.set(arg(1), Val::new(v, &kind), line)?;
             }
             "loop" => {
                 if self.active.insert(pc) {
@@ -652,6 +773,22 @@ mod tests {
         );
         let out = run("var i\nstore_var i 0i ja\nloop i < 100i\n  add_var i 1i\n  if i >= 3i\n    breakloop\n  endif\nendloop\npck_start\npck_add i\npck_end\n");
         assert_eq!(out[2], format!("Pja{}", encode_value(3.0).unwrap()));
+    }
+
+    #[test]
+    fn vendor_helpers_compute_what_their_names_say() {
+        let out = run("array a 4i\nvar i\nvar m\nvar s\nvar b\nstore_var i 0i ja\nloop i < 4i\n  copy_var i a[i]\n  add_var i 1i\nendloop\nmean a m\nalter_vartype m ba\nstore_var s 10 ja\nlog_var s\nstore_var b 27m ja\nmul_var b 100\nfloat_to_int b\nsend_string f\"mean {m}, a[3] {a[3i]}, b {b}\"\npck_start\npck_add m\npck_end\n");
+        assert_eq!(out[2], "Tmean 1.5, a[3] 3, b 2");
+        assert!(
+            out[3].starts_with("Pba"),
+            "alter_vartype changes the type: {}",
+            out[3]
+        );
+        let mut vm = Vm::load("var x\nvar y\nvar k\nvar d\narray xs 3i\narray ys 3i\nstore_var xs[0i] 1 ja\nstore_var xs[1i] 2 ja\nstore_var xs[2i] 3 ja\nstore_var ys[0i] 3 ja\nstore_var ys[1i] 5 ja\nstore_var ys[2i] 7 ja\nlinear_fit xs ys k d\npck_start\npck_add k\npck_add d\npck_end\n", 1).unwrap();
+        let mut out = Vec::new();
+        while vm.advance(f64::INFINITY, 1000, &mut out) != Status::Ended {}
+        let p = crate::devices::methodscript::Package::parse(&out[0][1..]).unwrap();
+        assert_eq!((p.vars[0].value, p.vars[1].value), (Some(2.0), Some(1.0)));
     }
 
     #[test]

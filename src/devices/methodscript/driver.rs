@@ -795,31 +795,14 @@ impl Conn<'_> {
     }
 }
 
-/// Maps a data package to a point: `eb` time (else `fallback_t`), `da` (or `ab`)
-/// potential, `ba` current with its status bits, and for EIS `dc` frequency, `cc` Z′ and
-/// `cd` Z″.
+/// Maps a data package to a point by its type codes alone (no loop known): `eb` time
+/// (else `fallback_t`), `da`/`ab` potential, `ba` current with its status bits, `dc`
+/// frequency, `cc` Z′, `cd` Z″; anything else in `more`.
 pub fn point_from(package: &super::Package, fallback_t: f64) -> Point {
-    let value = |code: &str| package.get(code).and_then(|v| v.value);
-    let current = package.get("ba");
-    Point {
-        t: value("eb").unwrap_or(fallback_t),
-        e: value("da").or_else(|| value("ab")).unwrap_or(f64::NAN),
-        i: current.and_then(|v| v.value).unwrap_or(f64::NAN),
-        status: package
-            .vars
-            .iter()
-            .filter_map(|v| v.status)
-            .fold(0, |acc, s| acc | s),
-        f: value("dc"),
-        z_re: value("cc"),
-        z_im: value("cd"),
-        z_mod: value("cb"),
-        phase: value("ca"),
-        channel: value("ea")
-            .filter(|c| *c >= 0.0 && *c < 65_536.0)
-            .map(|c| c as u16),
-        ..Point::tei(0.0, f64::NAN, f64::NAN)
-    }
+    let (mut points, _) = plan::points(None, package, 0, fallback_t);
+    points
+        .pop()
+        .unwrap_or_else(|| Point::tei(fallback_t, f64::NAN, f64::NAN))
 }
 
 /// Driver entry point: connect, run, reconnect with backoff until shutdown.

@@ -293,59 +293,49 @@ fn cycle(b: f64, v1: f64, v2: f64, step: f64, nscans: f64) -> Applied {
 
 /// A package's points under a loop: usually one, one per channel for a MUX loop. `k` is
 /// the index of the first point in the loop (for the applied setting), `t` the fallback
-/// time. Returns the points and which fields came from the applied setting.
+/// time. Returns the points and which fields came from the applied setting. A package
+/// value no field names is kept in the point's `more`, never dropped.
 pub fn points(
     lp: Option<&Loop>,
     package: &Package,
     k: u64,
     fallback_t: f64,
 ) -> (Vec<Point>, Vec<&'static str>) {
-    let base = super::driver::point_from(package, fallback_t);
-    let Some(lp) = lp else {
-        return (vec![base], Vec::new());
-    };
     let n = package.vars.len();
-    let matches = lp.roles.len() == n
-        || lp
-            .per_channel
-            .is_some_and(|p| n >= p && lp.roles.len() == p + 1);
+    let layout = lp.filter(|lp| {
+        !lp.roles.is_empty()
+            && (lp.roles.len() == n
+                || lp
+                    .per_channel
+                    .is_some_and(|p| n > p && lp.roles.len() == p + 1))
+    });
+    let fixed = layout.map_or(n, |lp| lp.per_channel.unwrap_or(n).min(n));
+    let mut p = Point::tei(fallback_t, f64::NAN, f64::NAN);
+    p.status = package
+        .vars
+        .iter()
+        .filter_map(|v| v.status)
+        .fold(0, |acc, s| acc | s);
+    let mut time_set = false;
+    for (j, var) in package.vars.iter().enumerate().take(fixed) {
+        let role = match layout {
+            Some(lp) => lp.roles[j],
+            None => Role::Other,
+        };
+        place(&mut p, role, var.kind.code(), var.value, &mut time_set);
+    }
     let mut points = Vec::new();
-    if matches && !lp.roles.is_empty() {
-        let fixed = lp.per_channel.unwrap_or(n).min(n);
-        let mut p = Point::tei(base.t, f64::NAN, f64::NAN);
-        p.status = base.status;
-        for (var, role) in package.vars.iter().zip(&lp.roles).take(fixed) {
-            let v = var.value;
-            match role {
-                Role::T => {
-                    if let Some(t) = v {
-                        p.t = t;
-                    }
-                }
-                Role::E => p.e = v.unwrap_or(f64::NAN),
-                Role::I => p.i = v.unwrap_or(f64::NAN),
-                Role::F => p.f = v,
-                Role::ZRe => p.z_re = v,
-                Role::ZIm => p.z_im = v,
-                Role::IFwd => p.i_fwd = v,
-                Role::IRev => p.i_rev = v,
-                Role::IAc => p.i_ac = v,
-                Role::Other => fill_by_type(&mut p, var.kind.code(), v),
+    match layout.and_then(|lp| lp.per_channel.map(|_| lp.first_channel)) {
+        Some(first) => {
+            for (j, var) in package.vars.iter().enumerate().skip(fixed) {
+                let mut q = p.clone();
+                q.i = var.value.unwrap_or(f64::NAN);
+                q.channel =
+                    Some(first.saturating_add(u16::try_from(j - fixed).unwrap_or(u16::MAX)));
+                points.push(q);
             }
         }
-        match lp.per_channel {
-            Some(_) => {
-                for (j, var) in package.vars.iter().enumerate().skip(fixed) {
-                    let mut q = p;
-                    q.i = var.value.unwrap_or(f64::NAN);
-                    q.channel = Some(lp.first_channel.saturating_add((j - fixed) as u16));
-                    points.push(q);
-                }
-            }
-            None => points.push(p),
-        }
-    } else {
-        points.push(base);
+        None => points.push(p),
     }
     let mut applied = Vec::new();
     for p in &mut points {
@@ -359,13 +349,13 @@ pub fn points(
             p.z_mod.get_or_insert((re * re + im * im).sqrt());
             p.phase.get_or_insert(im.atan2(re).to_degrees());
         }
-        let (e, i) = match &lp.applied {
-            Applied::Nothing => (None, None),
-            Applied::Sweep {
+        let (e, i) = match lp.map(|l| &l.applied) {
+            None | Some(Applied::Nothing) => (None, None),
+            Some(Applied::Sweep {
                 begin,
                 step,
                 potential,
-            } => {
+            }) => {
                 let v = begin + step * k as f64;
                 if *potential {
                     (Some(v), None)
@@ -373,8 +363,8 @@ pub fn points(
                     (None, Some(v))
                 }
             }
-            Applied::Cycle(v) => (v.get(k as usize).copied(), None),
-            Applied::Hold { e, i } => (*e, *i),
+            Some(Applied::Cycle(v)) => (v.get(k as usize).copied(), None),
+            Some(Applied::Hold { e, i }) => (*e, *i),
         };
         if p.e.is_nan() {
             if let Some(e) = e {
@@ -396,22 +386,82 @@ pub fn points(
     (points, applied)
 }
 
-fn fill_by_type(p: &mut Point, code: &str, v: Option<f64>) {
-    match code {
-        "eb" => {
-            if let Some(t) = v {
-                p.t = t;
-            }
+/// Puts a package value where its role (or, for `Other`, its type code) says; a value
+/// whose place is taken already, or that no field names, goes to `more`.
+fn place(p: &mut Point, role: Role, code: &str, v: Option<f64>, time_set: &mut bool) {
+    let role = match role {
+        Role::Other => match code {
+            "eb" => Role::T,
+            "da" | "ab" => Role::E,
+            "ba" => Role::I,
+            "dc" => Role::F,
+            "cc" => Role::ZRe,
+            "cd" => Role::ZIm,
+            _ => Role::Other,
+        },
+        r => r,
+    };
+    let free = |slot: &Option<f64>| slot.is_none();
+    let taken = match role {
+        // The agent's time is only a fallback: a packed time replaces it, once.
+        Role::T if !*time_set && v.is_some() => {
+            p.t = v.unwrap_or(p.t);
+            *time_set = true;
+            false
         }
-        "da" | "ab" if p.e.is_nan() => p.e = v.unwrap_or(f64::NAN),
-        "ba" if p.i.is_nan() => p.i = v.unwrap_or(f64::NAN),
-        "dc" => p.f = v,
-        "cc" => p.z_re = v,
-        "cd" => p.z_im = v,
-        "cb" => p.z_mod = v,
-        "ca" => p.phase = v,
-        "ea" => p.channel = v.filter(|c| *c >= 0.0 && *c < 65_536.0).map(|c| c as u16),
-        _ => {}
+        Role::E if p.e.is_nan() => {
+            p.e = v.unwrap_or(f64::NAN);
+            false
+        }
+        Role::I if p.i.is_nan() => {
+            p.i = v.unwrap_or(f64::NAN);
+            false
+        }
+        Role::F if free(&p.f) => {
+            p.f = v;
+            false
+        }
+        Role::ZRe if free(&p.z_re) => {
+            p.z_re = v;
+            false
+        }
+        Role::ZIm if free(&p.z_im) => {
+            p.z_im = v;
+            false
+        }
+        Role::IFwd if free(&p.i_fwd) => {
+            p.i_fwd = v;
+            false
+        }
+        Role::IRev if free(&p.i_rev) => {
+            p.i_rev = v;
+            false
+        }
+        Role::IAc if free(&p.i_ac) => {
+            p.i_ac = v;
+            false
+        }
+        _ => match code {
+            "cb" if free(&p.z_mod) => {
+                p.z_mod = v;
+                false
+            }
+            "ca" if free(&p.phase) => {
+                p.phase = v;
+                false
+            }
+            "ea" if p.channel.is_none() && v.is_some_and(|c| (0.0..65_536.0).contains(&c)) => {
+                p.channel = v.map(|c| c as u16);
+                false
+            }
+            _ => true,
+        },
+    };
+    if taken {
+        p.more.push(crate::record::Extra {
+            kind: code.to_string(),
+            value: v,
+        });
     }
 }
 
@@ -462,6 +512,25 @@ mod tests {
         assert!(applied.is_empty());
         assert_eq!((pts[0].i_fwd, pts[0].i_rev), (Some(3e-6), Some(1e-6)));
         assert!(pts[0].i.is_nan());
+    }
+
+    #[test]
+    fn values_no_field_names_are_kept_not_dropped() {
+        // A package sent outside any measurement loop: potential, current, and a max and
+        // min current the script computed (all `ba`).
+        let pkg = Package::parse("da8000064m;ba8000005u;ba8000009u;ba8000001u;ja8000003i").unwrap();
+        let (pts, applied) = points(None, &pkg, 0, 2.0);
+        assert!(applied.is_empty());
+        assert_eq!((pts[0].t, pts[0].e, pts[0].i), (2.0, 0.1, 5e-6));
+        let more: Vec<(&str, Option<f64>)> = pts[0]
+            .more
+            .iter()
+            .map(|x| (x.kind.as_str(), x.value))
+            .collect();
+        assert_eq!(
+            more,
+            [("ba", Some(9e-6)), ("ba", Some(1e-6)), ("ja", Some(3.0))]
+        );
     }
 
     #[test]

@@ -18,8 +18,6 @@ use super::SI_PREFIXES;
 pub mod code {
     /// Unexpected argument value (also: wrong number of arguments).
     pub const BAD_ARGUMENT: u16 = 0x0007;
-    /// A line longer than the device accepts.
-    pub const TOO_LONG: u16 = 0x0008;
     /// The script command is unknown.
     pub const UNKNOWN_COMMAND: u16 = 0x4001;
     /// Unexpected character (a literal that does not parse, a stray block end).
@@ -114,20 +112,17 @@ struct Sig {
 
 use Kind::{Array as A, New as N, Out as O, Str as S, Type as T, Val as V};
 
+/// Any command may end in `name(…)` options (`cell_on ocp(p)`, `… eis_opt(100u 1)`).
 const fn sig(kinds: &'static [Kind]) -> Sig {
-    Sig {
-        kinds,
-        options: false,
-        checked: true,
-    }
-}
-
-const fn meas(kinds: &'static [Kind]) -> Sig {
     Sig {
         kinds,
         options: true,
         checked: true,
     }
+}
+
+const fn meas(kinds: &'static [Kind]) -> Sig {
+    sig(kinds)
 }
 
 const UNCHECKED: Sig = Sig {
@@ -383,7 +378,10 @@ pub fn option(text: &str) -> Option<(&str, Vec<&str>)> {
     }
     Some((
         name,
-        inner.split([',', ' ']).filter(|s| !s.is_empty()).collect(),
+        inner
+            .split([',', ' ', '\t'])
+            .filter(|s| !s.is_empty())
+            .collect(),
     ))
 }
 
@@ -406,6 +404,8 @@ fn words(line: &str) -> Vec<Token> {
     let mut cur = String::new();
     let mut start = 0;
     let mut in_str = false;
+    // Inside `name(…)` options whitespace does not split (`eis_opt(100u 1)`).
+    let mut depth = 0usize;
     for (col, c) in line.chars().enumerate() {
         if in_str {
             cur.push(c);
@@ -416,6 +416,10 @@ fn words(line: &str) -> Vec<Token> {
         }
         if c == '#' {
             break;
+        }
+        if c.is_whitespace() && depth > 0 {
+            cur.push(c);
+            continue;
         }
         if c.is_whitespace() {
             if !cur.is_empty() {
@@ -429,8 +433,11 @@ fn words(line: &str) -> Vec<Token> {
         if cur.is_empty() {
             start = col;
         }
-        if c == '"' {
-            in_str = true;
+        match c {
+            '"' => in_str = true,
+            '(' => depth += 1,
+            ')' => depth = depth.saturating_sub(1),
+            _ => {}
         }
         cur.push(c);
     }
@@ -523,20 +530,11 @@ impl Script {
         Script { stmts }
     }
 
-    /// What a device would refuse, in file order (empty: the script is good). `text` is
-    /// the text the script was parsed from, for the device's 128-character line limit.
-    pub fn check(&self, text: &str) -> Vec<Problem> {
+    /// What a device would refuse, in file order (empty: the script is good). Line
+    /// length is not limited: PalmSens' own examples have script lines longer than the
+    /// 128 characters of a host command.
+    pub fn check(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
-        for (i, raw) in text.lines().enumerate() {
-            if raw.trim_end_matches('\r').len() > 128 {
-                problems.push(Problem {
-                    line: i + 1,
-                    col: 129,
-                    code: code::TOO_LONG,
-                    message: "longer than the device's 128-character line limit".into(),
-                });
-            }
-        }
         let mut c = Checker::default();
         for s in &self.stmts {
             c.stmt(s);
@@ -1024,7 +1022,7 @@ mod tests {
     use super::*;
 
     fn problems(text: &str) -> Vec<Problem> {
-        Script::parse(text).check(text)
+        Script::parse(text).check()
     }
 
     const CV: &str = "e\n# a CV\nvar c\nvar p\nset_pgstat_mode 3\nset_e -200m # start\ncell_on\nmeas_loop_cv p c -200m 600m -200m 10m 100m nscans(2)\n  pck_start\n    pck_add p\n    pck_add c\n  pck_end\nendloop\non_finished:\n  cell_off\n";
@@ -1088,6 +1086,9 @@ mod tests {
             ["i", "<", "channels"]
         );
         assert_eq!(cond.args[2].col, 12);
+        let eis = Script::parse("var f\nvar r\nvar z\ncell_on ocp(f)\nmeas_loop_eis f r z 10m 1k 1k 1 0 eis_opt(100u 1)\nendloop\n");
+        assert_eq!(eis.stmts[4].args.last().unwrap().text, "eis_opt(100u 1)");
+        assert_eq!(eis.check()[..], []);
         let send = s
             .stmts
             .iter()
@@ -1126,7 +1127,7 @@ mod tests {
         #[test]
         fn arbitrary_text_never_panics_the_parser_or_the_check(s in "\\PC{0,200}") {
             let script = Script::parse(&s);
-            let _ = script.check(&s);
+            let _ = script.check();
             let _ = script.constants_at(script.stmts.len());
             let _ = script.meas_loops();
         }
@@ -1134,7 +1135,7 @@ mod tests {
         #[test]
         fn script_like_text_never_panics(s in "((var|loop|if|endif|endloop|pck_add|meas_loop_cv|store_var|else|on_finished:)( [a-z0-9<>=\\[\\]()]{1,6}){0,4}\n){0,12}") {
             let script = Script::parse(&s);
-            let _ = script.check(&s);
+            let _ = script.check();
         }
     }
 }
