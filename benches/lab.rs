@@ -8,7 +8,11 @@
 //!   running CA at 0.5 ms per point): the agent's CPU with no page, one page, two pages
 //!   and one page whose reader stopped (a closed laptop lid, played by a socket that
 //!   never reads), its RSS, the points the page has drawn against the points measured,
-//!   and the page's own drawing time per frame in chromium.
+//!   and the page's own drawing time per frame in chromium;
+//! - the peer run: the same ~300-byte JSON reading sent by a plain confluent-kafka
+//!   producer script (PyPI, `benches/peers/confluent_producer.py`, in the venv
+//!   `scripts/lib.sh` makes) and through labgate's ingest API into Kafka, on the same
+//!   broker: rates and peak RSS side by side.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -281,6 +285,92 @@ pause_between = "1s"
     ));
 }
 
+fn peers(broker: &Broker) {
+    let reading = json!({
+        "sensor_id": "temp-lab3-007", "sensor_type": "temperature", "value": 22.41, "unit": "°C",
+        "location": "Building A, Lab 3, bench 2",
+        "metadata": {"model": "DHT22", "firmware": "1.4.2", "calibrated": "2026-10-01",
+                     "battery": 87, "rssi": -61, "source": "zigbee2mqtt", "room": "A-3.12",
+                     "project": "electrolyte-screening", "owner": "ana"}
+    })
+    .to_string();
+    let n = ((200_000.0 * scale()) as u64 / 1000).max(10) * 1000;
+    // confluent-kafka on its own topic of the same broker.
+    let python = std::env::var("LABGATE_PYTHON")
+        .expect("LABGATE_PYTHON: run scripts/bench, which installs confluent-kafka in a venv");
+    broker.create_topics(&["peer-confluent"]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/peers/confluent_producer.py");
+    let mut child = std::process::Command::new(python)
+        .args([script, &broker.addr(), "peer-confluent", &n.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the confluent-kafka producer");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(reading.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "confluent-kafka producer failed");
+    let peer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let peer_rate = peer["rate"].as_f64().unwrap();
+    let peer_rss = peer["peak_rss_kb"].as_f64().unwrap() / 1024.0;
+    // labgate: the same reading in NDJSON batches of 1,000 through the ingest API, two
+    // clients, timed until Kafka has acknowledged every one.
+    let dir = tempdir();
+    let agent = Agent::start_with_env(
+        dir.path(),
+        &api_config(dir.path(), &broker.addr(), free_port(), ""),
+        &[("BENCH_API_TOKEN", TOKEN)],
+    );
+    let before = agent.metric("labgate_records_delivered_total");
+    let batch: String = vec![reading.as_str(); 1000].join("\n");
+    let addr = agent.http;
+    let t0 = Instant::now();
+    let clients: Vec<_> = (0..2)
+        .map(|c| {
+            let batch = batch.clone();
+            let per = n / 2000 + u64::from(c == 0) * (n / 1000 % 2);
+            std::thread::spawn(move || {
+                let auth = format!("Bearer {TOKEN}");
+                for _ in 0..per {
+                    let r = request(
+                        addr,
+                        "POST",
+                        "/v1/readings",
+                        &[("Authorization", &auth), ("Content-Type", "application/x-ndjson")],
+                        batch.as_bytes(),
+                    );
+                    assert_eq!(r.status, 202, "{}", r.body);
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    let durable = t0.elapsed().as_secs_f64();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while agent.metric("labgate_records_delivered_total") - before < n as f64 {
+        assert!(Instant::now() < deadline, "labgate did not deliver the peer run's records");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let delivered = t0.elapsed().as_secs_f64();
+    let rss = rss_kib(agent.pid(), "VmHWM:") as f64 / 1024.0;
+    let rate = n as f64 / delivered;
+    line(format!(
+        "| peer run: {n} readings of {} bytes, plain confluent-kafka producer (Python) | {peer_rate:.0} msg/s acknowledged by Kafka; peak RSS {peer_rss:.1} MB | not durable: what it holds in memory dies with the process |",
+        reading.len()
+    ));
+    line(format!(
+        "| peer run: the same readings through labgate's ingest API (NDJSON, 2 clients) | {rate:.0} msg/s in Kafka ({:.2}× the peer); peak RSS {rss:.1} MB ({:.2}× the peer) | durable (fdatasync'd) after {durable:.1} s, all acknowledged by Kafka after {delivered:.1} s; each record is stamped (seq, event_id, time) |",
+        rate / peer_rate,
+        rss / peer_rss
+    ));
+}
+
 fn main() {
     let broker = Broker::start();
     line(format!(
@@ -290,4 +380,5 @@ fn main() {
     line(String::new());
     ingest_api(&broker);
     status_page(&broker);
+    peers(&broker);
 }

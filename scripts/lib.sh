@@ -20,16 +20,17 @@ ensure_packages() {
   fi
 }
 
-# Python packages the MethodSCRIPT cross-checks use, in their own virtualenv (reused):
-# PalmSens' MethodSCRIPT grammar (pypalmsens, without its .NET runtime) and an
-# independent MethodSCRIPT data decoder (labmcp-palmsens). LABGATE_PYTHON names it.
-PYTOOLS=(antlr4-python3-runtime==4.13.2 labmcp-palmsens==0.1.3)
+# Python packages the tests and benches use, in their own virtualenv (reused): PalmSens'
+# MethodSCRIPT grammar (pypalmsens, without its .NET runtime), an independent MethodSCRIPT
+# data decoder (labmcp-palmsens), and confluent-kafka for the bench's peer producer.
+# LABGATE_PYTHON names it.
+PYTOOLS=(antlr4-python3-runtime==4.13.2 labmcp-palmsens==0.1.3 confluent-kafka==2.16.1)
 PYTOOLS_NODEPS=(pypalmsens==2.2.0)
 ensure_pytools() {
   local venv="$HOME/.cache/labgate-pytools"
-  local probe='import labmcp_palmsens.driver, antlr4, importlib.util as u; assert u.find_spec("pypalmsens")'
+  local probe='import labmcp_palmsens.driver, antlr4, confluent_kafka, importlib.util as u; assert u.find_spec("pypalmsens")'
   if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "$probe" 2>/dev/null; then
-    log "installing the MethodSCRIPT cross-check tools (pip: ${PYTOOLS[*]} ${PYTOOLS_NODEPS[*]})"
+    log "installing the Python test and bench tools (pip: ${PYTOOLS[*]} ${PYTOOLS_NODEPS[*]})"
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q --disable-pip-version-check "${PYTOOLS[@]}"
     # Only pypalmsens' grammar is used: not its .NET runtime bridge and numerics. pip
