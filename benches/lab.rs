@@ -299,7 +299,10 @@ fn peers(broker: &Broker) {
     let python = std::env::var("LABGATE_PYTHON")
         .expect("LABGATE_PYTHON: run scripts/bench, which installs confluent-kafka in a venv");
     broker.create_topics(&["peer-confluent"]);
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/peers/confluent_producer.py");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/benches/peers/confluent_producer.py"
+    );
     let mut child = std::process::Command::new(python)
         .args([script, &broker.addr(), "peer-confluent", &n.to_string()])
         .stdin(std::process::Stdio::piped())
@@ -340,7 +343,10 @@ fn peers(broker: &Broker) {
                         addr,
                         "POST",
                         "/v1/readings",
-                        &[("Authorization", &auth), ("Content-Type", "application/x-ndjson")],
+                        &[
+                            ("Authorization", &auth),
+                            ("Content-Type", "application/x-ndjson"),
+                        ],
                         batch.as_bytes(),
                     );
                     assert_eq!(r.status, 202, "{}", r.body);
@@ -354,7 +360,10 @@ fn peers(broker: &Broker) {
     let durable = t0.elapsed().as_secs_f64();
     let deadline = Instant::now() + Duration::from_secs(300);
     while agent.metric("labgate_records_delivered_total") - before < n as f64 {
-        assert!(Instant::now() < deadline, "labgate did not deliver the peer run's records");
+        assert!(
+            Instant::now() < deadline,
+            "labgate did not deliver the peer run's records"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let delivered = t0.elapsed().as_secs_f64();

@@ -312,57 +312,62 @@ impl Vm {
         let s = self.script.stmts[pc].clone();
         let c = s.cmd.text.as_str();
         let line = s.line;
-        let arg = |i: usize| &s.args[i];
+        // A command the check does not count arguments of may have too few.
+        let arg = |i: usize| {
+            s.args
+                .get(i)
+                .ok_or((script::code::BAD_ARGUMENT, line, s.cmd.col))
+        };
         self.pc += 1;
         match c {
             "var" => {
-                self.vars.insert(arg(0).text.clone(), Val::new(0.0, b"aa"));
+                self.vars.insert(arg(0)?.text.clone(), Val::new(0.0, b"aa"));
             }
             "array" => {
-                let n = self.value(arg(1), line)?.v;
+                let n = self.value(arg(1)?, line)?.v;
                 if !(0.0..=100_000.0).contains(&n) {
-                    return Err((script::code::BAD_ARGUMENT, line, arg(1).col));
+                    return Err((script::code::BAD_ARGUMENT, line, arg(1)?.col));
                 }
                 self.arrays
-                    .insert(arg(0).text.clone(), vec![Val::new(0.0, b"aa"); n as usize]);
+                    .insert(arg(0)?.text.clone(), vec![Val::new(0.0, b"aa"); n as usize]);
             }
             "store_var" => {
-                let v = self.value(arg(1), line)?.v;
-                let kind = arg(2).text.as_bytes();
-                self.set(arg(0), Val::new(v, &[kind[0], kind[1]]), line)?;
+                let v = self.value(arg(1)?, line)?.v;
+                let kind = arg(2)?.text.as_bytes();
+                self.set(arg(0)?, Val::new(v, &[kind[0], kind[1]]), line)?;
             }
             "copy_var" => {
-                let v = self.value(arg(0), line)?;
-                self.set(arg(1), v, line)?;
+                let v = self.value(arg(0)?, line)?;
+                self.set(arg(1)?, v, line)?;
             }
             "add_var" | "sub_var" | "mul_var" | "div_var" | "mod_var" | "pow_var" => {
-                let a = self.value(arg(0), line)?;
-                let b = self.value(arg(1), line)?.v;
+                let a = self.value(arg(0)?, line)?;
+                let b = self.value(arg(1)?, line)?.v;
                 let v = match c {
                     "add_var" => a.v + b,
                     "sub_var" => a.v - b,
                     "mul_var" => a.v * b,
                     "pow_var" => a.v.powf(b),
-                    _ if b == 0.0 => return Err((0x0028, line, arg(1).col)),
+                    _ if b == 0.0 => return Err((0x0028, line, arg(1)?.col)),
                     "div_var" => a.v / b,
                     _ => a.v % b,
                 };
                 if !v.is_finite() {
                     return Err((0x0010, line, s.cmd.col));
                 }
-                self.set(arg(0), Val { v, kind: a.kind }, line)?;
+                self.set(arg(0)?, Val { v, kind: a.kind }, line)?;
             }
             "wait" => {
-                let t = self.value(arg(0), line)?.v;
+                let t = self.value(arg(0)?, line)?.v;
                 if !(t >= 0.0 && t.is_finite()) {
-                    return Err((script::code::BAD_ARGUMENT, line, arg(0).col));
+                    return Err((script::code::BAD_ARGUMENT, line, arg(0)?.col));
                 }
                 self.clock += t;
             }
             "set_int" => {
-                let t = self.value(arg(0), line)?.v;
+                let t = self.value(arg(0)?, line)?.v;
                 if !(t > 0.0 && t.is_finite()) {
-                    return Err((script::code::BAD_ARGUMENT, line, arg(0).col));
+                    return Err((script::code::BAD_ARGUMENT, line, arg(0)?.col));
                 }
                 self.interval = Some((self.clock, t));
             }
@@ -375,52 +380,52 @@ impl Vm {
             "timer_start" => self.timer0 = self.clock,
             "timer_get" => {
                 let t = self.clock - self.timer0;
-                self.set(arg(0), Val::new(t, b"eb"), line)?;
+                self.set(arg(0)?, Val::new(t, b"eb"), line)?;
             }
             "mux_config" => {
-                let kind = self.value(arg(0), line)?.v as i64;
+                let kind = self.value(arg(0)?, line)?.v as i64;
                 self.mux_count = if kind == 2 { 16 } else { 8 };
             }
             "mux_get_channel_count" => {
                 let n = f64::from(self.mux_count);
-                self.set(arg(0), Val::new(n, b"ja"), line)?;
+                self.set(arg(0)?, Val::new(n, b"ja"), line)?;
             }
             "mux_set_channel" => {
-                let ch = self.value(arg(0), line)?.v;
+                let ch = self.value(arg(0)?, line)?.v;
                 if !(ch >= 1.0 && ch <= f64::from(self.mux_count.max(1))) {
-                    return Err((script::code::BAD_ARGUMENT, line, arg(0).col));
+                    return Err((script::code::BAD_ARGUMENT, line, arg(0)?.col));
                 }
                 self.channel = ch as u32;
             }
             "array_set" => {
-                let i = self.value(arg(1), line)?;
-                let v = self.value(arg(2), line)?;
-                let a = self.arrays.get_mut(&arg(0).text).ok_or((
+                let i = self.value(arg(1)?, line)?;
+                let v = self.value(arg(2)?, line)?;
+                let a = self.arrays.get_mut(&arg(0)?.text).ok_or((
                     script::code::UNDECLARED,
                     line,
-                    arg(0).col,
+                    arg(0)?.col,
                 ))?;
                 if !(i.v >= 0.0 && (i.v as usize) < a.len()) {
-                    return Err((script::code::BAD_ARGUMENT, line, arg(1).col));
+                    return Err((script::code::BAD_ARGUMENT, line, arg(1)?.col));
                 }
                 a[i.v as usize] = v;
             }
             "array_get" => {
-                let i = self.value(arg(1), line)?.v;
-                let a = self.arrays.get(&arg(0).text).ok_or((
+                let i = self.value(arg(1)?, line)?.v;
+                let a = self.arrays.get(&arg(0)?.text).ok_or((
                     script::code::UNDECLARED,
                     line,
-                    arg(0).col,
+                    arg(0)?.col,
                 ))?;
                 if !(i >= 0.0 && (i as usize) < a.len()) {
-                    return Err((script::code::BAD_ARGUMENT, line, arg(1).col));
+                    return Err((script::code::BAD_ARGUMENT, line, arg(1)?.col));
                 }
                 let v = a[i as usize];
-                self.set(arg(2), v, line)?;
+                self.set(arg(2)?, v, line)?;
             }
             "pck_start" => self.pck = Some(Vec::new()),
             "pck_add" => {
-                let v = self.value(arg(0), line)?;
+                let v = self.value(arg(0)?, line)?;
                 let kind = std::str::from_utf8(&v.kind).unwrap_or("aa");
                 let value = encode_value(v.v).unwrap_or_else(|| "     nan".into());
                 let meta = if kind == "ba" {
@@ -441,7 +446,7 @@ impl Vm {
                 }
             }
             "send_string" => {
-                let raw = &arg(0).text;
+                let raw = &arg(0)?.text;
                 let text = match raw.strip_prefix('f') {
                     Some(f) => self.interpolate(f.trim_matches('"')),
                     None => raw.trim_matches('"').to_string(),
@@ -449,25 +454,25 @@ impl Vm {
                 out.push(format!("T{text}"));
             }
             "set_e" => {
-                self.e_set = self.value(arg(0), line)?.v;
+                self.e_set = self.value(arg(0)?, line)?.v;
             }
             "int_to_float" => {}
             "float_to_int" | "float_to_int_round" => {
-                let a = self.value(arg(0), line)?;
+                let a = self.value(arg(0)?, line)?;
                 let v = if c == "float_to_int" {
                     a.v.trunc()
                 } else {
                     a.v.round()
                 };
-                self.set(arg(0), Val { v, kind: a.kind }, line)?;
+                self.set(arg(0)?, Val { v, kind: a.kind }, line)?;
             }
             "log_var" => {
-                let a = self.value(arg(0), line)?;
+                let a = self.value(arg(0)?, line)?;
                 if a.v <= 0.0 {
-                    return Err((0x0010, line, arg(0).col));
+                    return Err((0x0010, line, arg(0)?.col));
                 }
                 self.set(
-                    arg(0),
+                    arg(0)?,
                     Val {
                         v: a.v.ln(),
                         kind: a.kind,
@@ -476,33 +481,33 @@ impl Vm {
                 )?;
             }
             "alter_vartype" => {
-                let a = self.value(arg(0), line)?;
-                let k = arg(1).text.as_bytes();
+                let a = self.value(arg(0)?, line)?;
+                let k = arg(1)?.text.as_bytes();
                 if k.len() != 2 {
-                    return Err((script::code::BAD_ARGUMENT, line, arg(1).col));
+                    return Err((script::code::BAD_ARGUMENT, line, arg(1)?.col));
                 }
-                self.set(arg(0), Val::new(a.v, &[k[0], k[1]]), line)?;
+                self.set(arg(0)?, Val::new(a.v, &[k[0], k[1]]), line)?;
             }
             "mean" => {
-                let a = self.arrays.get(&arg(0).text).ok_or((
+                let a = self.arrays.get(&arg(0)?.text).ok_or((
                     script::code::UNDECLARED,
                     line,
-                    arg(0).col,
+                    arg(0)?.col,
                 ))?;
                 let m = a.iter().map(|v| v.v).sum::<f64>() / a.len().max(1) as f64;
                 let kind = a.first().map_or(*b"aa", |v| v.kind);
-                self.set(arg(1), Val { v: m, kind }, line)?;
+                self.set(arg(1)?, Val { v: m, kind }, line)?;
             }
             "linear_fit" => {
-                let xs = self.arrays.get(&arg(0).text).ok_or((
+                let xs = self.arrays.get(&arg(0)?.text).ok_or((
                     script::code::UNDECLARED,
                     line,
-                    arg(0).col,
+                    arg(0)?.col,
                 ))?;
-                let ys = self.arrays.get(&arg(1).text).ok_or((
+                let ys = self.arrays.get(&arg(1)?.text).ok_or((
                     script::code::UNDECLARED,
                     line,
-                    arg(1).col,
+                    arg(1)?.col,
                 ))?;
                 let n = xs.len().min(ys.len()) as f64;
                 let (sx, sy) = (
@@ -517,17 +522,17 @@ impl Vm {
                 }
                 let slope = (n * sxy - sx * sy) / d;
                 let intercept = (sy - slope * sx) / n;
-                self.set(arg(2), Val::new(slope, b"aa"), line)?;
-                self.set(arg(3), Val::new(intercept, b"aa"), line)?;
+                self.set(arg(2)?, Val::new(slope, b"aa"), line)?;
+                self.set(arg(3)?, Val::new(intercept, b"aa"), line)?;
             }
             "meas" => {
                 // One measurement of a quantity: `meas <time> <var> <type>`.
-                let t = self.value(arg(0), line)?.v;
+                let t = self.value(arg(0)?, line)?.v;
                 if !(t >= 0.0 && t.is_finite()) {
-                    return Err((script::code::BAD_ARGUMENT, line, arg(0).col));
+                    return Err((script::code::BAD_ARGUMENT, line, arg(0)?.col));
                 }
                 self.clock += t;
-                let k = arg(2).text.as_bytes();
+                let k = arg(2)?.text.as_bytes();
                 let kind = [
                     k.first().copied().unwrap_or(b'a'),
                     k.get(1).copied().unwrap_or(b'a'),
@@ -536,7 +541,7 @@ impl Vm {
                     b"ab" | b"da" => techniques::E0,
                     _ => 0.0,
                 };
-                self.set(arg(1), Val::new(v, &kind), line)?;
+                self.set(arg(1)?, Val::new(v, &kind), line)?;
             }
             "loop" => {
                 if self.active.insert(pc) {
@@ -736,7 +741,9 @@ impl Vm {
         } else {
             for (j, kind) in kinds.iter().enumerate() {
                 let v = sample.outs.get(j).copied().unwrap_or(f64::NAN);
-                self.set(&s.args[j], Val::new(v, kind), line)?;
+                if let Some(a) = s.args.get(j) {
+                    self.set(a, Val::new(v, kind), line)?;
+                }
             }
         }
         Ok(())
@@ -843,6 +850,35 @@ mod tests {
             n += 1;
         }
         assert!(n >= 15, "{n} example scripts");
+    }
+
+    #[test]
+    fn commands_with_too_few_arguments_are_errors_not_panics() {
+        for cmd in [
+            "mean",
+            "linear_fit a",
+            "alter_vartype",
+            "meas 1",
+            "log_var",
+            "float_to_int",
+        ] {
+            let out = run(&format!("array a 2i\n{cmd}\n"));
+            assert!(out[0].starts_with("!0007: Line 2"), "{cmd}: {out:?}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_scripts_never_panic_the_interpreter(s in "((var|array|loop|if|endif|endloop|pck_start|pck_add|pck_end|meas_loop_ca|meas_loop_eis|store_var|add_var|div_var|mean|wait|breakloop|on_finished:)( [a-z0-9<>=\\[\\]()]{1,5}){0,6}\n){0,14}") {
+            if let Ok(mut vm) = Vm::load(&s, 1) {
+                let mut out = Vec::new();
+                for _ in 0..200 {
+                    if vm.advance(f64::INFINITY, 500, &mut out) == Status::Ended {
+                        break;
+                    }
+                }
+            }
+        }
     }
 
     #[test]
