@@ -599,3 +599,157 @@ fn a_device_error_at_run_time_points_at_the_users_file() {
     );
     drop((agent, sim));
 }
+
+/// The driver against a device model nobody on this project wrote: labmcp-palmsens'
+/// EmStat Pico simulator (PyPI), served on a pty. It runs CV, LSV, DPV and CA; the same
+/// example scripts run unchanged, and a stop command ends a long CA.
+#[test]
+fn a_third_party_device_model_runs_the_same_scripts_and_stops() {
+    let broker = Broker::start();
+    let dir = tempdir();
+    let topics = Topics::new();
+    let tool = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/labmcp_emstat_pty.py");
+    let long_ca = dir.path().join("long_ca.mscr");
+    std::fs::write(
+        &long_ca,
+        "e\nvar p\nvar c\nset_pgstat_mode 3\nset_e 200m\ncell_on\nmeas_loop_ca p c 200m 100m 300\n  pck_start\n    pck_add p\n    pck_add c\n  pck_end\nendloop\non_finished:\n  cell_off\n",
+    )
+    .unwrap();
+    let runs: Vec<(&str, PathBuf, &str)> = vec![
+        ("cv", examples().join("cv.mscr"), "CV"),
+        ("lsv", examples().join("lsv.mscr"), "LSV"),
+        ("dpv", examples().join("dpv.mscr"), "DPV"),
+        ("ca", examples().join("ca.mscr"), "CA"),
+        ("long", long_ca, "CA"),
+    ];
+    let mut bridges = Vec::new();
+    let mut devices = String::new();
+    for (name, script, _) in &runs {
+        let link = dir.path().join(format!("tty-{name}"));
+        let log = dir.path().join(format!("{name}.out"));
+        let speed = if *name == "long" { "1" } else { "50" };
+        let child = Command::new(python())
+            .arg(&tool)
+            .arg(&link)
+            .arg(&log)
+            .arg(speed)
+            .spawn()
+            .expect("start the third-party simulator");
+        bridges.push(KillOnDrop(child));
+        for _ in 0..100 {
+            if link.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(link.exists(), "the third-party simulator made no pty");
+        devices.push_str(&device(&format!("tp-{name}"), &link, script));
+    }
+    let cfg = agent_config(
+        dir.path(),
+        "agent-tp",
+        &broker.addr(),
+        &topics,
+        free_port(),
+        &devices,
+    );
+    let agent = Agent::start(dir.path(), &cfg);
+    let mut reader = Reader::new(
+        &broker.addr(),
+        &[topics.events(), topics.data(), topics.results()],
+    );
+    let sender = Sender::new(&broker.addr());
+    wait_until_commands_answered(&sender, &mut reader, &topics.commands(), "agent-tp");
+    let data_lines = |name: &str| -> Vec<String> {
+        std::fs::read_to_string(dir.path().join(format!("{name}.out")))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with('P'))
+            .map(String::from)
+            .collect()
+    };
+    let kafka_points = |m: &[Msg], id: &str| -> usize {
+        m.iter()
+            .filter(|x| x.json["device_id"] == id && x.json["type"] == "echem_data")
+            .map(|x| x.json["points"].as_array().map_or(0, Vec::len))
+            .sum()
+    };
+    let msgs = reader
+        .until(
+            "the four short runs, complete",
+            Duration::from_secs(60),
+            |m| {
+                runs.iter().filter(|r| r.0 != "long").all(|(name, _, _)| {
+                    let id = format!("tp-{name}");
+                    let done = m.iter().any(|x| {
+                        x.json["device_id"] == id.as_str()
+                            && x.json["event"] == "experiment_completed"
+                    });
+                    let n = kafka_points(m, &id);
+                    done && n > 0 && n == data_lines(name).len()
+                })
+            },
+        )
+        .to_vec();
+    for (name, _, technique) in runs.iter().filter(|r| r.0 != "long") {
+        let id = format!("tp-{name}");
+        let lines = data_lines(name);
+        let theirs = crosscheck(&["decode"], Some(&(lines.join("\n") + "\n")));
+        let mut records: Vec<&Msg> = msgs
+            .iter()
+            .filter(|m| m.json["device_id"] == id.as_str() && m.json["type"] == "echem_data")
+            .collect();
+        records.sort_by_key(|m| m.json["seq"].as_u64());
+        let points: Vec<&Value> = records
+            .iter()
+            .flat_map(|r| r.json["points"].as_array().unwrap())
+            .collect();
+        assert!(
+            records.iter().all(|r| r.json["technique"] == *technique),
+            "{id}"
+        );
+        for (k, (p, t)) in points.iter().zip(theirs.as_array().unwrap()).enumerate() {
+            for var in t.as_array().unwrap() {
+                let (code, v) = (var[0].as_str().unwrap(), var[1].as_f64().unwrap());
+                let field = match code {
+                    "da" => "e",
+                    "ba" => "i",
+                    "eb" => "t",
+                    other => panic!("{id}: unexpected {other}"),
+                };
+                assert!(
+                    close(p[field].as_f64().unwrap(), v),
+                    "{id}: point {k} {field}: {p} vs {v}"
+                );
+            }
+            if *name == "ca" {
+                assert_eq!(p["e"], 0.3, "{id}: the applied potential");
+            }
+        }
+    }
+    // A stop command ends the long CA on the third-party model: Z, on_finished, the end.
+    let command = serde_json::json!({"type":"command","command":"stop","command_id":"tp-stop","params":{},"target":{"agent":"agent-tp","device":"tp-long"}});
+    reader.until("the long run under way", Duration::from_secs(30), |m| {
+        kafka_points(m, "tp-long") > 5
+    });
+    sender.send(&topics.commands(), "agent-tp", &command.to_string());
+    let msgs = reader.until("the long run stopped", Duration::from_secs(30), |m| {
+        m.iter()
+            .any(|x| x.json["device_id"] == "tp-long" && x.json["event"] == "experiment_stopped")
+            && m.iter()
+                .any(|x| x.json["command_id"] == "tp-stop" && x.json["status"] == "completed")
+    });
+    let stopped = msgs
+        .iter()
+        .find(|x| x.json["device_id"] == "tp-long" && x.json["event"] == "experiment_stopped")
+        .unwrap();
+    assert_eq!(
+        stopped.json["data"]["reason"], "stop command",
+        "{}",
+        stopped.json
+    );
+    assert_eq!(stopped.json["data"]["command_id"], "tp-stop");
+    let sent = data_lines("long").len();
+    assert!(sent < 3000, "the run was cut short: {sent} of 3000 points");
+    drop((agent, bridges));
+}

@@ -11,7 +11,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::techniques::{self, Sample};
+use super::techniques::{self, Samples};
 use crate::devices::methodscript::encode_value;
 use crate::devices::methodscript::script::{self, element, is_meas_loop, literal, option, Script};
 
@@ -31,8 +31,8 @@ impl Val {
 struct Meas {
     head: usize,
     end: usize,
-    samples: Vec<Sample>,
-    k: usize,
+    samples: Samples,
+    pending: Option<techniques::Sample>,
     t0: f64,
     scan: Option<usize>,
     multi_scan: bool,
@@ -685,7 +685,7 @@ impl Vm {
                 head: pc,
                 end,
                 samples,
-                k: 0,
+                pending: None,
                 t0: self.clock,
                 scan: None,
                 multi_scan,
@@ -694,7 +694,11 @@ impl Vm {
         let Some(m) = self.meas.as_mut() else {
             return Ok(());
         };
-        let Some(sample) = m.samples.get(m.k).cloned() else {
+        // The next sample waits in `pending` until it is due.
+        if m.pending.is_none() {
+            m.pending = m.samples.next();
+        }
+        let Some(sample) = m.pending.clone() else {
             let end = m.end;
             self.close_meas(out);
             self.pc = end + 1;
@@ -713,7 +717,7 @@ impl Vm {
             out.push(format!("C{:04X}", sample.scan));
             m.scan = Some(sample.scan);
         }
-        m.k += 1;
+        m.pending = None;
         self.clock = self.clock.max(due);
         self.points += 1;
         let kinds: &[&[u8; 2]] = match cmd {

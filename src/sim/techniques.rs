@@ -44,6 +44,132 @@ pub struct Refused {
     pub arg: usize,
 }
 
+/// A loop's samples, made as the loop asks for them: a one-hour CA at 1 ms is 3.6 million
+/// points; only the sweeps (bounded by their potential range) are planned up front.
+pub struct Samples {
+    inner: Inner,
+}
+
+enum Inner {
+    List(std::vec::IntoIter<Sample>),
+    Cell {
+        gen: Generator,
+        scale: f64,
+        k: usize,
+    },
+    Timed {
+        technique: &'static str,
+        args: Vec<f64>,
+        n: usize,
+        k: usize,
+        interval: f64,
+        rng: Rng,
+        scale: f64,
+        mux: (u32, u32),
+    },
+}
+
+/// Points a time-based loop may have (about 28 hours at 1 ms).
+const MAX_TIMED: f64 = 100_000_000.0;
+
+impl Iterator for Samples {
+    type Item = Sample;
+
+    fn next(&mut self) -> Option<Sample> {
+        match &mut self.inner {
+            Inner::List(it) => it.next(),
+            Inner::Cell { gen, scale, k } => {
+                let p = gen.next_point()?;
+                let scan = gen.scan_of(*k);
+                *k += 1;
+                Some(Sample {
+                    dt: p.t,
+                    outs: vec![p.e, p.i * *scale],
+                    scan,
+                })
+            }
+            Inner::Timed {
+                technique,
+                args,
+                n,
+                k,
+                interval,
+                rng,
+                scale,
+                mux,
+            } => {
+                if *k >= *n {
+                    return None;
+                }
+                *k += 1;
+                let t = *interval * *k as f64;
+                Some(Sample {
+                    dt: t,
+                    outs: timed(technique, args, t, *scale, *mux, rng),
+                    scan: 0,
+                })
+            }
+        }
+    }
+}
+
+/// The pulse current of the reversible couple at potential `e`, `t_p` s after a step.
+fn pulse_current(scale: f64, e: f64, t_p: f64) -> f64 {
+    scale * COTTRELL
+        / (std::f64::consts::PI * t_p.max(1e-4)).sqrt()
+        / (1.0 + (-F_RT * (e - E0)).exp())
+}
+
+fn noisy(rng: &mut Rng, v: f64) -> f64 {
+    v * (1.0 + 0.003 * rng.symmetric())
+}
+
+/// One sample of a time-based loop, `t` s into it.
+fn timed(
+    technique: &str,
+    args: &[f64],
+    t: f64,
+    scale: f64,
+    mux: (u32, u32),
+    rng: &mut Rng,
+) -> Vec<f64> {
+    let a = |i: usize| args.get(i).copied().unwrap_or(0.0);
+    match technique {
+        // Cottrell at the applied potential's surface ratio.
+        "CA" => vec![a(0), noisy(rng, pulse_current(scale, a(0), t))],
+        "OCP" => vec![noisy(rng, E0 + 0.03 * (-t / 5.0).exp())],
+        "CP" => {
+            // Sand: the potential climbs as the surface empties, τ at the end.
+            let i = a(0);
+            let tau = (COTTRELL * scale * std::f64::consts::PI.sqrt() / (2.0 * i.abs().max(1e-12)))
+                .powi(2);
+            let r = (t.sqrt() / (tau.sqrt() - t.sqrt()).max(1e-3)).max(1e-9);
+            let e = (E0 + i.signum() * r.ln() / F_RT).clamp(-2.0, 2.0) + RS * i;
+            vec![noisy(rng, e), i]
+        }
+        "PAD" => {
+            let (dc, pulse, t_p) = (a(0), a(1), a(2));
+            let i_dc = pulse_current(scale, dc, t);
+            let i_pulse = pulse_current(scale, pulse, t_p);
+            let i = match args.get(5).copied().unwrap_or(1.0) as i64 {
+                2 => i_pulse,
+                3 => i_pulse - i_dc,
+                _ => i_dc,
+            };
+            vec![dc, noisy(rng, i)]
+        }
+        _ => {
+            // CA on alternating MUX channels: the potential, one current per channel.
+            let mut outs = vec![a(0)];
+            for ch in mux.0..=mux.1 {
+                let s = 1.0 + 0.15 * f64::from(ch.saturating_sub(1));
+                outs.push(noisy(rng, s * pulse_current(1.0, a(0), t)));
+            }
+            outs
+        }
+    }
+}
+
 /// The measurement loop's samples. `outs` is the number of output arguments, `args` the
 /// input values that follow them, `nscans` the option, `channel_scale` the MUX channel's
 /// cell (1 = the plain cell).
@@ -54,7 +180,7 @@ pub fn samples(
     channel: u32,
     mux: (u32, u32),
     seed: u64,
-) -> Result<Vec<Sample>, Refused> {
+) -> Result<Samples, Refused> {
     let bad = |arg: usize| Refused { code: 0x0007, arg };
     let scale = 1.0 + 0.15 * f64::from(channel.saturating_sub(1));
     let mut rng = Rng::new(seed ^ u64::from(channel));
@@ -88,79 +214,45 @@ pub fn samples(
     };
     let mut out = Vec::new();
     match technique {
-        "CV" | "LSV" | "CA" => {
-            let step = match technique {
-                "CV" => {
-                    need(5)?;
-                    Step::Cv {
-                        e_begin: args[0],
-                        e_vertex1: args[1],
-                        e_vertex2: args[2],
-                        e_step: positive(3)?,
-                        scan_rate: positive(4)?,
-                        n_scans: nscans.max(1),
-                    }
+        "CV" | "LSV" => {
+            let step = if technique == "CV" {
+                need(5)?;
+                Step::Cv {
+                    e_begin: args[0],
+                    e_vertex1: args[1],
+                    e_vertex2: args[2],
+                    e_step: positive(3)?,
+                    scan_rate: positive(4)?,
+                    n_scans: nscans.max(1),
                 }
-                "LSV" => {
-                    need(4)?;
-                    Step::Lsv {
-                        e_begin: args[0],
-                        e_end: args[1],
-                        e_step: positive(2)?,
-                        scan_rate: positive(3)?,
-                    }
-                }
-                _ => {
-                    need(3)?;
-                    Step::Ca {
-                        e_dc: args[0],
-                        t_interval: positive(1)?,
-                        t_run: positive(2)?,
-                    }
+            } else {
+                need(4)?;
+                Step::Lsv {
+                    e_begin: args[0],
+                    e_end: args[1],
+                    e_step: positive(2)?,
+                    scan_rate: positive(3)?,
                 }
             };
-            // Refuse before building: the generator holds every point.
-            let n = match &step {
-                Step::Cv {
-                    e_begin,
-                    e_vertex1,
-                    e_vertex2,
-                    e_step,
-                    n_scans,
-                    ..
-                } => {
-                    ((e_vertex1 - e_begin).abs()
-                        + (e_vertex2 - e_vertex1).abs()
-                        + (e_begin - e_vertex2).abs())
-                        / e_step
-                        * f64::from(*n_scans)
+            // Refuse before building: the generator plans every potential.
+            let n = match (technique, args) {
+                ("CV", [b, v1, v2, st, ..]) => {
+                    ((v1 - b).abs() + (v2 - v1).abs() + (b - v2).abs()) / st
+                        * f64::from(nscans.max(1))
                 }
-                Step::Lsv {
-                    e_begin,
-                    e_end,
-                    e_step,
-                    ..
-                } => (e_end - e_begin).abs() / e_step,
-                Step::Ca {
-                    t_interval, t_run, ..
-                } => t_run / t_interval,
+                (_, [b, e, st, ..]) => (e - b).abs() / st,
+                _ => f64::NAN,
             };
             if !(n.is_finite() && n < 2_000_000.0) {
                 return Err(bad(0));
             }
-            let mut g = Generator::new(&step, E0, 0.01, seed ^ u64::from(channel));
-            if g.len() > 2_000_000 {
-                return Err(bad(0));
-            }
-            let mut k = 0;
-            while let Some(p) = g.next_point() {
-                out.push(Sample {
-                    dt: p.t,
-                    outs: vec![p.e, p.i * scale],
-                    scan: g.scan_of(k),
-                });
-                k += 1;
-            }
+            return Ok(Samples {
+                inner: Inner::Cell {
+                    gen: Generator::new(&step, E0, 0.01, seed ^ u64::from(channel)),
+                    scale,
+                    k: 0,
+                },
+            });
         }
         "DPV" | "NPV" | "SWV" | "ACV" => {
             // begin end step … : one sample per step
@@ -223,7 +315,7 @@ pub fn samples(
                 });
             }
         }
-        "CP" | "OCP" | "PAD" => {
+        "CA" | "CP" | "OCP" | "PAD" | "CA_MUX" => {
             let (interval, run) = match technique {
                 "OCP" => {
                     need(2)?;
@@ -231,47 +323,41 @@ pub fn samples(
                 }
                 "PAD" => {
                     need(5)?;
+                    positive(2)?;
                     (positive(3)?, positive(4)?)
+                }
+                "CA_MUX" => {
+                    need(5)?;
+                    (positive(1)?, positive(2)?)
                 }
                 _ => {
                     need(3)?;
                     (positive(1)?, positive(2)?)
                 }
             };
-            let n = count(run, interval)?.saturating_sub(1).max(1);
-            for k in 1..=n {
-                let t = interval * k as f64;
-                let outs = match technique {
-                    "OCP" => vec![noise(&mut rng, E0 + 0.03 * (-t / 5.0).exp())],
-                    "CP" => {
-                        // Sand: the potential climbs as the surface empties, τ at the end.
-                        let i = args[0];
-                        let tau = (COTTRELL * scale * std::f64::consts::PI.sqrt()
-                            / (2.0 * i.abs().max(1e-12)))
-                        .powi(2);
-                        let r = (t.sqrt() / (tau.sqrt() - t.sqrt()).max(1e-3)).max(1e-9);
-                        let e = (E0 + i.signum() * r.ln() / F_RT).clamp(-2.0, 2.0) + RS * i;
-                        vec![noise(&mut rng, e), i]
-                    }
-                    _ => {
-                        let (dc, pulse, t_p) = (args[0], args[1], positive(2)?);
-                        let mode = args.get(5).copied().unwrap_or(1.0);
-                        let i_dc = wave(dc, t);
-                        let i_pulse = wave(pulse, t_p);
-                        let i = match mode as i64 {
-                            2 => i_pulse,
-                            3 => i_pulse - i_dc,
-                            _ => i_dc,
-                        };
-                        vec![dc, noise(&mut rng, i)]
-                    }
-                };
-                out.push(Sample {
-                    dt: t,
-                    outs,
-                    scan: 0,
-                });
+            let n = (run / interval).round();
+            if !(n.is_finite() && n < MAX_TIMED) {
+                return Err(bad(0));
             }
+            let technique = match technique {
+                "CA" => "CA",
+                "CP" => "CP",
+                "OCP" => "OCP",
+                "PAD" => "PAD",
+                _ => "CA_MUX",
+            };
+            return Ok(Samples {
+                inner: Inner::Timed {
+                    technique,
+                    args: args.to_vec(),
+                    n: (n as usize).max(1),
+                    k: 0,
+                    interval,
+                    rng,
+                    scale,
+                    mux,
+                },
+            });
         }
         "LSP" => {
             need(4)?;
@@ -315,25 +401,6 @@ pub fn samples(
                 });
             }
         }
-        "CA_MUX" => {
-            // potential, one current per channel (ch_first ..= ch_last)
-            need(5)?;
-            let (e, interval, run) = (args[0], positive(1)?, positive(2)?);
-            let n = count(run, interval)?.saturating_sub(1).max(1);
-            for k in 1..=n {
-                let t = interval * k as f64;
-                let mut outs = vec![e];
-                for ch in mux.0..=mux.1 {
-                    let s = 1.0 + 0.15 * f64::from(ch.saturating_sub(1));
-                    outs.push(noise(&mut rng, s * wave(e, t)));
-                }
-                out.push(Sample {
-                    dt: t,
-                    outs,
-                    scan: 0,
-                });
-            }
-        }
         _ => {
             return Err(Refused {
                 code: 0x001B,
@@ -341,7 +408,9 @@ pub fn samples(
             })
         }
     }
-    Ok(out)
+    Ok(Samples {
+        inner: Inner::List(out.into_iter()),
+    })
 }
 
 /// Impedance of the Randles circuit at `f` Hz (Z′, Z″; capacitive Z″ is negative), with
@@ -367,7 +436,7 @@ mod tests {
             ("DPV", vec![-0.3, 0.7, 0.01, 0.05, 0.01, 0.1]),
             ("SWV", vec![-0.3, 0.7, 0.01, 0.025, 10.0]),
         ] {
-            let s = samples(tech, &args, 1, 1, (1, 1), 3).unwrap();
+            let s: Vec<Sample> = samples(tech, &args, 1, 1, (1, 1), 3).unwrap().collect();
             assert_eq!(s.len(), 101);
             let peak = s
                 .iter()
@@ -380,7 +449,9 @@ mod tests {
             );
             assert!(peak.outs[1] > 1e-6, "{tech} peak current {}", peak.outs[1]);
         }
-        let swv = samples("SWV", &[-0.3, 0.7, 0.01, 0.025, 10.0], 1, 1, (1, 1), 3).unwrap();
+        let swv: Vec<Sample> = samples("SWV", &[-0.3, 0.7, 0.01, 0.025, 10.0], 1, 1, (1, 1), 3)
+            .unwrap()
+            .collect();
         assert!(swv
             .iter()
             .all(|s| (s.outs[1] - (s.outs[2] - s.outs[3])).abs() < 1e-15));
@@ -392,7 +463,9 @@ mod tests {
         assert!((re_hi - RS).abs() < 1.0 && im_hi.abs() < 5.0);
         let (re_lo, im_lo) = randles(0.1, 1.0);
         assert!(re_lo > RS + RCT && im_lo < 0.0);
-        let eis = samples("EIS", &[0.01, 1e5, 0.1, 31.0, 0.2], 1, 1, (1, 1), 1).unwrap();
+        let eis: Vec<Sample> = samples("EIS", &[0.01, 1e5, 0.1, 31.0, 0.2], 1, 1, (1, 1), 1)
+            .unwrap()
+            .collect();
         assert_eq!(eis.len(), 31);
         assert!((eis[0].outs[0] - 1e5).abs() < 1e-6 && (eis[30].outs[0] - 0.1).abs() < 1e-9);
     }
