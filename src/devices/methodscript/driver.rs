@@ -4,7 +4,8 @@
 //! On connect: resync (`\n` + `Z`, drain), identify (`t`, `i`, `v`) → a
 //! `device_connected` event with type, firmware and serial. A `start` command (or
 //! `autostart`) renders the configured method with its parameters and runs it; device
-//! output becomes `echem_data` chunks and experiment events; pause → `h`, resume → `H`,
+//! output becomes `echem_data` chunks (per measurement loop, with its technique and step,
+//! as [`super::plan`] follows the script) and experiment events; pause → `h`, resume → `H`,
 //! stop → abort-and-sync. A lost port fails the running experiment (partial data is
 //! kept), and the driver reconnects with backoff, by path or by USB identity.
 

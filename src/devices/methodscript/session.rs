@@ -35,9 +35,9 @@ pub enum Output {
     LoopStarted,
     /// A generic loop ended (`+`).
     LoopEnded,
-    /// A scan began (`L`), with its number in this loop.
+    /// A scan began (`C…`), with its number in this loop.
     ScanStarted(u16),
-    /// The scan ended (`+`).
+    /// The scan ended (`-`).
     ScanEnded,
     /// One data package, with the scan it belongs to (0 when there are no scans).
     Data {
