@@ -254,6 +254,11 @@ impl Viewing<'_> {
                         ..Run::default()
                     };
                 }
+                // A step of another technique (EIS after a CA) is plotted on its own.
+                if run.technique != *technique && !run.technique.is_empty() {
+                    run.points.clear();
+                    run.stride = 1;
+                }
                 run.technique.clone_from(technique);
                 run.step_index = *step_index;
                 let rows: Vec<[f64; 6]> =
@@ -476,6 +481,24 @@ mod tests {
                 points: (0..n).map(|k| Point::tei(k as f64, 0.1, 1e-6)).collect(),
             },
         )
+    }
+
+    #[test]
+    fn a_step_of_another_technique_starts_the_plot_afresh() {
+        let live = Live::new(Value::Null);
+        live.view().record(&data(30, "r1"), SystemTime::now());
+        let mut eis = data(5, "r1");
+        if let Body::EchemData { technique, .. } = &mut eis.body {
+            *technique = "EIS".into();
+        }
+        live.view().record(&eis, SystemTime::now());
+        let s = live.snapshot();
+        assert_eq!(s["runs"]["p"]["technique"], "EIS");
+        assert_eq!(s["runs"]["p"]["points"].as_array().unwrap().len(), 5);
+        assert_eq!(
+            s["runs"]["p"]["points_total"], 35,
+            "the run's count goes on"
+        );
     }
 
     #[test]
