@@ -441,6 +441,10 @@ fn every_loop_type_runs_unchanged_and_reaches_kafka_as_the_simulator_sent_it() {
 }
 
 fn check(dir: &Path, script: &str) -> (Option<i32>, String) {
+    check_bytes(dir, script.as_bytes())
+}
+
+fn check_bytes(dir: &Path, script: &[u8]) -> (Option<i32>, String) {
     let path = dir.join("user.mscr");
     std::fs::write(&path, script).unwrap();
     let cfg = format!(
@@ -476,6 +480,11 @@ fn check_finds_what_a_device_would_refuse_at_the_users_line_and_column() {
         let (code, err) = check(dir.path(), &std::fs::read_to_string(f).unwrap());
         assert_eq!(code, Some(0), "{f}: {err}");
     }
+    // As a Windows editor saves it: a byte-order mark, CRLF, Latin-1 µ in a comment.
+    let mut windows = b"\xEF\xBB\xBFe\r\nvar p\r\nvar c # Strom in \xB5A\r\n".to_vec();
+    windows.extend_from_slice(b"meas_loop_ca p c 0 100m 1\r\nendloop\r\n");
+    let (code, err) = check_bytes(dir.path(), &windows);
+    assert_eq!(code, Some(0), "a Windows-saved script: {err}");
     let methods = Path::new(env!("CARGO_MANIFEST_DIR")).join("devices/methods");
     for name in ["cv", "ca", "lsv"] {
         let m = labgate::devices::methodscript::method::Method::load(&methods, name).unwrap();

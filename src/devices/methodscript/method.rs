@@ -139,8 +139,11 @@ impl Method {
         } else {
             dir.join(format!("{name}.mscr"))
         };
-        let text = std::fs::read_to_string(&path)
+        // Bytes, not UTF-8 text: a file saved by a Windows tool may carry Latin-1 in its
+        // comments; the check refuses non-ASCII outside comments.
+        let bytes = std::fs::read(&path)
             .map_err(|e| MethodError::Read(path.display().to_string(), e.to_string()))?;
+        let text = String::from_utf8_lossy(&bytes);
         let stem = path
             .file_stem()
             .map_or_else(|| name.to_string(), |s| s.to_string_lossy().into_owned());
@@ -150,6 +153,8 @@ impl Method {
     /// Parses a method file's text and checks it as a device would: every problem is
     /// reported at its line and column in this text.
     pub fn parse(name: &str, text: &str) -> Result<Method, MethodError> {
+        // A byte-order mark (Windows editors write one) is not part of the first line.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let syntax = |line: usize, col: usize, message: String| MethodError::Syntax {
             method: name.to_string(),
             line,
@@ -181,7 +186,8 @@ impl Method {
             if body.is_empty() && trimmed == "e" {
                 continue;
             }
-            body.push(line.to_string());
+            // Sent without its trailing comment: the device gets ASCII commands only.
+            body.push(super::script::without_comment(line).trim_end().to_string());
             lines.push(n);
         }
         let script = Script::parse(text);

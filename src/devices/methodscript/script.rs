@@ -450,6 +450,19 @@ fn words(line: &str) -> Vec<Token> {
     out
 }
 
+/// The line up to a `#` that is not inside a string.
+pub fn without_comment(line: &str) -> &str {
+    let mut in_str = false;
+    for (i, c) in line.char_indices() {
+        match c {
+            '"' => in_str = !in_str,
+            '#' if !in_str => return &line[..i],
+            _ => {}
+        }
+    }
+    line
+}
+
 /// Splits `i<n` into `i`, `<`, `n` (conditions may be written without spaces).
 fn split_condition(args: Vec<Token>) -> Vec<Token> {
     let mut out = Vec::new();
@@ -506,6 +519,7 @@ impl Script {
     }
 
     fn read(text: &str, skip_e: bool) -> Script {
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let mut stmts = Vec::new();
         for (i, raw) in text.lines().enumerate() {
             let mut w = words(raw.trim_end_matches('\r'));
@@ -818,6 +832,22 @@ impl Checker {
     }
 
     fn stmt(&mut self, s: &Stmt) {
+        // A device reads ASCII only; a non-ASCII character outside a comment is refused.
+        for t in std::iter::once(&s.cmd).chain(&s.args) {
+            if let Some((i, ch)) = t.text.char_indices().find(|(_, c)| !c.is_ascii()) {
+                let at = Token {
+                    text: String::new(),
+                    col: t.col + t.text[..i].chars().count(),
+                };
+                self.problem(
+                    &at,
+                    s.line,
+                    code::UNEXPECTED,
+                    format!("unexpected character {ch:?} (a device reads ASCII only)"),
+                );
+                return;
+            }
+        }
         let c = s.cmd.text.as_str();
         match c {
             "loop" => {
@@ -1097,6 +1127,28 @@ mod tests {
         assert_eq!(
             send.args[0].text, "\"two # or more\"",
             "a # inside a string is text"
+        );
+    }
+
+    #[test]
+    fn windows_files_bom_and_non_ascii_are_handled() {
+        let text = "\u{feff}e\r\nvar c\r\nvar p # Spannung in µV\r\nmeas_loop_ca p c 0 100m 1\r\nendloop\r\n";
+        assert_eq!(problems(text), vec![]);
+        assert_eq!(
+            Script::parse(text).stmts[0].cmd.text,
+            "var",
+            "the BOM is not part of the e line"
+        );
+        let p = problems("var c\nstore_var c 5µ ja\n");
+        assert_eq!(
+            (p[0].line, p[0].col, p[0].code),
+            (2, 14, code::UNEXPECTED),
+            "{p:?}"
+        );
+        assert_eq!(without_comment("set_e p # start"), "set_e p ");
+        assert_eq!(
+            without_comment("send_string \"a # b\" # c"),
+            "send_string \"a # b\" "
         );
     }
 
