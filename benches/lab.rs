@@ -77,6 +77,24 @@ token_env = "BENCH_API_TOKEN"
     )
 }
 
+/// Posts NDJSON readings to the ingest API; returns how many it accepted (after the 202,
+/// i.e. durable).
+fn post_ndjson(addr: std::net::SocketAddr, batch: &str) -> u64 {
+    let auth = format!("Bearer {TOKEN}");
+    let r = request(
+        addr,
+        "POST",
+        "/v1/readings",
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/x-ndjson"),
+        ],
+        batch.as_bytes(),
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    r.json()["accepted"].as_u64().unwrap_or(0)
+}
+
 fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[((v.len() as f64 - 1.0) * p).round() as usize]
@@ -121,20 +139,8 @@ fn ingest_api(broker: &Broker) {
             std::thread::spawn(move || {
                 let mut records = 0u64;
                 let start = Instant::now();
-                let auth = format!("Bearer {TOKEN}");
                 while start.elapsed().as_secs_f64() < secs * 2.0 {
-                    let r = request(
-                        addr,
-                        "POST",
-                        "/v1/readings",
-                        &[
-                            ("Authorization", &auth),
-                            ("Content-Type", "application/x-ndjson"),
-                        ],
-                        batch.as_bytes(),
-                    );
-                    assert_eq!(r.status, 202, "{}", r.body);
-                    records += r.json()["accepted"].as_u64().unwrap_or(0);
+                    records += post_ndjson(addr, &batch);
                 }
                 records
             })
@@ -337,19 +343,8 @@ fn peers(broker: &Broker) {
             let batch = batch.clone();
             let per = n / 2000 + u64::from(c == 0) * (n / 1000 % 2);
             std::thread::spawn(move || {
-                let auth = format!("Bearer {TOKEN}");
                 for _ in 0..per {
-                    let r = request(
-                        addr,
-                        "POST",
-                        "/v1/readings",
-                        &[
-                            ("Authorization", &auth),
-                            ("Content-Type", "application/x-ndjson"),
-                        ],
-                        batch.as_bytes(),
-                    );
-                    assert_eq!(r.status, 202, "{}", r.body);
+                    post_ndjson(addr, &batch);
                 }
             })
         })

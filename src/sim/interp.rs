@@ -15,6 +15,9 @@ use super::techniques::{self, Samples};
 use crate::devices::methodscript::encode_value;
 use crate::devices::methodscript::script::{self, element, is_meas_loop, literal, option, Script};
 
+/// A run-time error: (device error code, line, column).
+type Fault = (u16, usize, usize);
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Val {
     v: f64,
@@ -223,49 +226,68 @@ impl Vm {
         Status::Busy
     }
 
-    fn value(&self, t: &script::Token, line: usize) -> Result<Val, (u16, usize, usize)> {
-        let err = |code| (code, line, t.col);
+    /// The position `index` in array `name`, checked against its length: an unknown
+    /// array is refused at `name_col`, a position outside it at `index_col`.
+    fn slot(
+        &self,
+        name: &str,
+        index: f64,
+        line: usize,
+        (name_col, index_col): (usize, usize),
+    ) -> Result<usize, Fault> {
+        let a = self
+            .arrays
+            .get(name)
+            .ok_or((script::code::UNDECLARED, line, name_col))?;
+        if index >= 0.0 && (index as usize) < a.len() {
+            Ok(index as usize)
+        } else {
+            Err((script::code::BAD_ARGUMENT, line, index_col))
+        }
+    }
+
+    /// `a[i]` (i a variable or a number) → the array and the checked position.
+    fn element_slot<'t>(
+        &self,
+        t: &'t script::Token,
+        line: usize,
+    ) -> Result<Option<(&'t str, usize)>, Fault> {
+        let Some((name, idx)) = element(&t.text) else {
+            return Ok(None);
+        };
+        let i = self
+            .vars
+            .get(idx)
+            .map(|v| v.v)
+            .or_else(|| literal(idx))
+            .ok_or((script::code::UNDECLARED, line, t.col))?;
+        Ok(Some((name, self.slot(name, i, line, (t.col, t.col))?)))
+    }
+
+    fn value(&self, t: &script::Token, line: usize) -> Result<Val, Fault> {
         if let Some(v) = literal(&t.text) {
             return Ok(Val::new(v, b"aa"));
         }
-        if let Some((name, idx)) = element(&t.text) {
-            let i = self
-                .vars
-                .get(idx)
-                .map(|v| v.v)
-                .or_else(|| literal(idx))
-                .ok_or(err(script::code::UNDECLARED))?;
-            let a = self.arrays.get(name).ok_or(err(script::code::UNDECLARED))?;
-            if !(i >= 0.0 && (i as usize) < a.len()) {
-                return Err(err(script::code::BAD_ARGUMENT));
-            }
-            return Ok(a[i as usize]);
+        if let Some((name, i)) = self.element_slot(t, line)? {
+            return Ok(self.arrays[name][i]);
         }
         self.vars
             .get(&t.text)
             .copied()
-            .ok_or(err(script::code::UNDECLARED))
+            .ok_or((script::code::UNDECLARED, line, t.col))
     }
 
-    fn set(&mut self, t: &script::Token, v: Val, line: usize) -> Result<(), (u16, usize, usize)> {
-        if let Some((name, idx)) = element(&t.text) {
-            let i = self
-                .vars
-                .get(idx)
-                .map(|v| v.v)
-                .or_else(|| literal(idx))
-                .ok_or((script::code::UNDECLARED, line, t.col))?;
-            let a = self
-                .arrays
-                .get_mut(name)
-                .ok_or((script::code::UNDECLARED, line, t.col))?;
-            if !(i >= 0.0 && (i as usize) < a.len()) {
-                return Err((script::code::BAD_ARGUMENT, line, t.col));
+    fn set(&mut self, t: &script::Token, v: Val, line: usize) -> Result<(), Fault> {
+        match self.element_slot(t, line)? {
+            Some((name, i)) => {
+                if let Some(a) = self.arrays.get_mut(name) {
+                    a[i] = v;
+                }
             }
-            a[i as usize] = v;
-            return Ok(());
+            None => {
+                self.vars.insert(t.text.clone(), v);
+            }
         }
-        self.vars.insert(t.text.clone(), v);
         Ok(())
     }
 
@@ -294,7 +316,7 @@ impl Vm {
         out
     }
 
-    fn condition(&self, s: &script::Stmt) -> Result<bool, (u16, usize, usize)> {
+    fn condition(&self, s: &script::Stmt) -> Result<bool, Fault> {
         let a = self.value(&s.args[0], s.line)?.v;
         let b = self.value(&s.args[2], s.line)?.v;
         Ok(match s.args[1].text.as_str() {
@@ -307,7 +329,7 @@ impl Vm {
         })
     }
 
-    fn step(&mut self, now: f64, out: &mut Vec<String>) -> Result<(), (u16, usize, usize)> {
+    fn step(&mut self, now: f64, out: &mut Vec<String>) -> Result<(), Fault> {
         let pc = self.pc;
         let s = self.script.stmts[pc].clone();
         let c = s.cmd.text.as_str();
@@ -398,29 +420,19 @@ impl Vm {
                 self.channel = ch as u32;
             }
             "array_set" => {
-                let i = self.value(arg(1)?, line)?;
+                let i = self.value(arg(1)?, line)?.v;
                 let v = self.value(arg(2)?, line)?;
-                let a = self.arrays.get_mut(&arg(0)?.text).ok_or((
-                    script::code::UNDECLARED,
-                    line,
-                    arg(0)?.col,
-                ))?;
-                if !(i.v >= 0.0 && (i.v as usize) < a.len()) {
-                    return Err((script::code::BAD_ARGUMENT, line, arg(1)?.col));
+                let name = &arg(0)?.text;
+                let i = self.slot(name, i, line, (arg(0)?.col, arg(1)?.col))?;
+                if let Some(a) = self.arrays.get_mut(name) {
+                    a[i] = v;
                 }
-                a[i.v as usize] = v;
             }
             "array_get" => {
                 let i = self.value(arg(1)?, line)?.v;
-                let a = self.arrays.get(&arg(0)?.text).ok_or((
-                    script::code::UNDECLARED,
-                    line,
-                    arg(0)?.col,
-                ))?;
-                if !(i >= 0.0 && (i as usize) < a.len()) {
-                    return Err((script::code::BAD_ARGUMENT, line, arg(1)?.col));
-                }
-                let v = a[i as usize];
+                let name = &arg(0)?.text;
+                let i = self.slot(name, i, line, (arg(0)?.col, arg(1)?.col))?;
+                let v = self.arrays[name.as_str()][i];
                 self.set(arg(2)?, v, line)?;
             }
             "pck_start" => self.pck = Some(Vec::new()),
@@ -582,7 +594,7 @@ impl Vm {
     }
 
     /// An `if` or `elseif` whose condition decides: into the branch, or on to the next.
-    fn branch(&mut self, mut at: usize, s: &script::Stmt) -> Result<(), (u16, usize, usize)> {
+    fn branch(&mut self, mut at: usize, s: &script::Stmt) -> Result<(), Fault> {
         let mut stmt = s.clone();
         loop {
             if self.condition(&stmt)? {
@@ -613,7 +625,7 @@ impl Vm {
         s: &script::Stmt,
         now: f64,
         out: &mut Vec<String>,
-    ) -> Result<(), (u16, usize, usize)> {
+    ) -> Result<(), Fault> {
         let line = s.line;
         let cmd = s.cmd.text.as_str();
         let mux = cmd == "meas_loop_ca_alt_mux";
@@ -625,8 +637,13 @@ impl Vm {
             _ => 2,
         };
         if self.meas.as_ref().map(|m| m.head) != Some(pc) {
+            // The variants whose arguments are not public (`_cp_alt_mux`, `_ocp_alt_mux`,
+            // `_eis_dual`) are not simulated: the device answers `!001B`.
             let technique = match cmd {
                 _ if mux => "CA_MUX".to_string(),
+                "meas_loop_cp_alt_mux" | "meas_loop_ocp_alt_mux" | "meas_loop_eis_dual" => {
+                    String::new()
+                }
                 _ => script::technique(cmd).unwrap_or_default(),
             };
             let mut args = Vec::new();
@@ -854,6 +871,12 @@ mod tests {
             n += 1;
         }
         assert!(n >= 15, "{n} example scripts");
+    }
+
+    #[test]
+    fn a_loop_the_simulator_does_not_model_is_refused_as_unsupported() {
+        let out = run("var f\nvar r\nvar z\nmeas_loop_eis_dual f r z 10m 1k 10 3i 0\nendloop\n");
+        assert_eq!(out, ["!001B: Line 4, Col 1", ""]);
     }
 
     #[test]

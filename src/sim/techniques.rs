@@ -184,7 +184,6 @@ pub fn samples(
     let bad = |arg: usize| Refused { code: 0x0007, arg };
     let scale = 1.0 + 0.15 * f64::from(channel.saturating_sub(1));
     let mut rng = Rng::new(seed ^ u64::from(channel));
-    let noise = |rng: &mut Rng, v: f64| v * (1.0 + 0.003 * rng.symmetric());
     let need = |n: usize| {
         if args.len() < n {
             Err(bad(args.len() + 1))
@@ -206,12 +205,7 @@ pub fn samples(
         }
         Ok(n as usize + 1)
     };
-    // The pulse current of the reversible couple at potential e after `t_p` s.
-    let wave = |e: f64, t_p: f64| {
-        scale * COTTRELL
-            / (std::f64::consts::PI * t_p.max(1e-4)).sqrt()
-            / (1.0 + (-F_RT * (e - E0)).exp())
-    };
+    let wave = |e: f64, t_p: f64| pulse_current(scale, e, t_p);
     let mut out = Vec::new();
     match technique {
         "CV" | "LSV" => {
@@ -284,14 +278,14 @@ pub fn samples(
                     "DPV" => {
                         let (pulse, t_p) = (args[3], positive(4)?);
                         let di = wave(e + pulse, t_p) - wave(e, t_p);
-                        vec![e, noise(&mut rng, di)]
+                        vec![e, noisy(&mut rng, di)]
                     }
-                    "NPV" => vec![e, noise(&mut rng, wave(e, positive(3)?))],
+                    "NPV" => vec![e, noisy(&mut rng, wave(e, positive(3)?))],
                     "SWV" => {
                         let (amp, freq) = (args[3], positive(4)?);
                         let t_p = 0.5 / freq;
-                        let fwd = noise(&mut rng, wave(e + amp, t_p));
-                        let rev = noise(&mut rng, wave(e - amp, t_p));
+                        let fwd = noisy(&mut rng, wave(e + amp, t_p));
+                        let rev = noisy(&mut rng, wave(e - amp, t_p));
                         vec![e, fwd - rev, fwd, rev]
                     }
                     _ => {
@@ -299,11 +293,11 @@ pub fn samples(
                         let (amp, freq) = (args[4], positive(5)?);
                         let x = (F_RT * (e - E0)).exp();
                         let slope = F_RT * x / (1.0 + x).powi(2);
-                        let i_ac = noise(
+                        let i_ac = noisy(
                             &mut rng,
                             scale * COTTRELL * amp * slope * (std::f64::consts::PI * freq).sqrt(),
                         );
-                        let i_dc = noise(&mut rng, wave(e, interval));
+                        let i_dc = noisy(&mut rng, wave(e, interval));
                         let z = amp / i_ac.abs().max(1e-15);
                         vec![e, i_dc, amp, i_ac, z * FRAC_1_SQRT_2, -z * FRAC_1_SQRT_2]
                     }
@@ -372,7 +366,7 @@ pub fn samples(
                 let e = E0 + r.ln() / F_RT + RS * i;
                 out.push(Sample {
                     dt: interval * (k + 1) as f64,
-                    outs: vec![noise(&mut rng, e), i],
+                    outs: vec![noisy(&mut rng, e), i],
                     scan: 0,
                 });
             }
@@ -396,7 +390,7 @@ pub fn samples(
                 dt += (2.0 / f).max(0.02);
                 out.push(Sample {
                     dt,
-                    outs: vec![f, noise(&mut rng, re), noise(&mut rng, im)],
+                    outs: vec![f, noisy(&mut rng, re), noisy(&mut rng, im)],
                     scan: 0,
                 });
             }

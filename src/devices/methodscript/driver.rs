@@ -796,16 +796,6 @@ impl Conn<'_> {
     }
 }
 
-/// Maps a data package to a point by its type codes alone (no loop known): `eb` time
-/// (else `fallback_t`), `da`/`ab` potential, `ba` current with its status bits, `dc`
-/// frequency, `cc` Z′, `cd` Z″; anything else in `more`.
-pub fn point_from(package: &super::Package, fallback_t: f64) -> Point {
-    let (mut points, _) = plan::points(None, package, 0, fallback_t);
-    points
-        .pop()
-        .unwrap_or_else(|| Point::tei(fallback_t, f64::NAN, f64::NAN))
-}
-
 /// Driver entry point: connect, run, reconnect with backoff until shutdown.
 pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
     let method = Method::load(&cfg.methods_dir, &cfg.method)
@@ -898,7 +888,7 @@ mod tests {
         // docs/protocols.md §1.7 exchange C.
         let p =
             super::super::Package::parse("dcDF5DFF4u;cc896D904m,10,287;cd82DB1A8u,10,287").unwrap();
-        let pt = point_from(&p, 2.5);
+        let pt = plan::points(None, &p, 0, 2.5).0.remove(0);
         assert_eq!(pt.t, 2.5);
         assert!(pt.e.is_nan() && pt.i.is_nan());
         assert!((pt.f.unwrap() - 99.999732).abs() < 1e-9);
@@ -906,7 +896,7 @@ mod tests {
         assert!((pt.z_im.unwrap() - 2.9946).abs() < 1e-9);
         // A CV package keeps status bits (underload) on the point.
         let p = super::super::Package::parse("da84E63DAn;ba82AB973f,14,284").unwrap();
-        let pt = point_from(&p, 0.0);
+        let pt = plan::points(None, &p, 0, 0.0).0.remove(0);
         assert_eq!(pt.status, 4);
         assert!(pt.f.is_none());
     }

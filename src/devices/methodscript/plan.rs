@@ -223,7 +223,7 @@ impl Plan {
 
     /// The device started a generic loop (`L`).
     pub fn loop_started(&mut self) {
-        if let Some(l) = self.next(&self.generic.clone()) {
+        if let Some(l) = self.next(&self.generic) {
             self.frames.push(l);
             self.pos = l.0 + 1;
         }
@@ -401,55 +401,40 @@ fn place(p: &mut Point, role: Role, code: &str, v: Option<f64>, time_set: &mut b
         },
         r => r,
     };
-    let free = |slot: &Option<f64>| slot.is_none();
+    // Each returns whether the place was taken already.
+    let fill = |slot: &mut Option<f64>| {
+        slot.is_some() || {
+            *slot = v;
+            false
+        }
+    };
+    let fill_nan = |slot: &mut f64| {
+        !slot.is_nan() || {
+            *slot = v.unwrap_or(f64::NAN);
+            false
+        }
+    };
     let taken = match role {
         // The agent's time is only a fallback: a packed time replaces it, once.
-        Role::T if !*time_set && v.is_some() => {
-            p.t = v.unwrap_or(p.t);
-            *time_set = true;
-            false
-        }
-        Role::E if p.e.is_nan() => {
-            p.e = v.unwrap_or(f64::NAN);
-            false
-        }
-        Role::I if p.i.is_nan() => {
-            p.i = v.unwrap_or(f64::NAN);
-            false
-        }
-        Role::F if free(&p.f) => {
-            p.f = v;
-            false
-        }
-        Role::ZRe if free(&p.z_re) => {
-            p.z_re = v;
-            false
-        }
-        Role::ZIm if free(&p.z_im) => {
-            p.z_im = v;
-            false
-        }
-        Role::IFwd if free(&p.i_fwd) => {
-            p.i_fwd = v;
-            false
-        }
-        Role::IRev if free(&p.i_rev) => {
-            p.i_rev = v;
-            false
-        }
-        Role::IAc if free(&p.i_ac) => {
-            p.i_ac = v;
-            false
-        }
-        _ => match code {
-            "cb" if free(&p.z_mod) => {
-                p.z_mod = v;
+        Role::T => match v {
+            Some(t) if !*time_set => {
+                p.t = t;
+                *time_set = true;
                 false
             }
-            "ca" if free(&p.phase) => {
-                p.phase = v;
-                false
-            }
+            _ => true,
+        },
+        Role::E => fill_nan(&mut p.e),
+        Role::I => fill_nan(&mut p.i),
+        Role::F => fill(&mut p.f),
+        Role::ZRe => fill(&mut p.z_re),
+        Role::ZIm => fill(&mut p.z_im),
+        Role::IFwd => fill(&mut p.i_fwd),
+        Role::IRev => fill(&mut p.i_rev),
+        Role::IAc => fill(&mut p.i_ac),
+        Role::Other => match code {
+            "cb" => fill(&mut p.z_mod),
+            "ca" => fill(&mut p.phase),
             "ea" if p.channel.is_none() && v.is_some_and(|c| (0.0..65_536.0).contains(&c)) => {
                 p.channel = v.map(|c| c as u16);
                 false

@@ -102,34 +102,20 @@ enum Kind {
     New,
 }
 
-/// The arguments of a command: fixed kinds, whether `name(…)` options may follow, and
-/// whether the signature is known at all.
-struct Sig {
-    kinds: &'static [Kind],
-    options: bool,
-    checked: bool,
+/// What the check knows of a command's arguments. Any command may end in `name(…)`
+/// options (`nscans(3)`, `cell_on ocp(p)`, `… eis_opt(100u 1)`).
+enum Sig {
+    /// The fixed arguments, by kind.
+    Known(&'static [Kind]),
+    /// A registry command whose arguments are not counted.
+    Unchecked,
 }
 
 use Kind::{Array as A, New as N, Out as O, Str as S, Type as T, Val as V};
 
-/// Any command may end in `name(…)` options (`cell_on ocp(p)`, `… eis_opt(100u 1)`).
 const fn sig(kinds: &'static [Kind]) -> Sig {
-    Sig {
-        kinds,
-        options: true,
-        checked: true,
-    }
+    Sig::Known(kinds)
 }
-
-const fn meas(kinds: &'static [Kind]) -> Sig {
-    sig(kinds)
-}
-
-const UNCHECKED: Sig = Sig {
-    kinds: &[],
-    options: true,
-    checked: false,
-};
 
 /// Every command of the MethodSCRIPT 1.9 registry; block and condition commands are
 /// handled by the structure check.
@@ -290,18 +276,18 @@ fn signature(cmd: &str) -> Option<Sig> {
         "file_open" => sig(&[S, V]),
         "array_set" => sig(&[A, V, V]),
         "array_get" => sig(&[A, V, O]),
-        "meas_loop_lsv" | "meas_loop_lsp" => meas(&[O, O, V, V, V, V]),
-        "meas_loop_cv" => meas(&[O, O, V, V, V, V, V]),
-        "meas_loop_dpv" => meas(&[O, O, V, V, V, V, V, V]),
-        "meas_loop_swv" => meas(&[O, O, O, O, V, V, V, V, V]),
-        "meas_loop_npv" => meas(&[O, O, V, V, V, V, V]),
-        "meas_loop_ca" | "meas_loop_cp" => meas(&[O, O, V, V, V]),
-        "meas_loop_pad" => meas(&[O, O, V, V, V, V, V, V]),
-        "meas_loop_ocp" => meas(&[O, V, V]),
-        "meas_loop_eis" | "meas_loop_geis" => meas(&[O, O, O, V, V, V, V, V]),
-        "meas_loop_acv" => meas(&[O, O, O, O, O, O, V, V, V, V, V, V]),
-        "meas_loop_ca_alt_mux" => meas(&[O, A, V, V, V, V, V]),
-        c if REGISTRY.contains(&c) => UNCHECKED,
+        "meas_loop_lsv" | "meas_loop_lsp" => sig(&[O, O, V, V, V, V]),
+        "meas_loop_cv" => sig(&[O, O, V, V, V, V, V]),
+        "meas_loop_dpv" => sig(&[O, O, V, V, V, V, V, V]),
+        "meas_loop_swv" => sig(&[O, O, O, O, V, V, V, V, V]),
+        "meas_loop_npv" => sig(&[O, O, V, V, V, V, V]),
+        "meas_loop_ca" | "meas_loop_cp" => sig(&[O, O, V, V, V]),
+        "meas_loop_pad" => sig(&[O, O, V, V, V, V, V, V]),
+        "meas_loop_ocp" => sig(&[O, V, V]),
+        "meas_loop_eis" | "meas_loop_geis" => sig(&[O, O, O, V, V, V, V, V]),
+        "meas_loop_acv" => sig(&[O, O, O, O, O, O, V, V, V, V, V, V]),
+        "meas_loop_ca_alt_mux" => sig(&[O, A, V, V, V, V, V]),
+        c if REGISTRY.contains(&c) => Sig::Unchecked,
         _ => return None,
     };
     Some(s)
@@ -566,14 +552,6 @@ impl Script {
         problems
     }
 
-    /// The measurement loops in file order: (statement index, its `endloop`'s index).
-    pub fn meas_loops(&self) -> Vec<(usize, usize)> {
-        self.blocks()
-            .into_iter()
-            .filter(|(s, _)| is_meas_loop(&self.stmts[*s].cmd.text))
-            .collect()
-    }
-
     /// Every `loop`/`meas_loop_*` with the index of its `endloop` (well-formed scripts).
     pub fn blocks(&self) -> Vec<(usize, usize)> {
         let mut open = Vec::new();
@@ -667,27 +645,32 @@ impl Checker {
         });
     }
 
+    /// `name` must be a declared array.
+    fn array(&mut self, t: &Token, name: &str, line: usize) {
+        match self.vars.get(name) {
+            Some(true) => {}
+            Some(false) => self.problem(
+                t,
+                line,
+                code::BAD_ARGUMENT,
+                format!("{name} is not an array"),
+            ),
+            None => self.problem(
+                t,
+                line,
+                code::UNDECLARED,
+                format!("array {name} is not declared (`array {name} <size>`)"),
+            ),
+        }
+    }
+
     fn value(&mut self, t: &Token, line: usize) {
         let text = t.text.as_str();
         if is_placeholder(text) || literal(text).is_some() {
             return;
         }
         if let Some((name, index)) = element(text) {
-            match self.vars.get(name) {
-                Some(true) => {}
-                Some(false) => self.problem(
-                    t,
-                    line,
-                    code::BAD_ARGUMENT,
-                    format!("{name} is not an array"),
-                ),
-                None => self.problem(
-                    t,
-                    line,
-                    code::UNDECLARED,
-                    format!("array {name} is not declared"),
-                ),
-            }
+            self.array(t, name, line);
             let idx = Token {
                 text: index.to_string(),
                 col: t.col + name.len() + 1,
@@ -756,21 +739,7 @@ impl Checker {
                     );
                 }
             }
-            Kind::Array => match self.vars.get(text) {
-                Some(true) => {}
-                Some(false) => self.problem(
-                    t,
-                    line,
-                    code::BAD_ARGUMENT,
-                    format!("{text} is not an array"),
-                ),
-                None => self.problem(
-                    t,
-                    line,
-                    code::UNDECLARED,
-                    format!("array {text} is not declared (`array {text} <size>`)"),
-                ),
-            },
+            Kind::Array => self.array(t, text, line),
             Kind::New => {
                 if !is_name(text) {
                     self.problem(
@@ -982,12 +951,12 @@ impl Checker {
             }
             _ => {}
         }
-        if sig.checked {
-            let fixed = sig.kinds.len();
+        if let Sig::Known(kinds) = sig {
+            let fixed = kinds.len();
             let given = s
                 .args
                 .iter()
-                .take_while(|a| !(sig.options && option(&a.text).is_some()))
+                .take_while(|a| option(&a.text).is_none())
                 .count();
             if given != fixed {
                 let at = s.args.get(fixed).unwrap_or(&s.cmd);
@@ -1001,14 +970,15 @@ impl Checker {
                     ),
                 );
             }
-            for (k, a) in sig.kinds.iter().zip(&s.args) {
+            for (k, a) in kinds.iter().zip(&s.args) {
                 self.arg(*k, a, s.line);
             }
             for a in s.args.iter().skip(given) {
                 match option(&a.text) {
                     Some((_, inner)) => {
-                        for (j, v) in inner.iter().enumerate() {
-                            let col = a.col + a.text.find('(').unwrap_or(0) + 1 + j;
+                        for v in inner {
+                            // Where the value stands inside the option (ASCII: bytes are columns).
+                            let col = a.col + (v.as_ptr() as usize - a.text.as_ptr() as usize);
                             self.value(
                                 &Token {
                                     text: (*v).to_string(),
@@ -1026,7 +996,7 @@ impl Checker {
                     ),
                 }
             }
-            if let (Some(Kind::New), Some(name)) = (sig.kinds.first(), s.args.first()) {
+            if let (Some(Kind::New), Some(name)) = (kinds.first(), s.args.first()) {
                 if is_name(&name.text) {
                     self.vars.insert(name.text.clone(), c == "array");
                 }
@@ -1073,7 +1043,7 @@ mod tests {
             (pck_add.line, pck_add.cmd.col, pck_add.args[0].col),
             (10, 5, 13)
         );
-        assert_eq!(s.meas_loops(), vec![(5, 10)]);
+        assert_eq!(s.blocks(), vec![(5, 10)]);
     }
 
     #[test]
@@ -1086,6 +1056,10 @@ mod tests {
             ("var c\nvar p\nmeas_loop_ca p c 0 100m 1\n", (3, 1, code::ENDED_UNEXPECTEDLY)),
             ("var i\nstore_var i 0i ja\nloop i < 3i\nendif\n", (4, 1, code::UNEXPECTED)),
             ("var c\nvar c\n", (2, 5, code::VAR_EXISTS)),
+            (
+                "var c\nvar p\nmeas_loop_cv p c 0 1 0 10m 1 nscans(q)\nendloop\n",
+                (3, 37, code::UNDECLARED),
+            ),
             ("var c\nstore_var c 5q ja\n", (2, 13, code::UNEXPECTED)),
             ("var c\nvar p\nmeas_loop_ca p c 0 1 2\n meas_loop_ca p c 0 1 2\n endloop\nendloop\n", (4, 2, code::NESTED_MEAS_LOOP)),
             ("pck_add c\n", (1, 1, code::UNEXPECTED)),
@@ -1181,7 +1155,7 @@ mod tests {
             let script = Script::parse(&s);
             let _ = script.check();
             let _ = script.constants_at(script.stmts.len());
-            let _ = script.meas_loops();
+            let _ = script.blocks();
         }
 
         #[test]
