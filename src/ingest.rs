@@ -6,11 +6,15 @@
 //! `commit_interval`. A sender that must not acknowledge anything upstream before the
 //! record is durable (an MQTT ack, a command offset) uses [`Ingest::send_durable`],
 //! which returns only after the flush that covers the record; while such a sender waits,
-//! the flush happens at once instead of at the end of the interval.
+//! the flush happens at once instead of at the end of the interval. A source that
+//! sends many records and acknowledges them upstream in order (an MQTT session) numbers
+//! them with tickets and follows one [`Tally`] instead: one wake-up per flush, not one
+//! receipt per record.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
@@ -43,10 +47,62 @@ pub enum IngestError {
 /// Resolves when a record sent with [`Ingest::send_tracked`] is durable.
 pub type Receipt = oneshot::Receiver<Result<(), IngestError>>;
 
+/// Durability by ticket, for a source that acknowledges what it received upstream in
+/// order (an MQTT session's PUBACKs). The source numbers its messages 1, 2, 3… and sends
+/// every record of a message with the message's ticket ([`Ingest::send_ticketed`]).
+/// After each flush, [`Tally::durable`] is the highest ticket whose records, and every
+/// record before them, were made durable or refused; [`Tally::take_refused`] names the
+/// refused tickets. The source is woken once per flush, not once per record.
+#[derive(Debug, Default)]
+pub struct Tally {
+    durable: AtomicU64,
+    /// Refused tickets not yet taken; written before `durable` is raised past them.
+    refused: Mutex<Vec<u64>>,
+    changed: tokio::sync::Notify,
+}
+
+impl Tally {
+    /// Every ticket up to this one is settled: durable, unless [`Tally::take_refused`]
+    /// names it.
+    pub fn durable(&self) -> u64 {
+        self.durable.load(Acquire)
+    }
+
+    /// The refused tickets settled so far (each is returned once). Call after
+    /// [`Tally::durable`]: a refused ticket is listed before `durable` passes it.
+    pub fn take_refused(&self) -> Vec<u64> {
+        std::mem::take(&mut *self.refused.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Resolves after the next flush that settled a ticket (at once if one happened
+    /// since the last call).
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+
+    fn settle(&self, ticket: u64, ok: bool) {
+        if !ok {
+            self.refused
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(ticket);
+        }
+        self.durable.fetch_max(ticket, Release);
+    }
+}
+
+/// Who waits for a record's durability, and how they are told.
+enum Waiter {
+    /// One receipt per record.
+    Once(oneshot::Sender<Result<(), IngestError>>),
+    /// A ticket in a source's tally.
+    Ticket(Arc<Tally>, u64),
+}
+
 struct Item {
     /// None: only a source position to store.
     draft: Option<Draft>,
-    done: Option<oneshot::Sender<Result<(), IngestError>>>,
+    done: Option<Waiter>,
     /// A source position written in the same batch as this record (and those before it).
     cursor: Option<(Vec<u8>, Option<Vec<u8>>)>,
     /// The source has gone back to its stored position after a refusal: its positions
@@ -117,6 +173,25 @@ impl Ingest {
         self.send_item(draft, Some((key, value)), resync).await
     }
 
+    /// Queues a record under a ticket of `tally` (see [`Tally`]): tickets must not
+    /// decrease from one call to the next, and several records may share one.
+    pub async fn send_ticketed(
+        &self,
+        draft: Draft,
+        tally: &Arc<Tally>,
+        ticket: u64,
+    ) -> Result<(), IngestError> {
+        self.tx
+            .send(Item {
+                draft: Some(draft),
+                done: Some(Waiter::Ticket(tally.clone(), ticket)),
+                cursor: None,
+                resync: false,
+            })
+            .await
+            .map_err(|_| IngestError::Closed)
+    }
+
     async fn send_item(
         &self,
         draft: Option<Draft>,
@@ -127,7 +202,7 @@ impl Ingest {
         self.tx
             .send(Item {
                 draft,
-                done: Some(done),
+                done: Some(Waiter::Once(done)),
                 cursor,
                 resync,
             })
@@ -344,7 +419,7 @@ struct Writer {
     /// Next seq per device (authoritative copy; persisted with every append).
     seqs: HashMap<String, u64>,
     /// Senders waiting for the next flush, with the result they get.
-    waiting: Vec<(oneshot::Sender<Result<(), IngestError>>, bool)>,
+    waiting: Vec<(Waiter, bool)>,
     /// Highest seq per device appended since the last flush.
     unflushed_seqs: HashMap<String, u64>,
     /// Records appended since the last flush.
@@ -384,7 +459,7 @@ impl Writer {
                 } else if self.refused_sources.contains(key) {
                     // Behind a refused record of the same source: refused in turn.
                     if let Some(d) = item.done {
-                        let _ = d.send(Err(IngestError::Rejected));
+                        self.refuse(d, IngestError::Rejected);
                     }
                     continue;
                 }
@@ -431,9 +506,7 @@ impl Writer {
             }
             match (item.done, index) {
                 (Some(d), Ok(i)) => dones.push((d, i)),
-                (Some(d), Err(e)) => {
-                    let _ = d.send(Err(IngestError::Buffer(e)));
-                }
+                (Some(d), Err(e)) => self.refuse(d, IngestError::Buffer(e)),
                 (None, _) => {}
             }
         }
@@ -458,6 +531,17 @@ impl Writer {
             self.waiting.push((d, ok));
         }
         Ok(())
+    }
+
+    /// Tells a waiter its record was refused: a receipt at once, a ticket at the next
+    /// flush (a tally may not pass tickets before it that are not durable yet).
+    fn refuse(&mut self, w: Waiter, e: IngestError) {
+        match w {
+            Waiter::Once(d) => {
+                let _ = d.send(Err(e));
+            }
+            ticket => self.waiting.push((ticket, false)),
+        }
     }
 
     /// Stamps one draft onto `stored`; returns its index there.
@@ -577,12 +661,29 @@ impl Writer {
         for (dev, seq) in self.unflushed_seqs.drain() {
             self.metrics.set_durable_seq(&dev, seq);
         }
+        // Each tally is woken once, after all of its tickets in this flush are settled.
+        let mut touched: Option<Arc<Tally>> = None;
         for (done, ok) in self.waiting.drain(..) {
-            let _ = done.send(if ok {
-                Ok(())
-            } else {
-                Err(IngestError::Rejected)
-            });
+            match done {
+                Waiter::Once(d) => {
+                    let _ = d.send(if ok {
+                        Ok(())
+                    } else {
+                        Err(IngestError::Rejected)
+                    });
+                }
+                Waiter::Ticket(tally, ticket) => {
+                    tally.settle(ticket, ok);
+                    if !touched.as_ref().is_some_and(|t| Arc::ptr_eq(t, &tally)) {
+                        if let Some(t) = touched.replace(tally) {
+                            t.changed.notify_one();
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(t) = touched {
+            t.changed.notify_one();
         }
         Ok(())
     }

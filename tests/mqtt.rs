@@ -463,6 +463,61 @@ fn a_mosquitto_restart_loses_no_qos1_message() {
     });
 }
 
+/// Under `reject_new` a full buffer refuses readings: their messages stay unacked on the
+/// broker (the session reconnects after a pause for redelivery), every message before
+/// and after them that was stored is acked, and once Kafka is back every value arrives.
+#[test]
+fn a_full_buffer_leaves_mqtt_messages_unacked_until_there_is_room() {
+    let mqtt = Mosquitto::start();
+    let url = mqtt.url();
+    // No Kafka yet: the buffer (64 KiB, reject_new) fills and refuses.
+    let port = free_port();
+    let dir = tempdir();
+    let topics = Topics::new();
+    let device = format!(
+        "[buffer]\nmax_bytes = 65536\noverflow = \"reject_new\"\n\n{}",
+        counter_device(&url)
+    );
+    let cfg = agent_config(
+        dir.path(),
+        "agent-mqtt-full",
+        &format!("127.0.0.1:{port}"),
+        &topics,
+        free_port(),
+        &device,
+    );
+    let agent = Agent::start(dir.path(), &cfg);
+    agent.wait_status("MQTT connected", Duration::from_secs(20), |st| {
+        st["devices"]["mqtt-c"]["state"] == "running"
+    });
+    const N: u64 = 2_000;
+    let p = MqttClient::connect(&url, "test-full-publisher");
+    for i in 0..N {
+        p.publish("lab/c3/counter", i.to_string(), false);
+    }
+    p.wait_acked(N, Duration::from_secs(60));
+    agent.wait_status(
+        "the buffer refusing readings",
+        Duration::from_secs(30),
+        |_| agent.metric("labgate_records_dropped_total{reason=\"buffer_full_reject_new\"}") > 0.0,
+    );
+    let acked = agent.metric("labgate_mqtt_acked_total{device=\"mqtt-c\"}");
+    assert!(
+        acked > 0.0 && acked < N as f64,
+        "only the stored messages are acked while the buffer is full: {acked} of {N}"
+    );
+    let _broker = Broker::start_on(port);
+    let mut r = Reader::new(&format!("127.0.0.1:{port}"), &[topics.sensors()]);
+    r.until("every counter value", Duration::from_secs(120), |m| {
+        counter_values(m).len() as u64 == N
+    });
+    assert_eq!(counter_values(&r.msgs), (0..N).collect::<BTreeSet<_>>());
+    agent.wait_status("every message acked", Duration::from_secs(60), |_| {
+        agent.metric("labgate_mqtt_acked_total{device=\"mqtt-c\"}") >= N as f64
+    });
+    assert!(agent.metric("labgate_mqtt_redelivered_total{device=\"mqtt-c\"}") > 0.0);
+}
+
 #[test]
 fn alerts_and_aggregates_match_a_reference_computed_here() {
     let s = setup();

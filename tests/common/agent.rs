@@ -66,6 +66,18 @@ level = "info,labgate=debug"
     )
 }
 
+/// `LABGATE_AGENT_ENV="K=V K2=V2"`: variables for the agent process only, not for the
+/// test or the brokers it starts. How BENCHMARKS.md's memory breakdown was taken:
+/// `LD_PRELOAD=…/libheaptrack_preload.so DUMP_HEAPTRACK_OUTPUT=/tmp/agent.raw`.
+fn profiler_env() -> Vec<(String, String)> {
+    std::env::var("LABGATE_AGENT_ENV")
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 /// The real `labgate` binary running a config.
 pub struct Agent {
     child: Option<Child>,
@@ -117,6 +129,7 @@ impl Agent {
             .arg(&self.config)
             .env("RUNTIME_DIRECTORY", &run)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .envs(profiler_env())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()

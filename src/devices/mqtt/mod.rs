@@ -18,6 +18,7 @@ pub mod types;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing as Out, Packet, QoS, Transport};
@@ -25,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Backoff, CommandKind, Control, DeviceCtx, DeviceError};
-use crate::ingest::{IngestError, Receipt};
+use crate::ingest::{IngestError, Tally};
 use crate::record::{object, Body, Draft};
 use mapping::{Mapper, Subscription};
 
@@ -272,8 +273,22 @@ fn options(cfg: &Config, client_id: &str) -> Result<MqttOptions, String> {
 
 /// A message waiting for its records to be durable before it is acked.
 struct PendingAck {
-    receipt: Option<Receipt>,
-    publish: rumqttc::Publish,
+    /// Its records' ticket in the session's [`Tally`]; a message without records has
+    /// the ticket of the message before it, so it is acked in turn.
+    ticket: u64,
+    /// Whether it made records (a malformed message made none).
+    records: bool,
+    /// What the ack needs. Only this is kept, not the message: a broker may send a whole
+    /// stored session before the first ack goes out (mosquitto does), so the queue can
+    /// hold every message of a long outage.
+    pkid: u16,
+    qos: QoS,
+}
+
+/// The session's side of the durability tally: tickets issued so far.
+struct Tickets {
+    tally: Arc<Tally>,
+    last: u64,
 }
 
 /// A command publish waiting for the broker's PUBACK.
@@ -313,9 +328,14 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
     // unacked messages can exist.
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<PendingAck>();
     let (refused_tx, mut refused_rx) = mpsc::channel::<()>(1);
+    let mut tickets = Tickets {
+        tally: Arc::new(Tally::default()),
+        last: 0,
+    };
     let acker = tokio::spawn(ack_in_order(
         client.clone(),
         ack_rx,
+        tickets.tally.clone(),
         refused_tx,
         ctx.metrics.clone(),
         ctx.id.clone(),
@@ -358,7 +378,7 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if let Err(e) = on_publish(cfg, ctx, &mut mapper, &client, &ack_tx, &mut malformed, p).await {
+                    if let Err(e) = on_publish(cfg, ctx, &mut mapper, &client, (&ack_tx, &mut tickets), &mut malformed, p).await {
                         break Err(e);
                     }
                 }
@@ -475,7 +495,7 @@ async fn on_publish(
     ctx: &mut DeviceCtx,
     mapper: &mut Mapper,
     client: &AsyncClient,
-    acks: &mpsc::UnboundedSender<PendingAck>,
+    (acks, tickets): (&mpsc::UnboundedSender<PendingAck>, &mut Tickets),
     malformed: &mut Malformed,
     p: rumqttc::Publish,
 ) -> Result<(), DeviceError> {
@@ -486,12 +506,18 @@ async fn on_publish(
         }
     });
     let now = SystemTime::now();
-    let mut receipt = None;
+    let mut records = false;
     match mapper.map(&p.topic, &p.payload, now) {
         Ok(mapped) => {
+            if !mapped.readings.is_empty() {
+                tickets.last += 1;
+                records = true;
+            }
             for r in mapped.readings {
                 let draft = reading_draft(&ctx.id, cfg.location.as_ref(), r, now);
-                receipt = Some(ctx.ingest.send_tracked(draft).await?);
+                ctx.ingest
+                    .send_ticketed(draft, &tickets.tally, tickets.last)
+                    .await?;
             }
             for n in mapped.notes {
                 let mut data = n.data;
@@ -514,11 +540,12 @@ async fn on_publish(
         }
     }
     if p.qos != QoS::AtMostOnce {
-        // The last record's receipt covers the message: flushes are in order.
         if acks
             .send(PendingAck {
-                receipt,
-                publish: p,
+                ticket: tickets.last,
+                records,
+                pkid: p.pkid,
+                qos: p.qos,
             })
             .is_err()
         {
@@ -528,31 +555,62 @@ async fn on_publish(
     Ok(())
 }
 
-/// Acks messages in the order they arrived, each once its records are durable.
+/// Acks messages in the order they arrived, each once its records are durable: after
+/// each flush, every message its tally has passed, in one burst. A message whose record
+/// was refused is not acked (the broker delivers it again after a reconnect).
 async fn ack_in_order(
     client: AsyncClient,
     mut rx: mpsc::UnboundedReceiver<PendingAck>,
+    tally: Arc<Tally>,
     refused: mpsc::Sender<()>,
-    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    metrics: Arc<crate::metrics::Metrics>,
     device: String,
 ) {
-    while let Some(p) = rx.recv().await {
-        if let Some(r) = p.receipt {
-            match r.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(device, topic = %p.publish.topic, error = %e, "MQTT message not acked: its record was not stored");
-                    let _ = refused.try_send(());
-                    continue;
-                }
-                // Ingest closed: the agent is going down; the broker keeps the message.
-                Err(_) => return,
+    let mut pending: VecDeque<PendingAck> = VecDeque::new();
+    let mut refusals: Vec<u64> = Vec::new();
+    let mut open = true;
+    loop {
+        let durable = tally.durable();
+        refusals.extend(tally.take_refused());
+        let mut acked = 0;
+        while pending.front().is_some_and(|p| p.ticket <= durable) {
+            let Some(p) = pending.pop_front() else { break };
+            if p.records && refusals.contains(&p.ticket) {
+                tracing::warn!(
+                    device,
+                    pkid = p.pkid,
+                    "MQTT message not acked: its record was not stored"
+                );
+                let _ = refused.try_send(());
+                continue;
             }
+            // An ack is its packet id and QoS; an empty topic and payload allocate nothing.
+            let mut ack = rumqttc::Publish::new(String::new(), p.qos, Vec::new());
+            ack.pkid = p.pkid;
+            if client.ack(&ack).await.is_err() {
+                return;
+            }
+            acked += 1;
         }
-        if client.ack(&p.publish).await.is_err() {
+        refusals.retain(|&t| t > durable);
+        if acked > 0 {
+            metrics.mqtt(&device, |m| m.acked += acked);
+        }
+        if !open && pending.is_empty() {
             return;
         }
-        metrics.mqtt(&device, |m| m.acked += 1);
+        tokio::select! {
+            m = rx.recv(), if open => match m {
+                Some(p) => {
+                    pending.push_back(p);
+                    while let Ok(p) = rx.try_recv() {
+                        pending.push_back(p);
+                    }
+                }
+                None => open = false,
+            },
+            () = tally.changed(), if !pending.is_empty() => {}
+        }
     }
 }
 
