@@ -591,6 +591,11 @@ async fn ack_in_order(
                 return;
             }
             acked += 1;
+            // Counted as they go: a burst after a long flush can be thousands of acks.
+            if acked == 256 {
+                metrics.mqtt(&device, |m| m.acked += acked);
+                acked = 0;
+            }
         }
         refusals.retain(|&t| t > durable);
         if acked > 0 {
