@@ -539,18 +539,14 @@ async fn on_publish(
             malformed.last = Some((p.topic.clone(), reason));
         }
     }
-    if p.qos != QoS::AtMostOnce {
-        if acks
-            .send(PendingAck {
-                ticket: tickets.last,
-                records,
-                pkid: p.pkid,
-                qos: p.qos,
-            })
-            .is_err()
-        {
-            return Err(DeviceError::Ingest(IngestError::Closed));
-        }
+    let pending = PendingAck {
+        ticket: tickets.last,
+        records,
+        pkid: p.pkid,
+        qos: p.qos,
+    };
+    if p.qos != QoS::AtMostOnce && acks.send(pending).is_err() {
+        return Err(DeviceError::Ingest(IngestError::Closed));
     }
     Ok(())
 }
