@@ -25,7 +25,7 @@
 //!
 //! | tree     | key                        | value                                            |
 //! |----------|----------------------------|--------------------------------------------------|
-//! | `outbox` | `c` + chunk id, u64 BE     | lz4 block (size-prefixed) of a CBOR array of [`Stored`] |
+//! | `outbox` | `c` + chunk id, u64 BE     | lz4 block (size-prefixed) of the chunk's [`Stored`] records: byte `0x01`, then varints and length-prefixed fields (`CHUNK_V1`); chunks written before that layout hold a CBOR array, still read |
 //! | `outbox` | `s/<device>`               | next seq of that device, u64 BE                  |
 //! | `outbox` | `u`                        | dropped records not yet reported by an event     |
 //! | `dead`   | dead-letter id, u64 BE     | CBOR [`DeadLetter`]                              |
@@ -110,7 +110,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::record::{unix_ms, Stored};
+use crate::record::{unix_ms, Stored, TopicKind};
 
 const CHUNK_PREFIX: u8 = b'c';
 const SEQ_PREFIX: &[u8] = b"s/";
@@ -1198,26 +1198,134 @@ fn chunk_len(recs: &[Stored]) -> u16 {
     u16::try_from(recs.len()).unwrap_or(u16::MAX)
 }
 
+/// The first byte of a chunk (after lz4) in the current layout: the record count, then
+/// per record its topic, key, device, seq, ingest time and payload, numbers as LEB128
+/// varints and byte strings length-prefixed. Chunks written by earlier versions are
+/// CBOR arrays (first byte 0x80–0x9f); [`decode`] still reads them.
+const CHUNK_V1: u8 = 0x01;
+
+/// Topic codes of the chunk layout (stable on disk; append only).
+const TOPIC_CODES: [TopicKind; 7] = [
+    TopicKind::Events,
+    TopicKind::AgentEvents,
+    TopicKind::Data,
+    TopicKind::Sensors,
+    TopicKind::Alerts,
+    TopicKind::CommandResults,
+    TopicKind::Aggregates,
+];
+
 fn encode(part: &[Stored]) -> Result<Vec<u8>, BufferError> {
-    let mut v = Vec::with_capacity(
-        part.iter()
-            .map(|r| r.payload.len() + r.key.len() + 48)
-            .sum(),
-    );
-    ciborium::into_writer(&part, &mut v).map_err(|e| BufferError::Encode(e.to_string()))?;
+    let size: usize = part
+        .iter()
+        .map(|r| r.payload.len() + r.key.len() + r.device_id.len() + 32)
+        .sum();
+    let mut v = Vec::with_capacity(size + 11);
+    v.push(CHUNK_V1);
+    put_varint(&mut v, part.len() as u64);
+    for r in part {
+        let code = TOPIC_CODES
+            .iter()
+            .position(|t| *t == r.topic)
+            .ok_or_else(|| BufferError::Encode(format!("no chunk code for {:?}", r.topic)))?;
+        v.push(code as u8);
+        put_bytes(&mut v, r.key.as_bytes());
+        put_bytes(&mut v, r.device_id.as_bytes());
+        put_varint(&mut v, r.seq);
+        put_varint(&mut v, r.ingested_ms);
+        put_bytes(&mut v, &r.payload);
+    }
     Ok(lz4_flex::compress_prepend_size(&v))
+}
+
+fn put_varint(v: &mut Vec<u8>, mut x: u64) {
+    while x >= 0x80 {
+        v.push((x as u8) | 0x80);
+        x >>= 7;
+    }
+    v.push(x as u8);
+}
+
+fn put_bytes(v: &mut Vec<u8>, b: &[u8]) {
+    put_varint(v, b.len() as u64);
+    v.extend_from_slice(b);
 }
 
 fn decode(chunk: u64, v: &[u8]) -> Result<Vec<Stored>, BufferError> {
     let corrupt = |message: String| BufferError::Corrupt { chunk, message };
     let raw = lz4_flex::decompress_size_prepended(v).map_err(|e| corrupt(format!("lz4: {e}")))?;
-    ciborium::from_reader(raw.as_slice()).map_err(|e| corrupt(e.to_string()))
+    match raw.split_first() {
+        Some((&CHUNK_V1, rest)) => decode_v1(rest).map_err(corrupt),
+        _ => ciborium::from_reader(raw.as_slice()).map_err(|e| corrupt(e.to_string())),
+    }
+}
+
+fn decode_v1(raw: &[u8]) -> Result<Vec<Stored>, String> {
+    let mut r = Fields(raw);
+    let n = r.varint()?;
+    // A record takes at least 6 bytes: a corrupt count cannot reserve more than that.
+    let mut out = Vec::with_capacity(usize::try_from(n).unwrap_or(0).min(raw.len() / 6));
+    for _ in 0..n {
+        let code = r.byte()?;
+        let topic = *TOPIC_CODES
+            .get(usize::from(code))
+            .ok_or_else(|| format!("unknown topic code {code}"))?;
+        out.push(Stored {
+            topic,
+            key: r.text()?,
+            device_id: r.text()?,
+            seq: r.varint()?,
+            ingested_ms: r.varint()?,
+            payload: r.bytes()?.to_vec(),
+        });
+    }
+    if r.0.is_empty() {
+        Ok(out)
+    } else {
+        Err(format!("{} bytes after the last record", r.0.len()))
+    }
+}
+
+/// Reads the fields of a [`CHUNK_V1`] chunk; every read checks what is left.
+struct Fields<'a>(&'a [u8]);
+
+impl<'a> Fields<'a> {
+    fn byte(&mut self) -> Result<u8, String> {
+        let (&b, rest) = self.0.split_first().ok_or("truncated record")?;
+        self.0 = rest;
+        Ok(b)
+    }
+
+    fn varint(&mut self) -> Result<u64, String> {
+        let mut x = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.byte()?;
+            x |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(x);
+            }
+        }
+        Err("varint longer than 64 bits".into())
+    }
+
+    fn bytes(&mut self) -> Result<&'a [u8], String> {
+        let n = usize::try_from(self.varint()?).map_err(|_| "length out of range")?;
+        if n > self.0.len() {
+            return Err(format!("a {n}-byte field with {} bytes left", self.0.len()));
+        }
+        let (b, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(b)
+    }
+
+    fn text(&mut self) -> Result<String, String> {
+        String::from_utf8(self.bytes()?.to_vec()).map_err(|_| "a field is not UTF-8".into())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::TopicKind;
 
     #[test]
     fn disk_errors_are_named_also_after_sled_cloned_them() {
@@ -1232,6 +1340,82 @@ mod tests {
         assert_eq!(disk_error_kind(&sled::Error::Io(ro)), "erofs");
         let other = std::io::Error::from_raw_os_error(13);
         assert_eq!(disk_error_kind(&sled::Error::Io(other)), "other");
+    }
+
+    fn same(a: &[Stored], b: &[Stored]) -> bool {
+        a.len() == b.len()
+            && a.iter().zip(b).all(|(x, y)| {
+                (
+                    x.topic,
+                    &x.key,
+                    &x.device_id,
+                    x.seq,
+                    x.ingested_ms,
+                    &x.payload,
+                ) == (
+                    y.topic,
+                    &y.key,
+                    &y.device_id,
+                    y.seq,
+                    y.ingested_ms,
+                    &y.payload,
+                )
+            })
+    }
+
+    #[test]
+    fn chunks_round_trip_in_every_topic_and_old_cbor_chunks_still_read() {
+        let part: Vec<Stored> = TOPIC_CODES
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Stored {
+                topic: *t,
+                key: format!("key-ü-{i}"),
+                device_id: format!("dev-{i}"),
+                seq: u64::MAX - i as u64,
+                ingested_ms: 1_767_225_600_000 + i as u64,
+                payload: vec![i as u8; i * 200],
+            })
+            .collect();
+        let v1 = encode(&part).unwrap();
+        assert_eq!(
+            lz4_flex::decompress_size_prepended(&v1).unwrap()[0],
+            CHUNK_V1
+        );
+        assert!(same(&decode(7, &v1).unwrap(), &part));
+        // A chunk as versions before the v1 layout wrote it: lz4 over a CBOR array.
+        let mut cbor = Vec::new();
+        ciborium::into_writer(&part, &mut cbor).unwrap();
+        let old = lz4_flex::compress_prepend_size(&cbor);
+        assert!(same(&decode(7, &old).unwrap(), &part));
+        assert!(same(&decode(7, &encode(&[]).unwrap()).unwrap(), &[]));
+    }
+
+    #[test]
+    fn a_damaged_chunk_is_a_named_error() {
+        let v1 = lz4_flex::decompress_size_prepended(&encode(&[rec("d", 1)]).unwrap()).unwrap();
+        for cut in 1..v1.len() {
+            let e = decode(3, &lz4_flex::compress_prepend_size(&v1[..cut])).unwrap_err();
+            assert!(matches!(e, BufferError::Corrupt { chunk: 3, .. }), "{e}");
+        }
+        let mut extra = v1.clone();
+        extra.push(0);
+        assert!(decode(3, &lz4_flex::compress_prepend_size(&extra)).is_err());
+        let mut topic = v1;
+        topic[2] = 99;
+        let e = decode(3, &lz4_flex::compress_prepend_size(&topic)).unwrap_err();
+        assert!(e.to_string().contains("unknown topic code 99"), "{e}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_chunk_bytes_never_panic_the_decoder(
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)
+        ) {
+            let mut raw = vec![CHUNK_V1];
+            raw.extend_from_slice(&body);
+            let _ = decode(1, &lz4_flex::compress_prepend_size(&raw));
+        }
     }
 
     fn rec(device: &str, seq: u64) -> Stored {
