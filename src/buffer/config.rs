@@ -60,15 +60,14 @@ fn default_commit() -> Duration {
 fn default_cache() -> u64 {
     4 << 20
 }
-/// Sixty-four. sled 0.34 keeps about 256 leaf pages resident whatever `cache_capacity` says
-/// (its LRU has 256 shards and evicts in batches of 64 accesses), and a leaf holds up to
-/// 16 values, so the value size sets that memory floor: in-process at 3M records 45.8 MB
-/// at 64 records a chunk, 33.8 MB at 32 (`examples/backlog_probe.rs`). Its effect on the
-/// end-to-end rate is not settled (32 reached 0.87 and then 1.01 of 64's rate in two
-/// same-run measurements), so the default stays at the value every earlier rate was
-/// measured at; set 32 where memory matters more.
+/// Thirty-two. sled 0.34 keeps about 256 leaf pages resident whatever `cache_capacity`
+/// says (its LRU has 256 shards and evicts in batches of 64 accesses), and a leaf holds up
+/// to 16 values, so the value size sets that memory floor: in-process at 3M records
+/// 45.8 MB at 64 records a chunk, 33.8 MB at 32 (`examples/backlog_probe.rs`). The
+/// end-to-end rate at 32 was 0.87, 1.01 and 1.00 of the rate at 64 in three same-run
+/// measurements (within the run-to-run spread); `scripts/bench` measures 64 beside it.
 fn default_chunk() -> usize {
-    64
+    32
 }
 
 impl Default for BufferConfig {
