@@ -551,10 +551,16 @@ impl Writer {
         now: SystemTime,
         stored: &mut Vec<Stored>,
     ) -> Result<Option<usize>, crate::record::EncodeError> {
-        let seq = self.seqs.entry(draft.device_id.clone()).or_insert(0);
-        match stamp(draft, &self.agent_id, *seq, now) {
+        // Looked up by &str: a device's name is copied into the map once, not per record.
+        let seq = self.seqs.get(&draft.device_id).copied().unwrap_or(0);
+        match stamp(draft, &self.agent_id, seq, now) {
             Ok(s) => {
-                *seq += 1;
+                match self.seqs.get_mut(&draft.device_id) {
+                    Some(next) => *next = seq + 1,
+                    None => {
+                        self.seqs.insert(draft.device_id.clone(), seq + 1);
+                    }
+                }
                 stored.push(s);
                 Ok(Some(stored.len() - 1))
             }
@@ -621,7 +627,12 @@ impl Writer {
     ) -> Result<AppendOutcome, BufferError> {
         let out = self.buffer.append_with(stored, reported, cursors)?;
         for s in &stored[out.skipped..out.handled()] {
-            self.unflushed_seqs.insert(s.device_id.clone(), s.seq);
+            match self.unflushed_seqs.get_mut(&s.device_id) {
+                Some(seq) => *seq = s.seq,
+                None => {
+                    self.unflushed_seqs.insert(s.device_id.clone(), s.seq);
+                }
+            }
         }
         self.unflushed_count += out.accepted as u64;
         if out.rejected > 0 {

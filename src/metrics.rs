@@ -304,21 +304,31 @@ impl Metrics {
 
     /// Records where a device is now.
     pub fn set_device_state(&self, device: &str, state: DeviceState) {
+        self.with_device(device, |e| {
+            if e.state != state || e.since_ms == 0 {
+                e.state = state;
+                e.since_ms = crate::record::unix_ms(std::time::SystemTime::now());
+            }
+        });
+    }
+
+    /// Runs `f` on a device's entry, making it if needed. The lookup is by `&str`: the
+    /// name is copied only the first time (MQTT counts every message through here).
+    fn with_device<R>(&self, device: &str, f: impl FnOnce(&mut DeviceStatus) -> R) -> R {
         let mut d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
-        let e = d.entry(device.to_string()).or_default();
-        if e.state != state || e.since_ms == 0 {
-            e.state = state;
-            e.since_ms = crate::record::unix_ms(std::time::SystemTime::now());
+        if let Some(e) = d.get_mut(device) {
+            return f(e);
         }
+        f(d.entry(device.to_string()).or_default())
     }
 
     /// Registers a device as starting, with its kind.
     pub fn start_device(&self, device: &str, kind: &'static str) {
-        let mut d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
-        let e = d.entry(device.to_string()).or_default();
-        e.kind = kind;
-        e.state = DeviceState::Starting;
-        e.since_ms = crate::record::unix_ms(std::time::SystemTime::now());
+        self.with_device(device, |e| {
+            e.kind = kind;
+            e.state = DeviceState::Starting;
+            e.since_ms = crate::record::unix_ms(std::time::SystemTime::now());
+        });
     }
 
     /// Records the latest command decision or outcome, for the fleet status.
@@ -354,35 +364,27 @@ impl Metrics {
 
     /// A line from the device that could not be parsed.
     pub fn count_bad_line(&self, device: &str) {
-        let mut d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
-        d.entry(device.to_string()).or_default().bad_lines += 1;
+        self.with_device(device, |e| e.bad_lines += 1);
     }
 
     /// An error reply from the device.
     pub fn count_error_reply(&self, device: &str) {
-        let mut d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
-        d.entry(device.to_string()).or_default().error_replies += 1;
+        self.with_device(device, |e| e.error_replies += 1);
     }
 
     /// A payload that could not be mapped (MQTT) or a value that could not be used.
     pub fn count_malformed(&self, device: &str) {
-        let mut d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
-        d.entry(device.to_string()).or_default().malformed += 1;
+        self.with_device(device, |e| e.malformed += 1);
     }
 
     /// Updates the MQTT counters of a device.
     pub fn mqtt(&self, device: &str, f: impl FnOnce(&mut MqttStats)) {
-        let mut d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
-        f(d.entry(device.to_string())
-            .or_default()
-            .mqtt
-            .get_or_insert_with(MqttStats::default));
+        self.with_device(device, |e| f(e.mqtt.get_or_insert_with(MqttStats::default)));
     }
 
     /// A poll the device did not answer in time.
     pub fn count_timeout(&self, device: &str) {
-        let mut d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
-        d.entry(device.to_string()).or_default().timeouts += 1;
+        self.with_device(device, |e| e.timeouts += 1);
     }
 
     /// A copy of every device's state and counters, for `/status` and `/metrics`.
