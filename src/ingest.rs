@@ -754,3 +754,26 @@ impl Writer {
         Ok(out.accepted == 1)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_tally_lists_refusals_before_it_passes_them_and_wakes_its_reader() {
+        let t = Arc::new(Tally::default());
+        assert_eq!(t.durable(), 0);
+        t.settle(1, true);
+        t.settle(2, false);
+        t.settle(2, false); // two records of one message, both refused
+        t.settle(3, true);
+        assert_eq!(t.durable(), 3);
+        assert_eq!(t.take_refused(), vec![2, 2]);
+        assert!(t.take_refused().is_empty(), "each refusal is given once");
+        // A wake-up sent while nobody waits is kept for the next wait.
+        t.changed.notify_one();
+        tokio::time::timeout(Duration::from_secs(1), t.changed())
+            .await
+            .expect("the stored wake-up");
+    }
+}

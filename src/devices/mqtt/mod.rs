@@ -551,6 +551,48 @@ async fn on_publish(
     Ok(())
 }
 
+/// The messages waiting for their acks, in arrival order, and the refusals not yet
+/// matched to one. Pure bookkeeping; [`ack_in_order`] does the acking.
+#[derive(Default)]
+struct AckQueue {
+    pending: VecDeque<PendingAck>,
+    refusals: Vec<u64>,
+    /// The ticket of the last message taken off the queue. A refusal is forgotten only
+    /// once its message has been taken: ingest may settle a ticket before the driver has
+    /// queued that message's ack.
+    done_upto: u64,
+}
+
+/// What to do with a message whose ticket the tally has passed.
+#[derive(Debug, PartialEq)]
+enum AckDecision {
+    Ack(u16, QoS),
+    /// Its record was refused: not acked, so the broker delivers it again.
+    Refused(u16),
+}
+
+impl AckQueue {
+    /// The next message the tally at `durable` settles, if any.
+    fn next(&mut self, durable: u64) -> Option<AckDecision> {
+        if self.pending.front()?.ticket > durable {
+            return None;
+        }
+        let p = self.pending.pop_front()?;
+        self.done_upto = p.ticket;
+        Some(if p.records && self.refusals.contains(&p.ticket) {
+            AckDecision::Refused(p.pkid)
+        } else {
+            AckDecision::Ack(p.pkid, p.qos)
+        })
+    }
+
+    /// Forgets the refusals whose messages have been taken.
+    fn prune(&mut self) {
+        let done = self.done_upto;
+        self.refusals.retain(|&t| t > done);
+    }
+}
+
 /// Acks messages in the order they arrived, each once its records are durable: after
 /// each flush, every message its tally has passed, in one burst. A message whose record
 /// was refused is not acked (the broker delivers it again after a reconnect).
@@ -562,55 +604,57 @@ async fn ack_in_order(
     metrics: Arc<crate::metrics::Metrics>,
     device: String,
 ) {
-    let mut pending: VecDeque<PendingAck> = VecDeque::new();
-    let mut refusals: Vec<u64> = Vec::new();
+    let mut q = AckQueue::default();
     let mut open = true;
     loop {
         let durable = tally.durable();
-        refusals.extend(tally.take_refused());
+        q.refusals.extend(tally.take_refused());
         let mut acked = 0;
-        while pending.front().is_some_and(|p| p.ticket <= durable) {
-            let Some(p) = pending.pop_front() else { break };
-            if p.records && refusals.contains(&p.ticket) {
-                tracing::warn!(
-                    device,
-                    pkid = p.pkid,
-                    "MQTT message not acked: its record was not stored"
-                );
-                let _ = refused.try_send(());
-                continue;
-            }
-            // An ack is its packet id and QoS; an empty topic and payload allocate nothing.
-            let mut ack = rumqttc::Publish::new(String::new(), p.qos, Vec::new());
-            ack.pkid = p.pkid;
-            if client.ack(&ack).await.is_err() {
-                return;
-            }
-            acked += 1;
-            // Counted as they go: a burst after a long flush can be thousands of acks.
-            if acked == 256 {
-                metrics.mqtt(&device, |m| m.acked += acked);
-                acked = 0;
+        while let Some(d) = q.next(durable) {
+            match d {
+                AckDecision::Refused(pkid) => {
+                    tracing::warn!(
+                        device,
+                        pkid,
+                        "MQTT message not acked: its record was not stored"
+                    );
+                    let _ = refused.try_send(());
+                }
+                AckDecision::Ack(pkid, qos) => {
+                    // An ack is its packet id and QoS; an empty topic and payload
+                    // allocate nothing.
+                    let mut ack = rumqttc::Publish::new(String::new(), qos, Vec::new());
+                    ack.pkid = pkid;
+                    if client.ack(&ack).await.is_err() {
+                        return;
+                    }
+                    acked += 1;
+                    // Counted as they go: a burst after a long flush can be thousands.
+                    if acked == 256 {
+                        metrics.mqtt(&device, |m| m.acked += acked);
+                        acked = 0;
+                    }
+                }
             }
         }
-        refusals.retain(|&t| t > durable);
+        q.prune();
         if acked > 0 {
             metrics.mqtt(&device, |m| m.acked += acked);
         }
-        if !open && pending.is_empty() {
+        if !open && q.pending.is_empty() {
             return;
         }
         tokio::select! {
             m = rx.recv(), if open => match m {
                 Some(p) => {
-                    pending.push_back(p);
+                    q.pending.push_back(p);
                     while let Ok(p) = rx.try_recv() {
-                        pending.push_back(p);
+                        q.pending.push_back(p);
                     }
                 }
                 None => open = false,
             },
-            () = tally.changed(), if !pending.is_empty() => {}
+            () = tally.changed(), if !q.pending.is_empty() => {}
         }
     }
 }
@@ -691,6 +735,37 @@ async fn report_malformed(ctx: &DeviceCtx, m: &mut Malformed) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn waiting(ticket: u64, records: bool, pkid: u16) -> PendingAck {
+        PendingAck {
+            ticket,
+            records,
+            pkid,
+            qos: QoS::AtLeastOnce,
+        }
+    }
+
+    #[test]
+    fn acks_go_in_order_and_a_refusal_settled_before_its_message_is_queued_still_holds() {
+        let mut q = AckQueue::default();
+        // Ingest flushed ticket 1 (refused) before the driver queued message 1's ack.
+        q.refusals.push(1);
+        assert_eq!(q.next(1), None);
+        q.prune();
+        q.pending.extend([
+            waiting(1, true, 11),
+            waiting(1, false, 12), // malformed: no records, the ticket before it
+            waiting(2, true, 13),
+            waiting(3, true, 14),
+        ]);
+        assert_eq!(q.next(2), Some(AckDecision::Refused(11)));
+        assert_eq!(q.next(2), Some(AckDecision::Ack(12, QoS::AtLeastOnce)));
+        assert_eq!(q.next(2), Some(AckDecision::Ack(13, QoS::AtLeastOnce)));
+        assert_eq!(q.next(2), None, "ticket 3 is not durable yet");
+        q.prune();
+        assert!(q.refusals.is_empty());
+        assert_eq!(q.next(3), Some(AckDecision::Ack(14, QoS::AtLeastOnce)));
+    }
 
     #[test]
     fn broker_urls() {
