@@ -324,8 +324,10 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
 
     // Acks in arrival order, each once its records are durable. Unbounded on purpose:
     // the driver must never wait on the acker (the acker waits on the client, which
-    // only moves while the driver polls); the broker's in-flight window bounds how many
-    // unacked messages can exist.
+    // only moves while the driver polls). The broker's in-flight window should bound how
+    // many unacked messages exist, but mosquitto was seen sending far past it to a
+    // session that acked slowly; an entry is 16 bytes, and with acks written in bursts
+    // (vendor/rumqttc) they stayed under 30,000 in a drain of a million.
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<PendingAck>();
     let (refused_tx, mut refused_rx) = mpsc::channel::<()>(1);
     let mut tickets = Tickets {
