@@ -555,12 +555,7 @@ impl Writer {
         let seq = self.seqs.get(&draft.device_id).copied().unwrap_or(0);
         match stamp(draft, &self.agent_id, seq, now) {
             Ok(s) => {
-                match self.seqs.get_mut(&draft.device_id) {
-                    Some(next) => *next = seq + 1,
-                    None => {
-                        self.seqs.insert(draft.device_id.clone(), seq + 1);
-                    }
-                }
+                set_by_name(&mut self.seqs, &draft.device_id, seq + 1);
                 stored.push(s);
                 Ok(Some(stored.len() - 1))
             }
@@ -627,12 +622,7 @@ impl Writer {
     ) -> Result<AppendOutcome, BufferError> {
         let out = self.buffer.append_with(stored, reported, cursors)?;
         for s in &stored[out.skipped..out.handled()] {
-            match self.unflushed_seqs.get_mut(&s.device_id) {
-                Some(seq) => *seq = s.seq,
-                None => {
-                    self.unflushed_seqs.insert(s.device_id.clone(), s.seq);
-                }
-            }
+            set_by_name(&mut self.unflushed_seqs, &s.device_id, s.seq);
         }
         self.unflushed_count += out.accepted as u64;
         if out.rejected > 0 {
@@ -672,7 +662,8 @@ impl Writer {
         for (dev, seq) in self.unflushed_seqs.drain() {
             self.metrics.set_durable_seq(&dev, seq);
         }
-        // Each tally is woken once, after all of its tickets in this flush are settled.
+        // A tally is woken once after each run of its tickets here (once per flush for a
+        // single MQTT session), not once per ticket.
         let mut touched: Option<Arc<Tally>> = None;
         for (done, ok) in self.waiting.drain(..) {
             match done {
@@ -752,6 +743,16 @@ impl Writer {
         }
         self.last_drop_report = Some(Instant::now());
         Ok(out.accepted == 1)
+    }
+}
+
+/// Sets a device's entry, copying its name only when the entry is new (per-record path).
+fn set_by_name(map: &mut HashMap<String, u64>, name: &str, v: u64) {
+    match map.get_mut(name) {
+        Some(e) => *e = v,
+        None => {
+            map.insert(name.to_string(), v);
+        }
     }
 }
 

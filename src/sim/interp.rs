@@ -246,6 +246,13 @@ impl Vm {
         }
     }
 
+    /// The declared array a token names; an unknown one is refused at the token.
+    fn array(&self, t: &script::Token, line: usize) -> Result<&Vec<Val>, Fault> {
+        self.arrays
+            .get(&t.text)
+            .ok_or((script::code::UNDECLARED, line, t.col))
+    }
+
     /// `a[i]` (i a variable or a number) → the array and the checked position.
     fn element_slot<'t>(
         &self,
@@ -501,26 +508,13 @@ impl Vm {
                 self.set(arg(0)?, Val::new(a.v, &[k[0], k[1]]), line)?;
             }
             "mean" => {
-                let a = self.arrays.get(&arg(0)?.text).ok_or((
-                    script::code::UNDECLARED,
-                    line,
-                    arg(0)?.col,
-                ))?;
+                let a = self.array(arg(0)?, line)?;
                 let m = a.iter().map(|v| v.v).sum::<f64>() / a.len().max(1) as f64;
                 let kind = a.first().map_or(*b"aa", |v| v.kind);
                 self.set(arg(1)?, Val { v: m, kind }, line)?;
             }
             "linear_fit" => {
-                let xs = self.arrays.get(&arg(0)?.text).ok_or((
-                    script::code::UNDECLARED,
-                    line,
-                    arg(0)?.col,
-                ))?;
-                let ys = self.arrays.get(&arg(1)?.text).ok_or((
-                    script::code::UNDECLARED,
-                    line,
-                    arg(1)?.col,
-                ))?;
+                let (xs, ys) = (self.array(arg(0)?, line)?, self.array(arg(1)?, line)?);
                 let n = xs.len().min(ys.len()) as f64;
                 let (sx, sy) = (
                     xs.iter().map(|v| v.v).sum::<f64>(),

@@ -285,8 +285,10 @@ struct PendingAck {
     qos: QoS,
 }
 
-/// The session's side of the durability tally: tickets issued so far.
-struct Tickets {
+/// The driver's side of acking: the queue to the acker, the durability tally its
+/// records are counted in, and the last ticket issued.
+struct Acks {
+    tx: mpsc::UnboundedSender<PendingAck>,
     tally: Arc<Tally>,
     last: u64,
 }
@@ -330,14 +332,15 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
     // (vendor/rumqttc) they stayed under 30,000 in a drain of a million.
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<PendingAck>();
     let (refused_tx, mut refused_rx) = mpsc::channel::<()>(1);
-    let mut tickets = Tickets {
+    let mut acks = Acks {
+        tx: ack_tx,
         tally: Arc::new(Tally::default()),
         last: 0,
     };
     let acker = tokio::spawn(ack_in_order(
         client.clone(),
         ack_rx,
-        tickets.tally.clone(),
+        acks.tally.clone(),
         refused_tx,
         ctx.metrics.clone(),
         ctx.id.clone(),
@@ -380,7 +383,7 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if let Err(e) = on_publish(cfg, ctx, &mut mapper, &client, (&ack_tx, &mut tickets), &mut malformed, p).await {
+                    if let Err(e) = on_publish(cfg, ctx, &mut mapper, &client, &mut acks, &mut malformed, p).await {
                         break Err(e);
                     }
                 }
@@ -439,7 +442,7 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
     };
     // Let the acks of what is already durable go out, then leave cleanly; anything not
     // acked is delivered again on the next connect.
-    drop(ack_tx);
+    drop(acks);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     let mut acker = acker;
     loop {
@@ -497,7 +500,7 @@ async fn on_publish(
     ctx: &mut DeviceCtx,
     mapper: &mut Mapper,
     client: &AsyncClient,
-    (acks, tickets): (&mpsc::UnboundedSender<PendingAck>, &mut Tickets),
+    acks: &mut Acks,
     malformed: &mut Malformed,
     p: rumqttc::Publish,
 ) -> Result<(), DeviceError> {
@@ -512,13 +515,13 @@ async fn on_publish(
     match mapper.map(&p.topic, &p.payload, now) {
         Ok(mapped) => {
             if !mapped.readings.is_empty() {
-                tickets.last += 1;
+                acks.last += 1;
                 records = true;
             }
             for r in mapped.readings {
                 let draft = reading_draft(&ctx.id, cfg.location.as_ref(), r, now);
                 ctx.ingest
-                    .send_ticketed(draft, &tickets.tally, tickets.last)
+                    .send_ticketed(draft, &acks.tally, acks.last)
                     .await?;
             }
             for n in mapped.notes {
@@ -542,12 +545,12 @@ async fn on_publish(
         }
     }
     let pending = PendingAck {
-        ticket: tickets.last,
+        ticket: acks.last,
         records,
         pkid: p.pkid,
         qos: p.qos,
     };
-    if p.qos != QoS::AtMostOnce && acks.send(pending).is_err() {
+    if p.qos != QoS::AtMostOnce && acks.tx.send(pending).is_err() {
         return Err(DeviceError::Ingest(IngestError::Closed));
     }
     Ok(())
