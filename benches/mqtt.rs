@@ -157,6 +157,12 @@ fn main() {
 
     let base2 = bare_subscriber(&url, n, "b");
     let base = (base1 + base2) / 2.0;
+    // The Kafka side alone: the bare producer every other rate is compared with, on the
+    // same tansu. The agent cannot hand Kafka more than this, whatever MQTT delivers.
+    let produce_topic = format!("bench_base_{}", uuid::Uuid::new_v4().simple());
+    broker.create_topics(&[&produce_topic]);
+    let _ = baseline(&broker.addr(), &produce_topic, 20_000); // warm-up
+    let producer = baseline(&broker.addr(), &produce_topic, n);
     line(format!(
         "MQTT: mosquitto {} on loopback (max_inflight_messages 1000), {n} QoS 1 messages queued for each client's persistent session, then drained.",
         mosquitto_version()
@@ -170,6 +176,12 @@ fn main() {
     line(format!(
         "| bare rumqttc subscriber, automatic acks (baseline; before / after the agent) | {:.0} msg/s | {:.0} / {:.0} |",
         base, base1, base2
+    ));
+    line(format!(
+        "| bare rdkafka producer, the agent's settings, {n} msgs, acks awaited (the Kafka side alone, after the agent) | {:.0} msg/s | the agent's MQTT rate is {:.2} × it; the subscriber's is {:.2} × it |",
+        producer,
+        agent_rate / producer,
+        base / producer
     ));
     line(format!(
         "| agent RSS while draining the MQTT backlog (peak / VmHWM / idle after) | {:.1} MB | {:.1} / {:.1} MB |",

@@ -1,4 +1,13 @@
-//! What the benchmarks share: their scale and the agent's memory.
+//! What the benchmarks share: their scale, the agent's memory and the bare producer
+//! every rate is compared with.
+
+use std::time::{Instant, SystemTime};
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use labgate::record::{stamp, Body, Draft, Stored};
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 
 /// Benchmarks: `LABGATE_BENCH_SCALE` (1.0 = the documented sizes).
 pub fn scale() -> f64 {
@@ -35,4 +44,101 @@ pub fn dir_bytes(dir: &std::path::Path) -> u64 {
             Err(_) => 0,
         })
         .sum()
+}
+
+/// A sensor reading exactly as the agent encodes it (the size both paths send).
+pub fn sample_record(seq: u64) -> Stored {
+    let d = Draft::new(
+        "env-bench",
+        Body::SensorReading {
+            sensor_id: "temp-env-bench".into(),
+            sensor_type: "temperature".into(),
+            value: 22.123456789,
+            unit: "°C".into(),
+            location: None,
+            metadata: Default::default(),
+        },
+    );
+    stamp(&d, "agent-bench", seq, SystemTime::now()).expect("stamp")
+}
+
+/// The baseline: one FutureProducer with the agent's settings, the same in-flight
+/// window, the same key, payload and headers, acks awaited.
+pub fn baseline(broker: &str, topic: &str, n: u64) -> f64 {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let p: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", broker)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("compression.codec", "lz4")
+            .set("linger.ms", "5")
+            .set("batch.num.messages", "10000")
+            .set("queue.buffering.max.messages", "40000")
+            .create()
+            .expect("producer");
+        let payload = sample_record(0).payload;
+        let window = 20_000;
+        let mut inflight: FuturesUnordered<rdkafka::producer::DeliveryFuture> =
+            FuturesUnordered::new();
+        let start = Instant::now();
+        for i in 0..n {
+            while inflight.len() >= window {
+                inflight
+                    .next()
+                    .await
+                    .expect("future")
+                    .expect("delivered")
+                    .expect("ok");
+            }
+            let key = format!("temperature:temp-{}", i % 2);
+            loop {
+                // The same four headers the agent sends: the same message, byte for byte
+                // in size.
+                let headers = OwnedHeaders::new_with_capacity(4)
+                    .insert(Header {
+                        key: "content-type",
+                        value: Some("application/json"),
+                    })
+                    .insert(Header {
+                        key: "schema-version",
+                        value: Some("1"),
+                    })
+                    .insert(Header {
+                        key: "agent-id",
+                        value: Some("agent-bench"),
+                    })
+                    .insert(Header {
+                        key: "device-id",
+                        value: Some("env-bench"),
+                    });
+                match p.send_result(
+                    FutureRecord::to(topic)
+                        .key(&key)
+                        .payload(&payload)
+                        .headers(headers),
+                ) {
+                    Ok(f) => {
+                        inflight.push(f);
+                        break;
+                    }
+                    Err(_) => {
+                        inflight
+                            .next()
+                            .await
+                            .expect("future")
+                            .expect("delivered")
+                            .expect("ok");
+                    }
+                }
+            }
+        }
+        while let Some(r) = inflight.next().await {
+            r.expect("delivered").expect("ok");
+        }
+        n as f64 / start.elapsed().as_secs_f64()
+    })
 }
