@@ -372,6 +372,16 @@ pub fn consumer_config(k: &KafkaConfig, group: &str) -> Result<ClientConfig, Kaf
         // Commands must arrive fast; some brokers (tansu) hold an empty fetch for the
         // whole wait, and librdkafka's default of 500 ms would be the command latency.
         .set("fetch.wait.max.ms", "10")
+        // librdkafka prefetches up to 64 MB a partition by default, and a fetch of 1 MB
+        // of compressed batches unpacks to tens of MB: a command topic with a backlog (a
+        // flood, or a long-stopped agent reading from `earliest`) would sit in the
+        // agent's memory. Commands are small and handled one at a time, so a little
+        // ahead is plenty (a batch bigger than the fetch size still arrives whole).
+        .set("queued.max.messages.kbytes", "1024")
+        .set("queued.min.messages", "1000")
+        .set("max.partition.fetch.bytes", "65536")
+        .set("fetch.max.bytes", "262144")
+        .set("message.max.bytes", "262144")
         .set("topic.metadata.refresh.interval.ms", "5000");
     apply_passthrough(&mut c, k);
     Ok(c)
