@@ -60,12 +60,13 @@ fn default_commit() -> Duration {
 fn default_cache() -> u64 {
     4 << 20
 }
-/// Thirty-two. sled 0.34 keeps about 256 leaf pages resident whatever `cache_capacity`
-/// says (its LRU has 256 shards and evicts in batches of 64 accesses), and a leaf holds up
-/// to 16 values, so the value size sets that memory floor: in-process at 3M records
-/// 45.8 MB at 64 records a chunk, 33.8 MB at 32 (`examples/backlog_probe.rs`). The
-/// end-to-end rate at 32 was 0.87, 1.01 and 1.00 of the rate at 64 in three same-run
-/// measurements (within the run-to-run spread); `scripts/bench` measures 64 beside it.
+/// Thirty-two. A sled leaf holds up to 16 values and recently written leaves stay
+/// resident, so the value size sets how much memory they take: with published sled
+/// 0.34.7, whose LRU kept hundreds of leaves whatever `cache_capacity` said, in-process
+/// at 3M records 45.8 MB at 64 records a chunk, 33.8 MB at 32
+/// (`examples/backlog_probe.rs`). The end-to-end rate at 32 was 0.87, 1.01 and 1.00 of
+/// the rate at 64 in three same-run measurements (within the run-to-run spread);
+/// `scripts/bench` measures 64 beside it.
 fn default_chunk() -> usize {
     32
 }

@@ -33,10 +33,11 @@
 //! | side trees (`command_ids`) | owner's     | owner's (see [`SideTree`])                       |
 //!
 //! Chunks and counters share one tree because a sled batch is atomic within a tree.
-//! Chunks are lz4-compressed: sled keeps recently written values resident regardless of
-//! `cache_capacity` (about 256 leaf pages of up to 16 values each), so the size of a
-//! value sets the memory floor and the time a flush takes; JSON records compress about
-//! 4× (measured in BENCHMARKS.md).
+//! Chunks are lz4-compressed: sled keeps recently written leaves (up to 16 values each)
+//! resident, so the size of a value sets how much memory that takes and how long a
+//! flush takes; JSON records compress about 4× (measured in BENCHMARKS.md). The
+//! vendored sled (`vendor/sled/VENDORED.md`) holds that close to `cache_capacity`;
+//! published 0.34.7 kept hundreds of leaves whatever it said.
 //!
 //! Many records per sled value is what makes this fast: sled's cost is per key, so 64
 //! records per value append about ten times faster than one per key (measured with

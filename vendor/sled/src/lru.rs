@@ -16,14 +16,21 @@ use crate::{
 #[cfg(any(test, feature = "lock_free_delays"))]
 const MAX_QUEUE_ITEMS: usize = 4;
 
+// labgate: 64 upstream. A shard looks at its accesses, and evicts, only when this many
+// are queued; with 256 shards that left up to 16,128 accesses unprocessed, each keeping
+// its page resident whatever `cache_capacity` said.
 #[cfg(not(any(test, feature = "lock_free_delays")))]
-const MAX_QUEUE_ITEMS: usize = 64;
+const MAX_QUEUE_ITEMS: usize = 8;
 
 #[cfg(any(test, feature = "lock_free_delays"))]
 const N_SHARDS: usize = 2;
 
+// labgate: 256 upstream. A shard never evicts the page it was last given, so at least
+// one page a shard stays resident: 256 leaves of up to 16 values each were a floor far
+// above a small `cache_capacity`. 16 shards keep that floor small and still spread the
+// few threads that touch the cache.
 #[cfg(not(any(test, feature = "lock_free_delays")))]
-const N_SHARDS: usize = 256;
+const N_SHARDS: usize = 16;
 
 struct AccessBlock {
     len: AtomicUsize,
