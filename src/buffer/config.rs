@@ -60,15 +60,16 @@ fn default_commit() -> Duration {
 fn default_cache() -> u64 {
     4 << 20
 }
-/// Thirty-two. A sled leaf holds up to 16 values and recently written leaves stay
-/// resident, so the value size sets how much memory they take: with published sled
-/// 0.34.7, whose LRU kept hundreds of leaves whatever `cache_capacity` said, in-process
-/// at 3M records 45.8 MB at 64 records a chunk, 33.8 MB at 32
-/// (`examples/backlog_probe.rs`). The end-to-end rate at 32 was 0.87, 1.01 and 1.00 of
-/// the rate at 64 in three same-run measurements (within the run-to-run spread);
-/// `scripts/bench` measures 64 beside it.
+/// Sixty-four. With published sled 0.34.7, whose LRU kept hundreds of leaves resident
+/// whatever `cache_capacity` said, the value size set that memory (45.8 MB at 64 against
+/// 33.8 MB at 32 in-process at 3M records) and the default was 32. With the vendored sled
+/// the cache holds to `cache_capacity`: with the broker stalled the agent peaked at
+/// 45.8–46.8 MB at 64 against 46.9–47.8 MB at 32 (2M records; 49.8 against 53.2 MB at
+/// 8M, `benches/stalled_heap.rs`), while end to end ran at 1.00 and 0.99 of the
+/// baseline at 64 against 0.91 and 0.90 at 32 in two same-run comparisons.
+/// `scripts/bench` measures 32 beside it.
 fn default_chunk() -> usize {
-    32
+    64
 }
 
 impl Default for BufferConfig {

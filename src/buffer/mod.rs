@@ -42,8 +42,7 @@
 //! Many records per sled value is what makes this fast: sled's cost is per key, so 64
 //! records per value append about ten times faster than one per key (measured with
 //! sled 0.34.7 and 200-byte records: ~150k records/s one per key, ~1.5M/s at 64 per value).
-//! The default is 32 per value: a third less resident memory than 64, at a rate within
-//! the run-to-run spread of 64's (see `records_per_chunk`).
+//! The default is 64 per value (see `records_per_chunk`).
 //!
 //! # Memory does not grow with the backlog
 //!
