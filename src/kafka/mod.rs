@@ -361,7 +361,7 @@ pub fn producer(k: &KafkaConfig, ctx: AgentContext) -> Result<Producer, KafkaSet
     Ok(c.create_with_context(ctx)?)
 }
 
-/// Consumer settings for the command topic and the `tail` tool.
+/// Consumer settings for the command topic (the `tail` tool sets up its own).
 pub fn consumer_config(k: &KafkaConfig, group: &str) -> Result<ClientConfig, KafkaSetupError> {
     let mut c = base_config(k)?;
     c.set("group.id", group)
@@ -377,6 +377,9 @@ pub fn consumer_config(k: &KafkaConfig, group: &str) -> Result<ClientConfig, Kaf
         // flood, or a long-stopped agent reading from `earliest`) would sit in the
         // agent's memory. Commands are small and handled one at a time, so a little
         // ahead is plenty (a batch bigger than the fetch size still arrives whole).
+        // The total fetch size is the bound that holds: tansu answers with up to
+        // `fetch.max.bytes` whatever the per-partition size says, and librdkafka raises
+        // `fetch.max.bytes` to `message.max.bytes` unless that is lowered with it.
         .set("queued.max.messages.kbytes", "1024")
         .set("queued.min.messages", "1000")
         .set("max.partition.fetch.bytes", "65536")

@@ -84,15 +84,19 @@ pub fn baseline(broker: &str, topic: &str, n: u64) -> f64 {
         let window = 20_000;
         let mut inflight: FuturesUnordered<rdkafka::producer::DeliveryFuture> =
             FuturesUnordered::new();
+        // Waits for one delivery; the baseline must not count a failed one.
+        async fn settle_one(inflight: &mut FuturesUnordered<rdkafka::producer::DeliveryFuture>) {
+            inflight
+                .next()
+                .await
+                .expect("future")
+                .expect("delivered")
+                .expect("ok");
+        }
         let start = Instant::now();
         for i in 0..n {
             while inflight.len() >= window {
-                inflight
-                    .next()
-                    .await
-                    .expect("future")
-                    .expect("delivered")
-                    .expect("ok");
+                settle_one(&mut inflight).await;
             }
             let key = format!("temperature:temp-{}", i % 2);
             loop {
@@ -125,14 +129,7 @@ pub fn baseline(broker: &str, topic: &str, n: u64) -> f64 {
                         inflight.push(f);
                         break;
                     }
-                    Err(_) => {
-                        inflight
-                            .next()
-                            .await
-                            .expect("future")
-                            .expect("delivered")
-                            .expect("ok");
-                    }
+                    Err(_) => settle_one(&mut inflight).await,
                 }
             }
         }
