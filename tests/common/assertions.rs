@@ -148,3 +148,15 @@ pub fn counter_values(msgs: &[Msg]) -> std::collections::BTreeSet<u64> {
         .map(|v| v as u64)
         .collect()
 }
+
+/// A record as it was stored, without what the forwarder adds when it sends a record that
+/// waited in the buffer (`replayed`, `buffered_ms`): a redelivered copy of a record can
+/// carry those marks when its first copy did not, and is still the same record.
+pub fn as_stored(json: &serde_json::Value) -> serde_json::Value {
+    let mut v = json.clone();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("replayed");
+        o.remove("buffered_ms");
+    }
+    v
+}
