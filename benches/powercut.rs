@@ -11,7 +11,6 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -103,34 +102,10 @@ fn main() {
     agent_acked += agent.metric("labgate_mqtt_acked_total{device=\"mqtt-soak\"}");
     let delivered = counter_values(&reader.msgs);
     let lost = (0..acknowledged).filter(|v| !delivered.contains(v)).count();
-    // No seq may come back with another message.
-    // A copy sent again after a restart may carry the replay marks (`replayed`,
-    // `buffered_ms`) that the first copy lacked: it is still the same record.
-    let mut by_seq: BTreeMap<(String, u64), serde_json::Value> = BTreeMap::new();
-    let mut changed = 0;
-    let mut marked_again = 0;
-    let mut examples = Vec::new();
-    for m in &reader.msgs {
-        if let (Some(d), Some(s)) = (m.json["device_id"].as_str(), m.json["seq"].as_u64()) {
-            let record = as_stored(&m.json);
-            match by_seq.get(&(d.to_string(), s)) {
-                Some(first) if *first != record => {
-                    changed += 1;
-                    if examples.len() < 4 {
-                        examples.push(format!("{first}\n  then {}", m.json));
-                    }
-                }
-                Some(_) => {
-                    if record != m.json {
-                        marked_again += 1;
-                    }
-                }
-                None => {
-                    by_seq.insert((d.to_string(), s), record);
-                }
-            }
-        }
-    }
+    // No seq may come back as another record (copies sent again are compared without
+    // the replay marks they may carry).
+    let seen = by_seq(&reader.msgs);
+    let (changed, marked_again) = (seen.changed.len(), seen.marked_again);
     let total_msgs = reader.msgs.len();
     agent.terminate();
     println!(
@@ -142,6 +117,6 @@ fn main() {
         changed,
         0,
         "a seq came back with other contents, e.g.\n{}",
-        examples.join("\n")
+        seen.changed[..changed.min(4)].join("\n")
     );
 }

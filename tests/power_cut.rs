@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::faultfs::FaultRig;
@@ -93,21 +93,14 @@ fn a_seq_that_reached_kafka_never_comes_back_with_other_contents() {
     reader.drain_for(Duration::from_secs(2));
     // Every (device, seq) seen in Kafka is one record, whatever was redelivered (a copy
     // sent after a restart may carry the replay marks the first one lacked).
-    let mut by_seq: BTreeMap<(String, u64), serde_json::Value> = BTreeMap::new();
-    for m in &reader.msgs {
-        let (Some(dev), Some(seq)) = (m.json["device_id"].as_str(), m.json["seq"].as_u64()) else {
-            continue;
-        };
-        let key = (dev.to_string(), seq);
-        let record = as_stored(&m.json);
-        match by_seq.get(&key) {
-            Some(first) => assert_eq!(first, &record, "seq {seq} of {dev} came back changed"),
-            None => {
-                by_seq.insert(key, record);
-            }
-        }
-    }
-    let env: Vec<u64> = by_seq
+    let seen = by_seq(&reader.msgs);
+    assert!(
+        seen.changed.is_empty(),
+        "a seq came back changed:\n{}",
+        seen.changed.join("\n")
+    );
+    let env: Vec<u64> = seen
+        .records
         .keys()
         .filter(|(d, _)| d == "env-pc")
         .map(|(_, s)| *s)

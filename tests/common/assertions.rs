@@ -152,11 +152,45 @@ pub fn counter_values(msgs: &[Msg]) -> std::collections::BTreeSet<u64> {
 /// A record as it was stored, without what the forwarder adds when it sends a record that
 /// waited in the buffer (`replayed`, `buffered_ms`): a redelivered copy of a record can
 /// carry those marks when its first copy did not, and is still the same record.
-pub fn as_stored(json: &serde_json::Value) -> serde_json::Value {
+pub fn as_stored(json: &Value) -> Value {
     let mut v = json.clone();
     if let Some(o) = v.as_object_mut() {
         o.remove("replayed");
         o.remove("buffered_ms");
     }
     v
+}
+
+/// Every (device, seq) in `msgs` with its record as stored, and what contradicts the
+/// promise that a seq is one record however often it is sent.
+pub struct BySeq {
+    pub records: std::collections::BTreeMap<(String, u64), Value>,
+    /// A copy that differs from the first one seen (first, then the copy).
+    pub changed: Vec<String>,
+    /// Copies sent again that carried the replay marks.
+    pub marked_again: usize,
+}
+
+pub fn by_seq(msgs: &[Msg]) -> BySeq {
+    let mut out = BySeq {
+        records: Default::default(),
+        changed: Vec::new(),
+        marked_again: 0,
+    };
+    for m in msgs {
+        let (Some(dev), Some(seq)) = (m.json["device_id"].as_str(), m.json["seq"].as_u64()) else {
+            continue;
+        };
+        let record = as_stored(&m.json);
+        match out.records.get(&(dev.to_string(), seq)) {
+            Some(first) if *first != record => out
+                .changed
+                .push(format!("seq {seq} of {dev}: {first}\n  then {}", m.json)),
+            Some(_) => out.marked_again += usize::from(record != m.json),
+            None => {
+                out.records.insert((dev.to_string(), seq), record);
+            }
+        }
+    }
+    out
 }
