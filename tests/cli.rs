@@ -123,6 +123,20 @@ fn config_errors_exit_64_and_name_the_key() {
             format!("{OK}\n[[devices]]\nkind = \"teleporter\"\nid = \"t\"\n"),
             "devices",
         ),
+        // A token file that is not there (moved, or not yet deployed) names its key.
+        (
+            OK.replace(
+                "[http]",
+                "[[api.clients]]\nname = \"app\"\ntoken_file = \"/nonexistent/app.token\"\n[http]",
+            ),
+            "api.clients[0].token_file",
+        ),
+        (
+            format!(
+                "{OK}\n[[http.operators]]\nname = \"op\"\ntoken_file = \"/nonexistent/op.token\"\n"
+            ),
+            "http.operators[0].token_file",
+        ),
     ];
     for (text, key) in cases {
         let path = write(dir.path(), &text.replace("DATA", "/tmp/x"));

@@ -865,3 +865,71 @@ fn an_app_gets_its_commands_on_a_stream_and_a_command_times_out_when_it_is_gone(
     );
     assert_eq!(agent.status()["devices"]["lab-app"]["kind"], "app");
 }
+
+#[test]
+fn a_client_posting_through_a_shutdown_gets_202_only_for_what_is_kept() {
+    let Lab {
+        broker,
+        topics,
+        mut agent,
+        _dir,
+    } = lab("agent-term");
+    agent.wait_status("kafka connected", Duration::from_secs(30), |s| {
+        s["kafka"]["connected"] == true
+    });
+    // One client posts events back to back until nobody listens any more.
+    let http = agent.http;
+    let client = std::thread::spawn(move || {
+        let mut answers: Vec<(String, u16, String)> = Vec::new();
+        let auth = format!("Bearer {TOKEN}");
+        for _ in 0..100_000 {
+            let id = uuid::Uuid::new_v4().to_string();
+            let body = json!({"event": "sample_loaded", "experiment_id": "term", "event_id": id});
+            match try_request(
+                http,
+                "POST",
+                "/v1/events",
+                &[
+                    ("Authorization", &auth),
+                    ("Content-Type", "application/json"),
+                ],
+                body.to_string().as_bytes(),
+            ) {
+                Ok(a) => answers.push((id, a.status, a.body)),
+                Err(_) => break,
+            }
+        }
+        answers
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(agent.terminate(), Some(0), "an orderly stop");
+    let answers = client.join().expect("client thread");
+    let accepted: Vec<&str> = answers
+        .iter()
+        .filter(|(_, status, _)| *status == 202)
+        .map(|(id, _, _)| id.as_str())
+        .collect();
+    assert!(
+        !accepted.is_empty(),
+        "the client got records in before the stop"
+    );
+    // Every other answer says why: the agent is stopping, or the connection was cut
+    // before an answer (status 0), which a client retries as it would any timeout.
+    for (_, status, body) in answers.iter().filter(|(_, s, _)| *s != 202) {
+        match status {
+            503 => assert!(body.contains("shutting_down"), "{body}"),
+            0 => {}
+            other => panic!("{other}: {body}"),
+        }
+    }
+    // Whatever was answered 202 reaches Kafka, before the stop or after the restart.
+    agent.spawn();
+    let mut reader = Reader::new(&broker.addr(), &[topics.events()]);
+    reader.until("every event answered 202", Duration::from_secs(60), |m| {
+        let seen: std::collections::HashSet<&str> = m
+            .iter()
+            .filter_map(|m| m.json["event_id"].as_str())
+            .collect();
+        accepted.iter().all(|id| seen.contains(id))
+    });
+}

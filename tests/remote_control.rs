@@ -588,3 +588,43 @@ fn keygen_send_and_tail_work_together() {
     );
     drop(agent);
 }
+
+#[test]
+fn a_command_bigger_than_the_fetch_size_does_not_block_the_stop_behind_it() {
+    let s = setup();
+    let agent = start_agent(
+        &s,
+        "rc-big",
+        &slow_potentiostat("pstat-1"),
+        &commands_section(""),
+    );
+    let sender = Sender::new(&s.broker.addr());
+    let mut r = reader(&s);
+    wait_until_commands_answered(&sender, &mut r, &s.topics.commands(), "rc-big");
+    // 600 KB, past the 256 KB the command consumer fetches at a time, then a stop.
+    let big_id = uuid();
+    let mut big = envelope("rc-big", &big_id, "pause", "pstat-1", SystemTime::now());
+    big.insert("params".into(), json!({"pad": "x".repeat(600_000)}));
+    sender.send(&s.topics.commands(), "rc-big", &signed(big));
+    let stop_id = uuid();
+    let stop = signed(envelope(
+        "rc-big",
+        &stop_id,
+        "stop",
+        "pstat-1",
+        SystemTime::now(),
+    ));
+    sender.send(&s.topics.commands(), "rc-big", &stop);
+    r.until(
+        "the stop behind it completed",
+        Duration::from_secs(30),
+        |m| statuses(m, &stop_id) == ["accepted", "completed"],
+    );
+    let all = r.drain_for(Duration::from_millis(500)).to_vec();
+    assert_eq!(events(&all, "experiment_stopped"), 1);
+    assert_eq!(agent.status()["devices"]["pstat-1"]["state"], "idle");
+    // librdkafka fetches a message past the fetch size whole: the big one ran, once,
+    // before the stop, as the topic's order says.
+    assert_eq!(statuses(&all, &big_id), ["accepted", "completed"]);
+    assert_eq!(events(&all, "experiment_paused"), 1);
+}
