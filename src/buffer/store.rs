@@ -9,7 +9,13 @@
 //!    the log live in `blobs/`), and fsync of `blobs/` when its entries changed;
 //! 2. fdatasync of the log file `db`;
 //! 3. fsync of the store's directory when its entries changed (sled renames snapshot
-//!    files into place and deletes old ones).
+//!    files into place and deletes old ones);
+//! 4. unlinking the blob files sled no longer references. Upstream sled 0.34 unlinks
+//!    them itself, as soon as its own flush has passed their replacement (so a power cut
+//!    could leave the log pointing at a blob already gone), and misses a page made of
+//!    one blob when it is replaced, so `blobs/` grew without bound under values that
+//!    large. The vendored copy queues them; the queue is taken before the log's
+//!    fdatasync and unlinked after it.
 //!
 //! Blobs go before the log so that a log entry never points at a blob that is not on
 //! disk. Nothing is acknowledged upstream, made readable for the forwarder, or executed
@@ -29,11 +35,13 @@ pub struct Store {
     synced: Mutex<Synced>,
 }
 
-/// Directory entries as of the last directory fsync.
+/// Directory entries as of the last directory fsync, and blob files to unlink once the
+/// log is durable.
 #[derive(Default)]
 struct Synced {
     top: BTreeSet<OsString>,
     blobs: BTreeSet<OsString>,
+    unreferenced: Vec<PathBuf>,
 }
 
 /// Opens sled in `dir` and makes everything sled created while opening durable (a new
@@ -95,6 +103,11 @@ impl Store {
     /// fdatasync / fsync of what sled wrote, in the order the module docs give.
     fn sync_files(&self) -> std::io::Result<()> {
         let mut synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
+        // Taken before the log's fdatasync: each was replaced by a write sled had made
+        // by then, which that fdatasync covers.
+        synced
+            .unreferenced
+            .extend(self.db.take_unreferenced_blobs());
         let blob_dir = self.dir.join("blobs");
         if blob_dir.is_dir() {
             let now = entries(&blob_dir)?;
@@ -107,6 +120,19 @@ impl Store {
             }
         }
         self.log.sync_data()?;
+        while let Some(path) = synced.unreferenced.pop() {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                // The log is durable: what is left is garbage, tried again at the next
+                // sync (a disk that refuses this will refuse the writes too).
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "an unreferenced sled blob could not be removed");
+                    synced.unreferenced.push(path);
+                    break;
+                }
+            }
+        }
         let now = entries(&self.dir)?;
         if now != synced.top {
             for name in now.difference(&synced.top) {

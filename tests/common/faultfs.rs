@@ -69,6 +69,9 @@ struct State {
     /// fsync/fdatasync calls on files, and on directories.
     file_syncs: u64,
     dir_syncs: u64,
+    /// The power goes after this many more syncs (file or directory): the cut falls
+    /// inside a sequence of syncs, not only between them.
+    syncs_left: Option<u64>,
 }
 
 impl State {
@@ -92,6 +95,7 @@ impl State {
             frozen: false,
             file_syncs: 0,
             dir_syncs: 0,
+            syncs_left: None,
         }
     }
 
@@ -164,6 +168,11 @@ impl State {
     fn sync(&mut self, ino: u64) -> Result<(), Errno> {
         if self.fault == Fault::Eio {
             return Err(Errno::EIO);
+        }
+        match self.syncs_left {
+            Some(0) => self.frozen = true,
+            Some(n) => self.syncs_left = Some(n - 1),
+            None => {}
         }
         let frozen = self.frozen;
         let Some(i) = self.inodes.get_mut(&ino) else {
@@ -634,6 +643,12 @@ impl FaultFs {
         self.state.with(|st| st.frozen = true);
     }
 
+    /// [`FaultFs::freeze`] after the next `n` syncs: the `n + 1`th and every later
+    /// one answer but make nothing durable.
+    pub fn freeze_after_syncs(&self, n: u64) {
+        self.state.with(|st| st.syncs_left = Some(n));
+    }
+
     /// A power cut: freezes, unmounts, then forgets every write and directory change
     /// that was not synced. Processes using the filesystem must have been killed first.
     pub fn power_cut(&mut self) {
@@ -666,6 +681,7 @@ impl FaultFs {
         self.state.with(|st| {
             st.power_cut();
             st.frozen = false;
+            st.syncs_left = None;
         });
     }
 

@@ -213,6 +213,9 @@ pub struct Inner {
     pub version: (usize, usize),
     tmp_path: PathBuf,
     pub(crate) global_error: Arc<Atomic<Error>>,
+    // labgate: added. Blobs no longer referenced, waiting to be unlinked by
+    // `Db::remove_unreferenced_blobs` once the log that replaced them is durable.
+    pub(crate) blob_removals: Arc<Mutex<Vec<Lsn>>>,
     #[cfg(feature = "event_log")]
     /// an event log for concurrent debugging
     pub event_log: Arc<event_log::EventLog>,
@@ -238,6 +241,7 @@ impl Default for Inner {
             flush_every_ms: Some(500),
             idgen_persist_interval: 1_000_000,
             global_error: Arc::new(Atomic::default()),
+            blob_removals: Arc::new(Mutex::new(Vec::new())),
             #[cfg(feature = "event_log")]
             event_log: Arc::new(crate::event_log::EventLog::default()),
         }

@@ -421,6 +421,14 @@ impl Db {
         Ok(hasher.finalize())
     }
 
+    /// labgate: added. Blob files no longer referenced by any page, taken from the
+    /// queue: the caller unlinks them once the log is durable (fdatasync after
+    /// `flush`). Taking the queue before the fdatasync and unlinking after it is what
+    /// keeps a blob until the log entry that replaced it survives a power cut.
+    pub fn take_unreferenced_blobs(&self) -> Vec<std::path::PathBuf> {
+        self.context.pagecache.take_unreferenced_blobs()
+    }
+
     /// Returns the on-disk size of the storage files
     /// for this database.
     pub fn size_on_disk(&self) -> Result<u64> {

@@ -144,14 +144,21 @@ pub(crate) fn gc_blobs(config: &Config, stable_lsn: Lsn) -> Result<()> {
     Ok(())
 }
 
+// labgate: upstream unlinks the blob here, once the segment holding its replacement
+// is stable in sled's sense, which ends in `sync_file_range` and survives no power
+// cut: the log could then lose the replacement while the blob is already gone. The
+// blob is queued instead; `Db::take_unreferenced_blobs` hands the queue to the caller,
+// who unlinks the files once the log has been fdatasync'd.
 pub(crate) fn remove_blob(id: Lsn, config: &Config) -> Result<()> {
-    let path = config.blob_path(id);
-    if let Err(e) = std::fs::remove_file(&path) {
-        debug!("removing blob at {:?} failed: {}", path, e);
-    } else {
-        trace!("successfully removed blob at {:?}", path);
-    }
-
-    // TODO return a future
+    trace!("queueing blob {} for removal", id);
+    config.blob_removals.lock().push(id);
     Ok(())
+}
+
+// labgate: added; see `remove_blob` and `Db::take_unreferenced_blobs`.
+pub(crate) fn take_queued_blobs(config: &Config) -> Vec<std::path::PathBuf> {
+    std::mem::take(&mut *config.blob_removals.lock())
+        .into_iter()
+        .map(|id| config.blob_path(id))
+        .collect()
 }

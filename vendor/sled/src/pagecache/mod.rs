@@ -35,7 +35,7 @@ use parallel_io_unix::{pread_exact, pread_exact_or_eof, pwrite_all};
 use parallel_io_windows::{pread_exact, pread_exact_or_eof, pwrite_all};
 
 use self::{
-    blob_io::{gc_blobs, read_blob, remove_blob, write_blob},
+    blob_io::{gc_blobs, read_blob, remove_blob, take_queued_blobs, write_blob},
     constants::{
         BATCH_MANIFEST_PID, COUNTER_PID, META_PID,
         PAGE_CONSOLIDATION_THRESHOLD, SEGMENT_CLEANUP_THRESHOLD,
@@ -1392,6 +1392,11 @@ impl PageCache {
             as f64;
 
         Ok(on_disk_bytes / logical_size)
+    }
+
+    // labgate: added; see `Db::take_unreferenced_blobs`.
+    pub(crate) fn take_unreferenced_blobs(&self) -> Vec<std::path::PathBuf> {
+        take_queued_blobs(&self.config)
     }
 
     pub(crate) fn size_on_disk(&self) -> Result<u64> {

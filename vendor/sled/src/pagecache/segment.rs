@@ -763,8 +763,15 @@ impl SegmentAccountant {
         // Not if we just moved the pointer without changing
         // the underlying blob, as is the case with a single Blob
         // with nothing else.
-        let schedule_rm_blob = !(old_cache_infos.len() == 1
-            && old_cache_infos[0].pointer.is_blob());
+        // labgate: upstream skipped the cleanup whenever the old state was one blob,
+        // also when the page was replaced by new contents (a leaf consolidated into a
+        // new blob, a page freed), and that blob file was never removed: `blobs/` grew
+        // without bound. Only the blob the new pointer still refers to is kept.
+        let kept_blob = if new_cache_info.pointer.is_blob() {
+            Some(new_cache_info.pointer.blob().1)
+        } else {
+            None
+        };
 
         let mut removals = FastMap8::default();
 
@@ -772,7 +779,7 @@ impl SegmentAccountant {
             let old_ptr = &old_cache_info.pointer;
             let old_lid = old_ptr.lid();
 
-            if schedule_rm_blob && old_ptr.is_blob() {
+            if old_ptr.is_blob() && Some(old_ptr.blob().1) != kept_blob {
                 trace!(
                     "queueing blob removal for {} in our own segment",
                     old_ptr
