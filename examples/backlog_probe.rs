@@ -1,5 +1,6 @@
-//! Diagnostic: RSS of a buffer as its backlog grows (nothing is read or acked).
-//! `cargo run --release --example backlog_probe -- <records> <dir>`
+//! Diagnostic: RSS and disk of a buffer as its backlog grows (nothing is read or acked).
+//! `cargo run --release --example backlog_probe -- <records> <dir>`; `MAX_BYTES` sets
+//! `buffer.max_bytes` (default 8 GiB), `CHUNK` and `CACHE` the chunk size and cache.
 use std::time::SystemTime;
 
 use labgate::buffer::{Buffer, BufferConfig};
@@ -14,6 +15,21 @@ fn rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// Allocated bytes under `dir`, what `du` counts.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .flatten()
+            .map(|e| match e.metadata() {
+                Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+                Ok(m) => m.blocks() * 512,
+                Err(_) => 0,
+            })
+            .sum()
+    })
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let n: u64 = args
@@ -23,7 +39,10 @@ fn main() {
     let dir = std::path::PathBuf::from(args.get(2).cloned().unwrap_or("/tmp/probe".into()));
     let _ = std::fs::remove_dir_all(&dir);
     let cfg = BufferConfig {
-        max_bytes: 8 << 30,
+        max_bytes: std::env::var("MAX_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(8 << 30),
         records_per_chunk: std::env::var("CHUNK")
             .ok()
             .and_then(|v| v.parse().ok())
@@ -42,7 +61,7 @@ fn main() {
     let batch = 4096u64;
     let mut seq = 0;
     let mut next_report = 0;
-    println!("records,rss_mb,disk_mb,encoded_mb");
+    println!("records,rss_mb,disk_mb,encoded_mb,cap_mb,dir_mb");
     while seq < n {
         let recs: Vec<_> = (0..batch)
             .map(|i| {
@@ -69,9 +88,11 @@ fn main() {
             let st = b.stats();
             let disk = st.disk_bytes as f64 / 1048576.0;
             println!(
-                "{seq},{:.1},{disk:.0},{:.0}",
+                "{seq},{:.1},{disk:.0},{:.0},{:.0},{:.0}",
                 rss_mb(),
-                st.bytes as f64 / 1048576.0
+                st.bytes as f64 / 1048576.0,
+                st.cap_bytes as f64 / 1048576.0,
+                dir_bytes(&dir) as f64 / 1048576.0
             );
             next_report += 1_000_000;
         }

@@ -467,6 +467,12 @@ impl Metrics {
         );
         gauge(
             &mut o,
+            "labgate_buffer_cap_bytes",
+            "Cap on encoded bytes kept: buffer.max_bytes over the store's measured overhead on disk.",
+            buffer.cap_bytes as f64,
+        );
+        gauge(
+            &mut o,
             "labgate_buffer_oldest_record_age_seconds",
             "Age of the oldest buffered record.",
             buffer.oldest_age_seconds,
@@ -704,6 +710,7 @@ mod tests {
                 "labgate_buffer_records",
                 "labgate_buffer_bytes",
                 "labgate_buffer_disk_bytes",
+                "labgate_buffer_cap_bytes",
                 "labgate_buffer_oldest_record_age_seconds",
                 "labgate_buffer_dead_letters",
                 "labgate_buffer_quarantined_chunks",

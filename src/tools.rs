@@ -724,6 +724,7 @@ pub async fn buffer_stats(cfg: &Config, as_json: bool) -> Result<(), ToolError> 
     println!("records:       {}", stats["records"]);
     println!("bytes:         {}", stats["bytes"]);
     println!("disk bytes:    {}", stats["disk_bytes"]);
+    println!("cap (encoded): {}", stats["cap_bytes"]);
     println!(
         "oldest age:    {:.1} s",
         stats["oldest_age_seconds"].as_f64().unwrap_or(0.0)

@@ -20,8 +20,9 @@ pub enum OverflowPolicy {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BufferConfig {
-    /// Cap on the bytes of buffered records (what sled holds may be larger until it
-    /// reclaims space).
+    /// What the store may take on disk, all trees included (records, dead letters,
+    /// command replay ids). The encoded bytes kept are capped at this over the store's
+    /// measured overhead (about 1.6; see the buffer's module docs).
     #[serde(default = "default_max_bytes")]
     pub max_bytes: u64,
     /// Cap on the number of buffered records, beside the byte cap (whichever is reached

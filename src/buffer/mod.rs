@@ -62,15 +62,34 @@
 //!
 //! # Overflow
 //!
-//! `max_bytes` caps the encoded size of buffered chunks. With `drop_oldest`, room is made
+//! `max_bytes` caps what the store takes on disk. The buffer counts the encoded size of
+//! what it keeps (chunks, dead letters, side trees), and sled's log takes more than that:
+//! a leaf is rewritten as values are added, and the old copies stay until the cleaner
+//! moves a segment's live pages out, which it does once at most half the segment is
+//! live. So every [`DISK_CHECK_EVERY`] the buffer measures the store's overhead, the
+//! bytes its log takes (the directory's allocated blocks less the free segments sled
+//! reuses before it grows the file) per byte it keeps (about 1.6 while a backlog
+//! grows), and the cap on encoded bytes is seven eighths of `max_bytes` divided by it. The overhead is measured
+//! only while at least [`OVERHEAD_MIN_SAMPLE`] and an eighth of `max_bytes` are kept:
+//! below that sled's fixed files (a few MB) dominate, and the last figure (or none: the
+//! cap on encoded bytes is then `max_bytes`) holds. The overhead stops growth; it never
+//! drops records already kept (the cap does not fall below what the last check found),
+//! so a data dir written by a version that capped encoded bytes alone stays larger than
+//! `max_bytes` until Kafka has taken them. Under a long outage with `drop_oldest` the
+//! kept bytes stay level while sled's garbage creeps (measured: the data dir grew by a
+//! fifth while the backlog turned over twelve times, to 1.06 × `max_bytes`, which
+//! [`DISK_HEADROOM`] is for). [`Stats::cap_bytes`] is the cap in force.
+//!
+//! With `drop_oldest`, room is made
 //! by deleting the oldest chunks the forwarder has *not yet read* (records already handed
 //! to the producer will still be delivered, so dropping them would count a loss that does
 //! not happen); if every buffered chunk is in flight, the append goes through and the cap
 //! is exceeded by at most the in-flight window. With `reject_new`, the records that do
-//! not fit are refused and the caller counts them. sled reclaims disk space lazily, so
-//! the file can stay larger than `max_bytes` for a while after a drain.
+//! not fit are refused and the caller counts them. sled reclaims disk space lazily: after
+//! a drain the file can stay at its size (its free segments are written again before it
+//! grows).
 //!
-//! The cap covers every tree: records, dead letters (at most a quarter of `max_bytes`;
+//! The cap covers every tree: records, dead letters (at most a quarter of the cap;
 //! past it the oldest are removed) and side trees such as the command replay ids. And
 //! when the filesystem has less free space than the floor (`min_free_bytes`, by default
 //! 64 MiB or a tenth of the filesystem), new records are refused under either policy:
@@ -244,7 +263,7 @@ pub struct DeadLetter {
 pub struct Stats {
     /// Records waiting for Kafka.
     pub records: u64,
-    /// Their encoded (compressed) bytes, what `max_bytes` caps.
+    /// Their encoded (compressed) bytes, under `cap_bytes` with the two below.
     pub bytes: u64,
     /// sled values holding them.
     pub chunks: u64,
@@ -270,6 +289,10 @@ pub struct Stats {
     pub disk_floor_bytes: u64,
     /// Free space is below `buffer.min_free_bytes`: the buffer counts as full.
     pub low_disk: bool,
+    /// The cap in force on encoded bytes (records, dead letters and side trees):
+    /// `max_bytes` over the store's measured overhead on disk.
+    #[serde(default)]
+    pub cap_bytes: u64,
 }
 
 #[derive(Debug)]
@@ -439,12 +462,66 @@ pub struct Buffer {
     durable_tx: watch::Sender<u64>,
 }
 
-/// The last free-space reading; statvfs is asked at most every [`DISK_CHECK_EVERY`].
-#[derive(Debug, Default)]
+/// The last look at the disk, taken at most every [`DISK_CHECK_EVERY`]: free space
+/// (statvfs) and the store's overhead.
+#[derive(Debug)]
 struct DiskCheck {
     at: Option<Instant>,
     free: u64,
     total: u64,
+    /// Bytes sled's log takes per encoded byte kept (1 until measured; see the module
+    /// docs).
+    overhead: f64,
+    /// What was kept at the last check: the cap does not fall below it. The measured
+    /// overhead stops growth; it does not drop what is already kept. Dropping more
+    /// than new records need makes sled rewrite more leaves, which raises the overhead
+    /// again: tried, the cap fell to its floor (a third) while the data dir still grew.
+    kept: u64,
+}
+
+impl DiskCheck {
+    fn new(kept: u64) -> Self {
+        DiskCheck {
+            at: None,
+            free: 0,
+            total: 0,
+            overhead: 1.0,
+            kept,
+        }
+    }
+}
+
+/// The store's overhead is measured once at least this much is kept, and an eighth of
+/// `max_bytes`: below that sled's fixed files (a few MB) would dominate the figure.
+pub const OVERHEAD_MIN_SAMPLE: u64 = 8 << 20;
+
+/// The overhead taken is at most this: sled's cleaner keeps a segment until at most half
+/// of it is live, so about 2 plus the segments being written. A higher reading (a store
+/// written under other settings, a cleaner that lags) does not shrink the cap further.
+const MAX_OVERHEAD: f64 = 3.0;
+
+/// An eighth of `max_bytes` is left for what the store writes between two disk checks
+/// and for sled's garbage, which creeps while the backlog turns over under
+/// `drop_oldest` (`examples/backlog_probe.rs`, `MAX_BYTES` 256 MiB: with a sixteenth the
+/// data dir reached 1.085 × `max_bytes` after six turnovers; with an eighth 1.06 × after
+/// twelve, level over the last five).
+const DISK_HEADROOM: u64 = 8;
+
+/// Allocated bytes of the files under `dir` (sled's log, snapshots, blobs), one level of
+/// subdirectories deep.
+fn allocated_bytes(dir: &Path, depth: u8) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() && depth > 0 => allocated_bytes(&e.path(), depth - 1),
+            Ok(m) if m.is_file() => m.blocks().saturating_mul(512),
+            _ => 0,
+        })
+        .fold(0u64, u64::saturating_add)
 }
 
 /// The free-space floor when `buffer.min_free_bytes` is not set (capped at a tenth of
@@ -527,6 +604,7 @@ impl Buffer {
             .and_then(|v| from_be(&v))
             .unwrap_or(0);
         let (durable_tx, _) = watch::channel(0);
+        let kept_at_open = st.bytes + st.dead_bytes;
         let b = Buffer {
             store,
             db,
@@ -541,7 +619,7 @@ impl Buffer {
             per_chunk: cfg.records_per_chunk,
             state: Mutex::new(st),
             side_bytes: Mutex::new(Vec::new()),
-            disk: Mutex::new(DiskCheck::default()),
+            disk: Mutex::new(DiskCheck::new(kept_at_open)),
             durable_tx,
         };
         if b.state().quarantined_new.0 > 0 {
@@ -613,9 +691,10 @@ impl Buffer {
             encoded.push((encode(part)?, part));
         }
         let side = self.side_total();
+        let cap_total = self.cap_bytes();
         let mut st = self.state();
         // The cap covers every tree.
-        let cap = self.max_bytes.saturating_sub(side + st.dead_bytes);
+        let cap = cap_total.saturating_sub(side + st.dead_bytes);
         let mut batch = sled::Batch::default();
         let mut incoming: u64 = 0;
         let mut incoming_records: u64 = 0;
@@ -798,8 +877,39 @@ impl Buffer {
         floor > 0 && free < floor
     }
 
+    /// The cap on encoded bytes in force: `max_bytes` over the store's overhead, less
+    /// [`DISK_HEADROOM`] once the overhead is measured.
+    fn cap_bytes(&self) -> u64 {
+        let (overhead, kept) = {
+            let d = self.check_disk();
+            (d.overhead, d.kept)
+        };
+        if overhead <= 1.0 {
+            return self.max_bytes;
+        }
+        let target = self.max_bytes - self.max_bytes / DISK_HEADROOM;
+        // Exact for caps up to 2^53 bytes; above that, within a part in 2^53.
+        #[allow(
+            clippy::cast_precision_loss,
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss
+        )]
+        let cap = (target as f64 / overhead) as u64;
+        cap.max(kept).min(self.max_bytes)
+    }
+
     /// (free bytes, the floor in force) of the data dir's filesystem.
     fn disk(&self) -> (u64, u64) {
+        let d = self.check_disk();
+        let floor = self
+            .min_free_bytes
+            .unwrap_or_else(|| DEFAULT_MIN_FREE.min(d.total / 10));
+        (d.free, floor)
+    }
+
+    /// The disk check, taken again when the last is older than [`DISK_CHECK_EVERY`].
+    /// Callers must not hold the state lock.
+    fn check_disk(&self) -> std::sync::MutexGuard<'_, DiskCheck> {
         let mut d = self.disk.lock().unwrap_or_else(|p| p.into_inner());
         if d.at.is_none_or(|t| t.elapsed() >= DISK_CHECK_EVERY) {
             // The field types are 32-bit on armv7: the conversions are not useless there.
@@ -812,11 +922,19 @@ impl Buffer {
                 Err(_) => (u64::MAX, u64::MAX),
             };
             d.at = Some(Instant::now());
+            let kept = {
+                let st = self.state();
+                st.bytes + st.dead_bytes
+            } + self.side_total();
+            d.kept = kept;
+            if kept >= OVERHEAD_MIN_SAMPLE.max(self.max_bytes / 8) {
+                let used = allocated_bytes(&self.dir, 1).saturating_sub(self.db.reusable_bytes());
+                #[allow(clippy::cast_precision_loss)]
+                let overhead = used as f64 / kept as f64;
+                d.overhead = overhead.clamp(1.0, MAX_OVERHEAD);
+            }
         }
-        let floor = self
-            .min_free_bytes
-            .unwrap_or_else(|| DEFAULT_MIN_FREE.min(d.total / 10));
-        (d.free, floor)
+        d
     }
 
     /// Synchronous [`Buffer::flush`], for shutdown paths outside the runtime.
@@ -1037,12 +1155,13 @@ impl Buffer {
         let size = v.len() as u64;
         self.dead.insert(be(n), v)?;
         // Dead letters may take a quarter of the cap; past it the oldest go (counted).
+        let cap_total = self.cap_bytes();
         let evict = {
             let mut st = self.state();
             st.dead_bytes += size;
             st.dead_sizes.push_back((n, size));
             let mut evict = Vec::new();
-            while st.dead_bytes > self.max_bytes / 4 && st.dead_sizes.len() > 1 {
+            while st.dead_bytes > cap_total / 4 && st.dead_sizes.len() > 1 {
                 let Some((k, sz)) = st.dead_sizes.pop_front() else {
                     break;
                 };
@@ -1056,7 +1175,7 @@ impl Buffer {
             self.dead.remove(be(*k))?;
         }
         if !evict.is_empty() {
-            tracing::warn!(evicted = evict.len(), "oldest dead letters removed: the dead-letter tree may hold a quarter of buffer.max_bytes");
+            tracing::warn!(evicted = evict.len(), "oldest dead letters removed: the dead-letter tree may hold a quarter of the buffer's cap");
         }
         self.ack(id)
     }
@@ -1132,6 +1251,7 @@ impl Buffer {
     pub fn stats(&self) -> Stats {
         let side_bytes = self.side_total();
         let (disk_free_bytes, floor) = self.disk();
+        let cap_bytes = self.cap_bytes();
         let low_disk = floor > 0 && disk_free_bytes < floor;
         let now = unix_ms(std::time::SystemTime::now());
         let oldest = self
@@ -1159,6 +1279,7 @@ impl Buffer {
             disk_free_bytes: disk_free_bytes.min(i64::MAX as u64),
             disk_floor_bytes: floor.min(i64::MAX as u64),
             low_disk,
+            cap_bytes: cap_bytes.min(i64::MAX as u64),
         }
     }
 
@@ -1188,8 +1309,9 @@ impl Buffer {
     /// for health.
     pub fn fill_ratio(&self) -> f64 {
         let side = self.side_total();
+        let cap = self.cap_bytes().max(1);
         let st = self.state();
-        (st.bytes + st.dead_bytes + side) as f64 / self.max_bytes as f64
+        (st.bytes + st.dead_bytes + side) as f64 / cap as f64
     }
 }
 

@@ -429,6 +429,13 @@ impl Db {
         self.context.pagecache.take_unreferenced_blobs()
     }
 
+    /// labgate: added. Bytes of the storage file that are free segments, which the log
+    /// reuses before it grows the file: the file's size less these is what the data
+    /// takes, garbage not yet cleaned included.
+    pub fn reusable_bytes(&self) -> u64 {
+        self.context.pagecache.reusable_bytes()
+    }
+
     /// Returns the on-disk size of the storage files
     /// for this database.
     pub fn size_on_disk(&self) -> Result<u64> {

@@ -1399,6 +1399,11 @@ impl PageCache {
         take_queued_blobs(&self.config)
     }
 
+    // labgate: added; see `Db::reusable_bytes`.
+    pub(crate) fn reusable_bytes(&self) -> u64 {
+        self.log.iobufs.with_sa(|sa| sa.free_bytes())
+    }
+
     pub(crate) fn size_on_disk(&self) -> Result<u64> {
         let mut size = self.config.file.metadata()?.len();
 

@@ -1083,6 +1083,13 @@ impl SegmentAccountant {
             .collect()
     }
 
+    // labgate: added. Bytes of the storage file in free segments: the log writes into
+    // these before it grows the file.
+    pub(super) fn free_bytes(&self) -> u64 {
+        (self.free.len() as u64)
+            .saturating_mul(self.config.segment_size as u64)
+    }
+
     // truncate the file to the desired length
     fn truncate(&mut self, at: LogOffset) -> Result<()> {
         trace!("asynchronously truncating file to length {}", at);
