@@ -321,7 +321,7 @@ fn main() {
             let enc = st["buffer"]["bytes"].as_u64().unwrap_or(0) as f64 / 1e6;
             let rss = rss_kib(agent.pid(), "VmRSS:");
             peak = peak.max(rss);
-            let disk = dir_bytes(&data) as f64 / 1e6;
+            let disk = labgate::buffer::allocated_bytes(&data) as f64 / 1e6;
             let row = (recs, rss as f64 / 1024.0, disk, enc);
             for (i, m) in marks.iter().enumerate() {
                 if at_mark[i].is_none() && recs >= *m {

@@ -15,21 +15,6 @@ fn rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// Allocated bytes under `dir`, what `du` counts.
-fn dir_bytes(dir: &std::path::Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::read_dir(dir).map_or(0, |entries| {
-        entries
-            .flatten()
-            .map(|e| match e.metadata() {
-                Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-                Ok(m) => m.blocks() * 512,
-                Err(_) => 0,
-            })
-            .sum()
-    })
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let n: u64 = args
@@ -92,7 +77,7 @@ fn main() {
                 rss_mb(),
                 st.bytes as f64 / 1048576.0,
                 st.cap_bytes as f64 / 1048576.0,
-                dir_bytes(&dir) as f64 / 1048576.0
+                labgate::buffer::allocated_bytes(&dir) as f64 / 1048576.0
             );
             next_report += 1_000_000;
         }

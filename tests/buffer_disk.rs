@@ -6,20 +6,12 @@ mod common;
 
 use std::time::SystemTime;
 
-use labgate::buffer::{Buffer, BufferConfig, OverflowPolicy};
+use labgate::buffer::{allocated_bytes, Buffer, BufferConfig, OverflowPolicy};
 use labgate::record::{stamp, Body, Draft, Stored};
 
 /// A record lz4 cannot shrink (pseudo-random hex), about 400 bytes encoded.
 fn record(seq: u64) -> Stored {
-    let mut x = seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let noise: String = (0..16)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            format!("{x:016x}")
-        })
-        .collect();
+    let noise = common::incompressible_hex(seq, 16);
     let mut data = serde_json::Map::new();
     data.insert("noise".into(), noise.into());
     let d = Draft::new(
@@ -59,11 +51,11 @@ fn a_backlog_three_times_max_bytes_keeps_the_data_dir_within_max_bytes() {
         batches += 1;
         if batches % 4 == 0 {
             b.flush_blocking().expect("flush");
-            largest_dir = largest_dir.max(common::dir_bytes(&store));
+            largest_dir = largest_dir.max(allocated_bytes(&store));
         }
     }
     b.flush_blocking().expect("flush");
-    largest_dir = largest_dir.max(common::dir_bytes(&store));
+    largest_dir = largest_dir.max(allocated_bytes(&store));
     let st = b.stats();
     // The overhead was measured and lowered the cap on encoded bytes.
     assert!(

@@ -96,18 +96,33 @@ fn the_default_free_space_floor_fits_small_disks() {
 /// A reading lz4 cannot shrink (pseudo-random hex): its chunks fill leaves past the size
 /// sled writes as separate blob files.
 fn big_rec(seq: u64) -> Stored {
-    let mut x = seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let noise: String = (0..32)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            format!("{x:016x}")
-        })
-        .collect();
+    let noise = common::incompressible_hex(seq, 32);
     Stored {
         payload: format!("{{\"n\":{seq},\"noise\":\"{noise}\"}}").into_bytes(),
         ..rec(seq)
+    }
+}
+
+/// Appends 512 big records at `next` and flushes them (they are owed from then on),
+/// then delivers up to four chunks, the oldest first: their deletes replace the leaves
+/// and blob files that held them. Those deletes are not flushed here.
+fn append_then_deliver_some(
+    b: &Buffer,
+    next: &mut u64,
+    owed: &mut std::collections::BTreeSet<u64>,
+) {
+    let recs: Vec<Stored> = (*next..*next + 512).map(big_rec).collect();
+    b.append(&recs, 0).unwrap();
+    b.flush_blocking().unwrap();
+    owed.extend(*next..*next + 512);
+    *next += 512;
+    for _ in 0..4 {
+        if let Some(recs) = b.read_next().unwrap() {
+            for (id, r) in recs {
+                b.ack(id).unwrap();
+                owed.remove(&r.seq);
+            }
+        }
     }
 }
 
@@ -140,21 +155,7 @@ fn blob_sized_values_survive_power_cuts_while_old_ones_are_deleted() {
                 owed.remove(&seq);
             }
             for _ in 0..6 {
-                let recs: Vec<Stored> = (next..next + 512).map(big_rec).collect();
-                b.append(&recs, 0).unwrap();
-                b.flush_blocking().unwrap();
-                owed.extend(next..next + 512);
-                next += 512;
-                // Half of what was just written is delivered, deleting chunks (and
-                // replacing the leaves and blobs that held them).
-                for _ in 0..4 {
-                    if let Some(recs) = b.read_next().unwrap() {
-                        for (id, r) in recs {
-                            b.ack(id).unwrap();
-                            owed.remove(&r.seq);
-                        }
-                    }
-                }
+                append_then_deliver_some(&b, &mut next, &mut owed);
                 b.flush_blocking().unwrap();
                 saw_blobs |=
                     std::fs::read_dir(dir.join("blobs")).is_ok_and(|mut d| d.next().is_some());
@@ -191,19 +192,7 @@ fn a_cut_inside_a_sync_that_replaces_blobs_loses_nothing_synced() {
             let b = Buffer::open(&dir, &cfg).unwrap();
             let mut next = 0;
             for _ in 0..4 {
-                let recs: Vec<Stored> = (next..next + 512).map(big_rec).collect();
-                b.append(&recs, 0).unwrap();
-                b.flush_blocking().unwrap();
-                owed.extend(next..next + 512);
-                next += 512;
-                for _ in 0..4 {
-                    if let Some(recs) = b.read_next().unwrap() {
-                        for (id, r) in recs {
-                            b.ack(id).unwrap();
-                            owed.remove(&r.seq);
-                        }
-                    }
-                }
+                append_then_deliver_some(&b, &mut next, &mut owed);
             }
             // The last deletes and appends go to disk in a sync the power cuts short.
             b.append(&(next..next + 512).map(big_rec).collect::<Vec<_>>(), 0)

@@ -21,8 +21,8 @@ pub enum OverflowPolicy {
 #[serde(deny_unknown_fields)]
 pub struct BufferConfig {
     /// What the store may take on disk, all trees included (records, dead letters,
-    /// command replay ids). The encoded bytes kept are capped at this over the store's
-    /// measured overhead (about 1.6; see the buffer's module docs).
+    /// command replay ids). The encoded bytes kept are capped at seven eighths of this
+    /// over the store's measured overhead (about 1.6; see the buffer's module docs).
     #[serde(default = "default_max_bytes")]
     pub max_bytes: u64,
     /// Cap on the number of buffered records, beside the byte cap (whichever is reached

@@ -69,8 +69,9 @@
 //! live. So every [`DISK_CHECK_EVERY`] the buffer measures the store's overhead, the
 //! bytes its log takes (the directory's allocated blocks less the free segments sled
 //! reuses before it grows the file) per byte it keeps (about 1.6 while a backlog
-//! grows), and the cap on encoded bytes is seven eighths of `max_bytes` divided by it. The overhead is measured
-//! only while at least [`OVERHEAD_MIN_SAMPLE`] and an eighth of `max_bytes` are kept:
+//! grows), and the cap on encoded bytes is seven eighths of `max_bytes` divided by it.
+//! The overhead is measured only while at least [`OVERHEAD_MIN_SAMPLE`] and an eighth
+//! of `max_bytes` are kept:
 //! below that sled's fixed files (a few MB) dominate, and the last figure (or none: the
 //! cap on encoded bytes is then `max_bytes`) holds. The overhead stops growth; it never
 //! drops records already kept (the cap does not fall below what the last check found),
@@ -289,8 +290,8 @@ pub struct Stats {
     pub disk_floor_bytes: u64,
     /// Free space is below `buffer.min_free_bytes`: the buffer counts as full.
     pub low_disk: bool,
-    /// The cap in force on encoded bytes (records, dead letters and side trees):
-    /// `max_bytes` over the store's measured overhead on disk.
+    /// The cap in force on encoded bytes (records, dead letters and side trees): seven
+    /// eighths of `max_bytes` over the store's measured overhead on disk.
     #[serde(default)]
     pub cap_bytes: u64,
 }
@@ -507,9 +508,9 @@ const MAX_OVERHEAD: f64 = 3.0;
 /// twelve, level over the last five).
 const DISK_HEADROOM: u64 = 8;
 
-/// Allocated bytes of the files under `dir` (sled's log, snapshots, blobs), one level of
-/// subdirectories deep.
-fn allocated_bytes(dir: &Path, depth: u8) -> u64 {
+/// What the files under `dir` take on disk: their allocated blocks, as `du` counts
+/// them (for the store: sled's log, snapshots and `blobs/`). Unreadable entries count 0.
+pub fn allocated_bytes(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
@@ -517,7 +518,7 @@ fn allocated_bytes(dir: &Path, depth: u8) -> u64 {
     entries
         .flatten()
         .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() && depth > 0 => allocated_bytes(&e.path(), depth - 1),
+            Ok(m) if m.is_dir() => allocated_bytes(&e.path()),
             Ok(m) if m.is_file() => m.blocks().saturating_mul(512),
             _ => 0,
         })
@@ -922,13 +923,10 @@ impl Buffer {
                 Err(_) => (u64::MAX, u64::MAX),
             };
             d.at = Some(Instant::now());
-            let kept = {
-                let st = self.state();
-                st.bytes + st.dead_bytes
-            } + self.side_total();
+            let kept = self.kept_bytes();
             d.kept = kept;
             if kept >= OVERHEAD_MIN_SAMPLE.max(self.max_bytes / 8) {
-                let used = allocated_bytes(&self.dir, 1).saturating_sub(self.db.reusable_bytes());
+                let used = allocated_bytes(&self.dir).saturating_sub(self.db.reusable_bytes());
                 #[allow(clippy::cast_precision_loss)]
                 let overhead = used as f64 / kept as f64;
                 d.overhead = overhead.clamp(1.0, MAX_OVERHEAD);
@@ -1308,10 +1306,16 @@ impl Buffer {
     /// Ratio of the bytes under the cap (records, dead letters, side trees) to the cap,
     /// for health.
     pub fn fill_ratio(&self) -> f64 {
-        let side = self.side_total();
         let cap = self.cap_bytes().max(1);
+        self.kept_bytes() as f64 / cap as f64
+    }
+
+    /// The encoded bytes under the cap: records, dead letters and side trees. Callers
+    /// must not hold the state lock.
+    fn kept_bytes(&self) -> u64 {
+        let side = self.side_total();
         let st = self.state();
-        (st.bytes + st.dead_bytes + side) as f64 / cap as f64
+        st.bytes + st.dead_bytes + side
     }
 }
 

@@ -30,20 +30,17 @@ pub fn rss_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// What the files under `dir` take on disk (allocated blocks, as `du` counts them).
-pub fn dir_bytes(dir: &std::path::Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-            Ok(m) => m.blocks() * 512,
-            Err(_) => 0,
+/// `words` × 16 hex digits of xorshift noise from `seed`: text lz4 cannot shrink.
+pub fn incompressible_hex(seed: u64, words: usize) -> String {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..words)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            format!("{x:016x}")
         })
-        .sum()
+        .collect()
 }
 
 /// A sensor reading exactly as the agent encodes it (the size both paths send).
