@@ -312,8 +312,9 @@ fn buffer_cap_hit_while_broker_down_drops_oldest_counts_them_and_reports_them() 
     let s = agent.wait_status("all 6000 readings taken", Duration::from_secs(60), |s| {
         s["devices"]["env-1"]["state"] == "idle"
     });
-    let dropped =
+    let dropped_while_down =
         agent.metric("labgate_records_dropped_total{reason=\"buffer_full_drop_oldest\"}") as u64;
+    let dropped = dropped_while_down;
     assert!(dropped > 0, "the cap was hit: {s}");
     assert!(
         s["buffer"]["bytes"].as_u64().unwrap() <= 131072 + 64 * 1024,
@@ -361,8 +362,13 @@ fn buffer_cap_hit_while_broker_down_drops_oldest_counts_them_and_reports_them() 
         "delivered {delivered} + dropped {dropped}"
     );
     assert_eq!(reported(&msgs), dropped);
-    // The survivors are the newest: the last reading is there.
-    assert!(seqs_by_device(&msgs)["env-1"].contains_key(&5999));
+    // The survivors are the newest: the last reading is there, unless the events
+    // written after the broker came back made room while every older chunk was in
+    // flight (drop_oldest drops only chunks not yet handed to the producer).
+    assert!(
+        seqs_by_device(&msgs)["env-1"].contains_key(&5999) || dropped > dropped_while_down,
+        "the newest reading was dropped while the broker was down"
+    );
     assert_eq!(agent.status()["buffer"]["unreported_drops"], 0);
 }
 
