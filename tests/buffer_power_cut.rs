@@ -218,5 +218,22 @@ fn a_cut_inside_a_sync_that_replaces_blobs_loses_nothing_synced() {
             missing.is_empty(),
             "cut after {n} syncs: lost {missing:?} …"
         );
+        // Blob files whose unlink the cut prevented were removed at the reopen: every
+        // file left in `blobs/` is one a page points at.
+        drop(b);
+        let store = labgate::buffer::store::open(&dir, 1 << 20).unwrap();
+        let referenced = store.db().referenced_blobs();
+        let orphans: Vec<String> = std::fs::read_dir(dir.join("blobs"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| {
+                name.parse()
+                    .map_or(true, |id: i64| !referenced.contains(&id))
+            })
+            .collect();
+        assert!(
+            orphans.is_empty(),
+            "cut after {n} syncs: blob files no page points at: {orphans:?}"
+        );
     }
 }

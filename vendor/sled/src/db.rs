@@ -429,6 +429,14 @@ impl Db {
         self.context.pagecache.take_unreferenced_blobs()
     }
 
+    /// labgate: added. The ids (file names in `blobs/`) of the blob files that the
+    /// pages point at now. Every other file there is garbage: queued for removal, or
+    /// left by a process that stopped before removing it (queued again at the next
+    /// start).
+    pub fn referenced_blobs(&self) -> std::collections::HashSet<i64> {
+        self.context.pagecache.referenced_blobs()
+    }
+
     /// labgate: added. Bytes of the storage file that are free segments, which the log
     /// reuses before it grows the file: the file's size less these is what the data
     /// takes, garbage not yet cleaned included.

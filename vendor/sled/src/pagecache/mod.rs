@@ -35,7 +35,10 @@ use parallel_io_unix::{pread_exact, pread_exact_or_eof, pwrite_all};
 use parallel_io_windows::{pread_exact, pread_exact_or_eof, pwrite_all};
 
 use self::{
-    blob_io::{gc_blobs, read_blob, remove_blob, take_queued_blobs, write_blob},
+    blob_io::{
+        gc_blobs, queue_orphaned_blobs, read_blob, remove_blob, take_queued_blobs,
+        write_blob,
+    },
     constants::{
         BATCH_MANIFEST_PID, COUNTER_PID, META_PID,
         PAGE_CONSOLIDATION_THRESHOLD, SEGMENT_CLEANUP_THRESHOLD,
@@ -661,6 +664,10 @@ impl PageCache {
 
         // now we read it back in
         pc.load_snapshot(&snapshot)?;
+
+        // labgate: blob files whose removal a stopped process did not finish; see
+        // `queue_orphaned_blobs`.
+        queue_orphaned_blobs(&pc.config, &snapshot.referenced_blobs())?;
 
         #[cfg(feature = "testing")]
         {
@@ -1392,6 +1399,22 @@ impl PageCache {
             as f64;
 
         Ok(on_disk_bytes / logical_size)
+    }
+
+    // labgate: added; see `Db::referenced_blobs`.
+    pub(crate) fn referenced_blobs(&self) -> std::collections::HashSet<Lsn> {
+        let guard = pin();
+        let mut ids = std::collections::HashSet::new();
+        for pid in 0..*self.next_pid_to_allocate.lock() {
+            if let Some(pte) = self.inner.get(pid, &guard) {
+                for ci in pte.cache_infos.iter() {
+                    if let DiskPtr::Blob(_, id) = ci.pointer {
+                        ids.insert(id);
+                    }
+                }
+            }
+        }
+        ids
     }
 
     // labgate: added; see `Db::take_unreferenced_blobs`.
