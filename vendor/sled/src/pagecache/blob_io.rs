@@ -166,18 +166,18 @@ pub(crate) fn take_queued_blobs(config: &Config) -> Vec<std::path::PathBuf> {
 // labgate: added. A blob queued by `remove_blob` whose unlink had not happened when the
 // process stopped (killed, power cut between the log's fdatasync and the unlink) is
 // referenced by no page once the log is replayed, and upstream never looks at it again:
-// each such stop left files in `blobs/` for good. At start the recovered page states
-// (`referenced`) name every blob still in use; every other blob file is queued for
+// each such stop left files in `blobs/` for good. At start the recovered page table
+// (`referenced`) names every blob still in use; every other blob file is queued for
 // removal like any other, so the caller unlinks it after its next fdatasync of the log.
 // Names that are not blob ids are left alone.
 pub(crate) fn queue_orphaned_blobs(
     config: &Config,
     referenced: &std::collections::HashSet<Lsn>,
-) -> Result<usize> {
+) -> Result<()> {
     let dir = config.get_path().join("blobs");
     let listing = match std::fs::read_dir(&dir) {
         Ok(listing) => listing,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e.into()),
     };
     let mut orphans = vec![];
@@ -198,7 +198,6 @@ pub(crate) fn queue_orphaned_blobs(
             orphans.len()
         );
     }
-    let n = orphans.len();
     config.blob_removals.lock().extend(orphans);
-    Ok(n)
+    Ok(())
 }

@@ -666,8 +666,8 @@ impl PageCache {
         pc.load_snapshot(&snapshot)?;
 
         // labgate: blob files whose removal a stopped process did not finish; see
-        // `queue_orphaned_blobs`.
-        queue_orphaned_blobs(&pc.config, &snapshot.referenced_blobs())?;
+        // `queue_orphaned_blobs`. The page table now holds the recovered pointers.
+        queue_orphaned_blobs(&pc.config, &pc.referenced_blobs())?;
 
         #[cfg(feature = "testing")]
         {

@@ -51,23 +51,6 @@ pub enum PageState {
 }
 
 impl PageState {
-    // labgate: added; see `Snapshot::referenced_blobs`.
-    fn blob_ids(&self) -> Vec<Lsn> {
-        let ptrs: Vec<DiskPtr> = match self {
-            PageState::Present { base, frags } => std::iter::once(base.1)
-                .chain(frags.iter().map(|f| f.1))
-                .collect(),
-            PageState::Free(_, ptr) => vec![*ptr],
-            PageState::Uninitialized => vec![],
-        };
-        ptrs.into_iter()
-            .filter_map(|p| match p {
-                DiskPtr::Blob(_, id) => Some(id),
-                DiskPtr::Inline(_) => None,
-            })
-            .collect()
-    }
-
     fn push(&mut self, item: (Lsn, DiskPtr, u64)) {
         match *self {
             PageState::Present { base, ref mut frags } => {
@@ -111,12 +94,6 @@ impl PageState {
 }
 
 impl Snapshot {
-    // labgate: added. The blob files the recovered pages point at; see
-    // `queue_orphaned_blobs`.
-    pub(crate) fn referenced_blobs(&self) -> std::collections::HashSet<Lsn> {
-        self.pt.iter().flat_map(PageState::blob_ids).collect()
-    }
-
     pub fn recovered_coords(
         &self,
         segment_size: usize,
