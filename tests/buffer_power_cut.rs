@@ -1,10 +1,11 @@
 //! The buffer alone on the fault filesystem: a flushed record survives a power cut, and
 //! (the control that shows the filesystem really forgets) sled's own flush without the
-//! agent's fdatasync does not make it survive.
+//! agent's fdatasync does not make it survive; and blob files the disk will not unlink
+//! are retried until it does.
 
 mod common;
 
-use common::faultfs::FaultFs;
+use common::faultfs::{Fault, FaultFs};
 use labgate::buffer::Buffer;
 use labgate::config::BufferConfig;
 use labgate::record::{Stored, TopicKind};
@@ -236,4 +237,62 @@ fn a_cut_inside_a_sync_that_replaces_blobs_loses_nothing_synced() {
             "cut after {n} syncs: blob files no page points at: {orphans:?}"
         );
     }
+}
+
+fn blob_files(dir: &std::path::Path) -> std::collections::BTreeSet<String> {
+    std::fs::read_dir(dir.join("blobs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// A disk that refuses to unlink the blob files replaced leaves (EIO on unlink only)
+/// does not stop the buffer: appends, acks and syncs go on, the refused files stay
+/// queued, and once the disk lets them go the next syncs remove every one of them.
+#[test]
+fn replaced_blobs_that_cannot_be_unlinked_are_removed_once_the_disk_lets_them() {
+    let fs = FaultFs::new();
+    let dir = fs.path("unlink");
+    let cfg = BufferConfig::default();
+    let mut owed: std::collections::BTreeSet<u64> = Default::default();
+    let mut next = 0;
+    let b = Buffer::open(&dir, &cfg).unwrap();
+    for _ in 0..2 {
+        append_then_deliver_some(&b, &mut next, &mut owed);
+    }
+    b.flush_blocking().unwrap();
+
+    fs.set_fault(Fault::UnlinkEio);
+    for _ in 0..8 {
+        append_then_deliver_some(&b, &mut next, &mut owed);
+    }
+    b.flush_blocking()
+        .expect("a sync failed because garbage could not be unlinked");
+    let refused: std::collections::BTreeSet<String> = fs
+        .refused_unlinks()
+        .iter()
+        .map(|n| n.to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !refused.is_empty(),
+        "no unlink was refused: the test proves nothing"
+    );
+    assert!(
+        refused.is_subset(&blob_files(&dir)),
+        "a refused unlink happened anyway"
+    );
+
+    fs.set_fault(Fault::None);
+    b.flush_blocking().unwrap();
+    let now = blob_files(&dir);
+    let left: Vec<_> = refused.intersection(&now).collect();
+    assert!(
+        left.is_empty(),
+        "blob files still there after a sync with the disk recovered: {left:?} of {refused:?}"
+    );
+    let mut present = std::collections::BTreeSet::new();
+    while let Some(recs) = b.read_next().unwrap() {
+        present.extend(recs.into_iter().map(|(_, r)| r.seq));
+    }
+    assert_eq!(present, owed, "the records not delivered are all there");
 }

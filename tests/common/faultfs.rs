@@ -31,6 +31,8 @@ pub enum Fault {
     Eio,
     /// Every change answers EROFS (a filesystem remounted read-only).
     ReadOnly,
+    /// Only unlink (and rmdir) answers EIO; everything else works.
+    UnlinkEio,
 }
 
 const BLOCK: u64 = 4096;
@@ -72,6 +74,8 @@ struct State {
     /// The power goes after this many more syncs (file or directory): the cut falls
     /// inside a sequence of syncs, not only between them.
     syncs_left: Option<u64>,
+    /// Names whose unlink [`Fault::UnlinkEio`] refused, in order.
+    refused_unlinks: Vec<OsString>,
 }
 
 impl State {
@@ -96,6 +100,7 @@ impl State {
             file_syncs: 0,
             dir_syncs: 0,
             syncs_left: None,
+            refused_unlinks: Vec::new(),
         }
     }
 
@@ -145,7 +150,7 @@ impl State {
 
     fn change(&self) -> Result<(), Errno> {
         match self.fault {
-            Fault::None => Ok(()),
+            Fault::None | Fault::UnlinkEio => Ok(()),
             Fault::Eio => Err(Errno::EIO),
             Fault::ReadOnly => Err(Errno::EROFS),
         }
@@ -532,6 +537,10 @@ impl Filesystem for Shared {
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let r = self.with(|st| {
             st.change()?;
+            if st.fault == Fault::UnlinkEio {
+                st.refused_unlinks.push(name.to_os_string());
+                return Err(Errno::EIO);
+            }
             st.dir(parent.0)?.remove(name).ok_or(Errno::ENOENT)?;
             Ok(())
         });
@@ -702,6 +711,11 @@ impl FaultFs {
     /// Bytes of file data now on the filesystem.
     pub fn used(&self) -> u64 {
         self.state.with(|st| st.used())
+    }
+
+    /// Names whose unlink was refused under [`Fault::UnlinkEio`] so far.
+    pub fn refused_unlinks(&self) -> Vec<OsString> {
+        self.state.with(|st| st.refused_unlinks.clone())
     }
 
     /// (file syncs, directory syncs) seen so far.
