@@ -45,8 +45,16 @@ pub enum AgentError {
         /// What the OS said.
         source: std::io::Error,
     },
+    #[error("cannot open the buffer in {path}: {source}")]
+    /// The buffer could not be opened (a failing or unreadable disk, a corrupt store).
+    BufferOpen {
+        /// The buffer's directory.
+        path: String,
+        /// What the store said.
+        source: BufferError,
+    },
     #[error(transparent)]
-    /// The buffer could not be opened or failed while running.
+    /// The buffer failed while running.
     Buffer(#[from] BufferError),
     #[error("{key}: {message}")]
     /// The ingest API's clients cannot be set up (a token file gone since `check`).
@@ -85,7 +93,9 @@ impl AgentError {
     /// stage that stopped, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            AgentError::Buffer(_) | AgentError::DataDir { .. } => 74,
+            AgentError::Buffer(_) | AgentError::BufferOpen { .. } | AgentError::DataDir { .. } => {
+                74
+            }
             AgentError::Stage { disk: true, .. } => 74,
             AgentError::Stage { .. } => 70,
             AgentError::Api { .. } => 64,
@@ -183,7 +193,20 @@ pub async fn run(
         source,
     })?;
     let metrics = Arc::new(Metrics::new());
-    let buffer = Arc::new(Buffer::open(&buffer_dir(&cfg), &cfg.buffer)?);
+    let dir = buffer_dir(&cfg);
+    let buffer = match Buffer::open(&dir, &cfg.buffer) {
+        Ok(b) => Arc::new(b),
+        Err(source) => {
+            // Left for the start that succeeds, which reports it as a `buffer_error` event.
+            let kind = source.disk_kind().unwrap_or("other");
+            tracing::error!(error = %source, kind, path = %dir.display(), "cannot open the buffer; exiting (systemd starts the agent again)");
+            ingest::write_error_note(&dir, kind, &format!("cannot open the buffer: {source}"));
+            return Err(AgentError::BufferOpen {
+                path: dir.display().to_string(),
+                source,
+            });
+        }
+    };
     let stats = buffer.stats();
     tracing::info!(agent_id = %cfg.agent.agent_id, records = stats.records, bytes = stats.bytes, quarantined = stats.quarantined_chunks, "buffer open");
     let last_error = ingest::take_error_note(&buffer);
@@ -327,7 +350,22 @@ pub async fn run(
         window: cfg.kafka.max_in_flight,
         replayed_after_ms: cfg.kafka.replayed_after.as_millis() as u64,
     };
-    let fwd_task = tokio::spawn(forwarder.run(fwd_stop.clone(), cfg.agent.shutdown_grace));
+    let fwd_task = {
+        let run = forwarder.run(fwd_stop.clone(), cfg.agent.shutdown_grace);
+        let (metrics, dir) = (metrics.clone(), buffer.dir().to_path_buf());
+        tokio::spawn(async move {
+            let r = run.await;
+            // A chunk the disk would not give back: as for a failed write, counted,
+            // logged and left as a note for the next start.
+            if let Err(ForwarderError::Buffer(e)) = &r {
+                let kind = e.disk_kind().unwrap_or("other");
+                metrics.count_buffer_error(kind);
+                tracing::error!(error = %e, kind, "buffer read failed; exiting so the agent restarts on what is on disk");
+                ingest::write_error_note(&dir, kind, &e.to_string());
+            }
+            r
+        })
+    };
 
     // Devices: one supervised task each, with its own stop token so a reload can stop
     // or replace one device while the others (and the buffer) carry on.

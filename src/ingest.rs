@@ -260,7 +260,7 @@ pub async fn run(input: IngestReceiver, stage: IngestStage) -> Result<(), Buffer
         let kind = e.disk_kind().unwrap_or("other");
         metrics.count_buffer_error(kind);
         tracing::error!(error = %e, kind, "buffer write failed: records waiting for durability were not acknowledged; exiting so the agent restarts on what is on disk");
-        write_error_note(&buffer, kind, &e.to_string());
+        write_error_note(buffer.dir(), kind, &e.to_string());
     }
     r
 }
@@ -268,25 +268,26 @@ pub async fn run(input: IngestReceiver, stage: IngestStage) -> Result<(), Buffer
 /// Where the note about a buffer failure is left: systemd's runtime directory
 /// (`RuntimeDirectory=`, a tmpfs that outlives a restart of the unit), because the data
 /// dir's disk is the one that just failed; beside the buffer without systemd.
-fn error_note_path(buffer: &Buffer) -> std::path::PathBuf {
+fn error_note_path(buffer_dir: &std::path::Path) -> std::path::PathBuf {
     const NAME: &str = "last-buffer-error.json";
     if let Some(run) = std::env::var_os("RUNTIME_DIRECTORY") {
         if let Some(first) = std::env::split_paths(&run).next() {
             return first.join(NAME);
         }
     }
-    let dir = buffer.dir();
-    dir.parent().unwrap_or(dir).join(NAME)
+    buffer_dir.parent().unwrap_or(buffer_dir).join(NAME)
 }
 
-fn write_error_note(buffer: &Buffer, kind: &str, error: &str) {
+/// Leaves the note [`take_error_note`] reads at the next start, for the buffer in
+/// `buffer_dir` (best effort: the disk may refuse this too).
+pub fn write_error_note(buffer_dir: &std::path::Path, kind: &str, error: &str) {
     let note = serde_json::json!({
         "kind": kind,
         "error": error,
         "at": crate::time::format_rfc3339_millis(SystemTime::now()),
     });
     // Best effort: on a full or failing disk this may fail too.
-    let path = error_note_path(buffer);
+    let path = error_note_path(buffer_dir);
     if let Err(e) = std::fs::write(&path, note.to_string()) {
         tracing::warn!(path = %path.display(), error = %e, "cannot leave a note of the buffer failure");
     }
@@ -295,7 +296,7 @@ fn write_error_note(buffer: &Buffer, kind: &str, error: &str) {
 /// The note a failed buffer left at the last run, removed once read: the agent reports
 /// it as a `buffer_error` event at start.
 pub fn take_error_note(buffer: &Buffer) -> Option<serde_json::Map<String, serde_json::Value>> {
-    let path = error_note_path(buffer);
+    let path = error_note_path(buffer.dir());
     let text = std::fs::read_to_string(&path).ok()?;
     let _ = std::fs::remove_file(&path);
     match serde_json::from_str(&text) {

@@ -1,5 +1,5 @@
 //! A sick disk under the data dir (the fault filesystem of tests/common/faultfs): too
-//! little free space, ENOSPC, EIO and a read-only remount, against real tansu and
+//! little free space, ENOSPC, EIO on writes or on reads, and a read-only remount, against real tansu and
 //! mosquitto. In each case the agent says clearly what is wrong, and nothing it
 //! acknowledged is lost.
 
@@ -176,4 +176,96 @@ fn eio_stops_the_agent_clearly_and_loses_nothing_acknowledged() {
 #[test]
 fn a_read_only_data_dir_stops_the_agent_clearly_and_loses_nothing_acknowledged() {
     hard_fault("disk-erofs", |fs| fs.set_fault(Fault::ReadOnly), "erofs");
+}
+
+/// A disk that cannot be read back (a bad sector, a dying SD card): restarted on it, the
+/// agent exits with 74 and names the failure instead of starting on a buffer it could not
+/// read; once the disk reads again, everything it had acknowledged is delivered and the
+/// failure is reported downstream.
+#[test]
+fn a_data_dir_that_cannot_be_read_stops_the_agent_clearly_and_loses_nothing() {
+    let r = rig();
+    let mut agent = start(&r, "disk-read", "commit_interval = \"5ms\"");
+    r.broker.stall();
+    publish(&r, "disk-read-pub", 0..300);
+    wait_for("300 acked", Duration::from_secs(30), || {
+        acked(&agent) >= 300.0
+    });
+    agent.kill9();
+    r.fs.set_fault(Fault::ReadEio);
+    agent.launch();
+    let code = agent.wait_exit(Duration::from_secs(30));
+    let log = agent.log_text();
+    assert_eq!(code, Some(74), "log:\n{log}");
+    assert!(
+        log.contains("cannot open the buffer in ") && log.contains("buffer storage error (eio)"),
+        "the log names the read failure:\n{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+    r.fs.set_fault(Fault::None);
+    agent.spawn();
+    r.broker.unstall();
+    let mut reader = Reader::new(&r.broker.addr(), &r.topics.outputs());
+    reader.until("all 300 readings", Duration::from_secs(90), |m| {
+        counter_values(m).len() == 300
+    });
+    assert_eq!(counter_values(&reader.msgs), (0..300).collect());
+    assert!(
+        agent
+            .log_text()
+            .contains("the last run stopped on a buffer failure"),
+        "no note of the failure at restart:\n{}",
+        agent.log_text()
+    );
+    reader.until("the buffer_error event", Duration::from_secs(20), |m| {
+        m.iter()
+            .any(|m| m.json["event"] == "buffer_error" && m.json["data"]["kind"] == "eio")
+    });
+    assert_eq!(
+        agent.metric("labgate_buffer_errors_total{kind=\"eio\"}"),
+        1.0
+    );
+    agent.terminate();
+}
+
+/// The same disk failing while the agent runs: the backlog is larger than sled's cache,
+/// so the forwarder reads chunks back from the disk once the broker returns. The read
+/// that fails stops the agent with 74 and says why; nothing is skipped, and once the disk
+/// reads again every reading is delivered.
+#[test]
+fn a_chunk_the_disk_will_not_give_back_stops_the_agent_and_loses_nothing() {
+    const N: u64 = 30_000;
+    let r = rig();
+    let mut agent = start(
+        &r,
+        "disk-read-run",
+        "commit_interval = \"5ms\"\ncache_capacity = 1048576",
+    );
+    r.broker.stall();
+    publish(&r, "disk-read-run-pub", 0..N);
+    wait_for("all acked", Duration::from_secs(60), || {
+        acked(&agent) >= N as f64
+    });
+    r.fs.set_fault(Fault::ReadEio);
+    r.broker.unstall();
+    let code = agent.wait_exit(Duration::from_secs(60));
+    let log = agent.log_text();
+    assert_eq!(code, Some(74), "log:\n{log}");
+    assert!(
+        log.contains("buffer read failed") && log.contains("buffer storage error (eio)"),
+        "the log names the read failure:\n{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+    r.fs.set_fault(Fault::None);
+    agent.spawn();
+    let mut reader = Reader::new(&r.broker.addr(), &r.topics.outputs());
+    reader.until("every reading", Duration::from_secs(120), |m| {
+        counter_values(m).len() == N as usize
+    });
+    assert_eq!(counter_values(&reader.msgs), (0..N).collect());
+    reader.until("the buffer_error event", Duration::from_secs(20), |m| {
+        m.iter()
+            .any(|m| m.json["event"] == "buffer_error" && m.json["data"]["kind"] == "eio")
+    });
+    agent.terminate();
 }

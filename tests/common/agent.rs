@@ -113,8 +113,22 @@ impl Agent {
         a
     }
 
-    /// (Re)starts the process on the same config and data dir.
+    /// (Re)starts the process on the same config and data dir, and waits until it
+    /// answers `/status`.
     pub fn spawn(&mut self) {
+        self.launch();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.try_get("/status").is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("agent did not answer /status; log:\n{}", self.log_text());
+    }
+
+    /// (Re)starts the process on the same config and data dir, without waiting for it.
+    pub fn launch(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -135,14 +149,6 @@ impl Agent {
             .spawn()
             .expect("start labgate");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if self.try_get("/status").is_some() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("agent did not answer /status; log:\n{}", self.log_text());
     }
 
     pub fn log_text(&self) -> String {
@@ -150,23 +156,42 @@ impl Agent {
     }
 
     fn try_get(&self, path: &str) -> Option<(u16, String)> {
-        let mut s = TcpStream::connect_timeout(&self.http, Duration::from_secs(1)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        self.fetch(path).ok()
+    }
+
+    /// One GET; on failure, what failed and after how long.
+    fn fetch(&self, path: &str) -> Result<(u16, String), String> {
+        let t0 = Instant::now();
+        let fail = |what: &str, e: &dyn std::fmt::Display| {
+            format!("{what}: {e} (after {} ms)", t0.elapsed().as_millis())
+        };
+        let mut s = TcpStream::connect_timeout(&self.http, Duration::from_secs(1))
+            .map_err(|e| fail("connect", &e))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| fail("set timeout", &e))?;
         use std::io::Write;
         write!(
             s,
             "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         )
-        .ok()?;
+        .map_err(|e| fail("write", &e))?;
         let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
-        let code = out.split_whitespace().nth(1)?.parse().ok()?;
-        Some((code, out.split_once("\r\n\r\n")?.1.to_string()))
+        s.read_to_string(&mut out).map_err(|e| fail("read", &e))?;
+        let code = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| fail("no status line", &format!("{out:?}")))?;
+        let body = out
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| fail("no header end", &format!("{out:?}")))?
+            .1;
+        Ok((code, body.to_string()))
     }
 
     pub fn get(&self, path: &str) -> (u16, String) {
-        self.try_get(path)
-            .unwrap_or_else(|| panic!("GET {path} failed; log:\n{}", self.log_text()))
+        self.fetch(path)
+            .unwrap_or_else(|e| panic!("GET {path} failed: {e}; log:\n{}", self.log_text()))
     }
 
     pub fn status(&self) -> Value {

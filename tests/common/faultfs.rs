@@ -33,6 +33,8 @@ pub enum Fault {
     ReadOnly,
     /// Only unlink (and rmdir) answers EIO; everything else works.
     UnlinkEio,
+    /// Only reading file data answers EIO (a bad sector); writes and syncs work.
+    ReadEio,
 }
 
 const BLOCK: u64 = 4096;
@@ -150,7 +152,7 @@ impl State {
 
     fn change(&self) -> Result<(), Errno> {
         match self.fault {
-            Fault::None | Fault::UnlinkEio => Ok(()),
+            Fault::None | Fault::UnlinkEio | Fault::ReadEio => Ok(()),
             Fault::Eio => Err(Errno::EIO),
             Fault::ReadOnly => Err(Errno::EROFS),
         }
@@ -389,6 +391,7 @@ impl Filesystem for Shared {
         reply: ReplyData,
     ) {
         let r = self.with(|st| match st.inodes.get(&ino.0).map(|i| &i.node) {
+            Some(Node::File { .. }) if st.fault == Fault::ReadEio => Err(Errno::EIO),
             Some(Node::File { live, .. }) => {
                 let start = usize::try_from(offset)
                     .unwrap_or(usize::MAX)
