@@ -136,6 +136,11 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::Load(format!("{}: {e}", path.display())))?;
+        // The TOML first, on its own: its errors say where (line, column and the text),
+        // which the config crate's lose for some (an integer beyond 64 bits).
+        if let Err(e) = text.parse::<toml::Table>() {
+            return Err(ConfigError::Load(format!("{}: {e}", path.display())));
+        }
         let mut builder = config::Config::builder()
             .add_source(config::File::from_str(&text, config::FileFormat::Toml));
         for (name, value) in env {
@@ -312,6 +317,34 @@ fn env_value(v: &str) -> config::Value {
 /// The config crate reports `unknown field` and type errors with the path in varying
 /// places; turn them into "key: message".
 fn describe_serde_error(e: config::ConfigError) -> ConfigError {
+    match describe_config_error(e) {
+        ConfigError::Invalid { key, message } => ConfigError::Invalid {
+            key: dotted(&key),
+            message,
+        },
+        other => other,
+    }
+}
+
+/// The config crate joins a field to an array element without a dot
+/// (`devices[0]kind`): the key as written in the file instead (`devices[0].kind`).
+fn dotted(key: &str) -> String {
+    let mut out = String::with_capacity(key.len() + 4);
+    let mut chars = key.chars().peekable();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c == ']'
+            && chars
+                .peek()
+                .is_some_and(|n| n.is_alphanumeric() || *n == '_')
+        {
+            out.push('.');
+        }
+    }
+    out
+}
+
+fn describe_config_error(e: config::ConfigError) -> ConfigError {
     match e {
         config::ConfigError::At {
             error,
@@ -350,6 +383,12 @@ fn describe_serde_error(e: config::ConfigError) -> ConfigError {
                 .and_then(|r| r.split('`').next())
             {
                 return invalid(field.to_string(), text.clone());
+            }
+            if let Some(field) = text
+                .strip_prefix("missing configuration field \"")
+                .and_then(|r| r.split('"').next())
+            {
+                return invalid(field.to_string(), "is required and missing".to_string());
             }
             ConfigError::Load(text)
         }
@@ -406,6 +445,34 @@ bootstrap_servers = "127.0.0.1:9092"
         let f = write(&format!("{MINIMAL}bootstrap_server = \"x:1\"\n"));
         let e = Config::load_with_env(f.path(), []).unwrap_err().to_string();
         assert!(e.starts_with("kafka.bootstrap_server:"), "{e}");
+    }
+
+    #[test]
+    fn a_device_field_and_a_missing_section_are_named_as_written() {
+        let text = format!("{MINIMAL}[[devices]]\nname = \"x\"\nkind = \"nonsense\"\n");
+        let e = Config::load_with_env(write(&text).path(), [])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("devices[0].kind:"), "{e}");
+        let text = MINIMAL.replace("[kafka]\nbootstrap_servers = \"127.0.0.1:9092\"\n", "");
+        let e = Config::load_with_env(write(&text).path(), [])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "kafka: is required and missing");
+        assert_eq!(dotted("devices[2]port"), "devices[2].port");
+        assert_eq!(dotted("devices[2].port"), "devices[2].port");
+        assert_eq!(dotted("a[1][2]b"), "a[1][2].b");
+    }
+
+    #[test]
+    fn a_toml_error_says_where() {
+        let e = Config::load_with_env(
+            write(&format!("{MINIMAL}linger_ms = 99999999999999999999\n")).path(),
+            [],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("line 7"), "{e}");
     }
 
     #[test]
