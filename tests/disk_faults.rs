@@ -269,3 +269,55 @@ fn a_chunk_the_disk_will_not_give_back_stops_the_agent_and_loses_nothing() {
     });
     agent.terminate();
 }
+
+/// Below the free-space floor, where new records are refused, a stop command still stops
+/// the instrument: its replay claim is written and synced past the floor (a few bytes),
+/// and the command runs even though its results cannot be buffered (they are counted as
+/// dropped). Sent again once there is room, the same command is a duplicate.
+#[test]
+fn a_stop_command_stops_the_instrument_below_the_disk_floor() {
+    let r = rig();
+    let agent = r.start(
+        "disk-stop",
+        &format!(
+            "[buffer]\nmin_free_bytes = 1048576\ncommit_interval = \"5ms\"\n\n{}",
+            slow_potentiostat("pstat-1")
+        ),
+    );
+    agent.wait_status("running and assigned", Duration::from_secs(30), |s| {
+        s["commands"]["assigned"] == true && s["devices"]["pstat-1"]["state"] == "running"
+    });
+    r.fs.set_capacity(r.fs.used() + 512 * 1024);
+    agent.wait_status("low disk reported", Duration::from_secs(20), |s| {
+        s["buffer"]["low_disk"] == true
+    });
+    let stop = serde_json::json!({
+        "type": "command",
+        "command": "stop",
+        "command_id": "c-stop-low-disk",
+        "timestamp": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+        "params": {},
+        "target": {"agent": "disk-stop", "device": "pstat-1"},
+    })
+    .to_string();
+    produce(&r.broker.addr(), &r.topics.commands(), "disk-stop", &stop);
+    agent.wait_status("the instrument stopped", Duration::from_secs(20), |s| {
+        s["devices"]["pstat-1"]["state"] == "idle"
+    });
+    assert_eq!(
+        agent.metric("labgate_commands_total{status=\"completed\"}"),
+        1.0
+    );
+    assert!(agent.metric("labgate_records_dropped_total{reason=\"disk_full\"}") > 0.0);
+    // Room again: the same command, redelivered or replayed, is not run a second time.
+    r.fs.set_capacity(u64::MAX);
+    agent.wait_status("disk ok", Duration::from_secs(20), |s| {
+        s["buffer"]["low_disk"] == false
+    });
+    produce(&r.broker.addr(), &r.topics.commands(), "disk-stop", &stop);
+    let mut reader = Reader::new(&r.broker.addr(), &[r.topics.results()]);
+    reader.until("the duplicate's result", Duration::from_secs(20), |m| {
+        m.iter()
+            .any(|m| m.json["command_id"] == "c-stop-low-disk" && m.json["status"] == "duplicate")
+    });
+}
