@@ -261,6 +261,8 @@ pub async fn run(
         api,
         live: live.clone(),
         local,
+        streams: Arc::new(tokio::sync::Semaphore::new(http::MAX_STREAMS)),
+        streams_refused: Default::default(),
     });
     let http_task = match cfg.http.addr() {
         Some(addr) => {

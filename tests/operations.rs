@@ -432,3 +432,82 @@ fn idle_http_clients_are_dropped_and_cannot_lock_out_health() {
     let mut buf = [0u8; 16];
     assert_eq!(first.read(&mut buf).expect("closed, not timed out"), 0);
 }
+
+/// Opens `GET path` and returns the connection and the response head (the body, an event
+/// stream, stays open).
+fn open_stream(agent: &Agent, path: &str) -> (std::net::TcpStream, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(agent.http).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            other => panic!(
+                "no response head ({other:?}): {:?}",
+                String::from_utf8_lossy(&head)
+            ),
+        }
+    }
+    (s, String::from_utf8_lossy(&head).into_owned())
+}
+
+/// Event streams hold their connection while open, so at most 32 (half the connections)
+/// are open at once: more status pages are refused with 503 and counted, /health and
+/// /metrics still answer at once, and a page that goes away frees its slot.
+#[test]
+fn open_event_streams_are_capped_and_leave_room_for_health_and_metrics() {
+    let dir = tempdir();
+    let topics = Topics::new();
+    let brokers = format!("127.0.0.1:{}", free_port()); // nobody listens; not needed here
+    let agent = Agent::start(
+        dir.path(),
+        &agent_config(
+            dir.path(),
+            "agent-streams",
+            &brokers,
+            &topics,
+            free_port(),
+            "",
+        ),
+    );
+    let mut open: Vec<std::net::TcpStream> = (0..32)
+        .map(|i| {
+            let (s, head) = open_stream(&agent, "/live");
+            assert!(head.starts_with("HTTP/1.1 200"), "stream {i}: {head}");
+            assert!(head.contains("text/event-stream"), "stream {i}: {head}");
+            s
+        })
+        .collect();
+    let (_refused, head) = open_stream(&agent, "/live");
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: 5"),
+        "{head}"
+    );
+    let t0 = Instant::now();
+    assert_eq!(agent.get("/health").0, 200);
+    assert_eq!(agent.metric("labgate_http_streams_open"), 32.0);
+    assert_eq!(agent.metric("labgate_http_streams_refused_total"), 1.0);
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "health and metrics waited {:?}",
+        t0.elapsed()
+    );
+    // A page closes: its slot comes back (the agent notices at once or at the next
+    // keep-alive comment, 15 s at most).
+    drop(open.pop());
+    let t0 = Instant::now();
+    while agent.metric("labgate_http_streams_open") > 31.0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the closed stream's slot never came back"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_again, head) = open_stream(&agent, "/live");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    drop(open);
+}

@@ -571,6 +571,9 @@ pub async fn command_stream(
             json!({"error": "not_found", "reason": format!("no app device {device:?} is running (add [[devices]] kind = \"app\", id = {device:?})")}),
         );
     };
+    let Some(slot) = state.stream_slot() else {
+        return super::streams_busy();
+    };
     let (tx, rx) = mpsc::channel(32);
     if driver.send(ToDriver::Attach(tx)).await.is_err() {
         return unavailable(
@@ -579,7 +582,7 @@ pub async fn command_stream(
         );
     }
     tracing::info!(client = %client.name, %device, "command stream opened");
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+    let stream = futures_util::stream::unfold((rx, slot), |(mut rx, slot)| async move {
         let m = rx.recv().await?;
         let id = m
             .get("command_id")
@@ -587,7 +590,7 @@ pub async fn command_stream(
             .unwrap_or("")
             .to_string();
         let ev = Event::default().event("command").id(id).data(m.to_string());
-        Some((Ok::<_, Infallible>(ev), rx))
+        Some((Ok::<_, Infallible>(ev), (rx, slot)))
     });
     let hello = futures_util::stream::once(async {
         Ok::<_, Infallible>(

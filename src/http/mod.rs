@@ -4,6 +4,9 @@
 //! axum routes and hyper serves. The accept loop is ours: at most [`MAX_CONNECTIONS`]
 //! connections at once (more wait in the listen backlog), and a request head must
 //! arrive within [`IO_TIMEOUT`], so idle or slow clients cannot exhaust the agent.
+//! Event streams (the page's `/live`, app devices' command streams) hold their
+//! connection for as long as they are open, so at most [`MAX_STREAMS`] are open at once:
+//! the rest of the connections stay for `/health`, `/metrics` and the ingest API.
 
 pub mod api;
 pub mod page;
@@ -51,9 +54,23 @@ pub struct HttpState {
     pub live: Arc<crate::live::Live>,
     /// The page's buttons, when operators are configured.
     pub local: Option<page::Local>,
+    /// Event streams open now, at most [`MAX_STREAMS`].
+    pub streams: Arc<tokio::sync::Semaphore>,
+    /// Event streams refused because [`MAX_STREAMS`] were open.
+    pub streams_refused: std::sync::atomic::AtomicU64,
 }
 
 impl HttpState {
+    /// A slot for an event stream, held for as long as the stream is open; `None` (and
+    /// counted) when [`MAX_STREAMS`] are open: answer [`streams_busy`] instead.
+    pub fn stream_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let slot = self.streams.clone().try_acquire_owned().ok();
+        if slot.is_none() {
+            self.streams_refused.fetch_add(1, Relaxed);
+        }
+        slot
+    }
+
     /// Reasons the agent is not healthy; empty when it is.
     pub fn health_reasons(&self) -> Vec<String> {
         let mut out = Vec::new();
@@ -175,6 +192,19 @@ async fn metrics(State(st): State<Arc<HttpState>>) -> Response {
     if let Some(api) = &st.api {
         api.render_metrics(&mut text);
     }
+    {
+        use std::fmt::Write;
+        let _ = writeln!(
+            text,
+            "# HELP labgate_http_streams_open Event streams open (the page's /live, app command streams).\n# TYPE labgate_http_streams_open gauge\nlabgate_http_streams_open {}",
+            MAX_STREAMS.saturating_sub(st.streams.available_permits())
+        );
+        let _ = writeln!(
+            text,
+            "# HELP labgate_http_streams_refused_total Event streams refused because {MAX_STREAMS} were open.\n# TYPE labgate_http_streams_refused_total counter\nlabgate_http_streams_refused_total {}",
+            st.streams_refused.load(Relaxed)
+        );
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
@@ -240,6 +270,23 @@ pub fn router(state: Arc<HttpState>) -> axum::Router {
 /// Connections served at once; more wait in the listen backlog, so a flood of idle
 /// clients cannot exhaust the agent.
 pub const MAX_CONNECTIONS: usize = 64;
+/// The answer to an event stream beyond [`MAX_STREAMS`]: 503, try again in 5 s.
+pub fn streams_busy() -> Response {
+    let body = json!({"error": "busy", "reason": format!("{MAX_STREAMS} event streams are open already; try again later")});
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::RETRY_AFTER, "5"),
+        ],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// Event streams open at once; half the connections, so that a room full of status
+/// pages (or a client that leaks them) cannot take the rest.
+pub const MAX_STREAMS: usize = MAX_CONNECTIONS / 2;
 /// A request's head must arrive within this.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -165,18 +165,22 @@ pub async fn page() -> Response {
 
 /// `GET /live`: a snapshot, then the live feed (status every two seconds among it).
 pub async fn live(State(st): State<Arc<HttpState>>) -> Response {
+    let Some(slot) = st.stream_slot() else {
+        return super::streams_busy();
+    };
     // Subscribed before the snapshot is taken, so nothing falls between the two.
     let rx = st.live.subscribe();
     let first =
         futures_util::stream::once(std::future::ready(Ok::<_, Infallible>(snapshot_event(&st))));
-    let feed = futures_util::stream::unfold((rx, st), |(mut rx, st)| async move {
+    // The slot goes with the stream: released when the page goes away.
+    let feed = futures_util::stream::unfold((rx, st, slot), |(mut rx, st, slot)| async move {
         let ev = match rx.recv().await {
             Ok(msg) => Event::default().data(&*msg),
             // Fell behind (a page that stopped reading): start it again from a snapshot.
             Err(RecvError::Lagged(_)) => snapshot_event(&st),
             Err(RecvError::Closed) => return None,
         };
-        Some((Ok::<_, Infallible>(ev), (rx, st)))
+        Some((Ok::<_, Infallible>(ev), (rx, st, slot)))
     });
     use futures_util::StreamExt;
     Sse::new(first.chain(feed))
