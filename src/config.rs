@@ -155,7 +155,9 @@ impl Config {
         let raw = builder
             .build()
             .map_err(|e| ConfigError::Load(e.to_string()))?;
-        let mut cfg: Config = raw.try_deserialize().map_err(describe_serde_error)?;
+        let mut cfg: Config = raw
+            .try_deserialize()
+            .map_err(|e| with_line(describe_serde_error(e), &text))?;
         cfg.normalise()?;
         cfg.validate()?;
         Ok(cfg)
@@ -326,6 +328,40 @@ fn describe_serde_error(e: config::ConfigError) -> ConfigError {
     }
 }
 
+/// The config crate's errors carry no place in the file: when the file on its own fails
+/// the same way, the line the TOML reader points at is added (the table a missing
+/// field belongs in, the value of the wrong type).
+fn with_line(e: ConfigError, text: &str) -> ConfigError {
+    let ConfigError::Invalid { key, message } = e else {
+        return e;
+    };
+    // Only when the TOML reader's error is this one (a file with two mistakes must not
+    // get the other one's line).
+    let field = key.rsplit(['.', ']']).next().unwrap_or("");
+    let line = toml::from_str::<Config>(text)
+        .err()
+        .filter(|t| {
+            let m = t.message();
+            // "invalid type: string \"10GB\"" alike, whatever each says it expected.
+            let what = |m: &str| m.split(", expected").next().unwrap_or("").to_string();
+            message.contains(m)
+                || what(m) == what(&message)
+                || (!field.is_empty() && m.contains(&format!("`{field}`")))
+        })
+        .and_then(|t| t.span())
+        // A span from the start is the whole file (a missing section): no line to give.
+        .filter(|span| span.start > 0)
+        .and_then(|span| text.get(..span.start))
+        .map(|before| before.matches('\n').count() + 1);
+    match line {
+        Some(n) => ConfigError::Invalid {
+            key,
+            message: format!("{message} (line {n})"),
+        },
+        None => ConfigError::Invalid { key, message },
+    }
+}
+
 /// The config crate joins a field to an array element without a dot
 /// (`devices[0]kind`): the key as written in the file instead (`devices[0].kind`).
 fn dotted(key: &str) -> String {
@@ -462,6 +498,41 @@ bootstrap_servers = "127.0.0.1:9092"
         assert_eq!(dotted("devices[2]port"), "devices[2].port");
         assert_eq!(dotted("devices[2].port"), "devices[2].port");
         assert_eq!(dotted("a[1][2]b"), "a[1][2].b");
+    }
+
+    #[test]
+    fn a_missing_or_mistyped_value_gets_its_line_and_only_its_own() {
+        let missing = format!(
+            "{MINIMAL}[[devices]]\nid = \"s\"\nkind = \"simulated_sensors\"\ninterval = \"1s\"\n  [[devices.sensors]]\n  sensor_id = \"t\"\n  sensor_type = \"temperature\"\n  unit = \"C\"\n  variance = 1.0\n"
+        );
+        let e = Config::load_with_env(write(&missing).path(), [])
+            .unwrap_err()
+            .to_string();
+        let at = |text: &str, what: &str| {
+            let line = text.lines().position(|l| l.trim() == what).unwrap() + 1;
+            format!("(line {line})")
+        };
+        assert!(
+            e.contains("base") && e.ends_with(&at(&missing, "[[devices]]")),
+            "{e}"
+        );
+        let typed = format!("{MINIMAL}[buffer]\nmax_bytes = \"10GB\"\n");
+        let e = Config::load_with_env(write(&typed).path(), [])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("buffer.max_bytes:") && e.ends_with(&at(&typed, "max_bytes = \"10GB\"")),
+            "{e}"
+        );
+        // The same mistake made through the environment: the file is fine, no line.
+        let env = [("LABGATE__BUFFER__MAX_BYTES".to_string(), "10GB".to_string())];
+        let e = Config::load_with_env(write(MINIMAL).path(), env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("buffer.max_bytes:") && !e.contains("line"),
+            "{e}"
+        );
     }
 
     #[test]
