@@ -33,6 +33,20 @@
 #![deny(rust_2018_idioms)]
 #![warn(missing_docs)]
 
+/// Prints a line on stdout for the CLI, as `println!` does, without its panic when the
+/// reader has gone (`labgate tail | head`): see [`tools::write_stdout`].
+#[macro_export]
+macro_rules! out {
+    () => { $crate::tools::write_stdout(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::tools::write_stdout(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// [`out!`] without the newline, as `print!`.
+#[macro_export]
+macro_rules! out_raw {
+    ($($arg:tt)*) => { $crate::tools::write_stdout(format_args!($($arg)*)) };
+}
+
 pub mod app;
 pub mod buffer;
 pub mod commands;

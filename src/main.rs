@@ -148,9 +148,9 @@ fn main() -> ExitCode {
         Cmd::Check { config } => match load(&config) {
             Ok(cfg) => {
                 for line in &cfg.rewritten {
-                    println!("# {line}");
+                    labgate::out!("# {line}");
                 }
-                print!("{}", cfg.redacted_toml());
+                labgate::out_raw!("{}", cfg.redacted_toml());
                 ExitCode::SUCCESS
             }
             Err(code) => code,

@@ -169,6 +169,22 @@ pub struct FleetArgs {
     pub json: bool,
 }
 
+/// What [`out!`](crate::out) writes through. The CLI's output often goes to a pipe that
+/// closes early (`labgate tail … | head`): the process then ends quietly with 141, as a
+/// tool that SIGPIPE ended, instead of panicking in `println!`. Any other failure to
+/// write stdout (a full disk under a redirect) is said on stderr, exit 74.
+pub fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
+        }
+        eprintln!("labgate: cannot write to stdout: {e}");
+        std::process::exit(74);
+    }
+}
+
 /// What an agent's latest status message says about it now.
 pub fn fleet_state(status: &Value, age: Duration) -> &'static str {
     let interval = status["status_interval_ms"].as_u64().unwrap_or(30_000);
@@ -264,7 +280,7 @@ pub async fn fleet(args: FleetArgs) -> Result<u8, ToolError> {
         .map_err(|e| ToolError::Usage(e.to_string()))??;
     let now = SystemTime::now();
     if !args.json && !latest.is_empty() {
-        println!(
+        crate::out!(
             "{:<24} {:<8} {:>8}  {:<16} {:<8} {:>7} {:>10} {:>12} {:>8}",
             "AGENT",
             "STATE",
@@ -278,7 +294,7 @@ pub async fn fleet(args: FleetArgs) -> Result<u8, ToolError> {
         );
     }
     if latest.is_empty() && !args.json {
-        println!("no agent has published a status yet");
+        crate::out!("no agent has published a status yet");
     }
     for (agent, mut v) in latest {
         let age = v["timestamp"]
@@ -290,11 +306,11 @@ pub async fn fleet(args: FleetArgs) -> Result<u8, ToolError> {
         if args.json {
             v["age_seconds"] = age.as_secs_f64().into();
             v["state"] = state.into();
-            println!("{v}");
+            crate::out!("{v}");
             continue;
         }
         let devices = v["devices"].as_array().map_or(0, Vec::len);
-        println!(
+        crate::out!(
             "{:<24} {:<8} {:>7}s  {:<16} {:<8} {:>7} {:>10} {:>12} {:>8}",
             agent,
             state,
@@ -336,7 +352,7 @@ pub async fn tail(args: TailArgs) -> Result<(), ToolError> {
     print_topics(client, topics, from_beginning, count, idle, |m| {
         let key = m.key().map(String::from_utf8_lossy).unwrap_or_default();
         let payload = m.payload().map(String::from_utf8_lossy).unwrap_or_default();
-        println!("{} {} {}", m.topic(), key, payload);
+        crate::out!("{} {} {}", m.topic(), key, payload);
     })
     .await
 }
@@ -560,7 +576,7 @@ fn follow(consumer: &BaseConsumer, command_id: &str, timeout: Duration) -> Resul
         if v["command_id"] != command_id {
             continue;
         }
-        println!("{v}");
+        crate::out!("{v}");
         let dev = v["target_device"].as_str().unwrap_or("").to_string();
         match v["status"].as_str().unwrap_or("") {
             "accepted" => {
@@ -625,8 +641,8 @@ pub async fn results_tail(args: ResultsTailArgs) -> Result<(), ToolError> {
         move |m| {
             let payload = m.payload().unwrap_or(b"");
             match serde_json::from_slice::<Value>(payload) {
-                Ok(v) if !json => println!("{}", result_line(&v)),
-                _ => println!("{}", String::from_utf8_lossy(payload)),
+                Ok(v) if !json => crate::out!("{}", result_line(&v)),
+                _ => crate::out!("{}", String::from_utf8_lossy(payload)),
             }
         },
     )
@@ -680,14 +696,14 @@ pub fn keygen(args: KeygenArgs) -> Result<(), ToolError> {
         private.display(),
         public.display()
     );
-    println!("# add to the agent's config:");
-    println!("[[commands.operators]]");
-    println!("name = {:?}", name);
-    println!(
+    crate::out!("# add to the agent's config:");
+    crate::out!("[[commands.operators]]");
+    crate::out!("name = {:?}", name);
+    crate::out!(
         "public_key = {:?}",
         sign::public_base64(&key.verifying_key())
     );
-    println!("commands = [\"pause\", \"resume\", \"stop\"]");
+    crate::out!("commands = [\"pause\", \"resume\", \"stop\"]");
     Ok(())
 }
 
@@ -717,23 +733,23 @@ pub async fn buffer_stats(cfg: &Config, as_json: bool) -> Result<(), ToolError> 
         }
     };
     if as_json {
-        println!("{stats}");
+        crate::out!("{stats}");
         return Ok(());
     }
-    println!("source:        {source}");
-    println!("records:       {}", stats["records"]);
-    println!("bytes:         {}", stats["bytes"]);
-    println!("disk bytes:    {}", stats["disk_bytes"]);
-    println!("cap (encoded): {}", stats["cap_bytes"]);
-    println!(
+    crate::out!("source:        {source}");
+    crate::out!("records:       {}", stats["records"]);
+    crate::out!("bytes:         {}", stats["bytes"]);
+    crate::out!("disk bytes:    {}", stats["disk_bytes"]);
+    crate::out!("cap (encoded): {}", stats["cap_bytes"]);
+    crate::out!(
         "oldest age:    {:.1} s",
         stats["oldest_age_seconds"].as_f64().unwrap_or(0.0)
     );
-    println!("dead letters:  {}", stats["dead_letters"]);
-    println!("unreported drops: {}", stats["unreported_drops"]);
+    crate::out!("dead letters:  {}", stats["dead_letters"]);
+    crate::out!("unreported drops: {}", stats["unreported_drops"]);
     if let Some(per) = stats["per_device"].as_object() {
         for (dev, n) in per {
-            println!("  {dev}: {n}");
+            crate::out!("  {dev}: {n}");
         }
     }
     Ok(())
@@ -744,11 +760,11 @@ pub fn ports() -> Result<(), ToolError> {
     let ports = serialport::available_ports()
         .map_err(|e| ToolError::Usage(format!("cannot list serial ports: {e}")))?;
     if ports.is_empty() {
-        println!("no serial ports found");
+        crate::out!("no serial ports found");
     }
     for p in ports {
         match p.port_type {
-            serialport::SerialPortType::UsbPort(u) => println!(
+            serialport::SerialPortType::UsbPort(u) => crate::out!(
                 "{}  usb {:04x}:{:04x}  serial {}  {} {}",
                 p.port_name,
                 u.vid,
@@ -757,7 +773,7 @@ pub fn ports() -> Result<(), ToolError> {
                 u.manufacturer.as_deref().unwrap_or(""),
                 u.product.as_deref().unwrap_or("")
             ),
-            other => println!("{}  {other:?}", p.port_name),
+            other => crate::out!("{}  {other:?}", p.port_name),
         }
     }
     Ok(())
@@ -801,10 +817,10 @@ pub fn dead_letters(cfg: &Config, action: DeadLetterAction) -> Result<(), ToolEr
     match action {
         DeadLetterAction::List => {
             if letters.is_empty() {
-                println!("no dead letters");
+                crate::out!("no dead letters");
             }
             for (id, d) in &letters {
-                println!(
+                crate::out!(
                     "{id}\t{}\t{}\tseq {}\t{:?}\t{}",
                     at(d.at_ms),
                     d.record.device_id,
@@ -837,7 +853,7 @@ pub fn dead_letters(cfg: &Config, action: DeadLetterAction) -> Result<(), ToolEr
             match out {
                 Some(path) => std::fs::write(&path, text)
                     .map_err(|e| ToolError::Usage(format!("--out {}: {e}", path.display())))?,
-                None => print!("{text}"),
+                None => crate::out_raw!("{text}"),
             }
         }
         DeadLetterAction::Requeue(ids) => {
@@ -847,7 +863,7 @@ pub fn dead_letters(cfg: &Config, action: DeadLetterAction) -> Result<(), ToolEr
                 )));
             }
             let n = buffer.requeue_dead_letters(&ids)?;
-            println!("requeued {n} dead letters; the agent sends them at its next start");
+            crate::out!("requeued {n} dead letters; the agent sends them at its next start");
         }
     }
     Ok(())

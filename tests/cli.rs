@@ -201,3 +201,41 @@ fn version_is_printed() {
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("labgate "));
 }
+
+/// Output into a pipe that closed (`labgate check | head -0`) ends the CLI quietly with
+/// 141, like a tool SIGPIPE ended, not with a panic; output the disk refuses (stdout on
+/// /dev/full) is said on stderr with exit 74.
+#[test]
+fn a_closed_pipe_or_a_full_disk_on_stdout_ends_the_cli_without_a_panic() {
+    use std::process::Stdio;
+    let dir = common::tempdir();
+    let path = write(
+        dir.path(),
+        &OK.replace("DATA", &dir.path().join("data").display().to_string()),
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_labgate"))
+        .args(["check", "--config", &path])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run labgate");
+    drop(child.stdout.take()); // the reader goes before anything is written
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
+    let out = Command::new(env!("CARGO_BIN_EXE_labgate"))
+        .args(["check", "--config", &path])
+        .stdout(full)
+        .output()
+        .expect("run labgate");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(74), "stderr: {stderr}");
+    assert!(stderr.contains("cannot write to stdout"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

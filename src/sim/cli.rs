@@ -202,7 +202,7 @@ pub async fn serve(
             })
         }
     };
-    println!("{}", link.as_deref().unwrap_or(&path).display());
+    crate::out!("{}", link.as_deref().unwrap_or(&path).display());
     eprintln!("{what} simulator on {} (Ctrl-C ends it)", path.display());
     until.await;
     drop(sim);

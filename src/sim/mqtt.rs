@@ -124,7 +124,7 @@ pub async fn run(o: Options) -> Result<(), SimError> {
                             Err(_) => format!("{} bytes", p.payload.len()),
                         },
                     };
-                    println!("command on {}: {shown}", p.topic);
+                    crate::out!("command on {}: {shown}", p.topic);
                     if p.topic.contains("/NCMD/") {
                         need_birth = true;
                     }
