@@ -321,3 +321,70 @@ fn a_stop_command_stops_the_instrument_below_the_disk_floor() {
             .any(|m| m.json["command_id"] == "c-stop-low-disk" && m.json["status"] == "duplicate")
     });
 }
+
+/// A disk that stops answering (an SD card retrying a sector, a stuck USB bridge) while
+/// readings arrive: the agent's HTTP still answers, /health says what is wrong, and when
+/// the disk answers again everything it had acknowledged, and what arrived meanwhile,
+/// is delivered.
+#[test]
+fn a_hung_disk_leaves_health_and_metrics_answering_and_loses_nothing() {
+    let r = rig();
+    let mut agent = start(&r, "disk-hang", "commit_interval = \"5ms\"");
+    publish(&r, "disk-hang-pub-1", 0..200);
+    wait_for("200 acked", Duration::from_secs(30), || {
+        acked(&agent) >= 200.0
+    });
+    r.fs.set_fault(Fault::Hang);
+    // Readings keep coming; the agent cannot make them durable, so it must not ack them.
+    let pub2 = {
+        let url = r.mqtt.url();
+        std::thread::spawn(move || {
+            let p = MqttClient::connect(&url, "disk-hang-pub-2");
+            for i in 200..400u64 {
+                p.publish("lab/d1/counter", format!("{i}.0"), false);
+            }
+            p.wait_acked(200, Duration::from_secs(120));
+        })
+    };
+    let t0 = Instant::now();
+    let mut unhealthy = None;
+    while t0.elapsed() < Duration::from_secs(40) {
+        let t = Instant::now();
+        let (code, body) = agent.get("/health");
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "/health took {:?} while the disk hangs",
+            t.elapsed()
+        );
+        if code == 503 {
+            unhealthy = Some(body);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let body = unhealthy.expect("/health never said the buffer is stuck");
+    eprintln!("health while hung after {:?}: {body}", t0.elapsed());
+    let t = Instant::now();
+    let _ = agent.metric("labgate_buffer_records");
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "/metrics took {:?}",
+        t.elapsed()
+    );
+    assert!(
+        acked(&agent) <= 200.0 + 1.0,
+        "acked {} with the disk hung",
+        acked(&agent)
+    );
+    r.fs.set_fault(Fault::None);
+    pub2.join().expect("publisher");
+    let mut reader = Reader::new(&r.broker.addr(), &r.topics.outputs());
+    reader.until("all 400 readings", Duration::from_secs(90), |m| {
+        counter_values(m).len() == 400
+    });
+    assert_eq!(counter_values(&reader.msgs), (0..400).collect());
+    agent.wait_status("healthy again", Duration::from_secs(30), |s| {
+        s["health"].as_array().is_some_and(|h| h.is_empty())
+    });
+    agent.terminate();
+}

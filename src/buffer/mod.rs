@@ -459,15 +459,22 @@ pub struct Buffer {
     /// Bytes kept by side trees (replay ids), each counted against the cap.
     side_bytes: Mutex<Vec<Arc<AtomicU64>>>,
     disk: Mutex<DiskCheck>,
+    /// A disk check is being taken (its syscalls run outside the `disk` lock, one at a
+    /// time: on a disk that hangs, one caller waits, not every caller).
+    checking: std::sync::atomic::AtomicBool,
     /// Bumped after every flush so the forwarder wakes when new records are readable.
     durable_tx: watch::Sender<u64>,
 }
 
 /// The last look at the disk, taken at most every [`DISK_CHECK_EVERY`]: free space
-/// (statvfs) and the store's overhead.
-#[derive(Debug)]
+/// (statvfs), the store's overhead, its size on disk and the oldest record's age. HTTP
+/// reads only this copy ([`Buffer::stats_cached`]), so a disk that stops answering does
+/// not stop `/health` and `/metrics` from answering.
+#[derive(Debug, Clone, Copy)]
 struct DiskCheck {
     at: Option<Instant>,
+    /// `size_on_disk` of the store at the check.
+    disk_bytes: u64,
     free: u64,
     total: u64,
     /// Bytes sled's log takes per encoded byte kept (1 until measured; see the module
@@ -484,6 +491,7 @@ impl DiskCheck {
     fn new(kept: u64) -> Self {
         DiskCheck {
             at: None,
+            disk_bytes: 0,
             free: 0,
             total: 0,
             overhead: 1.0,
@@ -621,6 +629,7 @@ impl Buffer {
             state: Mutex::new(st),
             side_bytes: Mutex::new(Vec::new()),
             disk: Mutex::new(DiskCheck::new(kept_at_open)),
+            checking: std::sync::atomic::AtomicBool::new(false),
             durable_tx,
         };
         if b.state().quarantined_new.0 > 0 {
@@ -881,10 +890,12 @@ impl Buffer {
     /// The cap on encoded bytes in force: `max_bytes` over the store's overhead, less
     /// [`DISK_HEADROOM`] once the overhead is measured.
     fn cap_bytes(&self) -> u64 {
-        let (overhead, kept) = {
-            let d = self.check_disk();
-            (d.overhead, d.kept)
-        };
+        self.cap_from(&self.check_disk())
+    }
+
+    /// [`Buffer::cap_bytes`] from a given disk check.
+    fn cap_from(&self, d: &DiskCheck) -> u64 {
+        let (overhead, kept) = (d.overhead, d.kept);
         if overhead <= 1.0 {
             return self.max_bytes;
         }
@@ -901,38 +912,78 @@ impl Buffer {
 
     /// (free bytes, the floor in force) of the data dir's filesystem.
     fn disk(&self) -> (u64, u64) {
-        let d = self.check_disk();
+        self.disk_from(&self.check_disk())
+    }
+
+    /// [`Buffer::disk`] from a given disk check.
+    fn disk_from(&self, d: &DiskCheck) -> (u64, u64) {
         let floor = self
             .min_free_bytes
             .unwrap_or_else(|| DEFAULT_MIN_FREE.min(d.total / 10));
         (d.free, floor)
     }
 
-    /// The disk check, taken again when the last is older than [`DISK_CHECK_EVERY`].
-    /// Callers must not hold the state lock.
-    fn check_disk(&self) -> std::sync::MutexGuard<'_, DiskCheck> {
-        let mut d = self.disk.lock().unwrap_or_else(|p| p.into_inner());
+    /// The disk check, taken again when the last is older than [`DISK_CHECK_EVERY`]
+    /// (unless another caller is taking it: then the last one). Callers must not hold
+    /// the state lock.
+    fn check_disk(&self) -> DiskCheck {
+        let d = self.disk_snapshot();
         if d.at.is_none_or(|t| t.elapsed() >= DISK_CHECK_EVERY) {
-            // The field types are 32-bit on armv7: the conversions are not useless there.
-            #[allow(clippy::useless_conversion)]
-            let bytes = |blocks, v: &nix::sys::statvfs::Statvfs| {
-                u64::from(blocks).saturating_mul(u64::from(v.fragment_size()))
-            };
-            (d.free, d.total) = match nix::sys::statvfs::statvfs(&self.dir) {
-                Ok(v) => (bytes(v.blocks_available(), &v), bytes(v.blocks(), &v)),
-                Err(_) => (u64::MAX, u64::MAX),
-            };
-            d.at = Some(Instant::now());
-            let kept = self.kept_bytes();
-            d.kept = kept;
-            if kept >= OVERHEAD_MIN_SAMPLE.max(self.max_bytes / 8) {
-                let used = allocated_bytes(&self.dir).saturating_sub(self.db.reusable_bytes());
-                #[allow(clippy::cast_precision_loss)]
-                let overhead = used as f64 / kept as f64;
-                d.overhead = overhead.clamp(1.0, MAX_OVERHEAD);
-            }
+            self.refresh_disk();
+            return self.disk_snapshot();
         }
         d
+    }
+
+    /// The last disk check, without touching the disk.
+    fn disk_snapshot(&self) -> DiskCheck {
+        *self.disk.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the last disk check is older than [`DISK_CHECK_EVERY`].
+    pub fn disk_check_due(&self) -> bool {
+        self.disk_snapshot()
+            .at
+            .is_none_or(|t| t.elapsed() >= DISK_CHECK_EVERY)
+    }
+
+    /// Takes the disk check now: statvfs, the store's size and overhead, the oldest
+    /// record's time. Its syscalls run outside every lock; while one caller takes it,
+    /// others return at once. Callers must not hold the state lock.
+    pub fn refresh_disk(&self) {
+        use std::sync::atomic::Ordering::AcqRel;
+        if self.checking.swap(true, AcqRel) {
+            return;
+        }
+        // The field types are 32-bit on armv7: the conversions are not useless there.
+        #[allow(clippy::useless_conversion)]
+        let bytes = |blocks, v: &nix::sys::statvfs::Statvfs| {
+            u64::from(blocks).saturating_mul(u64::from(v.fragment_size()))
+        };
+        let (free, total) = match nix::sys::statvfs::statvfs(&self.dir) {
+            Ok(v) => (bytes(v.blocks_available(), &v), bytes(v.blocks(), &v)),
+            Err(_) => (u64::MAX, u64::MAX),
+        };
+        let kept = self.kept_bytes();
+        let overhead = (kept >= OVERHEAD_MIN_SAMPLE.max(self.max_bytes / 8)).then(|| {
+            let used = allocated_bytes(&self.dir).saturating_sub(self.db.reusable_bytes());
+            #[allow(clippy::cast_precision_loss)]
+            let overhead = used as f64 / kept as f64;
+            overhead.clamp(1.0, MAX_OVERHEAD)
+        });
+        let disk_bytes = self.db.size_on_disk().unwrap_or(0);
+        // Read back (and remembered) here, so that stats_cached need not.
+        let _ = self.oldest_ms();
+        {
+            let mut d = self.disk.lock().unwrap_or_else(|p| p.into_inner());
+            d.at = Some(Instant::now());
+            (d.free, d.total, d.kept, d.disk_bytes) = (free, total, kept, disk_bytes);
+            if let Some(o) = overhead {
+                d.overhead = o;
+            }
+        }
+        self.checking
+            .store(false, std::sync::atomic::Ordering::Release);
     }
 
     /// Synchronous [`Buffer::flush`], for shutdown paths outside the runtime.
@@ -1247,14 +1298,44 @@ impl Buffer {
 
     /// Figures for `/status`, `/metrics` and `labgate buffer stats`.
     pub fn stats(&self) -> Stats {
+        self.stats_from(&self.check_disk(), self.oldest_ms())
+    }
+
+    /// [`Buffer::stats`] from the last disk check, without touching the disk (for HTTP:
+    /// a disk that hangs must not hang `/health`). The disk figures and the oldest
+    /// unread record's age are as of that check; [`Buffer::refresh_disk`] takes it again.
+    pub fn stats_cached(&self) -> Stats {
+        let oldest = {
+            let st = self.state();
+            match st.in_flight.values().next() {
+                Some(info) => Some(info.first_ms),
+                None if st.unread.front().is_some() => st.oldest.map(|(_, ms)| ms),
+                None => None,
+            }
+        };
+        self.stats_from(&self.disk_snapshot(), oldest)
+    }
+
+    /// [`Buffer::stats_cached`] for async code (HTTP, the fleet status): when the last
+    /// disk check is due, another is taken on a blocking thread for the next call (one
+    /// at a time: on a disk that hangs, that thread waits, and the callers go on).
+    pub fn stats_for_async(me: &Arc<Buffer>) -> Stats {
+        if me.disk_check_due() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let b = me.clone();
+                drop(rt.spawn_blocking(move || b.refresh_disk()));
+            }
+        }
+        me.stats_cached()
+    }
+
+    fn stats_from(&self, d: &DiskCheck, oldest_ms: Option<u64>) -> Stats {
         let side_bytes = self.side_total();
-        let (disk_free_bytes, floor) = self.disk();
-        let cap_bytes = self.cap_bytes();
+        let (disk_free_bytes, floor) = self.disk_from(d);
+        let cap_bytes = self.cap_from(d);
         let low_disk = floor > 0 && disk_free_bytes < floor;
         let now = unix_ms(std::time::SystemTime::now());
-        let oldest = self
-            .oldest_ms()
-            .map_or(0.0, |ms| now.saturating_sub(ms) as f64 / 1000.0);
+        let oldest = oldest_ms.map_or(0.0, |ms| now.saturating_sub(ms) as f64 / 1000.0);
         let st = self.state();
         Stats {
             records: st.records,
@@ -1272,7 +1353,7 @@ impl Buffer {
             dead_letter_bytes: st.dead_bytes,
             side_bytes,
             unreported_drops: st.unreported_drops,
-            disk_bytes: self.db.size_on_disk().unwrap_or(0),
+            disk_bytes: d.disk_bytes,
             quarantined_chunks: st.quarantined,
             disk_free_bytes: disk_free_bytes.min(i64::MAX as u64),
             disk_floor_bytes: floor.min(i64::MAX as u64),
@@ -1306,7 +1387,7 @@ impl Buffer {
     /// Ratio of the bytes under the cap (records, dead letters, side trees) to the cap,
     /// for health.
     pub fn fill_ratio(&self) -> f64 {
-        let cap = self.cap_bytes().max(1);
+        let cap = self.cap_from(&self.disk_snapshot()).max(1);
         self.kept_bytes() as f64 / cap as f64
     }
 

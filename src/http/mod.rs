@@ -61,6 +61,11 @@ pub struct HttpState {
 }
 
 impl HttpState {
+    /// The buffer's figures without touching its disk ([`Buffer::stats_for_async`]).
+    pub fn buffer_stats(&self) -> crate::buffer::Stats {
+        Buffer::stats_for_async(&self.buffer)
+    }
+
     /// A slot for an event stream, held for as long as the stream is open; `None` (and
     /// counted) when [`MAX_STREAMS`] are open: answer [`streams_busy`] instead.
     pub fn stream_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
@@ -88,7 +93,7 @@ impl HttpState {
         }
         // A stalled broker keeps its TCP connections open, so "connected" can stay true
         // for a minute: records waiting with no acknowledgement is the surer sign.
-        let stats = self.buffer.stats();
+        let stats = self.buffer_stats();
         let since_ack = Duration::from_millis(
             unix_ms(SystemTime::now()).saturating_sub(m.last_delivery_ms.load(Relaxed)),
         );
@@ -142,7 +147,7 @@ impl HttpState {
                 "records_delivered": m.records_delivered.load(Relaxed),
                 "delivery_errors": m.delivery_errors.load(Relaxed),
             },
-            "buffer": self.buffer.stats(),
+            "buffer": self.buffer_stats(),
             "records_buffered": m.records_ingested.load(Relaxed),
             "records_dropped": m.dropped_total(),
             "devices": m.device_snapshot(),
@@ -188,7 +193,7 @@ async fn health(State(st): State<Arc<HttpState>>) -> Response {
 }
 
 async fn metrics(State(st): State<Arc<HttpState>>) -> Response {
-    let mut text = st.metrics.render(&st.buffer.stats());
+    let mut text = st.metrics.render(&st.buffer_stats());
     if let Some(api) = &st.api {
         api.render_metrics(&mut text);
     }

@@ -319,7 +319,7 @@ impl Forwarder {
                     ("records", records.into()),
                     (
                         "quarantined_total",
-                        self.buffer.stats().quarantined_chunks.into(),
+                        self.buffer.stats_cached().quarantined_chunks.into(),
                     ),
                 ]),
             )

@@ -155,7 +155,7 @@ impl StatusPublisher {
                 json!({"id": dev, "kind": d.kind, "state": d.state.as_str()})
             })
             .collect();
-        let stats = self.buffer.stats();
+        let stats = Buffer::stats_for_async(&self.buffer);
         let mut v = json!({
             "type": "agent_status",
             "status": phase.as_str(),

@@ -35,6 +35,9 @@ pub enum Fault {
     UnlinkEio,
     /// Only reading file data answers EIO (a bad sector); writes and syncs work.
     ReadEio,
+    /// Reads, writes, creates and syncs do not answer until the fault is cleared (a hung
+    /// disk: an SD card retrying, a stuck USB bridge).
+    Hang,
 }
 
 const BLOCK: u64 = 4096;
@@ -152,7 +155,7 @@ impl State {
 
     fn change(&self) -> Result<(), Errno> {
         match self.fault {
-            Fault::None | Fault::UnlinkEio | Fault::ReadEio => Ok(()),
+            Fault::None | Fault::UnlinkEio | Fault::ReadEio | Fault::Hang => Ok(()),
             Fault::Eio => Err(Errno::EIO),
             Fault::ReadOnly => Err(Errno::EROFS),
         }
@@ -254,6 +257,15 @@ impl Shared {
         let mut st = self.0.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut st)
     }
+
+    /// Under [`Fault::Hang`], waits (without the state lock) until the fault is cleared,
+    /// or 60 s at most: a test that fails while the disk hangs must not hang CI.
+    fn wait_while_hung(&self) {
+        let t0 = std::time::Instant::now();
+        while self.with(|st| st.fault == Fault::Hang) && t0.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
 
 impl Filesystem for Shared {
@@ -350,6 +362,7 @@ impl Filesystem for Shared {
         _flags: i32,
         reply: ReplyCreate,
     ) {
+        self.wait_while_hung();
         let node = Node::File {
             live: Vec::new(),
             durable: Vec::new(),
@@ -390,6 +403,7 @@ impl Filesystem for Shared {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.wait_while_hung();
         let r = self.with(|st| match st.inodes.get(&ino.0).map(|i| &i.node) {
             Some(Node::File { .. }) if st.fault == Fault::ReadEio => Err(Errno::EIO),
             Some(Node::File { live, .. }) => {
@@ -420,6 +434,7 @@ impl Filesystem for Shared {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        self.wait_while_hung();
         let r = self.with(|st| {
             st.change()?;
             let start = usize::try_from(offset).map_err(|_| Errno::EFBIG)?;
@@ -471,6 +486,7 @@ impl Filesystem for Shared {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.wait_while_hung();
         match self.with(|st| st.sync(ino.0)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
@@ -485,6 +501,7 @@ impl Filesystem for Shared {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.wait_while_hung();
         match self.with(|st| st.sync(ino.0)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
