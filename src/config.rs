@@ -441,6 +441,13 @@ mod tests {
         f
     }
 
+    /// The error a config file gives (no environment).
+    fn error_of(text: &str) -> String {
+        Config::load_with_env(write(text).path(), [])
+            .unwrap_err()
+            .to_string()
+    }
+
     const MINIMAL: &str = r#"
 [agent]
 agent_id = "lab-pc-1"
@@ -486,14 +493,10 @@ bootstrap_servers = "127.0.0.1:9092"
     #[test]
     fn a_device_field_and_a_missing_section_are_named_as_written() {
         let text = format!("{MINIMAL}[[devices]]\nname = \"x\"\nkind = \"nonsense\"\n");
-        let e = Config::load_with_env(write(&text).path(), [])
-            .unwrap_err()
-            .to_string();
+        let e = error_of(&text);
         assert!(e.starts_with("devices[0].kind:"), "{e}");
         let text = MINIMAL.replace("[kafka]\nbootstrap_servers = \"127.0.0.1:9092\"\n", "");
-        let e = Config::load_with_env(write(&text).path(), [])
-            .unwrap_err()
-            .to_string();
+        let e = error_of(&text);
         assert_eq!(e, "kafka: is required and missing");
         assert_eq!(dotted("devices[2]port"), "devices[2].port");
         assert_eq!(dotted("devices[2].port"), "devices[2].port");
@@ -505,9 +508,7 @@ bootstrap_servers = "127.0.0.1:9092"
         let missing = format!(
             "{MINIMAL}[[devices]]\nid = \"s\"\nkind = \"simulated_sensors\"\ninterval = \"1s\"\n  [[devices.sensors]]\n  sensor_id = \"t\"\n  sensor_type = \"temperature\"\n  unit = \"C\"\n  variance = 1.0\n"
         );
-        let e = Config::load_with_env(write(&missing).path(), [])
-            .unwrap_err()
-            .to_string();
+        let e = error_of(&missing);
         let at = |text: &str, what: &str| {
             let line = text.lines().position(|l| l.trim() == what).unwrap() + 1;
             format!("(line {line})")
@@ -517,9 +518,7 @@ bootstrap_servers = "127.0.0.1:9092"
             "{e}"
         );
         let typed = format!("{MINIMAL}[buffer]\nmax_bytes = \"10GB\"\n");
-        let e = Config::load_with_env(write(&typed).path(), [])
-            .unwrap_err()
-            .to_string();
+        let e = error_of(&typed);
         assert!(
             e.starts_with("buffer.max_bytes:") && e.ends_with(&at(&typed, "max_bytes = \"10GB\"")),
             "{e}"
@@ -558,9 +557,7 @@ bootstrap_servers = "127.0.0.1:9092"
         let text = format!(
             "{MINIMAL}security_protocol = \"sasl_ssl\"\nsasl_mechanism = \"SCRAM-SHA-512\"\nsasl_username = \"u\"\n"
         );
-        let e = Config::load_with_env(write(&text).path(), [])
-            .unwrap_err()
-            .to_string();
+        let e = error_of(&text);
         assert!(e.starts_with("kafka.sasl_password:"), "{e}");
         let text = format!(
             "{text}sasl_password = \"hunter2\"\n[kafka.properties]\n\"ssl.key.password\" = \"k\"\n"
@@ -633,9 +630,7 @@ offline_buffer_size = 1000
     #[test]
     fn a_flat_topic_that_contradicts_the_nested_one_is_named() {
         let text = format!("{SEED}[kafka.topics]\nevents = \"other\"\n");
-        let e = Config::load_with_env(write(&text).path(), [])
-            .unwrap_err()
-            .to_string();
+        let e = error_of(&text);
         assert!(e.starts_with("kafka.event_topic:"), "{e}");
         let e = Config::load_with_env(write(&SEED.replace("SASL_SSL", "SASL_TLS")).path(), [])
             .unwrap_err()
@@ -651,23 +646,17 @@ offline_buffer_size = 1000
         let text = format!(
             "{MINIMAL}security_protocol = \"SSL\"\nssl_ca_file = \"/nonexistent/ca.pem\"\n"
         );
-        let e = Config::load_with_env(write(&text).path(), [])
-            .unwrap_err()
-            .to_string();
+        let e = error_of(&text);
         assert!(e.starts_with("kafka.ssl_ca_file:"), "{e}");
         let cert = write("not checked here");
         let text = format!(
             "{MINIMAL}security_protocol = \"ssl\"\nssl_cert_file = {:?}\n",
             cert.path()
         );
-        let e = Config::load_with_env(write(&text).path(), [])
-            .unwrap_err()
-            .to_string();
+        let e = error_of(&text);
         assert!(e.starts_with("kafka.ssl_key_file:"), "{e}");
         let text = format!("{MINIMAL}ssl_ca_file = {:?}\n", cert.path());
-        let e = Config::load_with_env(write(&text).path(), [])
-            .unwrap_err()
-            .to_string();
+        let e = error_of(&text);
         assert!(
             e.starts_with("kafka.ssl_ca_file:") && e.contains("only used"),
             "{e}"

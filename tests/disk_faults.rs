@@ -178,6 +178,38 @@ fn a_read_only_data_dir_stops_the_agent_clearly_and_loses_nothing_acknowledged()
     hard_fault("disk-erofs", |fs| fs.set_fault(Fault::ReadOnly), "erofs");
 }
 
+/// The agent exits with 74 within `within`, its log saying `what` and the EIO, no panic.
+fn exits_on_eio(agent: &mut Agent, within: Duration, what: &str) {
+    let code = agent.wait_exit(within);
+    let log = agent.log_text();
+    assert_eq!(code, Some(74), "log:\n{log}");
+    assert!(
+        log.contains(what) && log.contains("buffer storage error (eio)"),
+        "the log names the failure ({what}):\n{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+/// Every counter reading `0..n` reaches Kafka; returns the reader.
+fn all_readings_arrive(r: &FaultRig, n: u64) -> Reader {
+    let mut reader = Reader::new(&r.broker.addr(), &r.topics.outputs());
+    reader.until(
+        &format!("all {n} readings"),
+        Duration::from_secs(120),
+        |m| counter_values(m).len() as u64 == n,
+    );
+    assert_eq!(counter_values(&reader.msgs), (0..n).collect());
+    reader
+}
+
+/// The restarted agent reports the last run's failure as a `buffer_error` event.
+fn buffer_error_reported(reader: &mut Reader, kind: &str) {
+    reader.until("the buffer_error event", Duration::from_secs(20), |m| {
+        m.iter()
+            .any(|m| m.json["event"] == "buffer_error" && m.json["data"]["kind"] == kind)
+    });
+}
+
 /// A disk that cannot be read back (a bad sector, a dying SD card): restarted on it, the
 /// agent exits with 74 and names the failure instead of starting on a buffer it could not
 /// read; once the disk reads again, everything it had acknowledged is delivered and the
@@ -194,22 +226,15 @@ fn a_data_dir_that_cannot_be_read_stops_the_agent_clearly_and_loses_nothing() {
     agent.kill9();
     r.fs.set_fault(Fault::ReadEio);
     agent.launch();
-    let code = agent.wait_exit(Duration::from_secs(30));
-    let log = agent.log_text();
-    assert_eq!(code, Some(74), "log:\n{log}");
-    assert!(
-        log.contains("cannot open the buffer in ") && log.contains("buffer storage error (eio)"),
-        "the log names the read failure:\n{log}"
+    exits_on_eio(
+        &mut agent,
+        Duration::from_secs(30),
+        "cannot open the buffer in ",
     );
-    assert!(!log.contains("panicked"), "{log}");
     r.fs.set_fault(Fault::None);
     agent.spawn();
     r.broker.unstall();
-    let mut reader = Reader::new(&r.broker.addr(), &r.topics.outputs());
-    reader.until("all 300 readings", Duration::from_secs(90), |m| {
-        counter_values(m).len() == 300
-    });
-    assert_eq!(counter_values(&reader.msgs), (0..300).collect());
+    let mut reader = all_readings_arrive(&r, 300);
     assert!(
         agent
             .log_text()
@@ -217,10 +242,7 @@ fn a_data_dir_that_cannot_be_read_stops_the_agent_clearly_and_loses_nothing() {
         "no note of the failure at restart:\n{}",
         agent.log_text()
     );
-    reader.until("the buffer_error event", Duration::from_secs(20), |m| {
-        m.iter()
-            .any(|m| m.json["event"] == "buffer_error" && m.json["data"]["kind"] == "eio")
-    });
+    buffer_error_reported(&mut reader, "eio");
     assert_eq!(
         agent.metric("labgate_buffer_errors_total{kind=\"eio\"}"),
         1.0
@@ -248,25 +270,11 @@ fn a_chunk_the_disk_will_not_give_back_stops_the_agent_and_loses_nothing() {
     });
     r.fs.set_fault(Fault::ReadEio);
     r.broker.unstall();
-    let code = agent.wait_exit(Duration::from_secs(60));
-    let log = agent.log_text();
-    assert_eq!(code, Some(74), "log:\n{log}");
-    assert!(
-        log.contains("buffer read failed") && log.contains("buffer storage error (eio)"),
-        "the log names the read failure:\n{log}"
-    );
-    assert!(!log.contains("panicked"), "{log}");
+    exits_on_eio(&mut agent, Duration::from_secs(60), "buffer read failed");
     r.fs.set_fault(Fault::None);
     agent.spawn();
-    let mut reader = Reader::new(&r.broker.addr(), &r.topics.outputs());
-    reader.until("every reading", Duration::from_secs(120), |m| {
-        counter_values(m).len() == N as usize
-    });
-    assert_eq!(counter_values(&reader.msgs), (0..N).collect());
-    reader.until("the buffer_error event", Duration::from_secs(20), |m| {
-        m.iter()
-            .any(|m| m.json["event"] == "buffer_error" && m.json["data"]["kind"] == "eio")
-    });
+    let mut reader = all_readings_arrive(&r, N);
+    buffer_error_reported(&mut reader, "eio");
     agent.terminate();
 }
 
@@ -378,11 +386,7 @@ fn a_hung_disk_leaves_health_and_metrics_answering_and_loses_nothing() {
     );
     r.fs.set_fault(Fault::None);
     pub2.join().expect("publisher");
-    let mut reader = Reader::new(&r.broker.addr(), &r.topics.outputs());
-    reader.until("all 400 readings", Duration::from_secs(90), |m| {
-        counter_values(m).len() == 400
-    });
-    assert_eq!(counter_values(&reader.msgs), (0..400).collect());
+    all_readings_arrive(&r, 400);
     agent.wait_status("healthy again", Duration::from_secs(30), |s| {
         s["health"].as_array().is_some_and(|h| h.is_empty())
     });
