@@ -197,10 +197,7 @@ pub async fn run(
     let buffer = match Buffer::open(&dir, &cfg.buffer) {
         Ok(b) => Arc::new(b),
         Err(source) => {
-            // Left for the start that succeeds, which reports it as a `buffer_error` event.
-            let kind = source.disk_kind().unwrap_or("other");
-            tracing::error!(error = %source, kind, path = %dir.display(), "cannot open the buffer; exiting (systemd starts the agent again)");
-            ingest::write_error_note(&dir, kind, &format!("cannot open the buffer: {source}"));
+            ingest::buffer_failed(&metrics, &dir, "cannot open the buffer", &source);
             return Err(AgentError::BufferOpen {
                 path: dir.display().to_string(),
                 source,
@@ -357,13 +354,9 @@ pub async fn run(
         let (metrics, dir) = (metrics.clone(), buffer.dir().to_path_buf());
         tokio::spawn(async move {
             let r = run.await;
-            // A chunk the disk would not give back: as for a failed write, counted,
-            // logged and left as a note for the next start.
+            // A chunk the disk would not give back: reported as a failed write is.
             if let Err(ForwarderError::Buffer(e)) = &r {
-                let kind = e.disk_kind().unwrap_or("other");
-                metrics.count_buffer_error(kind);
-                tracing::error!(error = %e, kind, "buffer read failed; exiting so the agent restarts on what is on disk");
-                ingest::write_error_note(&dir, kind, &e.to_string());
+                ingest::buffer_failed(&metrics, &dir, "buffer read failed", e);
             }
             r
         })

@@ -257,12 +257,24 @@ pub async fn run(input: IngestReceiver, stage: IngestStage) -> Result<(), Buffer
     let metrics = stage.metrics.clone();
     let r = run_inner(input, stage).await;
     if let Err(e) = &r {
-        let kind = e.disk_kind().unwrap_or("other");
-        metrics.count_buffer_error(kind);
-        tracing::error!(error = %e, kind, "buffer write failed: records waiting for durability were not acknowledged; exiting so the agent restarts on what is on disk");
-        write_error_note(buffer.dir(), kind, &e.to_string());
+        buffer_failed(
+            &metrics,
+            buffer.dir(),
+            "buffer write failed: records waiting for durability were not acknowledged",
+            e,
+        );
     }
     r
+}
+
+/// A buffer failure that ends the agent (a write, a read back, opening the store):
+/// counted, logged with its kind, and left as a note that the next start reports as a
+/// `buffer_error` event ([`take_error_note`]).
+pub fn buffer_failed(metrics: &Metrics, buffer_dir: &std::path::Path, what: &str, e: &BufferError) {
+    let kind = e.disk_kind().unwrap_or("other");
+    metrics.count_buffer_error(kind);
+    tracing::error!(error = %e, kind, "{what}; exiting so the agent restarts on what is on disk");
+    write_error_note(buffer_dir, kind, &format!("{what}: {e}"));
 }
 
 /// Where the note about a buffer failure is left: systemd's runtime directory
@@ -280,7 +292,7 @@ fn error_note_path(buffer_dir: &std::path::Path) -> std::path::PathBuf {
 
 /// Leaves the note [`take_error_note`] reads at the next start, for the buffer in
 /// `buffer_dir` (best effort: the disk may refuse this too).
-pub fn write_error_note(buffer_dir: &std::path::Path, kind: &str, error: &str) {
+fn write_error_note(buffer_dir: &std::path::Path, kind: &str, error: &str) {
     let note = serde_json::json!({
         "kind": kind,
         "error": error,

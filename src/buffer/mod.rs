@@ -636,6 +636,8 @@ impl Buffer {
             // The moves into quarantine must be durable before anything relies on them.
             b.store.sync_blocking()?;
         }
+        // The first disk check, so that no caller ever reads an empty one.
+        b.refresh_disk();
         Ok(b)
     }
 
