@@ -392,3 +392,63 @@ fn a_hung_disk_leaves_health_and_metrics_answering_and_loses_nothing() {
     });
     agent.terminate();
 }
+
+/// The same under full load: sensors at full speed and Kafka draining, so that the
+/// buffer is being written, read and acked when the disk stops answering. /health,
+/// /status and /metrics must answer throughout (no HTTP path may wait on the store),
+/// and the agent carries on when the disk does.
+#[test]
+fn a_hung_disk_under_full_load_leaves_http_answering() {
+    let r = rig();
+    let sensors = sensors_device("env-1", "0s", None);
+    let mut agent = r.start(
+        "disk-hang-load",
+        &format!("[buffer]\ncommit_interval = \"5ms\"\n\n{sensors}"),
+    );
+    let written = |a: &Agent| a.metric("labgate_records_buffered_total");
+    wait_for("records flowing", Duration::from_secs(30), || {
+        written(&agent) > 20_000.0
+    });
+    r.fs.set_fault(Fault::Hang);
+    let t0 = Instant::now();
+    let mut said_stuck = false;
+    let mut durable_early = None;
+    while t0.elapsed() < Duration::from_secs(15) {
+        if durable_early.is_none() && t0.elapsed() > Duration::from_secs(2) {
+            durable_early = Some(written(&agent));
+        }
+        for path in ["/health", "/status", "/metrics"] {
+            let t = Instant::now();
+            let (code, body) = agent.get(path);
+            assert!(
+                t.elapsed() < Duration::from_secs(2),
+                "{path} took {:?} while the disk hangs under load",
+                t.elapsed()
+            );
+            if path == "/health" && code == 503 {
+                if !said_stuck {
+                    eprintln!("health while hung under load: {body}");
+                }
+                said_stuck = true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(said_stuck, "/health never said the buffer is stuck");
+    // Nothing counts as durable while no fdatasync can finish (the flush that was under
+    // way when the disk stopped may have been counted before the first sample).
+    let before = written(&agent);
+    assert_eq!(
+        Some(before),
+        durable_early,
+        "records counted durable while the disk hangs"
+    );
+    r.fs.set_fault(Fault::None);
+    wait_for("ingest going again", Duration::from_secs(30), || {
+        written(&agent) > before + 20_000.0
+    });
+    agent.wait_status("healthy again", Duration::from_secs(30), |s| {
+        s["health"].as_array().is_some_and(|h| h.is_empty())
+    });
+    agent.terminate();
+}
