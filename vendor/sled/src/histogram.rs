@@ -47,38 +47,25 @@ pub struct Histogram {
 impl Default for Histogram {
     #[allow(unsafe_code)]
     fn default() -> Histogram {
-        #[cfg(not(feature = "miri_optimizations"))]
-        {
-            let mut vals = Vec::with_capacity(BUCKETS);
-            vals.resize_with(BUCKETS, Default::default);
+        // labgate: always through `vec![0; n]`, which allocates zeroed memory
+        // (calloc: fresh pages nobody touches until a bucket counts), never by
+        // writing every bucket. Upstream wrote them with `resize_with` except under
+        // miri; whether the optimizer turned that back into a zeroed allocation
+        // depended on the build: at opt-level "s" (the `dist` profile) it did not,
+        // and the agent kept sled's 40-odd histograms, 512 KiB each, resident
+        // (21 MB more at idle).
+        let mut vals = std::mem::ManuallyDrop::new(vec![0_usize; BUCKETS]);
+        let ptr: *mut usize = vals.as_mut_ptr();
+        let len = vals.len();
+        let capacity = vals.capacity();
 
-            Histogram {
-                vals,
-                sum: AtomicUsize::new(0),
-                count: AtomicUsize::new(0),
-            }
-        }
+        // SAFETY: `AtomicUsize` has the same size and alignment as `usize`, and
+        // the allocation came from a `Vec<usize>` of this length and capacity,
+        // which is not dropped (`ManuallyDrop`).
+        let vals: Vec<AtomicUsize> =
+            unsafe { Vec::from_raw_parts(ptr as *mut AtomicUsize, len, capacity) };
 
-        #[cfg(feature = "miri_optimizations")]
-        {
-            // Avoid calling Vec::resize_with with a large length because its
-            // internals cause stacked borrows tracking information to add an
-            // item for each element of the vector.
-            let mut vals = std::mem::ManuallyDrop::new(vec![0_usize; BUCKETS]);
-            let ptr: *mut usize = vals.as_mut_ptr();
-            let len = vals.len();
-            let capacity = vals.capacity();
-
-            let vals: Vec<AtomicUsize> = unsafe {
-                Vec::from_raw_parts(ptr as *mut AtomicUsize, len, capacity)
-            };
-
-            Histogram {
-                vals,
-                sum: AtomicUsize::new(0),
-                count: AtomicUsize::new(0),
-            }
-        }
+        Histogram { vals, sum: AtomicUsize::new(0), count: AtomicUsize::new(0) }
     }
 }
 
