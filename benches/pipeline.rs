@@ -520,27 +520,48 @@ runs = 1
         line(&mut out, format!("| peak RSS with {n} non-commands waiting on the command topic (lz4 batches of sensor readings, read from `earliest`), 30 s | {:.1} MB | with librdkafka's consumer defaults instead (64 MB prefetch, 50 MB fetches), same run: {:.1} MB; rejected in the 30 s: {} / {} (each rejection is a durable command result) |", peaks[0].0, peaks[1].0, peaks[0].1, peaks[1].1));
     }
 
-    // 6. Idle RSS: the demo devices at their demo rates for 20 s.
+    // 6. Idle RSS: the demo devices at their demo rates for 20 s; this build, and the
+    // `dist` profile's (what gateways run) when scripts/bench built it.
     {
-        let dir = tempdir();
-        let topics = Topics::new();
         let demo =
             std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/demo.toml"))
                 .expect("demo config");
         let devices = &demo[demo.find("[[devices]]").expect("devices")..];
-        let mut cfg = agent_config(dir.path(), "agent-idle", &b, &topics, free_port(), devices);
-        cfg = cfg.replace("level = \"info,labgate=debug\"", "level = \"warn\"");
-        // The demo's lab application device needs its API token.
-        let mut agent = Agent::start_with_env(
-            dir.path(),
-            &cfg,
-            &[("LABGATE_DEMO_TOKEN", "bench-demo-token-0123456789")],
-        );
-        std::thread::sleep(Duration::from_secs(20));
-        let hwm = rss_kib(agent.pid(), "VmHWM:");
-        let rss = rss_kib(agent.pid(), "VmRSS:");
-        agent.terminate();
-        line(&mut out, format!("| peak RSS idle (demo devices at demo rates, 20 s) | {:.1} MB (VmHWM) | goal ≤ 12 MB; VmRSS at the end {:.1} MB |", hwm as f64 / 1024.0, rss as f64 / 1024.0));
+        let mut builds = vec![(
+            "peak RSS idle (demo devices at demo rates, 20 s)",
+            std::path::PathBuf::from(env!("CARGO_BIN_EXE_labgate")),
+        )];
+        if let Some(dist) = std::env::var_os("LABGATE_DIST_BIN") {
+            builds.push((
+                "the same, the `dist` build (opt-level \"s\", what ARM gateways run), x86_64",
+                dist.into(),
+            ));
+        }
+        for (what, bin) in builds {
+            let dir = tempdir();
+            let topics = Topics::new();
+            let mut cfg = agent_config(dir.path(), "agent-idle", &b, &topics, free_port(), devices);
+            cfg = cfg.replace("level = \"info,labgate=debug\"", "level = \"warn\"");
+            // The demo's lab application device needs its API token.
+            let mut agent = Agent::start_bin(
+                &bin,
+                dir.path(),
+                &cfg,
+                &[("LABGATE_DEMO_TOKEN", "bench-demo-token-0123456789")],
+            );
+            std::thread::sleep(Duration::from_secs(20));
+            let hwm = rss_kib(agent.pid(), "VmHWM:");
+            let rss = rss_kib(agent.pid(), "VmRSS:");
+            agent.terminate();
+            line(
+                &mut out,
+                format!(
+                    "| {what} | {:.1} MB (VmHWM) | goal ≤ 12 MB; VmRSS at the end {:.1} MB |",
+                    hwm as f64 / 1024.0,
+                    rss as f64 / 1024.0
+                ),
+            );
+        }
     }
     // 7. MethodSCRIPT line parse rate: bytes → lines → classified, decoded packages.
     {

@@ -81,6 +81,8 @@ fn profiler_env() -> Vec<(String, String)> {
 /// The real `labgate` binary running a config.
 pub struct Agent {
     child: Option<Child>,
+    /// The binary: this build's `labgate` unless [`Agent::start_bin`] named another.
+    bin: PathBuf,
     /// Environment variables the process gets beside the test's own.
     pub env: Vec<(String, String)>,
     pub http: SocketAddr,
@@ -95,12 +97,19 @@ impl Agent {
 
     /// As [`Agent::start`], with these environment variables set for the process.
     pub fn start_with_env(dir: &Path, config: &str, env: &[(&str, &str)]) -> Agent {
+        Agent::start_bin(Path::new(env!("CARGO_BIN_EXE_labgate")), dir, config, env)
+    }
+
+    /// As [`Agent::start_with_env`], running another build of `labgate` (the benches
+    /// measure the `dist` profile's beside this one).
+    pub fn start_bin(bin: &Path, dir: &Path, config: &str, env: &[(&str, &str)]) -> Agent {
         let path = dir.join("labgate.toml");
         std::fs::write(&path, config).expect("write config");
         let cfg: toml::Value = toml::from_str(config).expect("config is TOML");
         let http: SocketAddr = cfg["http"]["listen"].as_str().unwrap().parse().unwrap();
         let mut a = Agent {
             child: None,
+            bin: bin.to_path_buf(),
             env: env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -138,7 +147,7 @@ impl Agent {
         // a restart, on another filesystem than the data dir.
         let run = self.log.with_file_name("run");
         std::fs::create_dir_all(&run).expect("runtime dir");
-        let child = Command::new(env!("CARGO_BIN_EXE_labgate"))
+        let child = Command::new(&self.bin)
             .args(["run", "--config"])
             .arg(&self.config)
             .env("RUNTIME_DIRECTORY", &run)
