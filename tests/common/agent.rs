@@ -156,7 +156,7 @@ impl Agent {
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
-            .expect("start labgate");
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin.display()));
         self.child = Some(child);
     }
 
