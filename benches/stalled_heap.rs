@@ -4,6 +4,9 @@
 //! agent's peak RSS; `LABGATE_STALL_SMAPS=<file>` keeps a copy of the agent's
 //! `/proc/<pid>/smaps` at that point, and `LABGATE_AGENT_ENV` hands the agent a heap
 //! profiler's preload (BENCHMARKS.md, "Memory against the backlog", gives the commands).
+//! `LABGATE_STALL_AT_CAP_SECS=<s>` keeps it stalled for that long after the buffer is full
+//! (`drop_oldest` making room; set `LABGATE__BUFFER__MAX_BYTES` through
+//! `LABGATE_AGENT_ENV` to reach the cap sooner), printing records, drops and RSS every 5 s.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -45,11 +48,36 @@ fn main() {
         .unwrap_or(2_000_000);
     let t0 = Instant::now();
     let mut peak = 0;
+    let at_cap: Option<u64> = std::env::var("LABGATE_STALL_AT_CAP_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let mut cap_since: Option<Instant> = None;
+    let mut last_print = Instant::now();
     let recs = loop {
-        let recs = agent.status()["buffer"]["records"].as_u64().unwrap_or(0);
-        peak = peak.max(rss_kib(agent.pid(), "VmRSS:"));
-        if recs >= target {
-            break recs;
+        let st = agent.status();
+        let recs = st["buffer"]["records"].as_u64().unwrap_or(0);
+        let rss = rss_kib(agent.pid(), "VmRSS:");
+        peak = peak.max(rss);
+        let dropped = st["records_dropped"].as_u64().unwrap_or(0);
+        if at_cap.is_some() && last_print.elapsed() >= Duration::from_secs(5) {
+            last_print = Instant::now();
+            println!(
+                "{:.0} s: {recs} records buffered, {dropped} dropped, RSS {:.1} MB",
+                t0.elapsed().as_secs_f64(),
+                rss as f64 / 1024.0
+            );
+        }
+        match at_cap {
+            Some(secs) => {
+                if dropped > 0 && cap_since.is_none() {
+                    cap_since = Some(Instant::now());
+                }
+                if cap_since.is_some_and(|t| t.elapsed() >= Duration::from_secs(secs)) {
+                    break recs;
+                }
+            }
+            None if recs >= target => break recs,
+            None => {}
         }
         assert!(
             t0.elapsed() < Duration::from_secs(900),
