@@ -1699,7 +1699,7 @@ mod tests {
         assert_eq!(b.cursor(b"f/x").unwrap().as_deref(), Some(&b"four"[..]));
         b.flush_blocking().unwrap();
         drop(b);
-        let b = Buffer::open(dir.path(), &c).unwrap();
+        let b = super::model_test::open_retrying_with(dir.path(), &c);
         assert_eq!(
             b.cursors(b"f/").unwrap(),
             vec![(b"f/x".to_vec(), b"four".to_vec())]
