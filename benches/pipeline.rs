@@ -176,6 +176,22 @@ fn end_to_end(brokers: &str, buffer: &str) -> (f64, u64) {
     (rate, buffered)
 }
 
+/// The builds a memory figure is measured for, each with its row's label: this one, then
+/// the `dist` profile's (what gateways run) when scripts/bench built it.
+fn builds(this: &'static str) -> Vec<(&'static str, std::path::PathBuf)> {
+    let mut out = vec![(
+        this,
+        std::path::PathBuf::from(env!("CARGO_BIN_EXE_labgate")),
+    )];
+    if let Some(dist) = std::env::var_os("LABGATE_DIST_BIN") {
+        out.push((
+            "the same, the `dist` build (opt-level \"s\", what ARM gateways run), x86_64",
+            dist.into(),
+        ));
+    }
+    out
+}
+
 fn main() {
     // `cargo bench` passes --bench; nothing else is accepted.
     let mut out = String::new();
@@ -290,17 +306,8 @@ fn main() {
     // through 1M and 10M records to `buffer.max_bytes`, then 10 s at the cap
     // (drop_oldest making room). This build, then the `dist` profile's (what gateways
     // run) when scripts/bench built it.
-    let mut curve_builds = vec![(
-        "RSS vs backlog, broker stalled (SIGSTOP), sensors at full speed",
-        std::path::PathBuf::from(env!("CARGO_BIN_EXE_labgate")),
-    )];
-    if let Some(dist) = std::env::var_os("LABGATE_DIST_BIN") {
-        curve_builds.push((
-            "the same, the `dist` build (opt-level \"s\", what ARM gateways run), x86_64",
-            dist.into(),
-        ));
-    }
-    for (k, (what, bin)) in curve_builds.into_iter().enumerate() {
+    let curve = builds("RSS vs backlog, broker stalled (SIGSTOP), sensors at full speed");
+    for (k, (what, bin)) in curve.into_iter().enumerate() {
         let dir = tempdir();
         let topics = Topics::new();
         // max_bytes bounds the data dir, and sled takes about 1.7 bytes per encoded
@@ -541,17 +548,7 @@ runs = 1
             std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/demo.toml"))
                 .expect("demo config");
         let devices = &demo[demo.find("[[devices]]").expect("devices")..];
-        let mut builds = vec![(
-            "peak RSS idle (demo devices at demo rates, 20 s)",
-            std::path::PathBuf::from(env!("CARGO_BIN_EXE_labgate")),
-        )];
-        if let Some(dist) = std::env::var_os("LABGATE_DIST_BIN") {
-            builds.push((
-                "the same, the `dist` build (opt-level \"s\", what ARM gateways run), x86_64",
-                dist.into(),
-            ));
-        }
-        for (what, bin) in builds {
+        for (what, bin) in builds("peak RSS idle (demo devices at demo rates, 20 s)") {
             let dir = tempdir();
             let topics = Topics::new();
             let mut cfg = agent_config(dir.path(), "agent-idle", &b, &topics, free_port(), devices);
