@@ -213,14 +213,20 @@ fn a_closed_pipe_or_a_full_disk_on_stdout_ends_the_cli_without_a_panic() {
         dir.path(),
         &OK.replace("DATA", &dir.path().join("data").display().to_string()),
     );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_labgate"))
-        .args(["check", "--config", &path])
-        .stdout(Stdio::piped())
+    // bash opens a pipe whose reader exits at once and waits for it, so the pipe is
+    // closed before labgate starts (closing our end after spawning raced the child's
+    // first write, and it exited 0 once under load).
+    let out = Command::new("bash")
+        .args([
+            "-c",
+            r#"exec 3> >(exit 0); wait $!; exec "$0" check --config "$1" >&3"#,
+            env!("CARGO_BIN_EXE_labgate"),
+            &path,
+        ])
+        .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .spawn()
+        .output()
         .expect("run labgate");
-    drop(child.stdout.take()); // the reader goes before anything is written
-    let out = child.wait_with_output().expect("wait");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(141), "stderr: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
