@@ -232,9 +232,11 @@ pub fn refusal_cause(error: &KafkaError, reason: &str) -> Option<String> {
     Some(format!("{cause}: {text}"))
 }
 
-impl ClientContext for AgentContext {
-    fn stats(&self, stats: Statistics) {
-        let up = stats.brokers.values().any(|b| b.state == "UP");
+impl AgentContext {
+    /// Records whether a broker is reachable. Statistics say so once a second; an
+    /// acknowledged delivery says so at once, so a heartbeat sent in the first second
+    /// after start-up does not report a broker that has just taken records as down.
+    fn set_connected(&self, up: bool) {
         let was = self.metrics.kafka_connected.swap(up, Relaxed);
         if up {
             self.metrics
@@ -248,6 +250,20 @@ impl ClientContext for AgentContext {
                 tracing::warn!("kafka unreachable; records stay in the buffer");
             }
         }
+    }
+
+    /// A delivery the broker acknowledged: it is up. Cheap when already known.
+    fn delivered(&self) {
+        if !self.metrics.kafka_connected.load(Relaxed) {
+            self.set_connected(true);
+        }
+    }
+}
+
+impl ClientContext for AgentContext {
+    fn stats(&self, stats: Statistics) {
+        let up = stats.brokers.values().any(|b| b.state == "UP");
+        self.set_connected(up);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -273,6 +289,7 @@ impl ProducerContext for AgentContext {
         if opaque == status::STATUS_OPAQUE {
             match result {
                 Ok(_) => {
+                    self.delivered();
                     if self.metrics.kafka_auth_failing.swap(false, Relaxed) {
                         self.metrics.set_auth_error(None);
                         tracing::info!("kafka accepts this agent again");
@@ -291,6 +308,7 @@ impl ProducerContext for AgentContext {
         match result {
             Ok(_) => match self.sink.buffer.ack(id) {
                 Ok(()) => {
+                    self.delivered();
                     self.metrics.records_delivered.fetch_add(1, Relaxed);
                     if self.metrics.kafka_auth_failing.swap(false, Relaxed) {
                         // Deliveries go through again: credentials and ACLs are fine.
