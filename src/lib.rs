@@ -23,6 +23,7 @@
 //! - [`devices`]: device configs, the supervisor, the drivers, [`metrics::DeviceState`].
 //! - [`http`]: the `[http]` section; `/health`, `/metrics`, `/status`.
 //! - [`metrics`]: shared counters and their Prometheus rendering.
+//! - [`memory`]: gives the kernel back what glibc keeps after a burst.
 //! - [`heartbeat`]: signs of life of the long-running loops.
 //! - [`systemd`]: `sd_notify` and the watchdog, without libsystemd.
 //! - [`sim`]: protocol simulators (EmStat, line instruments, Modbus RTU, MQTT sensors).
@@ -57,6 +58,7 @@ pub mod http;
 pub mod ingest;
 pub mod kafka;
 pub mod live;
+pub mod memory;
 pub mod metrics;
 pub mod pipeline;
 mod poison_test;

@@ -162,6 +162,9 @@ fn main() -> ExitCode {
             };
             init_logging(cfg.log.format, &cfg.log.level);
             log_panics();
+            if let Err(e) = labgate::memory::spawn_trimmer() {
+                tracing::warn!(error = %e, "cannot start the memory trimmer; freed memory stays with the allocator");
+            }
             let rt = match runtime() {
                 Ok(rt) => rt,
                 Err(e) => return report(Err(e)),

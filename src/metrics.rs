@@ -668,6 +668,25 @@ impl Metrics {
             "Readings older than their sensor's open window, left out of aggregates.",
             self.pipeline_late_readings.load(Relaxed),
         );
+        let trims = crate::memory::TRIMS.snapshot();
+        counter(
+            &mut o,
+            "labgate_memory_trims_total",
+            "Times freed memory was handed back to the kernel (malloc_trim).",
+            trims.count,
+        );
+        gauge(
+            &mut o,
+            "labgate_memory_trim_seconds_total",
+            "Time spent in those trims.",
+            trims.nanos as f64 / 1e9,
+        );
+        counter(
+            &mut o,
+            "labgate_memory_released_bytes_total",
+            "Resident bytes those trims gave back.",
+            trims.released_kib.saturating_mul(1024),
+        );
         gauge(
             &mut o,
             "labgate_uptime_seconds",
@@ -752,6 +771,9 @@ mod tests {
                 "labgate_aggregates_total",
                 "labgate_readings_downsampled_total",
                 "labgate_pipeline_late_readings_total",
+                "labgate_memory_trims_total",
+                "labgate_memory_trim_seconds_total",
+                "labgate_memory_released_bytes_total",
                 "labgate_uptime_seconds",
             ]
         );
