@@ -149,7 +149,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// End-to-end durable rate: sensors at full speed → buffer → broker ack, measured over a
 /// steady 15 s; `buffer` is extra config (a `[buffer]` section) placed before the device.
-fn end_to_end(brokers: &str, buffer: &str) -> (f64, u64) {
+/// Returns the rate, the records still buffered at the end and the agent's peak RSS
+/// (KiB, sampled every 200 ms) over the 15 s.
+fn end_to_end(brokers: &str, buffer: &str) -> (f64, u64, u64) {
     let dir = tempdir();
     let topics = Topics::new();
     let extra = format!("{buffer}{}", sensors_device("env-1", "0s", None));
@@ -168,12 +170,16 @@ fn end_to_end(brokers: &str, buffer: &str) -> (f64, u64) {
     });
     let d0 = agent.metric("labgate_records_delivered_total");
     let t0 = Instant::now();
-    std::thread::sleep(Duration::from_secs_f64(15.0 * scale().max(0.3)));
+    let mut peak = 0;
+    while t0.elapsed() < Duration::from_secs_f64(15.0 * scale().max(0.3)) {
+        peak = peak.max(rss_kib(agent.pid(), "VmRSS:"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let d1 = agent.metric("labgate_records_delivered_total");
     let rate = (d1 - d0) / t0.elapsed().as_secs_f64();
     let buffered = agent.status()["buffer"]["records"].as_u64().unwrap_or(0);
     agent.terminate();
-    (rate, buffered)
+    (rate, buffered, peak)
 }
 
 /// The builds a memory figure is measured for, each with its row's label: this one, then
@@ -236,10 +242,10 @@ fn main() {
     let _ = baseline(&b, &topic, 20_000); // warm-up
     let mut bases = vec![baseline(&b, &topic, n_base)];
     // 2. End-to-end durable rate: sensors at full speed → buffer → broker ack.
-    let (e2e, buffered) = end_to_end(&b, "");
+    let (e2e, buffered, e2e_peak) = end_to_end(&b, "");
     // The same at 32 records a chunk (the default while published sled kept hundreds of
     // leaves resident), for the chunk-size trade-off, in the same run.
-    let (e2e_32, _) = end_to_end(&b, "[buffer]\nrecords_per_chunk = 32\n\n");
+    let (e2e_32, _, _) = end_to_end(&b, "[buffer]\nrecords_per_chunk = 32\n\n");
     bases.push(baseline(&b, &topic, n_base));
 
     // 3. Backlog drain: 1M records buffered while the broker is stalled, then released.
@@ -296,20 +302,24 @@ fn main() {
         let base = sorted[1];
         line(&mut out, format!("| baseline: bare rdkafka producer, same settings, key, payload and headers, {n_base} msgs, acks awaited; median of 3 in this run | {base:.0} msg/s | the three: {:.0}, {:.0}, {:.0} msg/s (start, after end-to-end, after drain) |", bases[0], bases[1], bases[2]));
         line(&mut out, format!("| end-to-end durable rate (sensors at full speed → buffer → ack), steady 15 s | {e2e:.0} rec/s | ratio to baseline median {:.2} (goal ≥ 0.9), range {:.2}–{:.2}; {buffered} records were still buffered at the end (the device outran the producer) |", e2e / base, e2e / sorted[2], e2e / sorted[0]));
+        line(&mut out, format!("| peak RSS at full ingest load, broker live (the end-to-end run's 15 s, VmRSS sampled every 200 ms) | {:.1} MB | goal ≤ 40 MB |", e2e_peak as f64 / 1024.0));
         line(&mut out, format!("| same at 32 records a chunk instead of the default 64, same run | {e2e_32:.0} rec/s | ratio to baseline median {:.2}; the default's rate is {:.2} × it |", e2e_32 / base, e2e / e2e_32));
         line(&mut out, format!("| backlog drain: {n_backlog} records buffered with the broker stalled (SIGSTOP), then released | {drain:.0} rec/s | ratio to baseline median {:.2} (goal ≥ 0.9), range {:.2}–{:.2}; buffering them took {fill:.1} s while stalled |", drain / base, drain / sorted[2], drain / sorted[0]));
         line(&mut out, format!("| peak RSS while draining the {n_backlog} backlog (VmRSS sampled every 100 ms) | {:.1} MB | goal ≤ 40 MB; RSS with the full backlog before release {:.1} MB; VmHWM over the whole run {:.1} MB; sled on disk after the drain {:.1} MB |", peak_drain as f64 / 1024.0, rss_full as f64 / 1024.0, hwm as f64 / 1024.0, disk as f64 / 1e6));
     }
 
-    // 3b. Memory and disk against the backlog: the broker stalled, sensors at full
-    // speed, RSS and the data dir's real size sampled every 2 s from an empty buffer
-    // through 1M and 10M records to `buffer.max_bytes`, then 10 s at the cap
+    // 3b. Memory and disk against the backlog: sensors at full speed, the broker taking
+    // them for 5 s and then stalled, RSS and the data dir's real size sampled from the
+    // stall through 1M and 10M records to `buffer.max_bytes`, then 10 s at the cap
     // (drop_oldest making room). This build, then the `dist` profile's (what gateways
     // run) when scripts/bench built it.
     let curve = builds("RSS vs backlog, broker stalled (SIGSTOP), sensors at full speed");
     for (k, (what, bin)) in curve.into_iter().enumerate() {
         let dir = tempdir();
         let topics = Topics::new();
+        for t in topics.outputs().iter().chain([topics.commands()].iter()) {
+            broker.create_topics(&[t]);
+        }
         // max_bytes bounds the data dir, and sled takes about 1.7 bytes per encoded
         // byte: 2 GB holds the 10M-record mark (about 800 MB encoded) with room.
         let max_bytes: u64 = (scale() * 2.0e9) as u64;
@@ -326,22 +336,40 @@ fn main() {
         let data = dir.path().join("data");
         let mut agent = Agent::start_bin(&bin, dir.path(), &cfg, &[]);
         agent.wait_status("up", Duration::from_secs(60), |s| s["buffer"].is_object());
-        broker.stall();
-        let marks = [0, scaled(1_000_000), scaled(10_000_000)];
-        let mut at_mark: Vec<Option<(u64, f64, f64, f64)>> = vec![None; marks.len()];
+        // The broker takes records at full speed for 5 s and then stops in the middle
+        // of the flow, with batches in flight: the harder case for memory than a broker
+        // that is away from the start.
         let mut peak = 0u64;
-        let mut at_cap: Option<Instant> = None;
-        let mut largest_dir = 0.0f64;
-        let t0 = Instant::now();
-        let cap_row = loop {
+        let flowing = Instant::now();
+        while flowing.elapsed() < Duration::from_secs(5) {
+            peak = peak.max(rss_kib(agent.pid(), "VmRSS:"));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let sample = |agent: &Agent| {
             let st = agent.status();
             let recs = st["buffer"]["records"].as_u64().unwrap_or(0);
             let enc = st["buffer"]["bytes"].as_u64().unwrap_or(0) as f64 / 1e6;
             let rss = rss_kib(agent.pid(), "VmRSS:");
-            peak = peak.max(rss);
             let disk = labgate::buffer::allocated_bytes(&data) as f64 / 1e6;
-            let row = (recs, rss as f64 / 1024.0, disk, enc);
-            for (i, m) in marks.iter().enumerate() {
+            (st, (recs, rss as f64 / 1024.0, disk, enc))
+        };
+        // The first mark is the moment of the stall, with what was buffered then.
+        let mut at_mark: Vec<Option<(u64, f64, f64, f64)>> = vec![Some(sample(&agent).1)];
+        broker.stall();
+        let marks = [scaled(1_000_000), scaled(10_000_000)];
+        at_mark.extend(marks.iter().map(|_| None));
+        let mut at_cap: Option<Instant> = None;
+        let mut largest_dir = 0.0f64;
+        let t0 = Instant::now();
+        let cap_row = loop {
+            // RSS every 200 ms for the peak; the rest every 2 s.
+            for _ in 0..10 {
+                peak = peak.max(rss_kib(agent.pid(), "VmRSS:"));
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let (st, row) = sample(&agent);
+            let (recs, _, disk, _) = row;
+            for (i, m) in marks.iter().enumerate().map(|(i, m)| (i + 1, m)) {
                 if at_mark[i].is_none() && recs >= *m {
                     at_mark[i] = Some(row);
                 }
@@ -359,7 +387,6 @@ fn main() {
                 t0.elapsed() < Duration::from_secs(900),
                 "never reached max_bytes"
             );
-            std::thread::sleep(Duration::from_secs(2));
         };
         let dropped =
             agent.metric("labgate_records_dropped_total{reason=\"buffer_full_drop_oldest\"}");
@@ -379,7 +406,7 @@ fn main() {
             .collect();
         let hi = spread.iter().copied().fold(0.0, f64::max);
         let lo = spread.iter().copied().fold(f64::MAX, f64::min);
-        line(&mut out, format!("| {what}, buffer.max_bytes {:.0} MB; sampled every 2 s | peak {:.1} MB; curve spread {:.1} MB | goal: peak ≤ 40 MB, flat within 10 MB. {}; {}; {}; at the cap after 10 s of drop_oldest: {} ({dropped:.0} dropped) |", max_bytes as f64 / 1e6, peak as f64 / 1024.0, hi - lo, fmt(at_mark[0]), fmt(at_mark[1]), fmt(at_mark[2]), fmt(cap_row)));
+        line(&mut out, format!("| {what}, buffer.max_bytes {:.0} MB; the broker live for 5 s, then stalled; RSS sampled every 200 ms for the peak, the marks every 2 s | peak {:.1} MB; curve spread {:.1} MB | goal: peak ≤ 40 MB, flat within 10 MB. At the stall: {}; {}; {}; at the cap after 10 s of drop_oldest: {} ({dropped:.0} dropped) |", max_bytes as f64 / 1e6, peak as f64 / 1024.0, hi - lo, fmt(at_mark[0]), fmt(at_mark[1]), fmt(at_mark[2]), fmt(cap_row)));
         if k > 0 {
             continue;
         }

@@ -4,6 +4,8 @@
 //! agent's peak RSS; `LABGATE_STALL_SMAPS=<file>` keeps a copy of the agent's
 //! `/proc/<pid>/smaps` at that point, and `LABGATE_AGENT_ENV` hands the agent a heap
 //! profiler's preload (BENCHMARKS.md, "Memory against the backlog", gives the commands).
+//! `LABGATE_STALL_AFTER_SECS=<s>` lets the broker take records at full speed for that
+//! long before stalling it (a broker that stops in the middle of a flow).
 //! `LABGATE_STALL_AT_CAP_SECS=<s>` keeps it stalled for that long after the buffer is full
 //! (`drop_oldest` making room; set `LABGATE__BUFFER__MAX_BYTES` through
 //! `LABGATE_AGENT_ENV` to reach the cap sooner), printing records, drops and RSS every 5 s.
@@ -41,13 +43,31 @@ fn main() {
     );
     let mut agent = Agent::start(dir.path(), &cfg);
     agent.wait_status("up", Duration::from_secs(60), |s| s["buffer"].is_object());
+    let mut peak = 0;
+    if let Some(secs) = std::env::var("LABGATE_STALL_AFTER_SECS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        // The broker takes records at full speed for that long before it stops.
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(secs) {
+            peak = peak.max(rss_kib(agent.pid(), "VmRSS:"));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let st = agent.status();
+        println!(
+            "flowing for {secs} s: {} delivered, {} buffered, peak RSS {:.1} MB",
+            st["records_delivered"],
+            st["buffer"]["records"],
+            peak as f64 / 1024.0
+        );
+    }
     broker.stall();
     let target: u64 = std::env::var("LABGATE_STALL_RECORDS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2_000_000);
     let t0 = Instant::now();
-    let mut peak = 0;
     let at_cap: Option<u64> = std::env::var("LABGATE_STALL_AT_CAP_SECS")
         .ok()
         .and_then(|v| v.parse().ok());
@@ -89,6 +109,12 @@ fn main() {
         "{recs} records buffered in {:.1} s with the broker stalled; agent peak RSS {:.1} MB",
         t0.elapsed().as_secs_f64(),
         peak as f64 / 1024.0
+    );
+    println!(
+        "memory trims: {} in {:.3} s, {:.1} MB given back",
+        agent.metric("labgate_memory_trims_total"),
+        agent.metric("labgate_memory_trim_seconds_total"),
+        agent.metric("labgate_memory_released_bytes_total") / 1e6
     );
     if let Ok(path) = std::env::var("LABGATE_STALL_SMAPS") {
         std::fs::copy(format!("/proc/{}/smaps", agent.pid()), &path).expect("copy smaps");
