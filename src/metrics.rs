@@ -675,11 +675,11 @@ impl Metrics {
             "Times freed memory was handed back to the kernel (malloc_trim).",
             trims.count,
         );
-        gauge(
-            &mut o,
-            "labgate_memory_trim_seconds_total",
-            "Time spent in those trims.",
-            trims.nanos as f64 / 1e9,
+        // A counter in seconds (fractional), so not through `counter`.
+        let _ = writeln!(
+            o,
+            "# HELP labgate_memory_trim_seconds_total Time spent in those trims.\n# TYPE labgate_memory_trim_seconds_total counter\nlabgate_memory_trim_seconds_total {}",
+            trims.nanos as f64 / 1e9
         );
         counter(
             &mut o,
