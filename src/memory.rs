@@ -19,7 +19,7 @@ pub const CHECK_EVERY: Duration = Duration::from_millis(100);
 pub const SLACK_KIB: u64 = 1024;
 
 /// What the trims did, for `/metrics`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct TrimStats {
     count: AtomicU64,
     nanos: AtomicU64,
@@ -38,6 +38,14 @@ pub struct TrimSnapshot {
 }
 
 impl TrimStats {
+    const fn new() -> Self {
+        TrimStats {
+            count: AtomicU64::new(0),
+            nanos: AtomicU64::new(0),
+            released_kib: AtomicU64::new(0),
+        }
+    }
+
     /// The counts now.
     pub fn snapshot(&self) -> TrimSnapshot {
         TrimSnapshot {
@@ -57,14 +65,10 @@ impl TrimStats {
 }
 
 /// The process's trims (one trimmer per process).
-pub static TRIMS: TrimStats = TrimStats {
-    count: AtomicU64::new(0),
-    nanos: AtomicU64::new(0),
-    released_kib: AtomicU64::new(0),
-};
+pub static TRIMS: TrimStats = TrimStats::new();
 
 /// Decides when to trim from the resident sizes it is shown.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Trimmer {
     /// The lowest resident size since the last trim (KiB); `None` before the first read.
     floor: Option<u64>,
@@ -107,6 +111,12 @@ pub fn rss_kib() -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// `LABGATE_MEMORY_TRIM_MS` as an interval (zero: off); `None` when it is not a whole
+/// number of milliseconds.
+fn interval(ms: &str) -> Option<Duration> {
+    ms.trim().parse().ok().map(Duration::from_millis)
+}
+
 /// Starts the thread that trims. Without `/proc` (or off glibc) it does nothing.
 /// `LABGATE_MEMORY_TRIM_MS` sets how often it looks (`0` turns it off), for comparing
 /// memory figures with and without it.
@@ -116,13 +126,10 @@ pub fn spawn_trimmer() -> std::io::Result<()> {
     }
     let every = match std::env::var("LABGATE_MEMORY_TRIM_MS") {
         Err(_) => CHECK_EVERY,
-        Ok(v) => match v.parse() {
-            Ok(ms) => Duration::from_millis(ms),
-            Err(_) => {
-                tracing::warn!(value = %v, "LABGATE_MEMORY_TRIM_MS is not a number of milliseconds; using {CHECK_EVERY:?}");
-                CHECK_EVERY
-            }
-        },
+        Ok(v) => interval(&v).unwrap_or_else(|| {
+            tracing::warn!(value = %v, "LABGATE_MEMORY_TRIM_MS is not a number of milliseconds; using {CHECK_EVERY:?}");
+            CHECK_EVERY
+        }),
     };
     if every.is_zero() {
         return Ok(());
@@ -165,6 +172,15 @@ mod tests {
     }
 
     #[test]
+    fn the_interval_is_whole_milliseconds_and_zero_turns_it_off() {
+        assert_eq!(interval("250"), Some(Duration::from_millis(250)));
+        assert_eq!(interval(" 0 "), Some(Duration::ZERO));
+        for bad in ["", "-1", "0.5", "100ms", "99999999999999999999"] {
+            assert_eq!(interval(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
     fn reads_this_process_rss() {
         let rss = rss_kib().unwrap();
         assert!(rss > 100, "{rss} KiB");
@@ -172,7 +188,7 @@ mod tests {
 
     #[test]
     fn a_trim_gives_back_freed_memory() {
-        // Many small blocks, every other one kept: their neighbours' free chunks sit
+        // Many small blocks, one in 64 kept: the free chunks between the kept ones sit
         // below live memory, where glibc does not return them by itself.
         let mut keep = Vec::new();
         let mut blocks: Vec<Vec<u8>> = (0..40_000).map(|i| vec![i as u8; 1000]).collect();

@@ -398,9 +398,9 @@ impl Metrics {
     /// Prometheus text exposition (format 0.0.4).
     pub fn render(&self, buffer: &Stats) -> String {
         let mut o = String::with_capacity(4096);
-        let counter = |o: &mut String, name: &str, help: &str, v: u64| {
+        fn counter(o: &mut String, name: &str, help: &str, v: impl std::fmt::Display) {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
-        };
+        }
         let gauge = |o: &mut String, name: &str, help: &str, v: f64| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         };
@@ -675,11 +675,11 @@ impl Metrics {
             "Times freed memory was handed back to the kernel (malloc_trim).",
             trims.count,
         );
-        // A counter in seconds (fractional), so not through `counter`.
-        let _ = writeln!(
-            o,
-            "# HELP labgate_memory_trim_seconds_total Time spent in those trims.\n# TYPE labgate_memory_trim_seconds_total counter\nlabgate_memory_trim_seconds_total {}",
-            trims.nanos as f64 / 1e9
+        counter(
+            &mut o,
+            "labgate_memory_trim_seconds_total",
+            "Time spent in those trims.",
+            trims.nanos as f64 / 1e9,
         );
         counter(
             &mut o,
