@@ -170,11 +170,10 @@ fn end_to_end(brokers: &str, buffer: &str) -> (f64, u64, u64) {
     });
     let d0 = agent.metric("labgate_records_delivered_total");
     let t0 = Instant::now();
-    let mut peak = 0;
-    while t0.elapsed() < Duration::from_secs_f64(15.0 * scale().max(0.3)) {
-        peak = peak.max(rss_kib(agent.pid(), "VmRSS:"));
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let peak = peak_rss_over(
+        agent.pid(),
+        Duration::from_secs_f64(15.0 * scale().max(0.3)),
+    );
     let d1 = agent.metric("labgate_records_delivered_total");
     let rate = (d1 - d0) / t0.elapsed().as_secs_f64();
     let buffered = agent.status()["buffer"]["records"].as_u64().unwrap_or(0);
@@ -339,12 +338,7 @@ fn main() {
         // The broker takes records at full speed for 5 s and then stops in the middle
         // of the flow, with batches in flight: the harder case for memory than a broker
         // that is away from the start.
-        let mut peak = 0u64;
-        let flowing = Instant::now();
-        while flowing.elapsed() < Duration::from_secs(5) {
-            peak = peak.max(rss_kib(agent.pid(), "VmRSS:"));
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let mut peak = peak_rss_over(agent.pid(), Duration::from_secs(5));
         let sample = |agent: &Agent| {
             let st = agent.status();
             let recs = st["buffer"]["records"].as_u64().unwrap_or(0);
@@ -363,10 +357,7 @@ fn main() {
         let t0 = Instant::now();
         let cap_row = loop {
             // RSS every 200 ms for the peak; the rest every 2 s.
-            for _ in 0..10 {
-                peak = peak.max(rss_kib(agent.pid(), "VmRSS:"));
-                std::thread::sleep(Duration::from_millis(200));
-            }
+            peak = peak.max(peak_rss_over(agent.pid(), Duration::from_secs(2)));
             let (st, row) = sample(&agent);
             let (recs, _, disk, _) = row;
             for (i, m) in marks.iter().enumerate().map(|(i, m)| (i + 1, m)) {

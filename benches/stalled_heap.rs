@@ -49,15 +49,11 @@ fn main() {
         .and_then(|v| v.parse::<u64>().ok())
     {
         // The broker takes records at full speed for that long before it stops.
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(secs) {
-            peak = peak.max(rss_kib(agent.pid(), "VmRSS:"));
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        peak = peak_rss_over(agent.pid(), Duration::from_secs(secs));
         let st = agent.status();
         println!(
             "flowing for {secs} s: {} delivered, {} buffered, peak RSS {:.1} MB",
-            st["records_delivered"],
+            st["kafka"]["records_delivered"],
             st["buffer"]["records"],
             peak as f64 / 1024.0
         );

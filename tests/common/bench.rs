@@ -30,6 +30,17 @@ pub fn rss_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The highest `VmRSS` of `pid` (KiB) over `d`, sampled every 200 ms.
+pub fn peak_rss_over(pid: u32, d: std::time::Duration) -> u64 {
+    let start = Instant::now();
+    let mut peak = 0;
+    while start.elapsed() < d {
+        peak = peak.max(rss_kib(pid, "VmRSS:"));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    peak
+}
+
 /// `words` × 16 hex digits of xorshift noise from `seed`: text lz4 cannot shrink.
 pub fn incompressible_hex(seed: u64, words: usize) -> String {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
