@@ -29,11 +29,23 @@ pub fn tansu_bin() -> PathBuf {
     p
 }
 
+/// A loopback port no other test of this process has been given.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port")
+    // Tests run as threads of one process: the kernel may offer a port it just offered
+    // another test that has not bound it yet, and two agents then race for one HTTP
+    // port. Each port is handed out once per process.
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("no free port");
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// How [`Broker::start_with`] starts tansu.
