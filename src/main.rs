@@ -156,12 +156,18 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Cmd::Run { config } => {
+            // First, while this is the only thread.
+            let arenas = labgate::memory::limit_arenas();
             let cfg = match load(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
             init_logging(cfg.log.format, &cfg.log.level);
             log_panics();
+            tracing::debug!(
+                ?arenas,
+                "glibc arena limit (None: the environment's or glibc's own)"
+            );
             if let Err(e) = labgate::memory::spawn_trimmer() {
                 tracing::warn!(error = %e, "cannot start the memory trimmer; freed memory stays with the allocator");
             }

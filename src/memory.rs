@@ -8,9 +8,20 @@
 //! from 75 to 45 MB. A small thread watches the resident size and trims when it has
 //! grown by [`SLACK_KIB`] since the last trim, so memory that is only being reused
 //! costs nothing, and memory that was freed goes back within [`CHECK_EVERY`].
+//!
+//! Before any thread starts, [`limit_arenas`] caps glibc's arenas at [`ARENAS`]: by
+//! default glibc opens up to eight per core as the agent's threads (runtime workers,
+//! sled's, librdkafka's, the blocking pool) contend, and each keeps its own partly used
+//! pages that no trim returns.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
+
+/// glibc arenas the agent lets its threads share. Measured against glibc's default
+/// (eight per core) at full load: one arena took the least memory but cost the
+/// end-to-end rate about 40 %, two cost it about 15 % (BENCHMARKS.md, "Allocator
+/// arenas"); a lab's instruments run far below that rate.
+pub const ARENAS: u16 = 2;
 
 /// How often the resident size is read (`/proc/self/status`, a few microseconds).
 pub const CHECK_EVERY: Duration = Duration::from_millis(100);
@@ -117,6 +128,23 @@ fn interval(ms: &str) -> Option<Duration> {
     ms.trim().parse().ok().map(Duration::from_millis)
 }
 
+/// Whether the environment already tells glibc how many arenas to open
+/// (`MALLOC_ARENA_MAX`, or `glibc.malloc.arena_max` in `GLIBC_TUNABLES`): the agent then
+/// leaves that setting alone.
+fn arenas_set_by(var: impl Fn(&str) -> Option<String>) -> bool {
+    var("MALLOC_ARENA_MAX").is_some()
+        || var("GLIBC_TUNABLES").is_some_and(|t| t.contains("glibc.malloc.arena_max"))
+}
+
+/// Caps glibc's arenas at [`ARENAS`] unless the environment sets its own limit. Call it
+/// before any thread starts: a thread that has an arena keeps it. Returns the limit set.
+pub fn limit_arenas() -> Option<u16> {
+    if arenas_set_by(|k| std::env::var(k).ok()) {
+        return None;
+    }
+    glibc_malloc::limit_arenas(ARENAS).then_some(ARENAS)
+}
+
 /// Starts the thread that trims. Without `/proc` (or off glibc) it does nothing.
 /// `LABGATE_MEMORY_TRIM_MS` sets how often it looks (`0` turns it off), for comparing
 /// memory figures with and without it.
@@ -144,7 +172,7 @@ pub fn spawn_trimmer() -> std::io::Result<()> {
                 let Some(rss) = rss_kib() else { continue };
                 if t.grown(rss) {
                     let start = Instant::now();
-                    glibc_trim::release_free_memory();
+                    glibc_malloc::release_free_memory();
                     let took = start.elapsed();
                     let after = rss_kib().unwrap_or(rss);
                     TRIMS.add(took, rss, after);
@@ -181,6 +209,38 @@ mod tests {
     }
 
     #[test]
+    fn an_arena_limit_from_the_environment_wins() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| (*v).to_string())
+            }
+        };
+        assert!(!arenas_set_by(env(&[])));
+        assert!(arenas_set_by(env(&[("MALLOC_ARENA_MAX", "4")])));
+        assert!(arenas_set_by(env(&[(
+            "GLIBC_TUNABLES",
+            "glibc.malloc.tcache_count=0:glibc.malloc.arena_max=1"
+        )])));
+        assert!(!arenas_set_by(env(&[(
+            "GLIBC_TUNABLES",
+            "glibc.malloc.tcache_count=0"
+        )])));
+    }
+
+    #[test]
+    fn glibc_takes_the_arena_limit() {
+        // This test process has its arenas already; a cap does not move them.
+        assert_eq!(
+            glibc_malloc::limit_arenas(ARENAS),
+            cfg!(all(target_os = "linux", target_env = "gnu"))
+        );
+        assert!(!glibc_malloc::limit_arenas(0), "zero is not a limit");
+    }
+
+    #[test]
     fn reads_this_process_rss() {
         let rss = rss_kib().unwrap();
         assert!(rss > 100, "{rss} KiB");
@@ -198,7 +258,10 @@ mod tests {
             }
         }
         let before = rss_kib().unwrap();
-        assert!(glibc_trim::release_free_memory(), "glibc gave nothing back");
+        assert!(
+            glibc_malloc::release_free_memory(),
+            "glibc gave nothing back"
+        );
         let after = rss_kib().unwrap();
         assert!(after < before, "{before} -> {after} KiB");
         assert_eq!(keep.len(), 625);

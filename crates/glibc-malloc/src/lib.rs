@@ -1,4 +1,4 @@
-//! glibc's `malloc_trim(0)` behind a safe function, so that labgate itself keeps
+//! Two glibc allocator calls behind safe functions, so that labgate itself keeps
 //! `#![forbid(unsafe_code)]`.
 //!
 //! glibc keeps memory a thread freed inside that thread's arena for reuse; it gives pages
@@ -6,6 +6,10 @@
 //! sensors at full speed, a drained backlog) tens of megabytes of free chunks below live
 //! ones stay resident. `malloc_trim(0)` walks every arena and returns the whole free
 //! pages inside free chunks (`MADV_DONTNEED`); live allocations are untouched.
+//!
+//! glibc also opens up to eight arenas per core as threads contend for the allocator,
+//! each with its own free chunks and partly used pages. `mallopt(M_ARENA_MAX, n)`
+//! bounds how many it opens; set before the threads start, it bounds them all.
 
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
@@ -25,5 +29,23 @@ pub fn release_free_memory() -> bool {
 /// Returns the free pages of every glibc arena to the kernel (nothing to do here).
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn release_free_memory() -> bool {
+    false
+}
+
+/// Lets glibc open at most `n` arenas (`n` ≥ 1) from now on; `true` when glibc took the
+/// setting. Threads that already have an arena keep it, so call it before starting
+/// threads. Elsewhere it does nothing and returns `false`.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+pub fn limit_arenas(n: u16) -> bool {
+    // SAFETY: mallopt takes two integers and sets one of glibc's allocator parameters
+    // under its own lock; M_ARENA_MAX only caps how many arenas later allocations may
+    // create, it moves no memory.
+    n > 0 && unsafe { libc::mallopt(libc::M_ARENA_MAX, i32::from(n)) == 1 }
+}
+
+/// Lets the allocator open at most `n` arenas (nothing to do here).
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn limit_arenas(_n: u16) -> bool {
     false
 }
