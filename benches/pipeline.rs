@@ -338,7 +338,10 @@ fn main() {
         // The broker takes records at full speed for 5 s and then stops in the middle
         // of the flow, with batches in flight: the harder case for memory than a broker
         // that is away from the start.
-        let mut peak = peak_rss_over(agent.pid(), Duration::from_secs(5));
+        // The peak in each phase, so that the report says where the highest came:
+        // flowing, stalled below the cap, and dropping at the cap.
+        let flowing = peak_rss_over(agent.pid(), Duration::from_secs(5));
+        let (mut stalled, mut dropping) = (0u64, 0u64);
         let sample = |agent: &Agent| {
             let st = agent.status();
             let recs = st["buffer"]["records"].as_u64().unwrap_or(0);
@@ -357,7 +360,12 @@ fn main() {
         let t0 = Instant::now();
         let cap_row = loop {
             // RSS every 200 ms for the peak; the rest every 2 s.
-            peak = peak.max(peak_rss_over(agent.pid(), Duration::from_secs(2)));
+            let p = peak_rss_over(agent.pid(), Duration::from_secs(2));
+            if at_cap.is_some() {
+                dropping = dropping.max(p);
+            } else {
+                stalled = stalled.max(p);
+            }
             let (st, row) = sample(&agent);
             let (recs, _, disk, _) = row;
             for (i, m) in marks.iter().enumerate().map(|(i, m)| (i + 1, m)) {
@@ -379,6 +387,14 @@ fn main() {
                 "never reached max_bytes"
             );
         };
+        let peak = flowing.max(stalled).max(dropping);
+        let mb = |kib: u64| kib as f64 / 1024.0;
+        let phases = format!(
+            "flowing {:.1}, stalled {:.1}, dropping at the cap {:.1} MB",
+            mb(flowing),
+            mb(stalled),
+            mb(dropping)
+        );
         let dropped =
             agent.metric("labgate_records_dropped_total{reason=\"buffer_full_drop_oldest\"}");
         let cap_bytes = agent.status()["buffer"]["cap_bytes"].as_u64().unwrap_or(0);
@@ -397,7 +413,7 @@ fn main() {
             .collect();
         let hi = spread.iter().copied().fold(0.0, f64::max);
         let lo = spread.iter().copied().fold(f64::MAX, f64::min);
-        line(&mut out, format!("| {what}, buffer.max_bytes {:.0} MB; the broker live for 5 s, then stalled; RSS sampled every 200 ms for the peak, the marks every 2 s | peak {:.1} MB; curve spread {:.1} MB | goal: peak ≤ 40 MB, flat within 10 MB. At the stall: {}; {}; {}; at the cap after 10 s of drop_oldest: {} ({dropped:.0} dropped) |", max_bytes as f64 / 1e6, peak as f64 / 1024.0, hi - lo, fmt(at_mark[0]), fmt(at_mark[1]), fmt(at_mark[2]), fmt(cap_row)));
+        line(&mut out, format!("| {what}, buffer.max_bytes {:.0} MB; the broker live for 5 s, then stalled; RSS sampled every 200 ms for the peak, the marks every 2 s | peak {:.1} MB; curve spread {:.1} MB | peak by phase: {phases}; goal: peak ≤ 40 MB, flat within 10 MB. At the stall: {}; {}; {}; at the cap after 10 s of drop_oldest: {} ({dropped:.0} dropped) |", max_bytes as f64 / 1e6, peak as f64 / 1024.0, hi - lo, fmt(at_mark[0]), fmt(at_mark[1]), fmt(at_mark[2]), fmt(cap_row)));
         if k > 0 {
             continue;
         }
