@@ -18,10 +18,10 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 /// glibc arenas the agent lets its threads share, glibc's main arena included. Measured
-/// against glibc's default (eight per core) with sensors at full speed on two cores: four
-/// took 3–5 MB less and kept the end-to-end rate; two (one for every thread besides
-/// `main`) and one took less memory still but cost that rate 15–45 % (BENCHMARKS.md,
-/// "Allocator arenas").
+/// against glibc's default (eight per core) with sensors at full speed on two cores:
+/// four took about 3 MB less at full load and kept the end-to-end rate; two (one for
+/// every thread besides `main`) and one took less memory still but cost that rate
+/// 15–45 % (BENCHMARKS.md, "Allocator arenas").
 pub const ARENAS: u16 = 4;
 
 /// How often the resident size is read (`/proc/self/status`, a few microseconds).
