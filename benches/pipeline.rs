@@ -413,7 +413,7 @@ fn main() {
             .collect();
         let hi = spread.iter().copied().fold(0.0, f64::max);
         let lo = spread.iter().copied().fold(f64::MAX, f64::min);
-        line(&mut out, format!("| {what}, buffer.max_bytes {:.0} MB; the broker live for 5 s, then stalled; RSS sampled every 200 ms for the peak, the marks every 2 s | peak {:.1} MB; curve spread {:.1} MB | peak by phase: {phases}; goal: peak ≤ 40 MB, flat within 10 MB. At the stall: {}; {}; {}; at the cap after 10 s of drop_oldest: {} ({dropped:.0} dropped) |", max_bytes as f64 / 1e6, peak as f64 / 1024.0, hi - lo, fmt(at_mark[0]), fmt(at_mark[1]), fmt(at_mark[2]), fmt(cap_row)));
+        line(&mut out, format!("| {what}, buffer.max_bytes {:.0} MB; the broker live for 5 s, then stalled; RSS sampled every 200 ms for the peak, the marks every 2 s | peak {:.1} MB; curve spread {:.1} MB | peak by phase: {phases}; goal: peak ≤ 40 MB, flat within 10 MB. At the stall: {}; {}; {}; at the cap after 10 s of drop_oldest: {} ({dropped:.0} dropped) |", max_bytes as f64 / 1e6, mb(peak), hi - lo, fmt(at_mark[0]), fmt(at_mark[1]), fmt(at_mark[2]), fmt(cap_row)));
         if k > 0 {
             continue;
         }
