@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use crate::buffer::{AppendOutcome, Buffer, BufferError, Cursor};
 use crate::metrics::{DropReason, Metrics};
 use crate::pipeline::Pipeline;
-use crate::record::{object, stamp, Draft, Stored, AGENT_DEVICE};
+use crate::record::{object, stamp, stamp_with, Draft, Stored, AGENT_DEVICE};
 
 /// How many records one receive takes at most (bounds a single sled batch).
 const BATCH: usize = 4096;
@@ -332,6 +332,7 @@ async fn run_inner(mut input: IngestReceiver, stage: IngestStage) -> Result<(), 
     let mut w = Writer {
         pipeline,
         seqs: buffer.next_seqs()?,
+        scratch: Vec::new(),
         buffer,
         agent_id,
         metrics,
@@ -431,6 +432,8 @@ struct Writer {
     metrics: Arc<Metrics>,
     /// Next seq per device (authoritative copy; persisted with every append).
     seqs: HashMap<String, u64>,
+    /// Where each record's JSON is encoded before it is copied out at its size.
+    scratch: Vec<u8>,
     /// Senders waiting for the next flush, with the result they get.
     waiting: Vec<(Waiter, bool)>,
     /// Highest seq per device appended since the last flush.
@@ -566,7 +569,7 @@ impl Writer {
     ) -> Result<Option<usize>, crate::record::EncodeError> {
         // Looked up by &str: a device's name is copied into the map once, not per record.
         let seq = self.seqs.get(&draft.device_id).copied().unwrap_or(0);
-        match stamp(draft, &self.agent_id, seq, now) {
+        match stamp_with(draft, &self.agent_id, seq, now, &mut self.scratch) {
             Ok(s) => {
                 set_by_name(&mut self.seqs, &draft.device_id, seq + 1);
                 stored.push(s);
