@@ -407,15 +407,26 @@ impl State {
         i
     }
 
-    fn info_for(&mut self, recs: &[Stored], bytes: usize) -> ChunkInfo {
-        let len = recs.len() as u32;
+    fn info_for<'a>(
+        &mut self,
+        recs: impl ExactSizeIterator<Item = RecordRef<'a>>,
+        bytes: usize,
+    ) -> ChunkInfo {
+        let n = recs.len();
+        let mut first_ms = None;
+        let devices = recs
+            .map(|r| {
+                first_ms.get_or_insert(r.ingested_ms);
+                self.intern(r.device_id)
+            })
+            .collect();
         ChunkInfo {
-            len,
+            len: n as u32,
             bytes: bytes as u64,
-            first_ms: recs.first().map_or(0, |r| r.ingested_ms),
-            acked: vec![0; recs.len().div_ceil(64).max(1)],
-            unacked: len,
-            devices: recs.iter().map(|r| self.intern(&r.device_id)).collect(),
+            first_ms: first_ms.unwrap_or(0),
+            acked: vec![0; n.div_ceil(64).max(1)],
+            unacked: n as u32,
+            devices,
         }
     }
 
@@ -1005,6 +1016,20 @@ impl Buffer {
     /// The next durable chunk at or after the read cursor, with its unacked records, and
     /// moves the cursor past it. `None` when everything durable has been read.
     pub fn read_next(&self) -> Result<Option<Vec<(RecordId, Stored)>>, BufferError> {
+        let Some(mut chunk) = self.read_chunk()? else {
+            return Ok(None);
+        };
+        let mut out = Vec::with_capacity(chunk.len());
+        while let Some((id, r)) = chunk.front() {
+            out.push((id, r.to_stored()));
+            chunk.advance();
+        }
+        Ok(Some(out))
+    }
+
+    /// As [`Buffer::read_next`], the records borrowed from the chunk instead of copied
+    /// out one by one (what the forwarder reads with).
+    pub fn read_chunk(&self) -> Result<Option<ReadChunk>, BufferError> {
         loop {
             // After a rewind: the in-flight chunks again, with what is acked left out.
             let (id, len, acked) = {
@@ -1036,7 +1061,7 @@ impl Buffer {
             let Some(v) = self.outbox.get(chunk_key(id))? else {
                 continue; // fully acked meanwhile
             };
-            let recs = match decode(id, &v) {
+            let (raw, spans) = match decode_spans(id, &v) {
                 Ok(r) => r,
                 Err(e) => {
                     self.quarantine_chunk(id, &v, &e, len)?;
@@ -1047,28 +1072,28 @@ impl Buffer {
                 Some(a) => a,
                 None => {
                     let mut st = self.state();
-                    let info = st.info_for(&recs, v.len());
+                    let info = st.info_for(spans.iter().map(|s| s.view(&raw)), v.len());
                     let a = info.acked.clone();
                     st.in_flight.insert(id, info);
                     a
                 }
             };
-            let out: Vec<(RecordId, Stored)> = recs
+            let recs: std::collections::VecDeque<(RecordId, Span)> = spans
                 .into_iter()
                 .enumerate()
                 .filter(|(i, _)| acked.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) == 0))
-                .map(|(i, r)| {
+                .map(|(i, s)| {
                     (
                         RecordId {
                             chunk: id,
                             index: i as u32,
                         },
-                        r,
+                        s,
                     )
                 })
                 .collect();
-            if !out.is_empty() {
-                return Ok(Some(out));
+            if !recs.is_empty() {
+                return Ok(Some(ReadChunk { raw, recs }));
             }
         }
     }
@@ -1425,6 +1450,11 @@ const TOPIC_CODES: [TopicKind; 7] = [
 ];
 
 fn encode(part: &[Stored]) -> Result<Vec<u8>, BufferError> {
+    Ok(lz4_flex::compress_prepend_size(&encode_body(part)?))
+}
+
+/// A chunk's [`CHUNK_V1`] bytes before compression.
+fn encode_body(part: &[Stored]) -> Result<Vec<u8>, BufferError> {
     let size: usize = part
         .iter()
         .map(|r| r.payload.len() + r.key.len() + r.device_id.len() + 32)
@@ -1444,7 +1474,7 @@ fn encode(part: &[Stored]) -> Result<Vec<u8>, BufferError> {
         put_varint(&mut v, r.ingested_ms);
         put_bytes(&mut v, &r.payload);
     }
-    Ok(lz4_flex::compress_prepend_size(&v))
+    Ok(v)
 }
 
 fn put_varint(v: &mut Vec<u8>, mut x: u64) {
@@ -1461,16 +1491,31 @@ fn put_bytes(v: &mut Vec<u8>, b: &[u8]) {
 }
 
 fn decode(chunk: u64, v: &[u8]) -> Result<Vec<Stored>, BufferError> {
-    let corrupt = |message: String| BufferError::Corrupt { chunk, message };
-    let raw = lz4_flex::decompress_size_prepended(v).map_err(|e| corrupt(format!("lz4: {e}")))?;
-    match raw.split_first() {
-        Some((&CHUNK_V1, rest)) => decode_v1(rest).map_err(corrupt),
-        _ => ciborium::from_reader(raw.as_slice()).map_err(|e| corrupt(e.to_string())),
-    }
+    let (raw, spans) = decode_spans(chunk, v)?;
+    Ok(spans.iter().map(|s| s.view(&raw).to_stored()).collect())
 }
 
-fn decode_v1(raw: &[u8]) -> Result<Vec<Stored>, String> {
-    let mut r = Fields(raw);
+/// Decompresses a chunk and finds its records in it, without copying any: the
+/// decompressed [`CHUNK_V1`] bytes and where each record's fields are. A chunk written
+/// before that layout (CBOR) is re-encoded in it first.
+fn decode_spans(chunk: u64, v: &[u8]) -> Result<(Vec<u8>, Vec<Span>), BufferError> {
+    let corrupt = |message: String| BufferError::Corrupt { chunk, message };
+    let mut raw =
+        lz4_flex::decompress_size_prepended(v).map_err(|e| corrupt(format!("lz4: {e}")))?;
+    if raw.first() != Some(&CHUNK_V1) {
+        let recs: Vec<Stored> =
+            ciborium::from_reader(raw.as_slice()).map_err(|e| corrupt(e.to_string()))?;
+        raw = encode_body(&recs).map_err(|e| corrupt(e.to_string()))?;
+    }
+    let spans = spans_v1(&raw).map_err(corrupt)?;
+    Ok((raw, spans))
+}
+
+/// The records of a chunk's [`CHUNK_V1`] bytes (`raw`, its first byte included), as
+/// positions in `raw`. Checks every length and that keys and devices are UTF-8.
+fn spans_v1(raw: &[u8]) -> Result<Vec<Span>, String> {
+    let mut r = Fields(raw.get(1..).unwrap_or_default());
+    let at = |r: &Fields<'_>, field: &[u8]| raw.len() - r.0.len() - field.len();
     let n = r.varint()?;
     // A record takes at least 6 bytes: a corrupt count cannot reserve more than that.
     let mut out = Vec::with_capacity(usize::try_from(n).unwrap_or(0).min(raw.len() / 6));
@@ -1479,19 +1524,124 @@ fn decode_v1(raw: &[u8]) -> Result<Vec<Stored>, String> {
         let topic = *TOPIC_CODES
             .get(usize::from(code))
             .ok_or_else(|| format!("unknown topic code {code}"))?;
-        out.push(Stored {
+        let key = r.text()?;
+        let key = (at(&r, key), key.len());
+        let device = r.text()?;
+        let device = (at(&r, device), device.len());
+        let seq = r.varint()?;
+        let ingested_ms = r.varint()?;
+        let payload = r.bytes()?;
+        out.push(Span {
             topic,
-            key: r.text()?,
-            device_id: r.text()?,
-            seq: r.varint()?,
-            ingested_ms: r.varint()?,
-            payload: r.bytes()?.to_vec(),
+            key,
+            device,
+            seq,
+            ingested_ms,
+            payload: (at(&r, payload), payload.len()),
         });
     }
     if r.0.is_empty() {
         Ok(out)
     } else {
         Err(format!("{} bytes after the last record", r.0.len()))
+    }
+}
+
+/// Where one record's fields are in its chunk's decompressed bytes: (start, length).
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    topic: TopicKind,
+    key: (usize, usize),
+    device: (usize, usize),
+    seq: u64,
+    ingested_ms: u64,
+    payload: (usize, usize),
+}
+
+impl Span {
+    /// The record in `raw`, the bytes [`spans_v1`] found it in (so every range is in
+    /// bounds and every text field UTF-8; anything else reads as empty, never panics).
+    fn view<'a>(&self, raw: &'a [u8]) -> RecordRef<'a> {
+        let field = |(start, len): (usize, usize)| {
+            raw.get(start..start.saturating_add(len))
+                .unwrap_or_default()
+        };
+        let text = |f| std::str::from_utf8(field(f)).unwrap_or_default();
+        RecordRef {
+            topic: self.topic,
+            key: text(self.key),
+            device_id: text(self.device),
+            seq: self.seq,
+            ingested_ms: self.ingested_ms,
+            payload: field(self.payload),
+        }
+    }
+}
+
+/// A buffered record as read, borrowed from its chunk: a [`Stored`] without the copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordRef<'a> {
+    /// Which configured topic it goes to.
+    pub topic: TopicKind,
+    /// Its Kafka key.
+    pub key: &'a str,
+    /// Its device.
+    pub device_id: &'a str,
+    /// Its per-device sequence number.
+    pub seq: u64,
+    /// Unix milliseconds at ingest.
+    pub ingested_ms: u64,
+    /// The finished wire message.
+    pub payload: &'a [u8],
+}
+
+impl RecordRef<'_> {
+    /// An owned copy.
+    pub fn to_stored(&self) -> Stored {
+        Stored {
+            topic: self.topic,
+            key: self.key.to_string(),
+            device_id: self.device_id.to_string(),
+            seq: self.seq,
+            ingested_ms: self.ingested_ms,
+            payload: self.payload.to_vec(),
+        }
+    }
+}
+
+/// The unacked records of one chunk, as [`Buffer::read_chunk`] hands them out: the
+/// chunk decompressed once, its records views into it (no allocation per record).
+#[derive(Debug, Default)]
+pub struct ReadChunk {
+    raw: Vec<u8>,
+    recs: std::collections::VecDeque<(RecordId, Span)>,
+}
+
+impl ReadChunk {
+    /// The next record, if any.
+    pub fn front(&self) -> Option<(RecordId, RecordRef<'_>)> {
+        self.recs.front().map(|(id, s)| (*id, s.view(&self.raw)))
+    }
+
+    /// Moves past the next record.
+    pub fn advance(&mut self) {
+        self.recs.pop_front();
+    }
+
+    /// Records left.
+    pub fn len(&self) -> usize {
+        self.recs.len()
+    }
+
+    /// Whether every record has been taken.
+    pub fn is_empty(&self) -> bool {
+        self.recs.is_empty()
+    }
+
+    /// Drops what is left.
+    pub fn clear(&mut self) {
+        self.recs.clear();
+        self.raw = Vec::new();
     }
 }
 
@@ -1527,8 +1677,10 @@ impl<'a> Fields<'a> {
         Ok(b)
     }
 
-    fn text(&mut self) -> Result<String, String> {
-        String::from_utf8(self.bytes()?.to_vec()).map_err(|_| "a field is not UTF-8".into())
+    fn text(&mut self) -> Result<&'a [u8], String> {
+        let b = self.bytes()?;
+        std::str::from_utf8(b).map_err(|_| "a field is not UTF-8")?;
+        Ok(b)
     }
 }
 

@@ -16,7 +16,6 @@
 //! records of the same key that were acknowledged meanwhile are not, so in that rare case
 //! the resent record lands after them; consumers see it by its lower `seq`.
 
-use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +28,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{pack_id, DeliverySink, Producer};
-use crate::buffer::{Buffer, BufferError, RecordId};
+use crate::buffer::{Buffer, BufferError, ReadChunk, RecordId, RecordRef};
 use crate::ingest::Ingest;
 use crate::kafka::config::Topics;
 use crate::metrics::{DropReason, Metrics};
@@ -116,10 +115,10 @@ impl Forwarder {
         self.topics.name(kind)
     }
 
-    fn hand(&self, id: RecordId, rec: &Stored, version: &str, now_ms: u64) -> Handed {
+    fn hand(&self, id: RecordId, rec: RecordRef<'_>, version: &str, now_ms: u64) -> Handed {
         let waited_ms = now_ms.saturating_sub(rec.ingested_ms);
         let replayed = if waited_ms > self.replayed_after_ms {
-            replayed_payload(&rec.payload, waited_ms)
+            replayed_payload(rec.payload, waited_ms)
         } else {
             None
         };
@@ -139,7 +138,7 @@ impl Forwarder {
             })
             .insert(Header {
                 key: "device-id",
-                value: Some(rec.device_id.as_str()),
+                value: Some(rec.device_id),
             });
         if let Some(ms) = &waited {
             headers = headers
@@ -152,9 +151,9 @@ impl Forwarder {
                     value: Some(ms.as_str()),
                 });
         }
-        let payload = replayed.as_deref().unwrap_or(rec.payload.as_slice());
+        let payload = replayed.as_deref().unwrap_or(rec.payload);
         let record = BaseRecord::with_opaque_to(self.topic(rec.topic), pack_id(id))
-            .key(rec.key.as_str())
+            .key(rec.key)
             .payload(payload)
             .headers(headers);
         // Count first: the delivery callback may run before send returns.
@@ -192,7 +191,7 @@ impl Forwarder {
         grace: Duration,
     ) -> Result<(), ForwarderError> {
         let version = SCHEMA_VERSION.to_string();
-        let mut pending: VecDeque<(RecordId, Stored)> = VecDeque::new();
+        let mut pending = ReadChunk::default();
         let mut durable = self.buffer.subscribe_durable();
         let mut rewinding = false;
         let mut resume_at: Option<Instant> = None;
@@ -266,32 +265,31 @@ impl Forwarder {
     /// Hands records to the producer, from `pending` and then the buffer, until the
     /// in-flight window is full or nothing durable is left; dead-letters what the
     /// producer refuses for good on the spot.
-    async fn fill(
-        &self,
-        pending: &mut VecDeque<(RecordId, Stored)>,
-        version: &str,
-    ) -> Result<Filled, ForwarderError> {
+    async fn fill(&self, pending: &mut ReadChunk, version: &str) -> Result<Filled, ForwarderError> {
         let now_ms = crate::record::unix_ms(std::time::SystemTime::now());
         if self.stalled(now_ms) {
             return Ok(Filled::Stalled);
         }
         while self.in_flight() < self.window {
             if pending.is_empty() {
-                match self.buffer.read_next()? {
-                    Some(recs) => pending.extend(recs),
+                match self.buffer.read_chunk()? {
+                    Some(chunk) => *pending = chunk,
                     None => return Ok(Filled::Empty),
                 }
             }
-            let Some((id, rec)) = pending.pop_front() else {
+            let Some((id, rec)) = pending.front() else {
                 return Ok(Filled::Empty);
             };
-            match self.hand(id, &rec, version, now_ms) {
-                Handed::Sent => {}
-                Handed::QueueFull => {
-                    pending.push_front((id, rec));
-                    return Ok(Filled::QueueFull);
+            match self.hand(id, rec, version, now_ms) {
+                Handed::Sent => pending.advance(),
+                // Stays first in `pending` for the next call.
+                Handed::QueueFull => return Ok(Filled::QueueFull),
+                Handed::Failed(e) if is_permanent(&e) => {
+                    let rec = rec.to_stored();
+                    pending.advance();
+                    self.dead_letter(id, &rec, &e).await?;
                 }
-                Handed::Failed(e) if is_permanent(&e) => self.dead_letter(id, &rec, &e).await?,
+                // The run loop rewinds: `pending` is cleared and read again.
                 Handed::Failed(e) => return Ok(Filled::Failed(e)),
             }
         }
@@ -417,7 +415,7 @@ impl Forwarder {
     /// among it: stop events, final aggregates) and waits for reports, up to `grace`.
     async fn drain(
         mut self,
-        mut pending: VecDeque<(RecordId, Stored)>,
+        mut pending: ReadChunk,
         grace: Duration,
         version: &str,
     ) -> Result<(), ForwarderError> {
