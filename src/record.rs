@@ -372,7 +372,14 @@ impl Body {
                 sensor_id,
                 sensor_type,
                 ..
-            } => format!("{sensor_type}:{sensor_id}"),
+            } => {
+                // Sized once: `format!` grows its String from a guess, per record.
+                let mut k = String::with_capacity(sensor_type.len() + 1 + sensor_id.len());
+                k.push_str(sensor_type);
+                k.push(':');
+                k.push_str(sensor_id);
+                k
+            }
             Body::Alert { sensor_id, .. } => sensor_id.clone(),
             Body::CommandResult { command_id, .. } => command_id.clone(),
             Body::AgentEvent { .. } => agent_id.to_string(),

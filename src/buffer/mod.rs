@@ -122,6 +122,7 @@ pub mod store;
 pub use config::{BufferConfig, OverflowPolicy};
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -466,6 +467,9 @@ pub struct Buffer {
     min_free_bytes: Option<u64>,
     overflow: OverflowPolicy,
     per_chunk: usize,
+    /// Where appends encode: a chunk's bytes before compression, then every chunk of
+    /// the append compressed one after another (sled copies them into its own).
+    scratch: Mutex<(Vec<u8>, Vec<u8>)>,
     state: Mutex<State>,
     /// Bytes kept by side trees (replay ids), each counted against the cap.
     side_bytes: Mutex<Vec<Arc<AtomicU64>>>,
@@ -565,8 +569,18 @@ fn be(n: u64) -> [u8; 8] {
     n.to_be_bytes()
 }
 
-fn skipped_records(parts: &[(Vec<u8>, &[Stored])]) -> usize {
+fn skipped_records(parts: &[(Range<usize>, &[Stored])]) -> usize {
     parts.iter().map(|(_, p)| p.len()).sum()
+}
+
+/// Notes in `next` each device's next seq after `part`, later records winning: one
+/// map update per run of one device's records, not one per record.
+fn note_next_seqs<'a>(next: &mut HashMap<&'a str, u64>, part: &'a [Stored]) {
+    for (i, r) in part.iter().enumerate() {
+        if part.get(i + 1).is_none_or(|n| n.device_id != r.device_id) {
+            next.insert(&r.device_id, r.seq + 1);
+        }
+    }
 }
 
 fn chunk_key(id: u64) -> [u8; 9] {
@@ -637,6 +651,7 @@ impl Buffer {
             min_free_bytes: cfg.min_free_bytes,
             overflow: cfg.overflow,
             per_chunk: cfg.records_per_chunk,
+            scratch: Mutex::default(),
             state: Mutex::new(st),
             side_bytes: Mutex::new(Vec::new()),
             disk: Mutex::new(DiskCheck::new(kept_at_open)),
@@ -709,10 +724,18 @@ impl Buffer {
             out.disk_full = true;
             return Ok(out);
         }
-        let mut encoded: Vec<(Vec<u8>, &[Stored])> = Vec::new();
-        for part in records.chunks(self.per_chunk) {
-            encoded.push((encode(part)?, part));
+        let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let (body, packed) = &mut *scratch;
+        if packed.capacity() > SCRATCH_KEEP {
+            // The last append was a large one: do not keep its size for good.
+            *packed = Vec::new();
         }
+        packed.clear();
+        let mut encoded: Vec<(Range<usize>, &[Stored])> = Vec::new();
+        for part in records.chunks(self.per_chunk) {
+            encoded.push((encode_into(part, body, packed)?, part));
+        }
+        let packed = &packed[..];
         let side = self.side_total();
         let cap_total = self.cap_bytes();
         let mut st = self.state();
@@ -787,16 +810,12 @@ impl Buffer {
         let mut new_infos = Vec::with_capacity(keep);
         // Dropped incoming records keep their seqs: the gap is what the drop event reports.
         for (_, part) in encoded.iter().take(skip) {
-            for r in part.iter() {
-                next_seq.insert(&r.device_id, r.seq + 1);
-            }
+            note_next_seqs(&mut next_seq, part);
         }
         for (bytes, part) in encoded.iter().take(keep).skip(skip) {
             let id = st.next_chunk + new_infos.len() as u64;
-            batch.insert(&chunk_key(id), bytes.as_slice());
-            for r in part.iter() {
-                next_seq.insert(&r.device_id, r.seq + 1);
-            }
+            batch.insert(&chunk_key(id), &packed[bytes.clone()]);
+            note_next_seqs(&mut next_seq, part);
             new_infos.push((id, part, bytes.len()));
             out.accepted += part.len();
         }
@@ -1453,28 +1472,65 @@ fn encode(part: &[Stored]) -> Result<Vec<u8>, BufferError> {
     Ok(lz4_flex::compress_prepend_size(&encode_body(part)?))
 }
 
+/// Encodes `part` as a chunk at the end of `packed` (what [`encode`] returns: the
+/// length, little-endian u32, then the lz4 block), `body` the scratch it is laid out in
+/// first. Returns where in `packed` it is.
+fn encode_into(
+    part: &[Stored],
+    body: &mut Vec<u8>,
+    packed: &mut Vec<u8>,
+) -> Result<Range<usize>, BufferError> {
+    body.clear();
+    encode_body_into(part, body)?;
+    let len = u32::try_from(body.len())
+        .map_err(|_| BufferError::Encode(format!("a {}-byte chunk", body.len())))?;
+    let start = packed.len();
+    packed.extend_from_slice(&len.to_le_bytes());
+    let block = start + 4;
+    packed.resize(
+        block + lz4_flex::block::get_maximum_output_size(body.len()),
+        0,
+    );
+    let n = lz4_flex::block::compress_into(body, &mut packed[block..])
+        .map_err(|e| BufferError::Encode(format!("lz4: {e}")))?;
+    packed.truncate(block + n);
+    if body.capacity() > SCRATCH_KEEP {
+        *body = Vec::new();
+    }
+    Ok(start..packed.len())
+}
+
+/// The most an append's scratch buffers keep between appends.
+const SCRATCH_KEEP: usize = 1 << 20;
+
 /// A chunk's [`CHUNK_V1`] bytes before compression.
 fn encode_body(part: &[Stored]) -> Result<Vec<u8>, BufferError> {
+    let mut v = Vec::new();
+    encode_body_into(part, &mut v)?;
+    Ok(v)
+}
+
+fn encode_body_into(part: &[Stored], v: &mut Vec<u8>) -> Result<(), BufferError> {
     let size: usize = part
         .iter()
         .map(|r| r.payload.len() + r.key.len() + r.device_id.len() + 32)
         .sum();
-    let mut v = Vec::with_capacity(size + 11);
+    v.reserve(size + 11);
     v.push(CHUNK_V1);
-    put_varint(&mut v, part.len() as u64);
+    put_varint(v, part.len() as u64);
     for r in part {
         let code = TOPIC_CODES
             .iter()
             .position(|t| *t == r.topic)
             .ok_or_else(|| BufferError::Encode(format!("no chunk code for {:?}", r.topic)))?;
         v.push(code as u8);
-        put_bytes(&mut v, r.key.as_bytes());
-        put_bytes(&mut v, r.device_id.as_bytes());
-        put_varint(&mut v, r.seq);
-        put_varint(&mut v, r.ingested_ms);
-        put_bytes(&mut v, &r.payload);
+        put_bytes(v, r.key.as_bytes());
+        put_bytes(v, r.device_id.as_bytes());
+        put_varint(v, r.seq);
+        put_varint(v, r.ingested_ms);
+        put_bytes(v, &r.payload);
     }
-    Ok(v)
+    Ok(())
 }
 
 fn put_varint(v: &mut Vec<u8>, mut x: u64) {
@@ -1725,6 +1781,31 @@ mod tests {
     }
 
     #[test]
+    fn the_next_seq_of_each_device_is_its_last_records() {
+        let rec = |dev: &str, seq| Stored {
+            topic: TopicKind::Sensors,
+            key: String::new(),
+            device_id: dev.into(),
+            seq,
+            ingested_ms: 0,
+            payload: Vec::new(),
+        };
+        let part = [
+            rec("a", 1),
+            rec("a", 2),
+            rec("b", 7),
+            rec("a", 3),
+            rec("b", 8),
+        ];
+        let mut next = HashMap::new();
+        note_next_seqs(&mut next, &part);
+        assert_eq!(next, HashMap::from([("a", 4), ("b", 9)]));
+        let later = [rec("b", 9)];
+        note_next_seqs(&mut next, &later);
+        assert_eq!(next, HashMap::from([("a", 4), ("b", 10)]));
+    }
+
+    #[test]
     fn chunks_round_trip_in_every_topic_and_old_cbor_chunks_still_read() {
         let part: Vec<Stored> = TOPIC_CODES
             .iter()
@@ -1744,6 +1825,13 @@ mod tests {
             CHUNK_V1
         );
         assert!(same(&decode(7, &v1).unwrap(), &part));
+        // What appends write, several chunks after one another in one scratch buffer, is
+        // what `encode` gives, byte for byte.
+        let (mut body, mut packed) = (Vec::new(), vec![9u8; 3]);
+        let a = encode_into(&part[..3], &mut body, &mut packed).unwrap();
+        let b = encode_into(&part[3..], &mut body, &mut packed).unwrap();
+        assert_eq!(packed[a], encode(&part[..3]).unwrap()[..]);
+        assert_eq!(packed[b], encode(&part[3..]).unwrap()[..]);
         // A chunk as versions before the v1 layout wrote it: lz4 over a CBOR array.
         let mut cbor = Vec::new();
         ciborium::into_writer(&part, &mut cbor).unwrap();
