@@ -35,8 +35,26 @@ unsafe impl Send for AlignedBuf {}
 #[allow(unsafe_code)]
 unsafe impl Sync for AlignedBuf {}
 
+// labgate: IO buffers whose segment is written are kept for the next segment
+// (at most `SPARE_IO_BUFS`) instead of going back to the allocator. A segment's
+// buffer is 512 KiB; glibc serves the first from mmap, then raises its mmap threshold
+// past that size and serves the rest from an arena, where each freed one left a
+// segment-sized hole that later small allocations split: an agent writing at full
+// speed grew by 5-10 MB that way (labgate's BENCHMARKS.md, "IO buffers").
+const SPARE_IO_BUFS: usize = 2;
+
+static SPARES: Mutex<Vec<AlignedBuf>> = parking_lot::const_mutex(Vec::new());
+
 impl AlignedBuf {
     fn new(len: usize) -> AlignedBuf {
+        {
+            let mut spares = SPARES.lock();
+            if let Some(i) = spares.iter().position(|b| b.1 == len) {
+                // Not zeroed, as a fresh one is not: every byte is written before
+                // it is read or flushed.
+                return spares.swap_remove(i);
+            }
+        }
         let layout = Layout::from_size_align(len, 8192).unwrap();
         let ptr = unsafe { alloc(layout) };
 
@@ -48,6 +66,18 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        if self.0.is_null() {
+            return;
+        }
+        {
+            let mut spares = SPARES.lock();
+            if spares.len() < SPARE_IO_BUFS {
+                // The pool owns the allocation from here; this value lets go of it.
+                spares.push(AlignedBuf(self.0, self.1));
+                self.0 = std::ptr::null_mut();
+                return;
+            }
+        }
         let layout = Layout::from_size_align(self.1, 8192).unwrap();
         unsafe {
             dealloc(self.0, layout);
