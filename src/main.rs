@@ -158,6 +158,7 @@ fn main() -> ExitCode {
         Cmd::Run { config } => {
             // First, while this is the only thread.
             let arenas = labgate::memory::limit_arenas();
+            let thresholds = labgate::memory::fix_thresholds();
             let cfg = match load(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
@@ -166,7 +167,8 @@ fn main() -> ExitCode {
             log_panics();
             tracing::debug!(
                 ?arenas,
-                "glibc arena limit (None: the environment's or glibc's own)"
+                thresholds,
+                "glibc arena limit (None: the environment's or glibc's own); mmap and trim thresholds fixed"
             );
             if let Err(e) = labgate::memory::spawn_trimmer() {
                 tracing::warn!(error = %e, "cannot start the memory trimmer; freed memory stays with the allocator");

@@ -24,6 +24,19 @@ use std::time::{Duration, Instant};
 /// 15–45 % (BENCHMARKS.md, "Allocator arenas").
 pub const ARENAS: u16 = 4;
 
+/// Blocks at least this large get their own mapping, given back when freed. glibc
+/// starts at 128 KiB and raises it to the size of the largest such block freed, after
+/// which the large buffers that sled and librdkafka take and free many times a second
+/// (256–512 KiB) come from the arenas and leave holes there. Fixed here (with
+/// [`TRIM_THRESHOLD`]) it took 3–5 MB off the agent's peak with sensors at full speed
+/// and the broker stalling (BENCHMARKS.md, "Allocator thresholds").
+pub const MMAP_THRESHOLD: u32 = 512 * 1024;
+
+/// Free memory at an arena's top past this goes back to the kernel at once. glibc
+/// raises it to twice the mmap threshold as that rises; fixing one fixes both, so it
+/// is set too, at the growth [`SLACK_KIB`] lets the trimmer wait for.
+pub const TRIM_THRESHOLD: u32 = 1024 * 1024;
+
 /// How often the resident size is read (`/proc/self/status`, a few microseconds).
 pub const CHECK_EVERY: Duration = Duration::from_millis(100);
 
@@ -133,8 +146,26 @@ fn interval(ms: &str) -> Option<Duration> {
 /// (`MALLOC_ARENA_MAX`, or `glibc.malloc.arena_max` in `GLIBC_TUNABLES`): the agent then
 /// leaves that setting alone.
 fn arenas_set_by(var: impl Fn(&str) -> Option<String>) -> bool {
-    var("MALLOC_ARENA_MAX").is_some()
-        || var("GLIBC_TUNABLES").is_some_and(|t| t.contains("glibc.malloc.arena_max"))
+    set_by(&var, "MALLOC_ARENA_MAX", "glibc.malloc.arena_max")
+}
+
+/// Whether the environment sets either threshold ([`MMAP_THRESHOLD`],
+/// [`TRIM_THRESHOLD`]); the agent then leaves both alone.
+fn thresholds_set_by(var: impl Fn(&str) -> Option<String>) -> bool {
+    set_by(
+        &var,
+        "MALLOC_MMAP_THRESHOLD_",
+        "glibc.malloc.mmap_threshold",
+    ) || set_by(
+        &var,
+        "MALLOC_TRIM_THRESHOLD_",
+        "glibc.malloc.trim_threshold",
+    )
+}
+
+/// Whether glibc's variable `env` or its tunable `tunable` is set.
+fn set_by(var: &impl Fn(&str) -> Option<String>, env: &str, tunable: &str) -> bool {
+    var(env).is_some() || var("GLIBC_TUNABLES").is_some_and(|t| t.contains(tunable))
 }
 
 /// Caps glibc's arenas at [`ARENAS`] unless the environment sets its own limit. Call it
@@ -144,6 +175,13 @@ pub fn limit_arenas() -> Option<u16> {
         return None;
     }
     glibc_malloc::limit_arenas(ARENAS).then_some(ARENAS)
+}
+
+/// Fixes glibc's mmap and trim thresholds at [`MMAP_THRESHOLD`] and [`TRIM_THRESHOLD`]
+/// unless the environment sets either. Returns whether it did.
+pub fn fix_thresholds() -> bool {
+    !thresholds_set_by(|k| std::env::var(k).ok())
+        && glibc_malloc::fix_thresholds(MMAP_THRESHOLD, TRIM_THRESHOLD)
 }
 
 /// Starts the thread that trims. Without `/proc` (or off glibc) it does nothing.
@@ -209,16 +247,18 @@ mod tests {
         }
     }
 
+    /// An environment of `pairs`.
+    fn env(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |k: &str| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| (*v).to_string())
+        }
+    }
+
     #[test]
     fn an_arena_limit_from_the_environment_wins() {
-        let env = |pairs: &'static [(&'static str, &'static str)]| {
-            move |k: &str| {
-                pairs
-                    .iter()
-                    .find(|(n, _)| *n == k)
-                    .map(|(_, v)| (*v).to_string())
-            }
-        };
         assert!(!arenas_set_by(env(&[])));
         assert!(arenas_set_by(env(&[("MALLOC_ARENA_MAX", "4")])));
         assert!(arenas_set_by(env(&[(
@@ -229,6 +269,34 @@ mod tests {
             "GLIBC_TUNABLES",
             "glibc.malloc.tcache_count=0"
         )])));
+    }
+
+    #[test]
+    fn the_environment_can_set_the_thresholds_itself() {
+        assert!(!thresholds_set_by(env(&[])));
+        assert!(thresholds_set_by(env(&[(
+            "MALLOC_MMAP_THRESHOLD_",
+            "65536"
+        )])));
+        assert!(thresholds_set_by(env(&[("MALLOC_TRIM_THRESHOLD_", "0")])));
+        assert!(thresholds_set_by(env(&[(
+            "GLIBC_TUNABLES",
+            "glibc.malloc.arena_max=2:glibc.malloc.trim_threshold=1"
+        )])));
+        assert!(!thresholds_set_by(env(&[(
+            "GLIBC_TUNABLES",
+            "glibc.malloc.arena_max=2"
+        )])));
+    }
+
+    #[test]
+    fn glibc_takes_the_thresholds() {
+        assert_eq!(
+            glibc_malloc::fix_thresholds(MMAP_THRESHOLD, TRIM_THRESHOLD),
+            cfg!(all(target_os = "linux", target_env = "gnu"))
+        );
+        // A value that does not fit glibc's int is refused before it gets there.
+        assert!(!glibc_malloc::fix_thresholds(u32::MAX, TRIM_THRESHOLD));
     }
 
     #[test]

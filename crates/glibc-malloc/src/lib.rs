@@ -1,4 +1,4 @@
-//! Two glibc allocator calls behind safe functions, so that labgate itself keeps
+//! Three glibc allocator calls behind safe functions, so that labgate itself keeps
 //! `#![forbid(unsafe_code)]`.
 //!
 //! glibc keeps memory a thread freed inside that thread's arena for reuse; it gives pages
@@ -10,6 +10,11 @@
 //! glibc also opens up to eight arenas per core as threads contend for the allocator,
 //! each with its own free chunks and partly used pages. `mallopt(M_ARENA_MAX, n)`
 //! bounds how many it opens; set before the threads start, it bounds them all.
+
+//! And glibc adjusts two thresholds as the process runs: a block freed from its own
+//! mapping raises the size from which blocks get one (up to 32 MiB), and with it how
+//! much free memory an arena's top may keep. `mallopt` with `M_MMAP_THRESHOLD` and
+//! `M_TRIM_THRESHOLD` fixes both.
 
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
@@ -47,5 +52,30 @@ pub fn limit_arenas(n: u16) -> bool {
 /// Lets the allocator open at most `n` arenas (nothing to do here).
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn limit_arenas(_n: u16) -> bool {
+    false
+}
+
+/// Fixes glibc's mmap threshold (blocks at least `mmap` bytes long get a mapping of
+/// their own, unmapped when freed) and trim threshold (free memory past `trim` bytes at
+/// an arena's top goes back to the kernel), which glibc otherwise raises as the process
+/// runs. `true` when glibc took both. Elsewhere it does nothing and returns `false`.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+pub fn fix_thresholds(mmap: u32, trim: u32) -> bool {
+    let (Ok(mmap), Ok(trim)) = (i32::try_from(mmap), i32::try_from(trim)) else {
+        return false;
+    };
+    // SAFETY: as for M_ARENA_MAX: mallopt takes two integers and sets a parameter under
+    // glibc's own lock; the thresholds only decide where later blocks come from and when
+    // free memory is returned, they move no live allocation.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, mmap) == 1
+            && libc::mallopt(libc::M_TRIM_THRESHOLD, trim) == 1
+    }
+}
+
+/// Fixes the allocator's mmap and trim thresholds (nothing to do here).
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn fix_thresholds(_mmap: u32, _trim: u32) -> bool {
     false
 }
