@@ -433,14 +433,20 @@ impl State {
 
     /// Counts a chunk that is now in sled (appended, requeued, or found at open) as
     /// buffered and not yet read.
-    fn add_chunk(&mut self, id: u64, recs: &[Stored], bytes: usize) {
-        self.records += recs.len() as u64;
+    fn add_chunk<'a>(
+        &mut self,
+        id: u64,
+        devices: impl ExactSizeIterator<Item = &'a str>,
+        bytes: usize,
+    ) {
+        let n = devices.len();
+        self.records += n as u64;
         self.bytes += bytes as u64;
-        for r in recs {
-            let d = self.intern(&r.device_id);
+        for device in devices {
+            let d = self.intern(device);
             self.per_device[usize::from(d)] += 1;
         }
-        self.unread.push(id, chunk_len(recs));
+        self.unread.push(id, chunk_len(n));
         self.next_chunk = id + 1;
     }
 
@@ -569,6 +575,10 @@ fn be(n: u64) -> [u8; 8] {
     n.to_be_bytes()
 }
 
+fn devices_of(part: &[Stored]) -> impl ExactSizeIterator<Item = &str> {
+    part.iter().map(|r| r.device_id.as_str())
+}
+
 fn skipped_records(parts: &[(Range<usize>, &[Stored])]) -> usize {
     parts.iter().map(|(_, p)| p.len()).sum()
 }
@@ -606,8 +616,12 @@ impl Buffer {
             let (k, v) = kv?;
             let decoded = from_be(&k[1..])
                 .ok_or_else(|| "chunk key is not 9 bytes".to_string())
-                .and_then(|id| decode(id, &v).map(|r| (id, r)).map_err(|e| e.to_string()));
-            let (id, recs) = match decoded {
+                .and_then(|id| {
+                    decode_spans(id, &v)
+                        .map(|r| (id, r))
+                        .map_err(|e| e.to_string())
+                });
+            let (id, (raw, spans)) = match decoded {
                 Ok(x) => x,
                 Err(message) => {
                     // One bad chunk must not keep the rest of the backlog from opening.
@@ -618,7 +632,7 @@ impl Buffer {
                     continue;
                 }
             };
-            st.add_chunk(id, &recs, v.len());
+            st.add_chunk(id, spans.iter().map(|s| s.view(&raw).device_id), v.len());
         }
         st.durable_end = st.next_chunk;
         st.read_cursor = st.unread.front().map_or(st.next_chunk, |(id, _)| id);
@@ -726,9 +740,11 @@ impl Buffer {
         }
         let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
         let (body, packed) = &mut *scratch;
-        if packed.capacity() > SCRATCH_KEEP {
-            // The last append was a large one: do not keep its size for good.
-            *packed = Vec::new();
+        for buf in [&mut *body, &mut *packed] {
+            if buf.capacity() > SCRATCH_KEEP {
+                // The last append was a large one: do not keep its size for good.
+                *buf = Vec::new();
+            }
         }
         packed.clear();
         let mut encoded: Vec<(Range<usize>, &[Stored])> = Vec::new();
@@ -777,10 +793,10 @@ impl Buffer {
                 let Some(v) = self.outbox.get(key)? else {
                     continue;
                 };
-                match decode(id, &v) {
-                    Ok(recs) => {
-                        for r in &recs {
-                            let d = st.intern(&r.device_id);
+                match decode_spans(id, &v) {
+                    Ok((raw, spans)) => {
+                        for s in &spans {
+                            let d = st.intern(s.view(&raw).device_id);
                             st.dec_device(d);
                         }
                     }
@@ -843,7 +859,7 @@ impl Buffer {
         // together or not at all.
         self.outbox.apply_batch(batch)?;
         for (id, part, bytes) in new_infos {
-            st.add_chunk(id, part, bytes);
+            st.add_chunk(id, devices_of(part), bytes);
         }
         st.unreported_drops = unreported;
         Ok(out)
@@ -1163,7 +1179,10 @@ impl Buffer {
         let Some(v) = self.outbox.get(chunk_key(id.chunk))? else {
             return Ok(None);
         };
-        Ok(decode(id.chunk, &v)?.into_iter().nth(id.index as usize))
+        let (raw, spans) = decode_spans(id.chunk, &v)?;
+        Ok(spans
+            .get(id.index as usize)
+            .map(|s| s.view(&raw).to_stored()))
     }
 
     /// The id the next appended chunk gets: every record appended so far is in a chunk
@@ -1317,7 +1336,7 @@ impl Buffer {
             }
             self.outbox.apply_batch(batch)?;
             for (id, part, bytes) in infos {
-                st.add_chunk(id, part, bytes);
+                st.add_chunk(id, devices_of(part), bytes);
             }
         }
         self.store.sync_blocking()?;
@@ -1425,7 +1444,7 @@ impl Buffer {
             id
         };
         let v = self.outbox.get(chunk_key(id)).ok()??;
-        let ms = decode(id, &v).ok()?.first()?.ingested_ms;
+        let ms = decode_spans(id, &v).ok()?.1.first()?.ingested_ms;
         self.state().oldest = Some((id, ms));
         Some(ms)
     }
@@ -1447,14 +1466,14 @@ impl Buffer {
 }
 
 /// Records in a chunk (at most `records_per_chunk`, which config caps at 4096).
-fn chunk_len(recs: &[Stored]) -> u16 {
-    u16::try_from(recs.len()).unwrap_or(u16::MAX)
+fn chunk_len(n: usize) -> u16 {
+    u16::try_from(n).unwrap_or(u16::MAX)
 }
 
 /// The first byte of a chunk (after lz4) in the current layout: the record count, then
 /// per record its topic, key, device, seq, ingest time and payload, numbers as LEB128
 /// varints and byte strings length-prefixed. Chunks written by earlier versions are
-/// CBOR arrays (first byte 0x80–0x9f); [`decode`] still reads them.
+/// CBOR arrays (first byte 0x80–0x9f); [`decode_spans`] still reads them.
 const CHUNK_V1: u8 = 0x01;
 
 /// Topic codes of the chunk layout (stable on disk; append only).
@@ -1494,9 +1513,6 @@ fn encode_into(
     let n = lz4_flex::block::compress_into(body, &mut packed[block..])
         .map_err(|e| BufferError::Encode(format!("lz4: {e}")))?;
     packed.truncate(block + n);
-    if body.capacity() > SCRATCH_KEEP {
-        *body = Vec::new();
-    }
     Ok(start..packed.len())
 }
 
@@ -1546,6 +1562,8 @@ fn put_bytes(v: &mut Vec<u8>, b: &[u8]) {
     v.extend_from_slice(b);
 }
 
+/// A chunk's records, copied out (the tests' view of [`decode_spans`]).
+#[cfg(test)]
 fn decode(chunk: u64, v: &[u8]) -> Result<Vec<Stored>, BufferError> {
     let (raw, spans) = decode_spans(chunk, v)?;
     Ok(spans.iter().map(|s| s.view(&raw).to_stored()).collect())
