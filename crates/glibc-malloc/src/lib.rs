@@ -10,7 +10,7 @@
 //! glibc also opens up to eight arenas per core as threads contend for the allocator,
 //! each with its own free chunks and partly used pages. `mallopt(M_ARENA_MAX, n)`
 //! bounds how many it opens; set before the threads start, it bounds them all.
-
+//!
 //! And glibc adjusts two thresholds as the process runs: a block freed from its own
 //! mapping raises the size from which blocks get one (up to 32 MiB), and with it how
 //! much free memory an arena's top may keep. `mallopt` with `M_MMAP_THRESHOLD` and
