@@ -137,3 +137,62 @@ fn records_kept_before_the_overhead_was_measured_are_not_dropped_for_it() {
     assert!(out.dropped <= 1024 + 64, "dropped {}", out.dropped);
     assert!(st.records + 64 >= before, "{} of {before} left", st.records);
 }
+
+/// A sensor reading like the agent's (JSON that lz4 shrinks about fourfold).
+fn reading(seq: u64) -> Stored {
+    let d = Draft::new(
+        "env-disk",
+        Body::SensorReading {
+            sensor_id: format!("temp-{}", seq % 4),
+            sensor_type: "temperature".into(),
+            value: 22.0 + (seq as f64 * 0.37).sin(),
+            unit: "°C".into(),
+            location: None,
+            metadata: Default::default(),
+        },
+    );
+    stamp(&d, "agent-disk", seq, SystemTime::now()).expect("stamp")
+}
+
+#[test]
+fn a_growing_backlog_takes_little_more_disk_than_its_encoded_bytes() {
+    let dir = common::tempdir();
+    let store = dir.path().join("buffer");
+    let b = Buffer::open(&store, &BufferConfig::default()).expect("open");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    // Appended and committed as ingest does under load, the broker away: nothing read.
+    let mut seq = 0u64;
+    while b.stats().bytes < 64 << 20 {
+        let recs: Vec<Stored> = (0..2048).map(|i| reading(seq + i)).collect();
+        seq += recs.len() as u64;
+        b.append(&recs, 0).expect("append");
+        rt.block_on(b.flush()).expect("flush");
+    }
+    b.flush_blocking().expect("flush");
+    let encoded = b.stats().bytes;
+    let on_disk = allocated_bytes(&store);
+    // sled writes a leaf again each time it grows; the old copies are garbage until
+    // their segment is cleaned. Measured here: 1.6-1.8 × before the store drove the
+    // cleaning after each sync, 1.14-1.16 × since (issue 11 asks at most 1.25 ×).
+    assert!(
+        on_disk * 4 <= encoded * 5,
+        "{on_disk} bytes on disk for {encoded} encoded ({:.2} ×)",
+        on_disk as f64 / encoded as f64
+    );
+    // Every record is still there, in order, after the moves.
+    drop(b);
+    let b = Buffer::open(&store, &BufferConfig::default()).expect("reopen");
+    assert_eq!(b.stats().records, seq);
+    let mut next = 0u64;
+    while let Some(chunk) = b.read_next().expect("read") {
+        for (_, r) in chunk {
+            assert_eq!(r.seq, next, "in order, none missing");
+            next += 1;
+        }
+    }
+    assert_eq!(next, seq);
+}

@@ -560,6 +560,14 @@ pub const DEFAULT_MIN_FREE: u64 = 64 << 20;
 
 const DISK_CHECK_EVERY: Duration = Duration::from_millis(250);
 
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        // A background cleaning round holds the store; a buffer opened again on the
+        // same directory right after this must not find it still open.
+        self.store.wait_cleaning();
+    }
+}
+
 /// A tree beside the buffer's own, in the same store: its writes become durable with the
 /// store's sync, and the bytes it keeps count against `buffer.max_bytes`.
 pub struct SideTree {

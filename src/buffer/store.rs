@@ -18,14 +18,34 @@
 //!    fdatasync and unlinked after it.
 //!
 //! Blobs go before the log so that a log entry never points at a blob that is not on
-//! disk. Nothing is acknowledged upstream, made readable for the forwarder, or executed
+//! disk. For the same reason a log segment that sled has freed is not written over
+//! (or truncated away) until the fdatasync after it: the writes that replaced its
+//! pages are only in the page cache until then. The vendored sled holds freed segments
+//! back, and the count held is taken before the log's fdatasync and released after it.
+//!
+//! After each sync a background task moves live pages out of the segments sled has
+//! marked for cleaning, a bounded number at a time ([`CLEAN_PAGES`]). sled 0.34 did
+//! that from a flusher thread that labgate does not start (the agent flushes at its
+//! own commits); without it, garbage outran the cleaning and the log held 1.6-1.8
+//! times the bytes stored in it. The moved pages become durable at the next sync.
+//!
+//! Nothing is acknowledged upstream, made readable for the forwarder, or executed
 //! before the sync that covers it has returned.
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+
+/// Pages moved out of segments marked for cleaning after each sync, at most. At the
+/// agent's full ingest rate (a sync every 20 ms) that is room for 1,600 pages a second;
+/// the garbage of that rate needs 400-1,000 (`examples/backlog_probe.rs`). Rounds of
+/// 256 kept up as well but page more old leaves in at once: the agent's peak RSS with
+/// the buffer dropping at its cap was 40.1 MB against 37.4 MB at 32
+/// (`benches/stalled_heap.rs`, one run each).
+pub const CLEAN_PAGES: usize = 32;
 
 /// The open store and what of its directory is known to be durable.
 pub struct Store {
@@ -33,6 +53,11 @@ pub struct Store {
     dir: PathBuf,
     log: File,
     synced: Mutex<Synced>,
+    /// A cleaning round is running (one at a time). Shared with the round, which
+    /// clears it only after letting go of the store.
+    cleaning: Arc<AtomicBool>,
+    /// A cleaning round failed: the next sync reports it.
+    clean_error: Mutex<Option<sled::Error>>,
 }
 
 /// Directory entries as of the last directory fsync, and blob files to unlink once the
@@ -61,6 +86,8 @@ pub fn open(dir: &Path, cache_capacity: u64) -> std::io::Result<Store> {
         dir: dir.to_path_buf(),
         log,
         synced: Mutex::new(Synced::default()),
+        cleaning: Arc::new(AtomicBool::new(false)),
+        clean_error: Mutex::new(None),
     };
     store.sync_files()?;
     // The entries leading to the store, in case `create_dir_all` just made them: the
@@ -86,16 +113,56 @@ impl Store {
 
     /// Makes every write to the store so far durable (see the module docs).
     pub async fn sync(self: &Arc<Self>) -> Result<(), sled::Error> {
+        if let Some(e) = self
+            .clean_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            return Err(e);
+        }
         self.db.flush_async().await?;
         let me = self.clone();
         tokio::task::spawn_blocking(move || me.sync_files())
             .await
             .map_err(|e| sled::Error::Io(std::io::Error::other(e)))?
-            .map_err(sled::Error::Io)
+            .map_err(sled::Error::Io)?;
+        self.clean_in_background();
+        Ok(())
+    }
+
+    /// Starts a cleaning round on the blocking pool when sled has segments to clean and
+    /// no round is running.
+    fn clean_in_background(self: &Arc<Self>) {
+        if !self.db.has_segments_to_clean() || self.cleaning.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.clone();
+        let cleaning = self.cleaning.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = me.db.clean_segments(CLEAN_PAGES) {
+                *me.clean_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+            }
+            drop(me);
+            cleaning.store(false, Ordering::Release);
+        });
+    }
+
+    /// Waits (a few milliseconds at most) for a cleaning round to end, so that once the
+    /// buffer is dropped nothing else holds the store: it can be opened again at once.
+    pub fn wait_cleaning(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while self.cleaning.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 
     /// [`Store::sync`] for code outside the runtime (shutdown paths, tools, tests).
+    /// Its cleaning round runs first, inline, so the sync covers what it moved.
     pub fn sync_blocking(&self) -> Result<(), sled::Error> {
+        if self.db.has_segments_to_clean() {
+            self.db.clean_segments(CLEAN_PAGES)?;
+        }
         self.db.flush()?;
         self.sync_files().map_err(sled::Error::Io)
     }
@@ -119,7 +186,13 @@ impl Store {
                 synced.blobs = now;
             }
         }
+        // Taken before the fdatasync, like the blobs above: the segments freed by then
+        // were replaced by writes it covers.
+        let held = self.db.held_segments();
         self.log.sync_data()?;
+        self.db
+            .release_segments(held)
+            .map_err(std::io::Error::other)?;
         while let Some(path) = synced.unreferenced.pop() {
             match std::fs::remove_file(&path) {
                 Ok(()) => {}

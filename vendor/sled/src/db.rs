@@ -429,6 +429,38 @@ impl Db {
         self.context.pagecache.take_unreferenced_blobs()
     }
 
+    /// labgate: added. Relocates up to `max_pages` pages out of log segments that
+    /// the segment accountant has marked for cleaning, so those segments can be reused;
+    /// returns how many were relocated (fewer: nothing more to clean now). Upstream
+    /// runs this from its periodic flusher thread, which labgate does not start
+    /// (`flush_every_ms(None)`); without it, segments are cleaned only one page per
+    /// node replacement, slower than garbage accrues under a steady append load.
+    /// The relocated copies become durable with the next `flush`; a segment is reused
+    /// only after that.
+    pub fn clean_segments(&self, max_pages: usize) -> Result<usize> {
+        self.context.pagecache.clean_segments(max_pages)
+    }
+
+    /// labgate: added. Whether [`Db::clean_segments`] has anything to do.
+    pub fn has_segments_to_clean(&self) -> bool {
+        self.context.pagecache.has_segments_to_clean()
+    }
+
+    /// labgate: added. How many freed log segments are held back from reuse. Take
+    /// this before an fdatasync of the log and pass it to [`Db::release_segments`]
+    /// after it: a segment is written over only once the writes that replaced its
+    /// pages are on disk. sled's own flush ends in `sync_file_range`, which does not
+    /// make them so.
+    pub fn held_segments(&self) -> usize {
+        self.context.pagecache.held_segments()
+    }
+
+    /// labgate: added. Lets the `n` segments held longest be reused; see
+    /// [`Db::held_segments`].
+    pub fn release_segments(&self, n: usize) -> Result<()> {
+        self.context.pagecache.release_segments(n)
+    }
+
     /// labgate: added. The ids (file names in `blobs/`) of the blob files that the
     /// pages point at now. Every other file there is garbage: queued for removal, or
     /// left by a process that stopped before removing it (queued again at the next

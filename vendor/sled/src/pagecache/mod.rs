@@ -42,6 +42,7 @@ use self::{
     constants::{
         BATCH_MANIFEST_PID, COUNTER_PID, META_PID,
         PAGE_CONSOLIDATION_THRESHOLD, SEGMENT_CLEANUP_THRESHOLD,
+        TIP_RELOCATION_FREE_RATIO,
     },
     header::Header,
     iobuf::{roll_iobuf, IoBuf, IoBufs},
@@ -1422,6 +1423,34 @@ impl PageCache {
         take_queued_blobs(&self.config)
     }
 
+    // labgate: added; see `Db::clean_segments`. `attempt_gc` returns false both when
+    // nothing is queued and when it only dropped a segment whose pages are all taken,
+    // so the queue itself says when to stop.
+    pub(crate) fn clean_segments(&self, max_pages: usize) -> Result<usize> {
+        let mut done = 0;
+        while done < max_pages && !self.log.iobufs.segment_cleaner.is_empty() {
+            if self.attempt_gc()? {
+                done += 1;
+            }
+        }
+        Ok(done)
+    }
+
+    // labgate: added; see `Db::has_segments_to_clean`.
+    pub(crate) fn has_segments_to_clean(&self) -> bool {
+        !self.log.iobufs.segment_cleaner.is_empty()
+    }
+
+    // labgate: added; see `Db::held_segments`.
+    pub(crate) fn held_segments(&self) -> usize {
+        self.log.iobufs.with_sa(|sa| sa.held_segments())
+    }
+
+    // labgate: added; see `Db::release_segments`.
+    pub(crate) fn release_segments(&self, n: usize) -> Result<()> {
+        self.log.iobufs.with_sa(|sa| sa.release_segments(n))
+    }
+
     // labgate: added; see `Db::reusable_bytes`.
     pub(crate) fn reusable_bytes(&self) -> u64 {
         self.log.iobufs.with_sa(|sa| sa.free_bytes())
@@ -2218,3 +2247,4 @@ impl PageCache {
         }
     }
 }
+

@@ -96,6 +96,17 @@ pub(crate) struct SegmentAccountant {
     segment_cleaner: SegmentCleaner,
     ordering: BTreeMap<Lsn, LogOffset>,
     async_truncations: BTreeMap<LogOffset, OneShot<Result<()>>>,
+    // labgate: added. Segments freed since start-up, oldest first, not yet reused:
+    // `free_segment` holds them here until the embedder's fdatasync has covered the
+    // writes that replaced their contents (`held_segments`, `release_segments`).
+    // sled calls a write stable once `sync_file_range` has returned, which flushes
+    // neither the disk's cache nor the file's size; a segment written over (or the file
+    // truncated) on that word alone could lose, in a power cut, both the old copy of a
+    // page and its relocated one.
+    held: Vec<LogOffset>,
+    // labgate: added. False while the segments are recovered at start: what recovery
+    // frees was never part of the state it recovered, so it goes straight to `free`.
+    hold_freed: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -117,6 +128,11 @@ impl SegmentCleaner {
         };
         inner.remove(&offset);
         None
+    }
+
+    // labgate: added; see `Db::clean_segments`.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.inner.lock().is_empty()
     }
 
     fn add_pids(&self, offset: LogOffset, pids: BTreeSet<PageId>) {
@@ -485,9 +501,12 @@ impl SegmentAccountant {
             segment_cleaner,
             ordering: BTreeMap::default(),
             async_truncations: BTreeMap::default(),
+            held: Vec::new(),
+            hold_freed: false,
         };
 
         ret.initialize_from_snapshot(snapshot)?;
+        ret.hold_freed = true;
 
         if let Some(max_free) = ret.free.iter().max() {
             assert!(
@@ -687,8 +706,7 @@ impl SegmentAccountant {
         );
         assert!(self.segments[idx].is_free());
         assert!(!self.free.contains(&lid), "double-free of a segment occurred");
-
-        self.free.insert(lid);
+        assert!(!self.held.contains(&lid), "double-free of a segment occurred");
 
         // remove the old ordering from our list
         if let Segment::Free(Free { previous_lsn: Some(last_lsn) }) =
@@ -702,6 +720,31 @@ impl SegmentAccountant {
             self.ordering.remove(&last_lsn);
         }
 
+        if self.hold_freed {
+            self.held.push(lid);
+            return Ok(());
+        }
+        self.free.insert(lid);
+        self.truncate_free_tail()
+    }
+
+    // labgate: added; see `held`. How many segments are held now: the caller takes
+    // this before its fdatasync and passes it to `release_segments` after it.
+    pub(super) fn held_segments(&self) -> usize {
+        self.held.len()
+    }
+
+    // labgate: added; see `held`. The `n` segments held longest become free for
+    // reuse (or are truncated away at the file's end).
+    pub(super) fn release_segments(&mut self, n: usize) -> Result<()> {
+        let n = n.min(self.held.len());
+        for lid in self.held.drain(..n) {
+            self.free.insert(lid);
+        }
+        self.truncate_free_tail()
+    }
+
+    fn truncate_free_tail(&mut self) -> Result<()> {
         // we want to avoid aggressive truncation because it can cause
         // blocking if we allocate a segment that was just truncated.
         let laziness_factor = 1;
@@ -966,12 +1009,28 @@ impl SegmentAccountant {
 
         // if we have a lot of free segments in our whole file,
         // let's start relocating the current tip to boil it down
-        let free_segs = self.segments.iter().filter(|s| s.is_free()).count();
+        // labgate: the ratio is of free segments to all in use, draining ones
+        // included (upstream left them out). With cleaning driven after each sync many
+        // segments drain at once; left out, a handful of inactive ones made the ratio
+        // look high, each deactivation relocated the newest segment, which set more
+        // draining, and the cleaning ran away. Held segments (see `held`) do not count
+        // as free: they are not reusable yet.
+        let free_segs = self
+            .segments
+            .iter()
+            .filter(|s| s.is_free())
+            .count()
+            .saturating_sub(self.held.len());
         let inactive_segs =
             self.segments.iter().filter(|s| s.is_inactive()).count();
-        let free_ratio = (free_segs * 100) / (1 + free_segs + inactive_segs);
+        let in_use = self
+            .segments
+            .iter()
+            .filter(|s| s.is_inactive() || matches!(s, Segment::Draining(_)))
+            .count();
+        let free_ratio = (free_segs * 100) / (1 + free_segs + in_use);
 
-        if free_ratio >= SEGMENT_CLEANUP_THRESHOLD && inactive_segs > 5 {
+        if free_ratio >= TIP_RELOCATION_FREE_RATIO && inactive_segs > 5 {
             let last_index =
                 self.segments.iter().rposition(Segment::is_inactive).unwrap();
 
@@ -1084,9 +1143,10 @@ impl SegmentAccountant {
     }
 
     // labgate: added. Bytes of the storage file in free segments: the log writes into
-    // these before it grows the file.
+    // these before it grows the file (held ones included: they are free after the
+    // next sync).
     pub(super) fn free_bytes(&self) -> u64 {
-        (self.free.len() as u64)
+        ((self.free.len() + self.held.len()) as u64)
             .saturating_mul(self.config.segment_size as u64)
     }
 
@@ -1142,3 +1202,4 @@ impl SegmentAccountant {
         idx
     }
 }
+
