@@ -140,7 +140,20 @@ impl Store {
         let me = self.clone();
         let cleaning = self.cleaning.clone();
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = me.db.clean_segments(CLEAN_PAGES) {
+            // sled panics on a broken invariant of its own (a page it was told to move
+            // is gone). Nobody awaits this task, so that is caught and, like an I/O
+            // error, ends the next sync: the agent stops rather than go on uncleaned.
+            let round = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                me.db.clean_segments(CLEAN_PAGES)
+            }));
+            let failed = match round {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some(e),
+                Err(_) => Some(sled::Error::ReportableBug(
+                    "sled panicked while cleaning its log".into(),
+                )),
+            };
+            if let Some(e) = failed {
                 *me.clean_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
             }
             drop(me);
@@ -239,4 +252,26 @@ fn sync_file(path: &Path) -> std::io::Result<()> {
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_cleaning_round_fails_the_next_sync_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(open(dir.path(), 1 << 20).unwrap());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(store.sync()).unwrap();
+        // What the round leaves when sled reports an error (or panics) while cleaning.
+        *store.clean_error.lock().unwrap() = Some(sled::Error::ReportableBug("test".into()));
+        let e = rt.block_on(store.sync()).unwrap_err();
+        assert!(e.to_string().contains("test"), "{e}");
+        // Reported once; the ingest stage that saw it has already stopped the agent.
+        rt.block_on(store.sync()).unwrap();
+    }
 }
