@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use common::*;
 use labgate::buffer::Buffer;
 use labgate::config::BufferConfig;
-use labgate::record::{stamp, Body, Draft, Stored};
+use labgate::record::{stamp, Draft, Stored};
 use serde_json::{json, Value};
 
 fn scaled(n: u64) -> u64 {
@@ -51,19 +51,7 @@ fn buffer_ingest_with(n: u64, stamp_too: bool, sync: Sync) -> (f64, Vec<f64>) {
         .build()
         .unwrap();
     let batch = 4096u64;
-    let draft = |i: u64| {
-        Draft::new(
-            "env-bench",
-            Body::SensorReading {
-                sensor_id: format!("temp-{}", i % 4),
-                sensor_type: "temperature".into(),
-                value: 22.0 + (i as f64 * 0.37).sin(),
-                unit: "°C".into(),
-                location: None,
-                metadata: Default::default(),
-            },
-        )
-    };
+    let draft = varied_reading;
     // 16 batches of 4,096 distinct records, reused with only `seq` changed in place, so
     // the clock sees appends and flushes, not record construction.
     let mut pool: Vec<Vec<Stored>> = (0..16u64)

@@ -140,18 +140,13 @@ fn records_kept_before_the_overhead_was_measured_are_not_dropped_for_it() {
 
 /// A sensor reading like the agent's (JSON that lz4 shrinks about fourfold).
 fn reading(seq: u64) -> Stored {
-    let d = Draft::new(
-        "env-disk",
-        Body::SensorReading {
-            sensor_id: format!("temp-{}", seq % 4),
-            sensor_type: "temperature".into(),
-            value: 22.0 + (seq as f64 * 0.37).sin(),
-            unit: "°C".into(),
-            location: None,
-            metadata: Default::default(),
-        },
-    );
-    stamp(&d, "agent-disk", seq, SystemTime::now()).expect("stamp")
+    stamp(
+        &common::varied_reading(seq),
+        "agent-disk",
+        seq,
+        SystemTime::now(),
+    )
+    .expect("stamp")
 }
 
 #[test]

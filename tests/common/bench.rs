@@ -70,6 +70,22 @@ pub fn sample_record(seq: u64) -> Stored {
     stamp(&d, "agent-bench", seq, SystemTime::now()).expect("stamp")
 }
 
+/// The `i`-th of four temperature sensors' readings, each value different, so chunks
+/// compress as real readings do (about fourfold).
+pub fn varied_reading(i: u64) -> Draft {
+    Draft::new(
+        "env-bench",
+        Body::SensorReading {
+            sensor_id: format!("temp-{}", i % 4),
+            sensor_type: "temperature".into(),
+            value: 22.0 + (i as f64 * 0.37).sin(),
+            unit: "°C".into(),
+            location: None,
+            metadata: Default::default(),
+        },
+    )
+}
+
 /// The baseline: one FutureProducer with the agent's settings, the same in-flight
 /// window, the same key, payload and headers, acks awaited.
 pub fn baseline(broker: &str, topic: &str, n: u64) -> f64 {
