@@ -307,8 +307,9 @@ fn main() {
         for t in topics.outputs().iter().chain([topics.commands()].iter()) {
             broker.create_topics(&[t]);
         }
-        // max_bytes bounds the data dir, and sled takes about 1.7 bytes per encoded
-        // byte: 2 GB holds the 10M-record mark (about 800 MB encoded) with room.
+        // max_bytes bounds the data dir, and sled takes 1.1-1.2 bytes per encoded byte:
+        // 2 GB holds the 10M-record mark (about 800 MB encoded) with room, and the cap
+        // about twice that. The default 1 GiB would stop just past the mark.
         let max_bytes: u64 = (scale() * 2.0e9) as u64;
         let extra = format!(
             "[buffer]\nmax_bytes = {max_bytes}\n\n{}",

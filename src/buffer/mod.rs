@@ -65,11 +65,12 @@
 //! `max_bytes` caps what the store takes on disk. The buffer counts the encoded size of
 //! what it keeps (chunks, dead letters, side trees), and sled's log takes more than that:
 //! a leaf is rewritten as values are added, and the old copies stay until the cleaner
-//! moves a segment's live pages out, which it does once at most half the segment is
-//! live. So every [`DISK_CHECK_EVERY`] the buffer measures the store's overhead, the
-//! bytes its log takes (the directory's allocated blocks less the free segments sled
-//! reuses before it grows the file) per byte it keeps (about 1.6 while a backlog
-//! grows), and the cap on encoded bytes is seven eighths of `max_bytes` divided by it.
+//! moves a segment's live pages out, which it does once at most 80 % of the segment is
+//! live (`store`). So every [`DISK_CHECK_EVERY`] the buffer measures the store's
+//! overhead, the bytes its log takes (the directory's allocated blocks less the free
+//! segments sled reuses before it grows the file) per byte it keeps (1.1-1.2 while a
+//! backlog grows), and the cap on encoded bytes is seven eighths of `max_bytes` divided
+//! by it.
 //! The overhead is measured only while at least [`OVERHEAD_MIN_SAMPLE`] and an eighth
 //! of `max_bytes` are kept:
 //! below that sled's fixed files (a few MB) dominate, and the last figure (or none: the
@@ -525,9 +526,11 @@ impl DiskCheck {
 /// `max_bytes`: below that sled's fixed files (a few MB) would dominate the figure.
 pub const OVERHEAD_MIN_SAMPLE: u64 = 8 << 20;
 
-/// The overhead taken is at most this: sled's cleaner keeps a segment until at most half
-/// of it is live, so about 2 plus the segments being written. A higher reading (a store
-/// written under other settings, a cleaner that lags) does not shrink the cap further.
+/// The overhead taken is at most this. sled's cleaner takes a segment once at most 80 %
+/// of it is live, so the log settles near 1.25 plus the segments being written; a data
+/// dir written by a version that cleaned at half settles near 2. A higher reading (a
+/// cleaner that lags, a store written under other settings) does not shrink the cap
+/// further.
 const MAX_OVERHEAD: f64 = 3.0;
 
 /// An eighth of `max_bytes` is left for what the store writes between two disk checks
