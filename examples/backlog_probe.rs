@@ -1,6 +1,7 @@
 //! Diagnostic: RSS and disk of a buffer as its backlog grows (nothing is read or acked).
 //! `cargo run --release --example backlog_probe -- <records> <dir>`; `MAX_BYTES` sets
-//! `buffer.max_bytes` (default 8 GiB), `CHUNK` and `CACHE` the chunk size and cache.
+//! `buffer.max_bytes` (default 8 GiB), `CHUNK` and `CACHE` the chunk size and cache;
+//! `HOLD_AT_EXIT` exits with the buffer open, so a heap profiler lists what it holds.
 use std::time::SystemTime;
 
 use labgate::buffer::{Buffer, BufferConfig};
@@ -88,4 +89,8 @@ fn main() {
         rss_mb(),
         b.stats().disk_bytes as f64 / 1048576.0
     );
+    if std::env::var_os("HOLD_AT_EXIT").is_some() {
+        // Exit with the buffer open: a heap profiler then reports everything it holds.
+        std::process::exit(0);
+    }
 }
