@@ -58,15 +58,8 @@ fn default_max_bytes() -> u64 {
 fn default_commit() -> Duration {
     Duration::from_millis(20)
 }
-/// 2 MiB. Past a few million records the agent's memory grows with the leaves sled
-/// tracks, and a smaller cache leaves more room for that: with the broker stalled and
-/// sensors at full speed (`benches/stalled_heap.rs`), at 16M records 38.0-38.9 MB
-/// against 40.0-41.8 MB at 4 MiB (39.2-39.8 at 3 MiB, 38.5-38.7 at 1 MiB), and at the
-/// cap of a 2 GB `max_bytes` 38.1-39.9 MB against 40.4-42.5 MB. Buffering at the
-/// sensors' full speed is about an eighth slower (560k against 640k records a second
-/// there), far above what Kafka takes; end to end and the drain did not move.
 fn default_cache() -> u64 {
-    2 << 20
+    4 << 20
 }
 /// Sixty-four. With published sled 0.34.7, whose LRU kept hundreds of leaves resident
 /// whatever `cache_capacity` said, the value size set that memory (45.8 MB at 64 against
