@@ -140,20 +140,7 @@ impl Store {
         let me = self.clone();
         let cleaning = self.cleaning.clone();
         tokio::task::spawn_blocking(move || {
-            // sled panics on a broken invariant of its own (a page it was told to move
-            // is gone). Nobody awaits this task, so that is caught and, like an I/O
-            // error, ends the next sync: the agent stops rather than go on uncleaned.
-            let round = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                me.db.clean_segments(CLEAN_PAGES)
-            }));
-            let failed = match round {
-                Ok(Ok(_)) => None,
-                Ok(Err(e)) => Some(e),
-                Err(_) => Some(sled::Error::ReportableBug(
-                    "sled panicked while cleaning its log".into(),
-                )),
-            };
-            if let Some(e) = failed {
+            if let Some(e) = cleaning_round(|| me.db.clean_segments(CLEAN_PAGES)) {
                 *me.clean_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
             }
             drop(me);
@@ -254,9 +241,35 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// One cleaning round, and the error it leaves for the next sync. sled panics on a
+/// broken invariant of its own (a page it was told to move is gone); nobody awaits the
+/// round's task, so the panic is caught and, like an I/O error, ends the next sync: the
+/// agent stops rather than go on uncleaned.
+fn cleaning_round(clean: impl FnOnce() -> sled::Result<usize>) -> Option<sled::Error> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(clean)) {
+        Ok(Ok(_)) => None,
+        Ok(Err(e)) => Some(e),
+        Err(_) => Some(sled::Error::ReportableBug(
+            "sled panicked while cleaning its log".into(),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cleaning_round_that_panics_leaves_an_error() {
+        assert!(cleaning_round(|| Ok(3)).is_none());
+        let e = cleaning_round(|| Err(sled::Error::Unsupported("x".into())));
+        assert!(matches!(e, Some(sled::Error::Unsupported(_))), "{e:?}");
+        let e = cleaning_round(|| panic!("a page it was told to move is gone"));
+        assert!(
+            matches!(&e, Some(sled::Error::ReportableBug(m)) if m.contains("panicked")),
+            "{e:?}"
+        );
+    }
 
     #[test]
     fn a_failed_cleaning_round_fails_the_next_sync_once() {
