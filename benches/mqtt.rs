@@ -157,7 +157,9 @@ fn main() {
 
     let base2 = bare_subscriber(&url, n, "b");
     // The Kafka side alone: the bare producer every other rate is compared with, on the
-    // same tansu. The agent cannot hand Kafka more than this, whatever MQTT delivers.
+    // same tansu. tansu itself takes about 1 % of the box here (perf, BENCHMARKS.md), so
+    // this is how fast a client that only produces runs on this machine, not a ceiling
+    // the broker sets.
     let produce_topic = format!("bench_base_{}", uuid::Uuid::new_v4().simple());
     broker.create_topics(&[&produce_topic]);
     let _ = baseline(&broker.addr(), &produce_topic, 20_000); // warm-up
