@@ -40,10 +40,11 @@ pub const TRIM_THRESHOLD: u32 = 1024 * 1024;
 /// How often the resident size is read (`/proc/self/status`, a few microseconds).
 /// Under full load the heap refills what a trim gave back within tens of
 /// milliseconds, so the peak is the floor plus what grows in one interval: with the
-/// broker stalled until 10M records were buffered, eight alternating runs each gave a
-/// peak about 1 MB lower at 25 ms than at 100 ms (BENCHMARKS.md, "The trim interval"),
-/// for about three times as many trims (half a second of one core in 24 s of full
-/// load). An idle agent does not grow, so it reads and never trims.
+/// broker stalled until 10M records were buffered, the peak was about 1 MB lower on
+/// average at 25 ms than at 100 ms over eight alternating pairs of runs (BENCHMARKS.md,
+/// "The trim interval"), for about three times as many trims (half a second of one
+/// core in 24 s of full load). An idle agent does not grow, so it reads and never
+/// trims.
 pub const CHECK_EVERY: Duration = Duration::from_millis(25);
 
 /// Growth of the resident size since the last trim that starts the next one.
