@@ -457,6 +457,14 @@ bootstrap_servers = "127.0.0.1:9092"
 "#;
 
     #[test]
+    fn bootstrap_servers_of_the_wrong_type_say_what_is_expected() {
+        let e = error_of(&MINIMAL.replace("\"127.0.0.1:9092\"", "9092"));
+        assert!(e.contains("kafka.bootstrap_servers"), "{e}");
+        assert!(e.contains("a list of strings"), "{e}");
+        assert!(!e.contains("untagged"), "{e}");
+    }
+
+    #[test]
     fn minimal_config_gets_documented_defaults() {
         let f = write(MINIMAL);
         let c = Config::load_with_env(f.path(), []).unwrap();

@@ -357,7 +357,13 @@ fn string_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::E
         One(String),
         Many(Vec<String>),
     }
-    Ok(match OneOrMany::deserialize(d)? {
+    // serde's own message for an untagged enum names the enum, not what to write.
+    let v = OneOrMany::deserialize(d).map_err(|_| {
+        serde::de::Error::custom(
+            "expected a string (\"host:9092,host2:9092\") or a list of strings",
+        )
+    })?;
+    Ok(match v {
         OneOrMany::One(s) => s,
         OneOrMany::Many(v) => v.join(","),
     })
