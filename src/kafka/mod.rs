@@ -305,6 +305,8 @@ impl ProducerContext for AgentContext {
             return;
         }
         let id = unpack_id(opaque);
+        // One clock read per delivery for both stamps below.
+        let now_ms = unix_ms(SystemTime::now());
         match result {
             Ok(_) => match self.sink.buffer.ack(id) {
                 Ok(()) => {
@@ -315,10 +317,7 @@ impl ProducerContext for AgentContext {
                         self.metrics.set_auth_error(None);
                         tracing::info!("kafka accepts this agent again");
                     }
-                    self.metrics.last_delivery_ms.store(
-                        crate::record::unix_ms(std::time::SystemTime::now()),
-                        Relaxed,
-                    );
+                    self.metrics.last_delivery_ms.store(now_ms, Relaxed);
                 }
                 Err(e) => {
                     // The record is in Kafka; failing to delete it means a duplicate
@@ -331,9 +330,7 @@ impl ProducerContext for AgentContext {
                 let _ = self.sink.failures.send((id, e.clone()));
             }
         }
-        self.sink
-            .progress_ms
-            .store(unix_ms(SystemTime::now()), Relaxed);
+        self.sink.progress_ms.store(now_ms, Relaxed);
         self.sink.in_flight.fetch_sub(1, Relaxed);
         self.sink.wake.notify_one();
     }
