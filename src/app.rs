@@ -423,6 +423,9 @@ pub async fn run(
         ));
     }
     tracing::info!(devices = cfg.devices.len(), "agent running");
+    if let Some(after) = crate::memory::page_out_after() {
+        tokio::spawn(page_out_start_up(after));
+    }
     let mut current = (*cfg).clone();
     let failed = loop {
         tokio::select! {
@@ -724,6 +727,26 @@ async fn reload(path: &Path, current: &mut Config, fleet: &mut Fleet) {
 /// Comparable form of any config section.
 fn as_json<T: serde::Serialize>(v: &T) -> serde_json::Value {
     serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
+}
+
+/// Once, `after` the agent is ready: gives the kernel back the pages of code and
+/// read-only data that only starting needed ([`crate::memory::page_out_file_pages`]).
+/// Best effort: a kernel that cannot is noted and nothing else changes.
+async fn page_out_start_up(after: Duration) {
+    tokio::time::sleep(after).await;
+    match tokio::task::spawn_blocking(crate::memory::page_out_file_pages).await {
+        Ok(Ok(done)) => tracing::info!(
+            mappings = done.mappings,
+            refused = done.refused,
+            rss_before_kib = done.rss_before_kib,
+            rss_after_kib = done.rss_after_kib,
+            "start-up code and read-only data given back to the kernel"
+        ),
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "cannot give start-up code back to the kernel (MADV_PAGEOUT needs Linux 5.4)");
+        }
+        Err(e) => tracing::warn!(error = %e, "giving start-up code back to the kernel failed"),
+    }
 }
 
 /// Status for the page: every two seconds while a page watches, and a delivery sample

@@ -143,8 +143,100 @@ pub fn rss_kib() -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-/// `LABGATE_MEMORY_TRIM_MS` as an interval (zero: off); `None` when it is not a whole
-/// number of milliseconds.
+/// How long after the agent is ready [`page_out_file_pages`] runs, once: by then the
+/// buffer is recovered, the Kafka clients connected and the devices started, so what
+/// the agent runs from then on is the code of its steady work. `LABGATE_PAGE_OUT_AFTER_MS`
+/// sets it (`0` turns it off), for comparing memory figures with and without it.
+pub const PAGE_OUT_AFTER: Duration = Duration::from_secs(10);
+
+/// When to page out the start-up code ([`PAGE_OUT_AFTER`] or the environment's
+/// `LABGATE_PAGE_OUT_AFTER_MS`); `None`: not at all.
+pub fn page_out_after() -> Option<Duration> {
+    let after = match std::env::var("LABGATE_PAGE_OUT_AFTER_MS") {
+        Err(_) => PAGE_OUT_AFTER,
+        Ok(v) => interval(&v).unwrap_or_else(|| {
+            tracing::warn!(value = %v, "LABGATE_PAGE_OUT_AFTER_MS is not a number of milliseconds; using {PAGE_OUT_AFTER:?}");
+            PAGE_OUT_AFTER
+        }),
+    };
+    (!after.is_zero()).then_some(after)
+}
+
+/// What [`page_out_file_pages`] did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PagedOut {
+    /// Read-only file mappings the kernel was asked to reclaim.
+    pub mappings: usize,
+    /// Their size (most of it never resident).
+    pub bytes: u64,
+    /// Mappings the kernel refused (gone in between, or locked).
+    pub refused: usize,
+    /// `VmRSS` before, in KiB.
+    pub rss_before_kib: Option<u64>,
+    /// `VmRSS` after, in KiB.
+    pub rss_after_kib: Option<u64>,
+}
+
+/// Asks the kernel to reclaim now the resident pages of the agent's read-only file
+/// mappings: its binary's code and read-only data, and the shared libraries'.
+///
+/// Starting maps in several megabytes of code the agent then never runs again (the
+/// config parser, the buffer's recovery, TLS and librdkafka's set-up, the command line),
+/// and those pages stay in its resident size until memory runs short. Measured on the
+/// demo config, an idle agent's RSS went from about 17 to 11–12 MB, with the code it
+/// runs when idle placed first by `link/hot-text.ld` (BENCHMARKS.md, "Code the idle
+/// agent keeps resident"). The kernel drops only clean pages that no other
+/// process maps, so the C library and anything shared stays; code the agent runs again
+/// is read back on its next access, a few major faults.
+///
+/// An error when `/proc/self/maps` cannot be read or the kernel has no `MADV_PAGEOUT`
+/// (before Linux 5.4).
+pub fn page_out_file_pages() -> std::io::Result<PagedOut> {
+    let maps = std::fs::read_to_string("/proc/self/maps")?;
+    let mut done = PagedOut {
+        rss_before_kib: rss_kib(),
+        ..PagedOut::default()
+    };
+    for (start, len) in read_only_file_mappings(&maps) {
+        match page_out::page_out(start, len) {
+            Ok(()) => {
+                done.mappings += 1;
+                done.bytes = done.bytes.saturating_add(len as u64);
+            }
+            // EINVAL from the first mapping: a kernel without MADV_PAGEOUT.
+            Err(e) if done.mappings == 0 && e.kind() == std::io::ErrorKind::InvalidInput => {
+                return Err(e)
+            }
+            Err(_) => done.refused += 1,
+        }
+    }
+    done.rss_after_kib = rss_kib();
+    Ok(done)
+}
+
+/// The mappings of a `/proc/<pid>/maps` text that are files mapped without write
+/// access, as (start, length).
+fn read_only_file_mappings(maps: &str) -> Vec<(usize, usize)> {
+    maps.lines()
+        .filter_map(|line| {
+            // start-end perms offset dev inode path
+            let mut f = line.split_ascii_whitespace();
+            let (range, perms) = (f.next()?, f.next()?);
+            let path = f.nth(3)?;
+            if !perms.starts_with("r-") || !path.starts_with('/') {
+                return None;
+            }
+            let (a, b) = range.split_once('-')?;
+            let a = usize::from_str_radix(a, 16).ok()?;
+            let b = usize::from_str_radix(b, 16).ok()?;
+            let len = b.checked_sub(a).filter(|&n| n > 0)?;
+            Some((a, len))
+        })
+        .collect()
+}
+
+/// `LABGATE_MEMORY_TRIM_MS` or `LABGATE_PAGE_OUT_AFTER_MS` as an interval (zero: off);
+/// `None` when it is not a whole number of milliseconds.
 fn interval(ms: &str) -> Option<Duration> {
     ms.trim().parse().ok().map(Duration::from_millis)
 }
@@ -314,6 +406,77 @@ mod tests {
             cfg!(all(target_os = "linux", target_env = "gnu"))
         );
         assert!(!glibc_malloc::limit_arenas(0), "zero is not a limit");
+    }
+
+    #[test]
+    fn finds_the_read_only_file_mappings() {
+        let maps = "\
+55d0a0000000-55d0a0100000 r--p 00000000 fe:00 123 /usr/bin/labgate
+55d0a0100000-55d0a0a00000 r-xp 00100000 fe:00 123 /usr/bin/labgate
+55d0a0a00000-55d0a0a10000 r--p 00a00000 fe:00 123 /usr/bin/labgate
+55d0a0a10000-55d0a0a11000 rw-p 00a10000 fe:00 123 /usr/bin/labgate
+55d0a0a11000-55d0a0a20000 rw-p 00000000 00:00 0
+7f0000000000-7f0000001000 r--s 00000000 fe:00 9 /var/lib/x (deleted)
+7f0000002000-7f0000003000 ---p 00000000 fe:00 9 /usr/lib/libc.so.6
+7f0000004000-7f0000005000 r-xp 00000000 00:00 0 [vdso]
+7f0000006000-7f0000006000 r--p 00000000 fe:00 9 /empty
+zzzz-7f0000009000 r--p 00000000 fe:00 9 /bad
+7f0000009000 r--p 00000000 fe:00 9 /bad
+7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0 [stack]
+";
+        assert_eq!(
+            read_only_file_mappings(maps),
+            vec![
+                (0x55d0_a000_0000, 0x10_0000),
+                (0x55d0_a010_0000, 0x90_0000),
+                (0x55d0_a0a0_0000, 0x1_0000),
+                (0x7f00_0000_0000, 0x1000),
+            ]
+        );
+    }
+
+    #[test]
+    fn pages_out_this_process_code_which_then_still_runs() {
+        let file_kib = || {
+            let status = std::fs::read_to_string("/proc/self/status").unwrap();
+            let v = status
+                .lines()
+                .find_map(|l| l.strip_prefix("RssFile:"))
+                .unwrap();
+            v.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .unwrap()
+        };
+        let before = file_kib();
+        let done = page_out_file_pages().expect("MADV_PAGEOUT (Linux 5.4 or later)");
+        let after = file_kib();
+        assert!(done.mappings >= 2, "{done:?}");
+        assert!(done.bytes > 0);
+        // The test binary's code, mapped by this process alone, left; what runs next
+        // (this test, the others beside it) is read back in as it runs.
+        assert!(after < before, "RssFile {before} → {after} KiB");
+        assert_eq!(interval("25"), Some(Duration::from_millis(25)));
+    }
+
+    #[test]
+    fn the_kernel_refuses_an_unmapped_or_unaligned_range_and_keeps_what_it_pages_out() {
+        // The first page is never mapped in a Linux process.
+        assert!(page_out::page_out(0, 4096).is_err());
+        let page = 4096;
+        let v: Vec<u8> = (0..64 * page).map(|i| (i % 251) as u8).collect();
+        let base = v.as_ptr() as usize;
+        assert_eq!(
+            page_out::page_out(base | 1, page).map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::InvalidInput)
+        );
+        // Anonymous memory: with no swap the kernel keeps it; with swap it writes it out
+        // and reads it back. Either way the contents stay.
+        let start = base.div_ceil(page) * page;
+        let end = (base + v.len()) / page * page;
+        page_out::page_out(start, end - start).expect("MADV_PAGEOUT (Linux 5.4 or later)");
+        assert!(v.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
     }
 
     #[test]

@@ -51,7 +51,9 @@ fn pause_stops_data_resume_continues_stop_ends_experiment_and_bad_commands_are_r
         slow_potentiostat("pstat-1"),
         sensors_device("env-1", "100ms", None)
     );
-    let agent = Agent::start(
+    // The agent gives its start-up code back to the kernel as soon as it is ready (10 s
+    // after, by default), so that every command below runs code read back in.
+    let agent = Agent::start_with_env(
         dir.path(),
         &agent_config(
             dir.path(),
@@ -61,10 +63,23 @@ fn pause_stops_data_resume_continues_stop_ends_experiment_and_bad_commands_are_r
             free_port(),
             &extra,
         ),
+        &[("LABGATE_PAGE_OUT_AFTER_MS", "1")],
     );
     agent.wait_status("command consumer assigned", Duration::from_secs(30), |s| {
         s["commands"]["assigned"] == true
     });
+    let t0 = std::time::Instant::now();
+    while !agent
+        .log_text()
+        .contains("start-up code and read-only data given back to the kernel")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no page-out logged:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let mut reader = Reader::new(
         &broker.addr(),
         &[
