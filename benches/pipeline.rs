@@ -172,10 +172,7 @@ fn end_to_end(brokers: &str, buffer: &str) -> (f64, u64, u64) {
 /// The builds a memory figure is measured for, each with its row's label: this one, then
 /// the `dist` profile's (what gateways run) when scripts/bench built it.
 fn builds(this: &'static str) -> Vec<(&'static str, std::path::PathBuf)> {
-    let mut out = vec![(
-        this,
-        std::path::PathBuf::from(env!("CARGO_BIN_EXE_labgate")),
-    )];
+    let mut out = vec![(this, labgate_bin())];
     if let Some(dist) = std::env::var_os("LABGATE_DIST_BIN") {
         out.push((
             "the same, the `dist` build (opt-level \"s\", what ARM gateways run), x86_64",
@@ -504,7 +501,7 @@ runs = 1
         for i in 0..n {
             let cmd = if i % 2 == 0 { "pause" } else { "resume" };
             let t = Instant::now();
-            let out = std::process::Command::new(env!("CARGO_BIN_EXE_labgate"))
+            let out = std::process::Command::new(labgate_bin())
                 .args(["command", "send", "--config"])
                 .arg(&agent.config)
                 .arg("--key")
@@ -604,7 +601,7 @@ runs = 1
             agent.terminate();
             (idle as f64 / 1024.0, hwm as f64 / 1024.0)
         };
-        let this = std::path::PathBuf::from(env!("CARGO_BIN_EXE_labgate"));
+        let this = labgate_bin();
         let (kept, kept_hwm) = idle(&this, false);
         for (what, bin) in builds(
             "RSS idle (demo devices at demo rates; VmRSS, the highest sample 20–40 s after start)",

@@ -78,6 +78,16 @@ fn profiler_env() -> Vec<(String, String)> {
         .collect()
 }
 
+/// The `labgate` binary the tests and benches run: `LABGATE_BIN` when it is set, else
+/// this build's. scripts/bench sets it to the `cargo build --release` binary, the one
+/// that ships: `cargo bench` builds under the `bench` profile, whose symbol hashes differ
+/// from the release profile's, and `link/hot-text.ld` names the release build's.
+pub fn labgate_bin() -> PathBuf {
+    std::env::var_os("LABGATE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_labgate")))
+}
+
 /// The real `labgate` binary running a config.
 pub struct Agent {
     child: Option<Child>,
@@ -97,7 +107,7 @@ impl Agent {
 
     /// As [`Agent::start`], with these environment variables set for the process.
     pub fn start_with_env(dir: &Path, config: &str, env: &[(&str, &str)]) -> Agent {
-        Agent::start_bin(Path::new(env!("CARGO_BIN_EXE_labgate")), dir, config, env)
+        Agent::start_bin(&labgate_bin(), dir, config, env)
     }
 
     /// As [`Agent::start_with_env`], running another build of `labgate` (the benches

@@ -106,7 +106,7 @@ pub const DEMO_ENV: [(&str, &str); 2] = [
 /// demo's MQTT device expects.
 pub fn zigbee2mqtt_sensors(mqtt_url: &str) -> super::KillOnDrop {
     super::KillOnDrop(
-        std::process::Command::new(env!("CARGO_BIN_EXE_labgate"))
+        std::process::Command::new(super::labgate_bin())
             .args([
                 "simulate",
                 "mqtt-sensors",
