@@ -183,7 +183,7 @@ pub struct PagedOut {
 /// Starting maps in several megabytes of code the agent then never runs again (the
 /// config parser, the buffer's recovery, TLS and librdkafka's set-up, the command line),
 /// and those pages stay in its resident size until memory runs short. Measured on the
-/// demo config, an idle agent's RSS went from about 17 to 11–12 MB, with the code it
+/// demo config, an idle agent's RSS went from about 16–17 to 11–12 MB, with the code it
 /// runs when idle placed first by `link/hot-text.ld` (BENCHMARKS.md, "Code the idle
 /// agent keeps resident"). The kernel drops only clean pages that no other
 /// process maps, so the C library and anything shared stays; code the agent runs again
