@@ -13,6 +13,9 @@
 //! default glibc opens up to eight per core as the agent's threads (runtime workers,
 //! sled's, librdkafka's, the blocking pool) contend, and each keeps its own partly used
 //! pages that no trim returns.
+//!
+//! Once the agent has started, [`page_out_file_pages`] asks the kernel to take back the
+//! pages of code and read-only data that only starting ran.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
