@@ -737,6 +737,7 @@ async fn page_out_start_up(after: Duration) {
     match tokio::task::spawn_blocking(crate::memory::page_out_file_pages).await {
         Ok(Ok(done)) => tracing::info!(
             mappings = done.mappings,
+            bytes = done.bytes,
             refused = done.refused,
             rss_before_kib = done.rss_before_kib,
             rss_after_kib = done.rss_after_kib,

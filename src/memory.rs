@@ -155,13 +155,7 @@ pub const PAGE_OUT_AFTER: Duration = Duration::from_secs(10);
 /// When to page out the start-up code ([`PAGE_OUT_AFTER`] or the environment's
 /// `LABGATE_PAGE_OUT_AFTER_MS`); `None`: not at all.
 pub fn page_out_after() -> Option<Duration> {
-    let after = match std::env::var("LABGATE_PAGE_OUT_AFTER_MS") {
-        Err(_) => PAGE_OUT_AFTER,
-        Ok(v) => interval(&v).unwrap_or_else(|| {
-            tracing::warn!(value = %v, "LABGATE_PAGE_OUT_AFTER_MS is not a number of milliseconds; using {PAGE_OUT_AFTER:?}");
-            PAGE_OUT_AFTER
-        }),
-    };
+    let after = env_interval("LABGATE_PAGE_OUT_AFTER_MS", PAGE_OUT_AFTER);
     (!after.is_zero()).then_some(after)
 }
 
@@ -238,6 +232,18 @@ fn read_only_file_mappings(maps: &str) -> Vec<(usize, usize)> {
         .collect()
 }
 
+/// The environment's `var`, whole milliseconds (zero: off), or `default` when it is
+/// unset or not a number (said in a warning).
+fn env_interval(var: &str, default: Duration) -> Duration {
+    match std::env::var(var) {
+        Err(_) => default,
+        Ok(v) => interval(&v).unwrap_or_else(|| {
+            tracing::warn!(value = %v, "{var} is not a number of milliseconds; using {default:?}");
+            default
+        }),
+    }
+}
+
 /// `LABGATE_MEMORY_TRIM_MS` or `LABGATE_PAGE_OUT_AFTER_MS` as an interval (zero: off);
 /// `None` when it is not a whole number of milliseconds.
 fn interval(ms: &str) -> Option<Duration> {
@@ -293,13 +299,7 @@ pub fn spawn_trimmer() -> std::io::Result<()> {
     if rss_kib().is_none() || !cfg!(all(target_os = "linux", target_env = "gnu")) {
         return Ok(());
     }
-    let every = match std::env::var("LABGATE_MEMORY_TRIM_MS") {
-        Err(_) => CHECK_EVERY,
-        Ok(v) => interval(&v).unwrap_or_else(|| {
-            tracing::warn!(value = %v, "LABGATE_MEMORY_TRIM_MS is not a number of milliseconds; using {CHECK_EVERY:?}");
-            CHECK_EVERY
-        }),
-    };
+    let every = env_interval("LABGATE_MEMORY_TRIM_MS", CHECK_EVERY);
     if every.is_zero() {
         return Ok(());
     }
