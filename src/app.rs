@@ -739,6 +739,7 @@ async fn page_out_start_up(after: Duration) {
             mappings = done.mappings,
             bytes = done.bytes,
             refused = done.refused,
+            data_read_page_by_page = done.page_by_page,
             rss_before_kib = done.rss_before_kib,
             rss_after_kib = done.rss_after_kib,
             "start-up code and read-only data given back to the kernel"

@@ -168,6 +168,8 @@ pub struct PagedOut {
     pub bytes: u64,
     /// Mappings the kernel refused (gone in between, or locked).
     pub refused: usize,
+    /// Of the mappings, those of data (not code) that are now read page by page.
+    pub page_by_page: usize,
     /// `VmRSS` before, in KiB.
     pub rss_before_kib: Option<u64>,
     /// `VmRSS` after, in KiB.
@@ -186,6 +188,12 @@ pub struct PagedOut {
 /// process maps, so the C library and anything shared stays; code the agent runs again
 /// is read back on its next access, a few major faults.
 ///
+/// The read-only data mappings are read page by page from then on (`MADV_RANDOM`):
+/// otherwise each page of constants, tables or unwind data that the idle agent touches
+/// brings back up to 64 KiB of its neighbours, about half a megabyte in all (idle
+/// 10.5–10.9 MB against 11.2–11.3 MB, BENCHMARKS.md). Code keeps the kernel's
+/// read-around.
+///
 /// An error when `/proc/self/maps` cannot be read or the kernel has no `MADV_PAGEOUT`
 /// (before Linux 5.4).
 pub fn page_out_file_pages() -> std::io::Result<PagedOut> {
@@ -194,7 +202,15 @@ pub fn page_out_file_pages() -> std::io::Result<PagedOut> {
         rss_before_kib: rss_kib(),
         ..PagedOut::default()
     };
-    for (start, len) in read_only_file_mappings(&maps) {
+    for m in read_only_file_mappings(&maps) {
+        let (start, len) = (m.start, m.len);
+        // Read-only data is laid out in no order of use: a page of it faulted in again
+        // would bring its neighbours back with it. Code keeps the kernel's read-around,
+        // since `link/hot-text.ld` lays it out by use and a cold path then runs without
+        // waiting for each page.
+        if !m.code && page_out::read_page_by_page(start, len).is_ok() {
+            done.page_by_page += 1;
+        }
         match page_out::page_out(start, len) {
             Ok(()) => {
                 done.mappings += 1;
@@ -211,9 +227,18 @@ pub fn page_out_file_pages() -> std::io::Result<PagedOut> {
     Ok(done)
 }
 
+/// A file mapped without write access.
+#[derive(Debug, PartialEq, Eq)]
+struct ReadOnlyMapping {
+    start: usize,
+    len: usize,
+    /// Mapped executable: code, not data.
+    code: bool,
+}
+
 /// The mappings of a `/proc/<pid>/maps` text that are files mapped without write
-/// access, as (start, length).
-fn read_only_file_mappings(maps: &str) -> Vec<(usize, usize)> {
+/// access.
+fn read_only_file_mappings(maps: &str) -> Vec<ReadOnlyMapping> {
     maps.lines()
         .filter_map(|line| {
             // start-end perms offset dev inode path
@@ -227,7 +252,11 @@ fn read_only_file_mappings(maps: &str) -> Vec<(usize, usize)> {
             let a = usize::from_str_radix(a, 16).ok()?;
             let b = usize::from_str_radix(b, 16).ok()?;
             let len = b.checked_sub(a).filter(|&n| n > 0)?;
-            Some((a, len))
+            Some(ReadOnlyMapping {
+                start: a,
+                len,
+                code: perms.as_bytes().get(2) == Some(&b'x'),
+            })
         })
         .collect()
 }
@@ -429,12 +458,13 @@ zzzz-7f0000009000 r--p 00000000 fe:00 9 /bad
 ";
         assert_eq!(
             read_only_file_mappings(maps),
-            vec![
-                (0x55d0_a000_0000, 0x10_0000),
-                (0x55d0_a010_0000, 0x90_0000),
-                (0x55d0_a0a0_0000, 0x1_0000),
-                (0x7f00_0000_0000, 0x1000),
+            [
+                (0x55d0_a000_0000, 0x10_0000, false),
+                (0x55d0_a010_0000, 0x90_0000, true),
+                (0x55d0_a0a0_0000, 0x1_0000, false),
+                (0x7f00_0000_0000, 0x1000, false),
             ]
+            .map(|(start, len, code)| ReadOnlyMapping { start, len, code })
         );
     }
 
@@ -461,6 +491,26 @@ zzzz-7f0000009000 r--p 00000000 fe:00 9 /bad
         // (this test, the others beside it) is read back in as it runs.
         assert!(after < before, "RssFile {before} → {after} KiB");
         assert_eq!(interval("25"), Some(Duration::from_millis(25)));
+        // The kernel now reads this binary's read-only data page by page ("rr" in its
+        // flags), and its code as before.
+        assert!(done.page_by_page >= 1, "{done:?}");
+        let exe = std::fs::read_link("/proc/self/exe").unwrap();
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut flags = Vec::new();
+        let mut perms = None;
+        for line in smaps.lines() {
+            if line.ends_with(exe.to_str().unwrap()) {
+                perms = line.split_ascii_whitespace().nth(1).map(str::to_owned);
+            } else if let Some(f) = line.strip_prefix("VmFlags:") {
+                if let Some(p) = perms.take() {
+                    flags.push((p, f.split_ascii_whitespace().any(|f| f == "rr")));
+                }
+            } else if line.contains(" /") || line.contains(" [") {
+                perms = None;
+            }
+        }
+        assert!(flags.contains(&("r--p".to_owned(), true)), "{flags:?}");
+        assert!(flags.contains(&("r-xp".to_owned(), false)), "{flags:?}");
     }
 
     #[test]

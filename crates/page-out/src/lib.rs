@@ -8,6 +8,11 @@
 //! later reclaim them on request: `MADV_PAGEOUT` drops the range's clean file pages that
 //! no other process maps (writing back dirty or anonymous ones only where there is
 //! swap). What is used again afterwards is read back in on its next access.
+//!
+//! How much comes back with each access is the kernel's read-around: a fault on a page
+//! that is not cached reads its neighbours too, and maps those already cached. For data
+//! laid out in no order of use that brings back far more than is used;
+//! [`read_page_by_page`] (`MADV_RANDOM`) turns it off for a range.
 
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
@@ -33,6 +38,31 @@ pub fn page_out(start: usize, len: usize) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// Asks the kernel to read the range's pages in one at a time when they are next
+/// faulted in (`MADV_RANDOM`), instead of reading and mapping their neighbours along
+/// with them. It holds for the mapping until it is unmapped or advised otherwise. An
+/// error where the kernel refuses: `EINVAL` for an unaligned start, `ENOMEM` where part
+/// of the range is not mapped.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+pub fn read_page_by_page(start: usize, len: usize) -> io::Result<()> {
+    // SAFETY: MADV_RANDOM only sets how the kernel reads pages in (no read-ahead or
+    // read-around); it never changes what memory reads back. The kernel checks the range
+    // itself, and no pointer is dereferenced here, so any `start` and `len` are sound.
+    let r = unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_RANDOM) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Elsewhere there is no such request.
+#[cfg(not(target_os = "linux"))]
+pub fn read_page_by_page(_start: usize, _len: usize) -> io::Result<()> {
+    Err(io::Error::from(io::ErrorKind::Unsupported))
 }
 
 /// Elsewhere there is no such request.
