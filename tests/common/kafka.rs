@@ -193,3 +193,16 @@ pub fn wait_until_commands_answered(
         }
     }
 }
+
+/// How many topics the broker at `brokers` lists when asked for all of them.
+pub fn topic_count(brokers: &str) -> usize {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("metadata client");
+    consumer
+        .fetch_metadata(None, Duration::from_secs(10))
+        .expect("metadata for all topics")
+        .topics()
+        .len()
+}
