@@ -24,20 +24,8 @@ use std::io;
 /// is read back, or faulted in again, on its next access. An error where the kernel
 /// refuses: `EINVAL` before Linux 5.4 or for an unaligned start or a locked range,
 /// `ENOMEM` where part of the range is not mapped (any mapped part is still paged out).
-#[cfg(target_os = "linux")]
-#[allow(unsafe_code)]
 pub fn page_out(start: usize, len: usize) -> io::Result<()> {
-    // SAFETY: MADV_PAGEOUT is a hint that never changes what memory reads back: a page
-    // is dropped only when it can be read back unchanged (a clean file page) or after it
-    // was written out (to its file, or to swap for anonymous memory). The kernel checks
-    // the range itself and returns an error for one it does not map; no pointer is
-    // dereferenced here, so any `start` and `len` are sound.
-    let r = unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_PAGEOUT) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    advise(start, len, Advice::PageOut)
 }
 
 /// Asks the kernel to read the range's pages in one at a time when they are next
@@ -45,13 +33,30 @@ pub fn page_out(start: usize, len: usize) -> io::Result<()> {
 /// with them. It holds for the mapping until it is unmapped or advised otherwise. An
 /// error where the kernel refuses: `EINVAL` for an unaligned start, `ENOMEM` where part
 /// of the range is not mapped.
+pub fn read_page_by_page(start: usize, len: usize) -> io::Result<()> {
+    advise(start, len, Advice::Random)
+}
+
+/// The hints this crate gives: none of them changes what memory reads back.
+enum Advice {
+    PageOut,
+    Random,
+}
+
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
-pub fn read_page_by_page(start: usize, len: usize) -> io::Result<()> {
-    // SAFETY: MADV_RANDOM only sets how the kernel reads pages in (no read-ahead or
-    // read-around); it never changes what memory reads back. The kernel checks the range
-    // itself, and no pointer is dereferenced here, so any `start` and `len` are sound.
-    let r = unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_RANDOM) };
+fn advise(start: usize, len: usize, advice: Advice) -> io::Result<()> {
+    let advice = match advice {
+        Advice::PageOut => libc::MADV_PAGEOUT,
+        Advice::Random => libc::MADV_RANDOM,
+    };
+    // SAFETY: both are hints that never change what memory reads back. MADV_PAGEOUT
+    // drops a page only when it can be read back unchanged (a clean file page) or after
+    // it was written out (to its file, or to swap for anonymous memory); MADV_RANDOM only
+    // sets how pages are read in (no read-ahead or read-around). The kernel checks the
+    // range itself and returns an error for one it does not map; no pointer is
+    // dereferenced here, so any `start` and `len` are sound.
+    let r = unsafe { libc::madvise(start as *mut libc::c_void, len, advice) };
     if r == 0 {
         Ok(())
     } else {
@@ -61,12 +66,6 @@ pub fn read_page_by_page(start: usize, len: usize) -> io::Result<()> {
 
 /// Elsewhere there is no such request.
 #[cfg(not(target_os = "linux"))]
-pub fn read_page_by_page(_start: usize, _len: usize) -> io::Result<()> {
-    Err(io::Error::from(io::ErrorKind::Unsupported))
-}
-
-/// Elsewhere there is no such request.
-#[cfg(not(target_os = "linux"))]
-pub fn page_out(_start: usize, _len: usize) -> io::Result<()> {
+fn advise(_start: usize, _len: usize, _advice: Advice) -> io::Result<()> {
     Err(io::Error::from(io::ErrorKind::Unsupported))
 }
