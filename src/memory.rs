@@ -139,10 +139,16 @@ impl Trimmer {
 
 /// `VmRSS` of this process in KiB; `None` where `/proc` cannot say.
 pub fn rss_kib() -> Option<u64> {
+    status_kib("VmRSS:")
+}
+
+/// A KiB figure of `/proc/self/status` (`field` with its colon); `None` where `/proc`
+/// cannot say.
+fn status_kib(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
@@ -204,17 +210,17 @@ pub fn page_out_file_pages() -> std::io::Result<PagedOut> {
     };
     for m in read_only_file_mappings(&maps) {
         let (start, len) = (m.start, m.len);
-        // Read-only data is laid out in no order of use: a page of it faulted in again
-        // would bring its neighbours back with it. Code keeps the kernel's read-around,
-        // since `link/hot-text.ld` lays it out by use and a cold path then runs without
-        // waiting for each page.
-        if !m.code && page_out::read_page_by_page(start, len).is_ok() {
-            done.page_by_page += 1;
-        }
         match page_out::page_out(start, len) {
             Ok(()) => {
                 done.mappings += 1;
                 done.bytes = done.bytes.saturating_add(len as u64);
+                // Read-only data is laid out in no order of use: a page of it faulted in
+                // again would bring its neighbours back with it. Code keeps the kernel's
+                // read-around, since `link/hot-text.ld` lays it out by use and a cold
+                // path then runs without waiting for each page.
+                if !m.code && page_out::read_page_by_page(start, len).is_ok() {
+                    done.page_by_page += 1;
+                }
             }
             // EINVAL from the first mapping: a kernel without MADV_PAGEOUT.
             Err(e) if done.mappings == 0 && e.kind() == std::io::ErrorKind::InvalidInput => {
@@ -470,18 +476,7 @@ zzzz-7f0000009000 r--p 00000000 fe:00 9 /bad
 
     #[test]
     fn pages_out_this_process_code_which_then_still_runs() {
-        let file_kib = || {
-            let status = std::fs::read_to_string("/proc/self/status").unwrap();
-            let v = status
-                .lines()
-                .find_map(|l| l.strip_prefix("RssFile:"))
-                .unwrap();
-            v.trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .unwrap()
-        };
+        let file_kib = || status_kib("RssFile:").unwrap();
         let before = file_kib();
         let done = page_out_file_pages().expect("MADV_PAGEOUT (Linux 5.4 or later)");
         let after = file_kib();
