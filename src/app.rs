@@ -392,6 +392,7 @@ pub async fn run(
             commands::run(
                 &cfg.kafka,
                 &cfg.consumer_group(),
+                &cfg.agent.agent_id,
                 &cfg.commands,
                 handler,
                 stop,

@@ -121,26 +121,43 @@ impl Contact {
     }
 }
 
+/// A consumer that librdkafka has declared unusable ends the stage, and with it the
+/// process: it would never deliver another command.
+fn fatal(consumer: &StreamConsumer<CommandContext>, instance: &str) -> Option<CommandError> {
+    let (code, reason) = consumer.client().fatal_error()?;
+    tracing::error!(error = %code, reason, "command consumer fatal error");
+    Some(CommandError::Fatal {
+        reason: if code == rdkafka::types::RDKafkaErrorCode::FencedInstanceId {
+            format!("{reason}: another agent with agent_id \"{instance}\" consumes commands in this group")
+        } else {
+            reason
+        },
+    })
+}
+
 /// Consumes the command topic until shutdown.
 pub async fn run(
     kafka: &KafkaConfig,
     group: &str,
+    instance: &str,
     policy: &CommandsConfig,
     handler: Arc<Handler>,
     shutdown: CancellationToken,
 ) -> Result<(), CommandError> {
     let consumer: Arc<StreamConsumer<CommandContext>> = Arc::new(
-        crate::kafka::consumer_config(kafka, group)?.create_with_context(CommandContext {
-            metrics: handler.metrics.clone(),
-            earliest: kafka.commands_offset_reset == "earliest",
-            tls: kafka
-                .security_protocol
-                .uses_tls()
-                .then(|| crate::kafka::tls::TlsProbe::new(kafka)),
-        })?,
+        crate::kafka::consumer_config(kafka, group, instance)?.create_with_context(
+            CommandContext {
+                metrics: handler.metrics.clone(),
+                earliest: kafka.commands_offset_reset == "earliest",
+                tls: kafka
+                    .security_protocol
+                    .uses_tls()
+                    .then(|| crate::kafka::tls::TlsProbe::new(kafka)),
+            },
+        )?,
     );
     consumer.subscribe(&[kafka.topics.commands.as_str()])?;
-    tracing::info!(topic = %kafka.topics.commands, group = %group, "consuming commands");
+    tracing::info!(topic = %kafka.topics.commands, group = %group, instance = %instance, "consuming commands");
 
     match handler.replay.purge(SystemTime::now()) {
         Ok(n) => tracing::debug!(purged = n, kept = handler.replay.len(), "replay store"),
@@ -162,11 +179,18 @@ pub async fn run(
     let mut purge_at = Instant::now() + Duration::from_secs(60);
     let mut beat = tokio::time::interval(crate::heartbeat::BEAT_EVERY);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failed = None;
     loop {
         handler.metrics.beats.commands.beat();
         let msg = tokio::select! {
             m = consumer.recv() => m,
-            _ = beat.tick() => continue,
+            _ = beat.tick() => {
+                failed = fatal(&consumer, instance);
+                if failed.is_some() {
+                    break;
+                }
+                continue;
+            }
             () = shutdown.cancelled() => break,
         };
         match msg {
@@ -186,6 +210,10 @@ pub async fn run(
                 }
             }
             Err(e) => {
+                failed = fatal(&consumer, instance);
+                if failed.is_some() {
+                    break;
+                }
                 tracing::warn!(error = %e, "command consumer error");
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -206,7 +234,12 @@ pub async fn run(
     // first at shutdown), so this wait is short.
     handler.waits.close();
     handler.waits.wait().await;
-    // Commit stored offsets before leaving.
-    let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
-    Ok(())
+    match failed {
+        Some(e) => Err(e),
+        None => {
+            // Commit stored offsets before leaving.
+            let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
+            Ok(())
+        }
+    }
 }

@@ -38,6 +38,12 @@ pub enum CommandError {
     #[error("command consumer setup: {0}")]
     /// The consumer could not be built from the config.
     Setup(#[from] crate::kafka::KafkaSetupError),
+    #[error("command consumer stopped: {reason}")]
+    /// librdkafka declared the consumer unusable (another member fenced it).
+    Fatal {
+        /// librdkafka's reason, and what it means for the agent.
+        reason: String,
+    },
 }
 
 use consumer::Contact;

@@ -377,9 +377,22 @@ pub fn producer(k: &KafkaConfig, ctx: AgentContext) -> Result<Producer, KafkaSet
 }
 
 /// Consumer settings for the command topic (the `tail` tool sets up its own).
-pub fn consumer_config(k: &KafkaConfig, group: &str) -> Result<ClientConfig, KafkaSetupError> {
+///
+/// The consumer is a static member of its group, named by the agent's id. A process
+/// that dies without leaving the group (a crash, a power cut) stays a member until its
+/// session expires; a dynamic member started after it would get no partition until
+/// then. Under its instance id the restarted agent takes its partitions back at once.
+/// Of two agents started with the same id, Kafka fences one (a fatal consumer error; the
+/// command stage then stops the agent, see `commands::run`), where two dynamic members
+/// would silently split the partitions.
+pub fn consumer_config(
+    k: &KafkaConfig,
+    group: &str,
+    instance: &str,
+) -> Result<ClientConfig, KafkaSetupError> {
     let mut c = base_config(k)?;
     c.set("group.id", group)
+        .set("group.instance.id", instance)
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", &k.commands_offset_reset)
