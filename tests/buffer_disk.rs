@@ -9,6 +9,25 @@ use std::time::SystemTime;
 use labgate::buffer::{allocated_bytes, Buffer, BufferConfig, OverflowPolicy};
 use labgate::record::{stamp, Body, Draft, Stored};
 
+/// Opens the buffer again in this process. sled releases its file lock from a
+/// background thread just after the last handle is dropped, so the first attempt can
+/// find it still held (a restart is a new process and never does).
+fn reopen(store: &std::path::Path, cfg: &BufferConfig) -> Buffer {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Buffer::open(store, cfg) {
+            Ok(b) => return b,
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => panic!("reopen: {e}"),
+        }
+    }
+}
+
 /// A record lz4 cannot shrink (pseudo-random hex), about 400 bytes encoded.
 fn record(seq: u64) -> Stored {
     let noise = common::incompressible_hex(seq, 16);
@@ -84,7 +103,7 @@ fn a_backlog_three_times_max_bytes_keeps_the_data_dir_within_max_bytes() {
     // What was removed to stay within the cap was garbage only: the store opens again
     // with every record it kept readable, in order.
     drop(b);
-    let b = Buffer::open(&store, &cfg).expect("reopen");
+    let b = reopen(&store, &cfg);
     let again = b.stats();
     assert_eq!(again.records, st.records);
     assert_eq!(again.quarantined_chunks, 0);
@@ -122,7 +141,7 @@ fn records_kept_before_the_overhead_was_measured_are_not_dropped_for_it() {
         overflow: OverflowPolicy::DropOldest,
         ..BufferConfig::default()
     };
-    let b = Buffer::open(&store, &cfg).expect("reopen");
+    let b = reopen(&store, &cfg);
     let before = b.stats().records;
     let recs: Vec<Stored> = (0..1024).map(|i| record(seq + i)).collect();
     let out = b.append(&recs, 0).expect("append");
@@ -180,7 +199,7 @@ fn a_growing_backlog_takes_little_more_disk_than_its_encoded_bytes() {
     );
     // Every record is still there, in order, after the moves.
     drop(b);
-    let b = Buffer::open(&store, &BufferConfig::default()).expect("reopen");
+    let b = reopen(&store, &BufferConfig::default());
     assert_eq!(b.stats().records, seq);
     let mut next = 0u64;
     while let Some(chunk) = b.read_next().expect("read") {
