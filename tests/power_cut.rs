@@ -144,9 +144,9 @@ fn a_command_that_ran_is_a_duplicate_after_a_power_cut() {
     r.cut_and_restart(&mut agent);
     // The cut process never left its consumer group. The restarted one joins under the
     // same static instance id (the agent id) and takes its partitions back without
-    // waiting for the cut member's session to expire (tansu pauses a static join for
-    // 3 s, twice; dynamic membership took 12 s here, and once under load no second
-    // rebalance came within 90 s).
+    // waiting for the cut member's session to expire (tansu holds a static member's
+    // JoinGroup and SyncGroup 3 s each; dynamic membership took 12 s here, and once
+    // under load no second rebalance came within 90 s).
     agent.wait_status("command consumer assigned", Duration::from_secs(30), |s| {
         s["commands"]["assigned"] == true
     });
