@@ -32,6 +32,12 @@ const N_SHARDS: usize = 2;
 #[cfg(not(any(test, feature = "lock_free_delays")))]
 const N_SHARDS: usize = 16;
 
+// labgate: the smallest a shard is made when the cache is small (see `Lru::new`).
+#[cfg(not(any(test, feature = "lock_free_delays")))]
+const MIN_SHARD_CAPACITY: u64 = 256 * 1024;
+#[cfg(any(test, feature = "lock_free_delays"))]
+const MIN_SHARD_CAPACITY: u64 = 128;
+
 struct AccessBlock {
     len: AtomicUsize,
     block: [AtomicU64; MAX_QUEUE_ITEMS],
@@ -227,10 +233,18 @@ impl Lru {
             "Please configure the cache \
              capacity to be at least 256 bytes"
         );
-        let shard_capacity = cache_capacity / N_SHARDS as u64;
+        // labgate: upstream always made N_SHARDS shards. Sizes are counted rounded up to a
+        // power of two, so a leaf near the quarter-segment blob threshold counts as
+        // 128 KiB, and a shard smaller than two of them evicts the leaf being written
+        // whenever another page of its shard is touched. A small cache gets fewer shards
+        // instead of shards that small.
+        let n_shards = usize::try_from(cache_capacity / MIN_SHARD_CAPACITY)
+            .unwrap_or(N_SHARDS)
+            .clamp(1, N_SHARDS);
+        let shard_capacity = cache_capacity / n_shards as u64;
 
-        let mut shards = Vec::with_capacity(N_SHARDS);
-        shards.resize_with(N_SHARDS, || {
+        let mut shards = Vec::with_capacity(n_shards);
+        shards.resize_with(n_shards, || {
             (AccessQueue::default(), FastLock::new(Shard::new(shard_capacity)))
         });
 
