@@ -263,8 +263,23 @@ fn main() {
         let fill = t_fill.elapsed().as_secs_f64();
         let rss_full = rss_kib(agent.pid(), "VmRSS:");
         broker.unstall();
-        let t0 = Instant::now();
+        let t_release = Instant::now();
+        // The rate counts from the first delivery, as the baseline's does: before it the
+        // producer fetches its producer id from the broker it was started without.
         let mut peak_drain = 0;
+        let (t0, d0) = loop {
+            let d = agent.metric("labgate_records_delivered_total") as u64;
+            if d > 0 {
+                break (Instant::now(), d);
+            }
+            assert!(
+                t_release.elapsed() < Duration::from_secs(120),
+                "nothing delivered after the release"
+            );
+            peak_drain = peak_drain.max(rss_kib(agent.pid(), "VmRSS:"));
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let first = (t0 - t_release).as_secs_f64();
         loop {
             peak_drain = peak_drain.max(rss_kib(agent.pid(), "VmRSS:"));
             if agent.metric("labgate_records_delivered_total") as u64 >= n_backlog {
@@ -276,7 +291,8 @@ fn main() {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        let drain = n_backlog as f64 / t0.elapsed().as_secs_f64();
+        let drain = (n_backlog - d0.min(n_backlog)) as f64 / t0.elapsed().as_secs_f64();
+        let drain_all = n_backlog as f64 / t_release.elapsed().as_secs_f64();
         let hwm = rss_kib(agent.pid(), "VmHWM:");
         let disk = agent.status()["buffer"]["disk_bytes"].as_u64().unwrap_or(0);
         agent.terminate();
@@ -284,11 +300,11 @@ fn main() {
         let mut sorted = bases.clone();
         sorted.sort_by(f64::total_cmp);
         let base = sorted[1];
-        line(&mut out, format!("| baseline: bare rdkafka producer, same settings, key, payload and headers, {n_base} msgs, acks awaited; median of 3 in this run | {base:.0} msg/s | the three: {:.0}, {:.0}, {:.0} msg/s (start, after end-to-end, after drain) |", bases[0], bases[1], bases[2]));
+        line(&mut out, format!("| baseline: bare rdkafka producer, same settings, in-flight window, key, payload and headers, {n_base} msgs, acks awaited, counted from its first delivery; median of 3 in this run | {base:.0} msg/s | the three: {:.0}, {:.0}, {:.0} msg/s (start, after end-to-end, after drain) |", bases[0], bases[1], bases[2]));
         line(&mut out, format!("| end-to-end durable rate (sensors at full speed → buffer → ack), steady 15 s | {e2e:.0} rec/s | ratio to baseline median {:.2} (goal ≥ 0.9), range {:.2}–{:.2}; {buffered} records were still buffered at the end (the device outran the producer) |", e2e / base, e2e / sorted[2], e2e / sorted[0]));
         line(&mut out, format!("| peak RSS at full ingest load, broker live (the end-to-end run's 15 s, VmRSS sampled every 200 ms) | {:.1} MB | goal ≤ 40 MB |", e2e_peak as f64 / 1024.0));
         line(&mut out, format!("| same at 32 records a chunk instead of the default 64, same run | {e2e_32:.0} rec/s | ratio to baseline median {:.2}; the default's rate is {:.2} × it |", e2e_32 / base, e2e / e2e_32));
-        line(&mut out, format!("| backlog drain: {n_backlog} records buffered with the broker stalled (SIGSTOP), then released | {drain:.0} rec/s | ratio to baseline median {:.2} (goal ≥ 0.9), range {:.2}–{:.2}; buffering them took {fill:.1} s while stalled |", drain / base, drain / sorted[2], drain / sorted[0]));
+        line(&mut out, format!("| backlog drain: {n_backlog} records buffered with the broker stalled (SIGSTOP), then released; the rate from the first delivery | {drain:.0} rec/s | ratio to baseline median {:.2} (goal ≥ 0.9), range {:.2}–{:.2}; the first delivery {first:.2} s after the release, {drain_all:.0} rec/s counted from the release; buffering them took {fill:.1} s while stalled |", drain / base, drain / sorted[2], drain / sorted[0]));
         line(&mut out, format!("| peak RSS while draining the {n_backlog} backlog (VmRSS sampled every 100 ms) | {:.1} MB | goal ≤ 40 MB; RSS with the full backlog before release {:.1} MB; VmHWM over the whole run {:.1} MB; sled on disk after the drain {:.1} MB |", peak_drain as f64 / 1024.0, rss_full as f64 / 1024.0, hwm as f64 / 1024.0, disk as f64 / 1e6));
     }
 
