@@ -301,7 +301,11 @@ pub async fn run(
     }
 
     let (failures_tx, failures) = mpsc::unbounded_channel();
-    let sink = Arc::new(kafka::DeliverySink::new(buffer.clone(), failures_tx));
+    let sink = Arc::new(kafka::DeliverySink::new(
+        buffer.clone(),
+        failures_tx,
+        cfg.kafka.max_in_flight,
+    ));
     let producer = kafka::producer(
         &cfg.kafka,
         kafka::AgentContext {

@@ -108,8 +108,14 @@ pub struct DeliverySink {
     pub in_flight: AtomicUsize,
     /// Failed reports, for the forwarder to dead-letter or resend.
     pub failures: tokio::sync::mpsc::UnboundedSender<(RecordId, KafkaError)>,
-    /// Wakes the forwarder when a report frees room in the window or fails.
+    /// Wakes the forwarder when a report fails, empties the window, or brings it down
+    /// to [`DeliverySink::refill_at`].
     pub wake: tokio::sync::Notify,
+    /// The number of records in flight at which a report wakes the forwarder to refill
+    /// the window: a quarter of the window below full. Reports above it do not wake
+    /// it, so that it sends a quarter of the window at a time instead of one record per
+    /// report (each wake-up costs a thread hand-off).
+    pub refill_at: usize,
     /// A fatal producer error (librdkafka's idempotence guarantee is broken): the
     /// forwarder stops with it and the agent exits.
     pub fatal: std::sync::Mutex<Option<String>>,
@@ -121,21 +127,29 @@ pub struct DeliverySink {
 }
 
 impl DeliverySink {
-    /// A sink with nothing in flight.
+    /// A sink with nothing in flight, for an in-flight window of `window` records.
     pub fn new(
         buffer: Arc<Buffer>,
         failures: tokio::sync::mpsc::UnboundedSender<(RecordId, KafkaError)>,
+        window: usize,
     ) -> DeliverySink {
         DeliverySink {
             buffer,
             in_flight: AtomicUsize::new(0),
             failures,
             wake: tokio::sync::Notify::new(),
+            refill_at: refill_at(window),
             fatal: std::sync::Mutex::new(None),
             status: Arc::new(status::StatusSlot::default()),
             progress_ms: std::sync::atomic::AtomicU64::new(0),
         }
     }
+}
+
+/// [`DeliverySink::refill_at`] for a window of `window` records: a quarter of it below
+/// full, and 0 (wake only when it is empty) for a window of one.
+fn refill_at(window: usize) -> usize {
+    window.saturating_sub((window / 4).max(1))
 }
 
 /// Context of the producer: turns librdkafka statistics into the connection state and
@@ -331,8 +345,13 @@ impl ProducerContext for AgentContext {
             }
         }
         self.sink.progress_ms.store(now_ms, Relaxed);
-        self.sink.in_flight.fetch_sub(1, Relaxed);
-        self.sink.wake.notify_one();
+        let left = self.sink.in_flight.fetch_sub(1, Relaxed).saturating_sub(1);
+        // The count falls one report at a time, so a window coming down from above
+        // `refill_at` wakes the forwarder exactly once on the way. A failure always
+        // wakes it; so does an empty window (a rewind and the shutdown wait for that).
+        if result.is_err() || left == 0 || left == self.sink.refill_at {
+            self.sink.wake.notify_one();
+        }
     }
 }
 
@@ -459,6 +478,15 @@ mod tests {
     fn kafka(extra: &str) -> KafkaConfig {
         let text = format!("bootstrap_servers = \"b:9093\"\n{extra}");
         toml::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn the_forwarder_refills_a_quarter_of_the_window_at_a_time_and_a_window_of_one_when_empty() {
+        assert_eq!(refill_at(4000), 3000);
+        assert_eq!(refill_at(7), 6);
+        assert_eq!(refill_at(2), 1);
+        assert_eq!(refill_at(1), 0);
+        assert_eq!(refill_at(0), 0);
     }
 
     #[test]
