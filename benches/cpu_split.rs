@@ -1,0 +1,206 @@
+//! Where the agent's CPU goes at full load: sensors at full speed into a live tansu for
+//! `LABGATE_CPU_SECS` (default 15) seconds, or with `LABGATE_CPU_DRAIN=1` a backlog of
+//! 1,000,000 records buffered with the broker stalled and then released. Prints the
+//! rate, the agent's CPU by thread name, tansu's, and how idle the machine was.
+//!
+//!   cargo bench --bench cpu_split
+//!   LABGATE_BIN=<a build with line tables> LABGATE_CPU_PERF=/tmp/perf.data cargo bench --bench cpu_split
+//!
+//! With `LABGATE_CPU_PERF` the window is recorded by `perf record -F 999 -g` into that
+//! file. A probe for finding costs, not a goal: `scripts/bench` does not run it.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// CPU seconds (user + system) by thread name, summed over threads of the same name.
+fn cpu_by_thread(pid: u32) -> BTreeMap<String, f64> {
+    let mut by_name = BTreeMap::new();
+    let tick = 100.0; // USER_HZ on Linux
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by_name;
+    };
+    for task in tasks.flatten() {
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+        // Fields 14 and 15 of stat (utime, stime), counted after the name.
+        if let (Some(user), Some(system)) = (ticks(11), ticks(12)) {
+            *by_name
+                .entry(stat[open + 1..close].to_string())
+                .or_insert(0.0) += (user + system) / tick;
+        }
+    }
+    by_name
+}
+
+/// The machine's idle and total jiffies so far (`/proc/stat`).
+fn machine_jiffies() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").expect("/proc/stat");
+    let cpu: Vec<f64> = stat
+        .lines()
+        .next()
+        .expect("cpu line")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    (cpu[3] + cpu[4], cpu.iter().sum())
+}
+
+fn tansu_pid() -> u32 {
+    let out = std::process::Command::new("pgrep")
+        .args(["-n", "-f", "tansu broker"])
+        .output()
+        .expect("pgrep");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("tansu's pid")
+}
+
+fn main() {
+    let broker = Broker::start();
+    let brokers = broker.addr();
+    let tansu = tansu_pid();
+    let dir = tempdir();
+    let topics = Topics::new();
+    for t in topics.outputs().iter().chain([topics.commands()].iter()) {
+        broker.create_topics(&[t]);
+    }
+    let quiet = |cfg: String| cfg.replace("level = \"info,labgate=debug\"", "level = \"warn\"");
+
+    if std::env::var_os("LABGATE_CPU_DRAIN").is_some() {
+        let n: u64 = 1_000_000;
+        let devices = sensors_device("env-1", "0s", Some(n / 2));
+        let cfg = quiet(agent_config(
+            dir.path(),
+            "agent-cpu",
+            &brokers,
+            &topics,
+            free_port(),
+            &devices,
+        ))
+        .replace(
+            "commands_offset_reset",
+            "commands_enabled = false\ncommands_offset_reset",
+        );
+        broker.stall();
+        let mut agent = Agent::start(dir.path(), &cfg);
+        agent.wait_status("backlog buffered", Duration::from_secs(600), |s| {
+            s["records_buffered"].as_u64() == Some(n)
+        });
+        broker.unstall();
+        let (t0, d0) = loop {
+            let d = agent.metric("labgate_records_delivered_total") as u64;
+            if d > 0 {
+                break (Instant::now(), d);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let (c0, m0) = (cpu_by_thread(agent.pid()), machine_jiffies());
+        while (agent.metric("labgate_records_delivered_total") as u64) < n {
+            assert!(t0.elapsed() < Duration::from_secs(300), "never drained");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        println!(
+            "drain: {:.0} records/s from the first delivery",
+            (n - d0.min(n)) as f64 / secs
+        );
+        report(&cpu_by_thread(agent.pid()), &c0, m0, secs, None);
+        agent.terminate();
+        return;
+    }
+
+    let secs: u64 = std::env::var("LABGATE_CPU_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(15);
+    let cfg = quiet(agent_config(
+        dir.path(),
+        "agent-cpu",
+        &brokers,
+        &topics,
+        free_port(),
+        &sensors_device("env-1", "0s", None),
+    ));
+    let mut agent = Agent::start(dir.path(), &cfg);
+    agent.wait_status("delivering", Duration::from_secs(60), |s| {
+        s["kafka"]["records_delivered"].as_u64() > Some(50_000)
+    });
+    let d0 = agent.metric("labgate_records_delivered_total");
+    let (c0, t0c, m0) = (
+        cpu_by_thread(agent.pid()),
+        cpu_by_thread(tansu),
+        machine_jiffies(),
+    );
+    let t0 = Instant::now();
+    let peak = match std::env::var("LABGATE_CPU_PERF") {
+        Ok(out) => {
+            let status = std::process::Command::new("perf")
+                .args(["record", "-F", "999", "-g", "-o", &out, "-p"])
+                .arg(agent.pid().to_string())
+                .args(["--", "sleep", &secs.to_string()])
+                .status()
+                .expect("perf");
+            assert!(status.success(), "perf record failed");
+            None
+        }
+        Err(_) => Some(peak_rss_over(agent.pid(), Duration::from_secs(secs))),
+    };
+    let elapsed = t0.elapsed().as_secs_f64();
+    let d1 = agent.metric("labgate_records_delivered_total");
+    println!(
+        "end to end: {:.0} records/s; {} still buffered{}",
+        (d1 - d0) / elapsed,
+        agent.status()["buffer"]["records"],
+        peak.map(|p| format!("; peak RSS {:.1} MB", p as f64 / 1024.0))
+            .unwrap_or_default()
+    );
+    let tansu_secs: f64 = cpu_by_thread(tansu).values().sum::<f64>() - t0c.values().sum::<f64>();
+    report(
+        &cpu_by_thread(agent.pid()),
+        &c0,
+        m0,
+        elapsed,
+        Some(tansu_secs),
+    );
+    agent.terminate();
+}
+
+fn report(
+    now: &BTreeMap<String, f64>,
+    before: &BTreeMap<String, f64>,
+    machine_before: (f64, f64),
+    secs: f64,
+    tansu_secs: Option<f64>,
+) {
+    let machine = machine_jiffies();
+    let mut total = 0.0;
+    for (name, cpu) in now {
+        let used = cpu - before.get(name).unwrap_or(&0.0);
+        total += used;
+        if used > 0.01 * secs {
+            println!("  {name:18} {:5.1} % of a core", 100.0 * used / secs);
+        }
+    }
+    println!(
+        "  agent in all       {:5.1} % of a core",
+        100.0 * total / secs
+    );
+    if let Some(t) = tansu_secs {
+        println!("  tansu              {:5.1} % of a core", 100.0 * t / secs);
+    }
+    println!(
+        "  machine idle       {:5.1} % of all cores",
+        100.0 * (machine.0 - machine_before.0) / (machine.1 - machine_before.1)
+    );
+}
