@@ -75,20 +75,21 @@ fn main() {
     for t in topics.outputs().iter().chain([topics.commands()].iter()) {
         broker.create_topics(&[t]);
     }
-    let quiet = |cfg: String| cfg.replace("level = \"info,labgate=debug\"", "level = \"warn\"");
-
-    if std::env::var_os("LABGATE_CPU_DRAIN").is_some() {
-        let n: u64 = 1_000_000;
-        let devices = sensors_device("env-1", "0s", Some(n / 2));
-        let cfg = quiet(agent_config(
+    let config = |devices: &str| {
+        agent_config(
             dir.path(),
             "agent-cpu",
             &brokers,
             &topics,
             free_port(),
-            &devices,
-        ))
-        .replace(
+            devices,
+        )
+        .replace("level = \"info,labgate=debug\"", "level = \"warn\"")
+    };
+
+    if std::env::var_os("LABGATE_CPU_DRAIN").is_some() {
+        let n: u64 = 1_000_000;
+        let cfg = config(&sensors_device("env-1", "0s", Some(n / 2))).replace(
             "commands_offset_reset",
             "commands_enabled = false\ncommands_offset_reset",
         );
@@ -124,14 +125,7 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(15);
-    let cfg = quiet(agent_config(
-        dir.path(),
-        "agent-cpu",
-        &brokers,
-        &topics,
-        free_port(),
-        &sensors_device("env-1", "0s", None),
-    ));
+    let cfg = config(&sensors_device("env-1", "0s", None));
     let mut agent = Agent::start(dir.path(), &cfg);
     agent.wait_status("delivering", Duration::from_secs(60), |s| {
         s["kafka"]["records_delivered"].as_u64() > Some(50_000)
