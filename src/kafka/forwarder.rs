@@ -230,7 +230,8 @@ impl Forwarder {
                         rewinding = true;
                     }
                     Filled::Window | Filled::Empty => {}
-                    // Woken by the next report or the beat.
+                    // Woken by a report that refills or empties the window, by new
+                    // durable records, or by the beat.
                     Filled::Stalled => {}
                 }
             }
