@@ -94,14 +94,8 @@ pub fn varied_reading(i: u64) -> Draft {
 /// its producer id, which takes about 0.6 s on tansu and would otherwise count as
 /// sending time (a third of a 500,000-message run).
 pub fn baseline(broker: &str, topic: &str, n: u64) -> f64 {
-    baseline_with(broker, topic, n, IN_FLIGHT)
-}
-
-/// `kafka.max_in_flight`'s default: the agent queues at most twice that in librdkafka.
-pub const IN_FLIGHT: usize = 4_000;
-
-/// [`baseline`] with another in-flight window.
-pub fn baseline_with(broker: &str, topic: &str, n: u64, window: usize) -> f64 {
+    // `kafka.max_in_flight`'s default: the agent queues at most twice that in librdkafka.
+    let window = 4_000;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
