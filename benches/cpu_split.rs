@@ -55,21 +55,10 @@ fn machine_jiffies() -> (f64, f64) {
     (cpu[3] + cpu[4], cpu.iter().sum())
 }
 
-fn tansu_pid() -> u32 {
-    let out = std::process::Command::new("pgrep")
-        .args(["-n", "-f", "tansu broker"])
-        .output()
-        .expect("pgrep");
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .expect("tansu's pid")
-}
-
 fn main() {
     let broker = Broker::start();
     let brokers = broker.addr();
-    let tansu = tansu_pid();
+    let tansu = broker.pid();
     let dir = tempdir();
     let topics = Topics::new();
     for t in topics.outputs().iter().chain([topics.commands()].iter()) {

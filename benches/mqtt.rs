@@ -126,16 +126,9 @@ fn main() {
         s["kafka"]["connected"] == true
     });
     std::thread::sleep(Duration::from_millis(1500));
-    let signal = |sig: &str| {
-        let ok = std::process::Command::new("kill")
-            .args([sig, &agent.pid().to_string()])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "kill {sig} the agent");
-    };
-    signal("-STOP");
+    signal_process(agent.pid(), "-STOP");
     publish_backlog(&url, n, "agent");
-    signal("-CONT");
+    signal_process(agent.pid(), "-CONT");
     let mut t0 = None;
     let mut peak_rss = 0;
     let t_start = Instant::now();

@@ -175,14 +175,13 @@ impl Broker {
         );
     }
 
+    /// The broker's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("broker running").id()
+    }
+
     fn signal(&self, sig: &str) {
-        let pid = self.child.as_ref().expect("broker running").id();
-        let ok = Command::new("kill")
-            .args([sig, &pid.to_string()])
-            .status()
-            .expect("kill")
-            .success();
-        assert!(ok, "kill {sig} {pid} failed");
+        signal_process(self.pid(), sig);
     }
 
     /// Freezes the broker (SIGSTOP): connections stay open, nothing is answered.
@@ -215,6 +214,16 @@ impl Drop for Broker {
         }
         self.stop();
     }
+}
+
+/// Sends `sig` (`-STOP`, `-CONT` …) to process `pid`; fails the caller if it cannot.
+pub fn signal_process(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill {sig} {pid} failed");
 }
 
 pub fn create_topics(addr: &str, topics: &[&str]) {
