@@ -68,7 +68,9 @@ impl Queue {
         // with the notify below.
         drop(queue);
 
-        self.cv.notify_all();
+        // labgate: one job wakes one thread. Upstream woke every waiting thread (seven
+        // at least) for each job, and all but one went back to sleep.
+        self.cv.notify_one();
 
         len
     }
