@@ -1,9 +1,9 @@
 //! Ingest: the one place where records are stamped and made durable.
 //!
 //! Drivers, the command path and the agent send [`Draft`]s through an [`Ingest`] handle.
-//! One task receives them in batches, gives each its device's next `seq`, encodes it,
-//! appends it to the buffer, and group-commits: it flushes at most every
-//! `commit_interval`. A sender that must not acknowledge anything upstream before the
+//! One task receives them, gathers them until [`BATCH`] have come or the commit is due,
+//! gives each its device's next `seq`, encodes it, appends them to the buffer in one
+//! batch, and group-commits: it flushes at most every `commit_interval`. A sender that must not acknowledge anything upstream before the
 //! record is durable (an MQTT ack, a command offset) uses [`Ingest::send_durable`],
 //! which returns only after the flush that covers the record; while such a sender waits,
 //! the flush happens at once instead of at the end of the interval. A source that
@@ -25,8 +25,13 @@ use crate::metrics::{DropReason, Metrics};
 use crate::pipeline::Pipeline;
 use crate::record::{object, stamp, stamp_with, Draft, Stored, AGENT_DEVICE};
 
-/// How many records one receive takes at most (bounds a single sled batch).
-const BATCH: usize = 4096;
+/// How many records are gathered before they are appended, when nobody waits for
+/// them: appends come at most this often and otherwise once per commit interval, just
+/// before the flush that makes them visible. Each append is one sled batch, and sled
+/// writes out its IO buffer twice for every batch (one job for its IO threads each);
+/// appended as they came, a sensor at full speed made a batch every 64–128 records.
+/// Bounds a single sled batch too; the gathered drafts are resident while they wait.
+const BATCH: usize = 1024;
 /// Drop reports are emitted at most this often.
 const DROP_REPORT_EVERY: Duration = Duration::from_secs(1);
 
@@ -346,7 +351,10 @@ async fn run_inner(mut input: IngestReceiver, stage: IngestStage) -> Result<(), 
         draining: false,
         live,
     };
+    // Received and not yet appended (see [`BATCH`]).
     let mut items = Vec::with_capacity(BATCH);
+    // One of `items` has a sender waiting for its durability.
+    let mut urgent = false;
     let mut last_flush = Instant::now();
     let mut dirty = false;
     // Wakes the loop when idle so a pending drop report is sent once Kafka is back.
@@ -356,11 +364,13 @@ async fn run_inner(mut input: IngestReceiver, stage: IngestStage) -> Result<(), 
         // Someone waits for durability (a command result, whose offset is stored only
         // after it): flush now rather than at the end of the commit interval. Commands
         // are rare, so the group commit of the data path is unaffected.
-        let deadline = if w.waiting.is_empty() {
+        let deadline = if w.waiting.is_empty() && !urgent {
             last_flush + commit_interval
         } else {
             Instant::now()
         };
+        let room = BATCH - items.len();
+        let pending = !items.is_empty();
         tokio::select! {
             biased;
             () = drain.cancelled(), if drained.is_some() => {
@@ -374,6 +384,7 @@ async fn run_inner(mut input: IngestReceiver, stage: IngestStage) -> Result<(), 
                 if !items.is_empty() {
                     w.append(&mut items)?;
                 }
+                urgent = false;
                 w.pipeline_tick(|p, now| p.finish(now))?;
                 w.flush().await?;
                 last_flush = Instant::now();
@@ -388,19 +399,33 @@ async fn run_inner(mut input: IngestReceiver, stage: IngestStage) -> Result<(), 
                     let _ = tx.send(());
                 }
             }
-            () = tokio::time::sleep_until(deadline), if dirty => {
+            () = tokio::time::sleep_until(deadline), if dirty || pending => {
+                if !items.is_empty() {
+                    w.append(&mut items)?;
+                    urgent = false;
+                }
                 w.flush().await?;
                 last_flush = Instant::now();
                 dirty = false;
             }
-            n = input.rx.recv_many(&mut items, BATCH) => {
+            n = input.rx.recv_many(&mut items, room), if room > 0 => {
                 if n == 0 {
                     break;
                 }
-                w.append(&mut items)?;
-                dirty = true;
+                urgent |= items[items.len() - n..].iter().any(|i| i.done.is_some());
+                if items.len() == BATCH {
+                    w.append(&mut items)?;
+                    urgent = false;
+                    dirty = true;
+                }
             }
             _ = tick.tick() => {
+                // What the pipeline emits on its own goes after what came before it.
+                if !items.is_empty() {
+                    w.append(&mut items)?;
+                    urgent = false;
+                    dirty = true;
+                }
                 if w.pipeline_tick(|p, now| p.tick(now))? {
                     dirty = true;
                 }
@@ -413,6 +438,9 @@ async fn run_inner(mut input: IngestReceiver, stage: IngestStage) -> Result<(), 
         if !dirty && w.maybe_report_drops()? {
             dirty = true;
         }
+    }
+    if !items.is_empty() {
+        w.append(&mut items)?;
     }
     // Windows still open are sent as partial aggregates rather than lost (when the
     // drain above did not already close them).
@@ -775,6 +803,76 @@ fn set_by_name(map: &mut HashMap<String, u64>, name: &str, v: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An ingest task on a real buffer in `dir`, with a commit interval longer than any
+    /// test waits.
+    fn start(
+        dir: &std::path::Path,
+    ) -> (
+        Ingest,
+        Arc<Metrics>,
+        tokio::task::JoinHandle<Result<(), BufferError>>,
+    ) {
+        let buffer = Arc::new(Buffer::open(dir, &Default::default()).unwrap());
+        let metrics = Arc::new(Metrics::new());
+        let (ingest, rx) = channel(64);
+        let task = tokio::spawn(run(
+            rx,
+            IngestStage {
+                buffer,
+                agent_id: "a1".into(),
+                commit_interval: Duration::from_secs(600),
+                metrics: metrics.clone(),
+                pipeline: Pipeline::new(&Default::default(), metrics.clone()),
+                drain: Default::default(),
+                drained: None,
+                topic_names: Default::default(),
+                live: Arc::new(crate::live::Live::new(serde_json::Value::Null)),
+            },
+        ));
+        (ingest, metrics, task)
+    }
+
+    fn event(i: u64) -> Draft {
+        Draft::agent_event("test", object([("i", i.into())]))
+    }
+
+    #[tokio::test]
+    async fn a_sender_waiting_for_durability_is_not_kept_behind_gathered_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ingest, metrics, _task) = start(dir.path());
+        // Past the tick's first beat, which comes at once.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Gathered, not appended: nobody waits for them and the interval is long.
+        for i in 0..10 {
+            ingest.send(event(i)).await.unwrap();
+        }
+        // Ingest's one-second tick appends what it gathered and so would end the wait
+        // too: sooner than that, the waiting sender set the flush off itself.
+        let tick = DROP_REPORT_EVERY - Duration::from_millis(100);
+        tokio::time::timeout(tick, ingest.send_durable(event(10)))
+            .await
+            .expect("durable without waiting for the commit interval")
+            .unwrap();
+        // The flush that covered it covered everything sent before it.
+        assert_eq!(metrics.records_ingested.load(Relaxed), 11);
+    }
+
+    #[tokio::test]
+    async fn records_gathered_when_the_last_sender_goes_are_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ingest, metrics, task) = start(dir.path());
+        for i in 0..5 {
+            ingest.send(event(i)).await.unwrap();
+        }
+        drop(ingest);
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("ingest ends once every sender is gone")
+            .unwrap()
+            .unwrap();
+        assert_eq!(metrics.records_ingested.load(Relaxed), 5);
+    }
 
     #[tokio::test]
     async fn a_tally_lists_refusals_before_it_passes_them_and_wakes_its_reader() {
