@@ -20,10 +20,10 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::buffer::{AppendOutcome, Buffer, BufferError, Cursor};
+use crate::buffer::{AppendOutcome, Buffer, BufferError, Cursor, RecordRef};
 use crate::metrics::{DropReason, Metrics};
 use crate::pipeline::Pipeline;
-use crate::record::{object, stamp, stamp_with, Draft, Stored, AGENT_DEVICE};
+use crate::record::{object, stamp_onto, Draft, Placed};
 
 /// How many records are gathered before they are appended, when nobody waits for
 /// them: appends come at most this often and otherwise once per commit interval, just
@@ -32,6 +32,9 @@ use crate::record::{object, stamp, stamp_with, Draft, Stored, AGENT_DEVICE};
 /// appended as they came, a sensor at full speed made a batch every 64–128 records.
 /// Bounds a single sled batch too; the gathered drafts are resident while they wait.
 const BATCH: usize = 1024;
+/// The most [`Writer::arena`] keeps between batches once a batch used less than a
+/// quarter of it (a batch at full speed takes about 350 KiB and keeps it).
+const ARENA_KEEP: usize = 64 * 1024;
 /// Drop reports are emitted at most this often.
 const DROP_REPORT_EVERY: Duration = Duration::from_secs(1);
 
@@ -337,7 +340,8 @@ async fn run_inner(mut input: IngestReceiver, stage: IngestStage) -> Result<(), 
     let mut w = Writer {
         pipeline,
         seqs: buffer.next_seqs()?,
-        scratch: Vec::new(),
+        arena: Vec::new(),
+        stamped: Vec::new(),
         buffer,
         agent_id,
         metrics,
@@ -460,8 +464,11 @@ struct Writer {
     metrics: Arc<Metrics>,
     /// Next seq per device (authoritative copy; persisted with every append).
     seqs: HashMap<String, u64>,
-    /// Where each record's JSON is encoded before it is copied out at its size.
-    scratch: Vec<u8>,
+    /// The batch being stamped, laid out back to back (device id, key, JSON of each
+    /// record): one buffer for the batch instead of three allocations per record.
+    arena: Vec<u8>,
+    /// The records of the batch, by where they are in `arena`.
+    stamped: Vec<Stamped>,
     /// Senders waiting for the next flush, with the result they get.
     waiting: Vec<(Waiter, bool)>,
     /// Highest seq per device appended since the last flush.
@@ -485,13 +492,12 @@ struct Writer {
 impl Writer {
     fn append(&mut self, items: &mut Vec<Item>) -> Result<(), BufferError> {
         let now = SystemTime::now();
-        let mut stored: Vec<Stored> = Vec::with_capacity(items.len());
-        // Each waiter with the index of its record in `stored` (None: nothing to store,
+        // Each waiter with the index of its record in `stamped` (None: nothing to store,
         // the reading was downsampled away, which counts as done).
         let mut dones = Vec::new();
         let mut derived = Vec::new();
         let mut cursors: Vec<Cursor> = Vec::new();
-        // Records of runs, by their index in `stored`, for the receipts.
+        // Records of runs, by their index in `stamped`, for the receipts.
         let mut seen: Vec<(usize, crate::runs::Seen)> = Vec::new();
         let process = !self.pipeline.is_idle();
         let live = self.live.clone();
@@ -511,40 +517,39 @@ impl Writer {
             let Some(draft) = item.draft else {
                 if let Some((key, value)) = item.cursor {
                     cursors.push(Cursor {
-                        after: stored.len(),
+                        after: self.stamped.len(),
                         key,
                         value,
                     });
                 }
                 if let Some(d) = item.done {
                     // Done when the records before it were handled (the cursor's rule).
-                    dones.push((d, stored.len().checked_sub(1)));
+                    dones.push((d, self.stamped.len().checked_sub(1)));
                 }
                 continue;
             };
             let keep = !process || self.pipeline.observe(&draft, now, &mut derived);
             let index = if keep {
-                self.stamp_into(&draft, now, &mut stored)
-                    .map_err(|e| e.to_string())
+                self.stamp_into(&draft, now).map_err(|e| e.to_string())
             } else {
                 Ok(None)
             };
             if let Ok(Some(i)) = index {
                 view.record(&draft, now);
-                if let Some(s) = crate::runs::Seen::of(&draft, stored[i].seq, now) {
+                if let Some(s) = crate::runs::Seen::of(&draft, self.stamped[i].seq, now) {
                     seen.push((i, s));
                 }
             }
             if let Some((key, value)) = item.cursor {
                 cursors.push(Cursor {
-                    after: stored.len(),
+                    after: self.stamped.len(),
                     key,
                     value,
                 });
             }
             for d in derived.drain(..) {
                 // Alerts and aggregates carry no waiter; an encode failure is counted.
-                if let Ok(Some(_)) = self.stamp_into(&d, now, &mut stored) {
+                if let Ok(Some(_)) = self.stamp_into(&d, now) {
                     view.record(&d, now);
                 }
             }
@@ -555,7 +560,7 @@ impl Writer {
             }
         }
         drop(view);
-        let out = self.write_with(&stored, 0, &cursors)?;
+        let out = self.write_with(0, &cursors)?;
         if !seen.is_empty() {
             let next = self.buffer.next_chunk_id();
             let drops = self.metrics.dropped_total();
@@ -588,22 +593,29 @@ impl Writer {
         }
     }
 
-    /// Stamps one draft onto `stored`; returns its index there.
+    /// Stamps one draft onto the batch; returns its index in `stamped`.
     fn stamp_into(
         &mut self,
         draft: &Draft,
         now: SystemTime,
-        stored: &mut Vec<Stored>,
     ) -> Result<Option<usize>, crate::record::EncodeError> {
         // Looked up by &str: a device's name is copied into the map once, not per record.
         let seq = self.seqs.get(&draft.device_id).copied().unwrap_or(0);
-        match stamp_with(draft, &self.agent_id, seq, now, &mut self.scratch) {
-            Ok(s) => {
+        let start = self.arena.len();
+        self.arena.extend_from_slice(draft.device_id.as_bytes());
+        let device = start..self.arena.len();
+        match stamp_onto(draft, &self.agent_id, seq, now, &mut self.arena) {
+            Ok(placed) => {
                 set_by_name(&mut self.seqs, &draft.device_id, seq + 1);
-                stored.push(s);
-                Ok(Some(stored.len() - 1))
+                self.stamped.push(Stamped {
+                    placed,
+                    device,
+                    seq,
+                });
+                Ok(Some(self.stamped.len() - 1))
             }
             Err(e) => {
+                self.arena.truncate(start);
                 // Cannot happen for the bodies we define (no non-string map keys), but
                 // never lose it silently.
                 tracing::error!(device = %draft.device_id, error = %e, "record dropped: cannot encode");
@@ -625,11 +637,10 @@ impl Writer {
             return Ok(false);
         }
         let now = SystemTime::now();
-        let mut stored = Vec::with_capacity(due.len());
         for d in &due {
-            let _ = self.stamp_into(d, now, &mut stored);
+            let _ = self.stamp_into(d, now);
         }
-        self.write(&stored, 0)?;
+        self.write(0)?;
         Ok(true)
     }
 
@@ -644,36 +655,53 @@ impl Writer {
         if drafts.is_empty() {
             return Ok(false);
         }
-        let mut stored = Vec::with_capacity(drafts.len());
         for d in &drafts {
-            let _ = self.stamp_into(d, now, &mut stored);
+            let _ = self.stamp_into(d, now);
         }
-        self.write(&stored, 0)?;
+        self.write(0)?;
         Ok(true)
     }
 
-    /// Appends stamped records and accounts for the outcome.
-    fn write(&mut self, stored: &[Stored], reported: u64) -> Result<AppendOutcome, BufferError> {
-        self.write_with(stored, reported, &[])
+    /// Appends the stamped batch and accounts for the outcome.
+    fn write(&mut self, reported: u64) -> Result<AppendOutcome, BufferError> {
+        self.write_with(reported, &[])
     }
 
-    /// [`Writer::write`] with source positions in the same batch.
+    /// [`Writer::write`] with source positions in the same batch. The batch is empty
+    /// afterwards, whatever the outcome.
     fn write_with(
         &mut self,
-        stored: &[Stored],
         reported: u64,
         cursors: &[Cursor],
     ) -> Result<AppendOutcome, BufferError> {
-        let out = self.buffer.append_with(stored, reported, cursors)?;
+        let used = self.arena.len();
+        let out = self.write_batch(reported, cursors);
+        self.stamped.clear();
+        self.arena.clear();
+        if self.arena.capacity() > ARENA_KEEP && used < self.arena.capacity() / 4 {
+            // Load has dropped: do not keep a full-speed batch's size for good.
+            self.arena = Vec::new();
+        }
+        out
+    }
+
+    fn write_batch(
+        &mut self,
+        reported: u64,
+        cursors: &[Cursor],
+    ) -> Result<AppendOutcome, BufferError> {
+        let arena = &self.arena;
+        let stored: Vec<RecordRef<'_>> = self.stamped.iter().map(|s| s.view(arena)).collect();
+        let out = self.buffer.append_with(&stored, reported, cursors)?;
         for s in &stored[out.skipped..out.handled()] {
-            set_by_name(&mut self.unflushed_seqs, &s.device_id, s.seq);
+            set_by_name(&mut self.unflushed_seqs, s.device_id, s.seq);
         }
         self.unflushed_count += out.accepted as u64;
         if out.rejected > 0 {
             // Give the refused seqs back so the device's sequence stays gap-free for
             // what was actually kept; the refusal itself is counted and reported.
             for s in &stored[out.handled()..] {
-                let next = self.seqs.entry(s.device_id.clone()).or_insert(s.seq);
+                let next = self.seqs.entry(s.device_id.to_string()).or_insert(s.seq);
                 *next = (*next).min(s.seq);
             }
             if out.disk_full {
@@ -772,21 +800,43 @@ impl Writer {
                 ),
             ]),
         );
-        let seq = self.seqs.entry(AGENT_DEVICE.to_string()).or_insert(0);
-        let Ok(s) = stamp(&draft, &self.agent_id, *seq, SystemTime::now()) else {
+        if !matches!(self.stamp_into(&draft, SystemTime::now()), Ok(Some(_))) {
             return Ok(false);
-        };
-        *seq += 1;
+        }
         tracing::warn!(
             count = drop_oldest + reject_new,
             "reporting dropped records"
         );
-        let out = self.write(std::slice::from_ref(&s), drop_oldest)?;
+        let out = self.write(drop_oldest)?;
         if out.accepted == 1 {
             self.overflow_reported += reject_new;
         }
         self.last_drop_report = Some(Instant::now());
         Ok(out.accepted == 1)
+    }
+}
+
+/// A record of the batch being stamped: where its parts are in [`Writer::arena`].
+struct Stamped {
+    placed: Placed,
+    device: std::ops::Range<usize>,
+    seq: u64,
+}
+
+impl Stamped {
+    /// The record in `arena`, the buffer it was stamped into (every part was written
+    /// there from a `str`; a range out of place reads as empty, never panics).
+    fn view<'a>(&self, arena: &'a [u8]) -> RecordRef<'a> {
+        let bytes = |r: &std::ops::Range<usize>| arena.get(r.clone()).unwrap_or_default();
+        let text = |r| std::str::from_utf8(bytes(r)).unwrap_or_default();
+        RecordRef {
+            topic: self.placed.topic,
+            key: text(&self.placed.key),
+            device_id: text(&self.device),
+            seq: self.seq,
+            ingested_ms: self.placed.ingested_ms,
+            payload: bytes(&self.placed.payload),
+        }
     }
 }
 

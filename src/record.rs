@@ -359,9 +359,14 @@ impl Body {
 
     /// The Kafka key: order is kept per key.
     pub fn key(&self, agent_id: &str) -> String {
+        self.key_parts(agent_id).concat()
+    }
+
+    /// [`Body::key`] in the pieces it is joined from (a sensor's is `type`, `:`, `id`).
+    fn key_parts<'a>(&'a self, agent_id: &'a str) -> [&'a str; 3] {
         match self {
             Body::ExperimentEvent { experiment_id, .. } | Body::EchemData { experiment_id, .. } => {
-                experiment_id.clone()
+                [experiment_id, "", ""]
             }
             Body::SensorReading {
                 sensor_id,
@@ -372,17 +377,10 @@ impl Body {
                 sensor_id,
                 sensor_type,
                 ..
-            } => {
-                // Sized once: `format!` grows its String from a guess, per record.
-                let mut k = String::with_capacity(sensor_type.len() + 1 + sensor_id.len());
-                k.push_str(sensor_type);
-                k.push(':');
-                k.push_str(sensor_id);
-                k
-            }
-            Body::Alert { sensor_id, .. } => sensor_id.clone(),
-            Body::CommandResult { command_id, .. } => command_id.clone(),
-            Body::AgentEvent { .. } => agent_id.to_string(),
+            } => [sensor_type, ":", sensor_id],
+            Body::Alert { sensor_id, .. } => [sensor_id, "", ""],
+            Body::CommandResult { command_id, .. } => [command_id, "", ""],
+            Body::AgentEvent { .. } => [agent_id, "", ""],
         }
     }
 
@@ -545,22 +543,41 @@ pub fn stamp(
     seq: u64,
     now: SystemTime,
 ) -> Result<Stored, EncodeError> {
-    stamp_with(draft, agent_id, seq, now, &mut Vec::new())
+    let mut out = Vec::new();
+    let placed = stamp_onto(draft, agent_id, seq, now, &mut out)?;
+    Ok(Stored {
+        topic: placed.topic,
+        key: draft.body.key(agent_id),
+        device_id: draft.device_id.clone(),
+        seq,
+        ingested_ms: placed.ingested_ms,
+        payload: out.split_off(placed.payload.start),
+    })
 }
 
-/// The most [`stamp_with`]'s scratch buffer keeps between records.
-const SCRATCH_KEEP: usize = 64 * 1024;
+/// Where [`stamp_onto`] wrote a record, as ranges of the buffer it wrote to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placed {
+    /// Which configured topic it goes to.
+    pub topic: TopicKind,
+    /// Its Kafka key ([`Body::key`]).
+    pub key: std::ops::Range<usize>,
+    /// Its wire message (JSON).
+    pub payload: std::ops::Range<usize>,
+    /// Unix milliseconds at ingest.
+    pub ingested_ms: u64,
+}
 
-/// As [`stamp`], encoding through `scratch`, which a caller stamping many records keeps:
-/// the JSON grows there, and the payload is one allocation of its exact size (growing
-/// a fresh `Vec` to a 300-byte record takes six reallocations).
-pub fn stamp_with(
+/// As [`stamp`], written onto the end of `out`: the key, then the wire message. A caller
+/// stamping many records lays them all out in one buffer this way, with no allocation
+/// per record. On an error `out` is as it was.
+pub fn stamp_onto(
     draft: &Draft,
     agent_id: &str,
     seq: u64,
     now: SystemTime,
-    scratch: &mut Vec<u8>,
-) -> Result<Stored, EncodeError> {
+    out: &mut Vec<u8>,
+) -> Result<Placed, EncodeError> {
     let now = crate::time::checked(now).unwrap_or(SystemTime::UNIX_EPOCH);
     let (time, source_time_rejected) = match draft.time {
         None => (now, false),
@@ -582,21 +599,20 @@ pub fn stamp_with(
         source_time_rejected,
         run: draft.run.as_deref(),
     };
-    scratch.clear();
-    serde_json::to_writer(&mut *scratch, &wire)
-        .map_err(|e| EncodeError::Json(draft.body.type_name(), e))?;
-    let payload = scratch.as_slice().to_vec();
-    if scratch.capacity() > SCRATCH_KEEP {
-        // One large record (a long EChem chunk) does not pin its size for good.
-        *scratch = Vec::new();
+    let start = out.len();
+    for part in draft.body.key_parts(agent_id) {
+        out.extend_from_slice(part.as_bytes());
     }
-    Ok(Stored {
+    let key = start..out.len();
+    if let Err(e) = serde_json::to_writer(&mut *out, &wire) {
+        out.truncate(start);
+        return Err(EncodeError::Json(draft.body.type_name(), e));
+    }
+    Ok(Placed {
         topic: draft.body.topic(),
-        key: draft.body.key(agent_id),
-        device_id: draft.device_id.clone(),
-        seq,
+        payload: key.end..out.len(),
+        key,
         ingested_ms: unix_ms(now),
-        payload,
     })
 }
 
@@ -625,6 +641,37 @@ pub fn object<const N: usize>(
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn stamped_onto_a_shared_buffer_a_record_reads_as_stamped_alone() {
+        let reading = |sensor: &str| Draft {
+            event_id: Some(uuid::Uuid::from_u128(7)),
+            run: None,
+            device_id: "env-1".into(),
+            time: Some(SystemTime::UNIX_EPOCH + Duration::from_millis(1_705_314_600_000)),
+            body: Body::SensorReading {
+                sensor_id: sensor.into(),
+                sensor_type: "temperature".into(),
+                value: 21.5,
+                unit: "°C".into(),
+                location: None,
+                metadata: BTreeMap::new(),
+            },
+        };
+        let now = SystemTime::now();
+        let mut out = b"already here".to_vec();
+        let a = stamp_onto(&reading("t-1"), "a1", 3, now, &mut out).unwrap();
+        let b = stamp_onto(&reading("t-2"), "a1", 4, now, &mut out).unwrap();
+        assert_eq!(&out[..12], b"already here", "what was there stays");
+        for (placed, sensor, seq) in [(a, "t-1", 3), (b, "t-2", 4)] {
+            let alone = stamp(&reading(sensor), "a1", seq, now).unwrap();
+            assert_eq!(out[placed.key.clone()], *alone.key.as_bytes());
+            assert_eq!(alone.key, format!("temperature:{sensor}"));
+            assert_eq!(out[placed.payload.clone()], alone.payload[..]);
+            assert_eq!(placed.topic, alone.topic);
+            assert_eq!(placed.ingested_ms, alone.ingested_ms);
+        }
+    }
 
     #[test]
     fn experiment_event_has_users_shape_plus_envelope() {

@@ -586,20 +586,24 @@ fn be(n: u64) -> [u8; 8] {
     n.to_be_bytes()
 }
 
-fn devices_of(part: &[Stored]) -> impl ExactSizeIterator<Item = &str> {
-    part.iter().map(|r| r.device_id.as_str())
+fn devices_of<R: AsRecord>(part: &[R]) -> impl ExactSizeIterator<Item = &str> {
+    part.iter().map(|r| r.record().device_id)
 }
 
-fn skipped_records(parts: &[(Range<usize>, &[Stored])]) -> usize {
+fn skipped_records<R>(parts: &[(Range<usize>, &[R])]) -> usize {
     parts.iter().map(|(_, p)| p.len()).sum()
 }
 
 /// Notes in `next` each device's next seq after `part`, later records winning: one
 /// map update per run of one device's records, not one per record.
-fn note_next_seqs<'a>(next: &mut HashMap<&'a str, u64>, part: &'a [Stored]) {
+fn note_next_seqs<'a, R: AsRecord>(next: &mut HashMap<&'a str, u64>, part: &'a [R]) {
     for (i, r) in part.iter().enumerate() {
-        if part.get(i + 1).is_none_or(|n| n.device_id != r.device_id) {
-            next.insert(&r.device_id, r.seq + 1);
+        let r = r.record();
+        if part
+            .get(i + 1)
+            .is_none_or(|n| n.record().device_id != r.device_id)
+        {
+            next.insert(r.device_id, r.seq + 1);
         }
     }
 }
@@ -723,9 +727,9 @@ impl Buffer {
     /// with each device's next seq. `reported_drops` of the unreported-drop count are
     /// marked reported in the same batch (the caller is appending the event that reports
     /// them). Not durable until the next [`Buffer::flush`].
-    pub fn append(
+    pub fn append<R: AsRecord>(
         &self,
-        records: &[Stored],
+        records: &[R],
         reported_drops: u64,
     ) -> Result<AppendOutcome, BufferError> {
         self.append_with(records, reported_drops, &[])
@@ -733,9 +737,9 @@ impl Buffer {
 
     /// [`Buffer::append`], with source positions written in the same batch (those
     /// whose records were all handled; see [`Cursor`]).
-    pub fn append_with(
+    pub fn append_with<R: AsRecord>(
         &self,
-        records: &[Stored],
+        records: &[R],
         reported_drops: u64,
         cursors: &[Cursor],
     ) -> Result<AppendOutcome, BufferError> {
@@ -758,7 +762,7 @@ impl Buffer {
             }
         }
         packed.clear();
-        let mut encoded: Vec<(Range<usize>, &[Stored])> = Vec::new();
+        let mut encoded: Vec<(Range<usize>, &[R])> = Vec::new();
         for part in records.chunks(self.per_chunk) {
             encoded.push((encode_into(part, body, packed)?, part));
         }
@@ -1498,15 +1502,15 @@ const TOPIC_CODES: [TopicKind; 7] = [
     TopicKind::Aggregates,
 ];
 
-fn encode(part: &[Stored]) -> Result<Vec<u8>, BufferError> {
+fn encode<R: AsRecord>(part: &[R]) -> Result<Vec<u8>, BufferError> {
     Ok(lz4_flex::compress_prepend_size(&encode_body(part)?))
 }
 
 /// Encodes `part` as a chunk at the end of `packed` (what [`encode`] returns: the
 /// length, little-endian u32, then the lz4 block), `body` the scratch it is laid out in
 /// first. Returns where in `packed` it is.
-fn encode_into(
-    part: &[Stored],
+fn encode_into<R: AsRecord>(
+    part: &[R],
     body: &mut Vec<u8>,
     packed: &mut Vec<u8>,
 ) -> Result<Range<usize>, BufferError> {
@@ -1531,21 +1535,23 @@ fn encode_into(
 const SCRATCH_KEEP: usize = 1 << 20;
 
 /// A chunk's [`CHUNK_V1`] bytes before compression.
-fn encode_body(part: &[Stored]) -> Result<Vec<u8>, BufferError> {
+fn encode_body<R: AsRecord>(part: &[R]) -> Result<Vec<u8>, BufferError> {
     let mut v = Vec::new();
     encode_body_into(part, &mut v)?;
     Ok(v)
 }
 
-fn encode_body_into(part: &[Stored], v: &mut Vec<u8>) -> Result<(), BufferError> {
+fn encode_body_into<R: AsRecord>(part: &[R], v: &mut Vec<u8>) -> Result<(), BufferError> {
     let size: usize = part
         .iter()
+        .map(|r| r.record())
         .map(|r| r.payload.len() + r.key.len() + r.device_id.len() + 32)
         .sum();
     v.reserve(size + 11);
     v.push(CHUNK_V1);
     put_varint(v, part.len() as u64);
     for r in part {
+        let r = r.record();
         let code = TOPIC_CODES
             .iter()
             .position(|t| *t == r.topic)
@@ -1555,7 +1561,7 @@ fn encode_body_into(part: &[Stored], v: &mut Vec<u8>) -> Result<(), BufferError>
         put_bytes(v, r.device_id.as_bytes());
         put_varint(v, r.seq);
         put_varint(v, r.ingested_ms);
-        put_bytes(v, &r.payload);
+        put_bytes(v, r.payload);
     }
     Ok(())
 }
@@ -1678,6 +1684,33 @@ pub struct RecordRef<'a> {
     pub ingested_ms: u64,
     /// The finished wire message.
     pub payload: &'a [u8],
+}
+
+/// A record the buffer can append: a [`Stored`], or a [`RecordRef`] into bytes the
+/// caller laid out (ingest stamps a whole batch into one buffer that way, with no
+/// allocation per record).
+pub trait AsRecord {
+    /// The record, borrowed.
+    fn record(&self) -> RecordRef<'_>;
+}
+
+impl AsRecord for Stored {
+    fn record(&self) -> RecordRef<'_> {
+        RecordRef {
+            topic: self.topic,
+            key: &self.key,
+            device_id: &self.device_id,
+            seq: self.seq,
+            ingested_ms: self.ingested_ms,
+            payload: &self.payload,
+        }
+    }
+}
+
+impl AsRecord for RecordRef<'_> {
+    fn record(&self) -> RecordRef<'_> {
+        *self
+    }
 }
 
 impl RecordRef<'_> {
@@ -1866,7 +1899,10 @@ mod tests {
         ciborium::into_writer(&part, &mut cbor).unwrap();
         let old = lz4_flex::compress_prepend_size(&cbor);
         assert!(same(&decode(7, &old).unwrap(), &part));
-        assert!(same(&decode(7, &encode(&[]).unwrap()).unwrap(), &[]));
+        assert!(same(
+            &decode(7, &encode::<Stored>(&[]).unwrap()).unwrap(),
+            &[]
+        ));
     }
 
     #[test]
@@ -1974,7 +2010,7 @@ mod tests {
             vec![(b"f/x".to_vec(), b"four".to_vec())]
         );
         assert_eq!(b.stats().records, 8, "cursors are not records");
-        b.append_with(
+        b.append_with::<Stored>(
             &[],
             0,
             &[Cursor {
