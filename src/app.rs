@@ -31,7 +31,7 @@ use crate::metrics::Metrics;
 
 /// Capacity of the ingest channel (records waiting to be stamped and appended). A device
 /// at full speed keeps it full, so it is resident memory: at 8,192 the queued drafts cost
-/// about 6 MB of peak RSS at full load. 2,048 (32 chunks' worth, one receive of ingest)
+/// about 6 MB of peak RSS at full load. 2,048 (32 chunks' worth, two of ingest's batches)
 /// measured the same end-to-end and drain rates (BENCHMARKS.md, "The ingest queue").
 const INGEST_QUEUE: usize = 2_048;
 
