@@ -3,8 +3,8 @@
 //! Drivers, the command path and the agent send [`Draft`]s through an [`Ingest`] handle.
 //! One task receives them, gathers them until [`BATCH`] have come or the commit is due,
 //! gives each its device's next `seq`, encodes it, appends them to the buffer in one
-//! batch, and group-commits: it flushes at most every `commit_interval`. A sender that must not acknowledge anything upstream before the
-//! record is durable (an MQTT ack, a command offset) uses [`Ingest::send_durable`],
+//! batch, and group-commits: it flushes at most every `commit_interval`. A sender that
+//! must not acknowledge anything upstream before the record is durable (an MQTT ack, a command offset) uses [`Ingest::send_durable`],
 //! which returns only after the flush that covers the record; while such a sender waits,
 //! the flush happens at once instead of at the end of the interval. A source that
 //! sends many records and acknowledges them upstream in order (an MQTT session) numbers
@@ -357,7 +357,8 @@ async fn run_inner(mut input: IngestReceiver, stage: IngestStage) -> Result<(), 
     };
     // Received and not yet appended (see [`BATCH`]).
     let mut items = Vec::with_capacity(BATCH);
-    // One of `items` has a sender waiting for its durability.
+    // One of `items` has a sender waiting for its durability (false once they are
+    // appended).
     let mut urgent = false;
     let mut last_flush = Instant::now();
     let mut dirty = false;
@@ -365,6 +366,7 @@ async fn run_inner(mut input: IngestReceiver, stage: IngestStage) -> Result<(), 
     let mut tick = tokio::time::interval(DROP_REPORT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        urgent &= !items.is_empty();
         // Someone waits for durability (a command result, whose offset is stored only
         // after it): flush now rather than at the end of the commit interval. Commands
         // are rare, so the group commit of the data path is unaffected.
@@ -388,7 +390,6 @@ async fn run_inner(mut input: IngestReceiver, stage: IngestStage) -> Result<(), 
                 if !items.is_empty() {
                     w.append(&mut items)?;
                 }
-                urgent = false;
                 w.pipeline_tick(|p, now| p.finish(now))?;
                 w.flush().await?;
                 last_flush = Instant::now();
@@ -406,7 +407,6 @@ async fn run_inner(mut input: IngestReceiver, stage: IngestStage) -> Result<(), 
             () = tokio::time::sleep_until(deadline), if dirty || pending => {
                 if !items.is_empty() {
                     w.append(&mut items)?;
-                    urgent = false;
                 }
                 w.flush().await?;
                 last_flush = Instant::now();
@@ -419,7 +419,6 @@ async fn run_inner(mut input: IngestReceiver, stage: IngestStage) -> Result<(), 
                 urgent |= items[items.len() - n..].iter().any(|i| i.done.is_some());
                 if items.len() == BATCH {
                     w.append(&mut items)?;
-                    urgent = false;
                     dirty = true;
                 }
             }
@@ -427,7 +426,6 @@ async fn run_inner(mut input: IngestReceiver, stage: IngestStage) -> Result<(), 
                 // What the pipeline emits on its own goes after what came before it.
                 if !items.is_empty() {
                     w.append(&mut items)?;
-                    urgent = false;
                     dirty = true;
                 }
                 if w.pipeline_tick(|p, now| p.tick(now))? {

@@ -545,13 +545,15 @@ pub fn stamp(
 ) -> Result<Stored, EncodeError> {
     let mut out = Vec::new();
     let placed = stamp_onto(draft, agent_id, seq, now, &mut out)?;
+    let payload = out.split_off(placed.payload.start);
     Ok(Stored {
         topic: placed.topic,
-        key: draft.body.key(agent_id),
+        // What is left is the key, written from `str`s.
+        key: String::from_utf8(out).unwrap_or_else(|_| draft.body.key(agent_id)),
         device_id: draft.device_id.clone(),
         seq,
         ingested_ms: placed.ingested_ms,
-        payload: out.split_off(placed.payload.start),
+        payload,
     })
 }
 
