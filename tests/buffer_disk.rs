@@ -9,23 +9,9 @@ use std::time::SystemTime;
 use labgate::buffer::{allocated_bytes, Buffer, BufferConfig, OverflowPolicy};
 use labgate::record::{stamp, Body, Draft, Stored};
 
-/// Opens the buffer again in this process. sled releases its file lock from a
-/// background thread just after the last handle is dropped, so the first attempt can
-/// find it still held (a restart is a new process and never does).
+/// Opens the buffer again in this process, right after the last handle was dropped.
 fn reopen(store: &std::path::Path, cfg: &BufferConfig) -> Buffer {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        match Buffer::open(store, cfg) {
-            Ok(b) => return b,
-            Err(e)
-                if e.to_string().contains("could not acquire lock")
-                    && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            Err(e) => panic!("reopen: {e}"),
-        }
-    }
+    Buffer::open(store, cfg).unwrap_or_else(|e| panic!("reopen: {e}"))
 }
 
 /// A record lz4 cannot shrink (pseudo-random hex), about 400 bytes encoded.

@@ -1973,7 +1973,7 @@ mod tests {
                 .unwrap();
             b.flush_blocking().unwrap();
         }
-        let b = super::model_test::open_retrying_with(dir.path(), &cfg());
+        let b = super::model_test::reopen_with(dir.path(), &cfg());
         assert_eq!(b.stats().quarantined_chunks, 1);
         assert_eq!(b.take_quarantined(), (1, 0));
         assert_eq!(b.stats().records, 8);
@@ -2004,7 +2004,7 @@ mod tests {
         assert_eq!(b.cursor(b"f/x").unwrap().as_deref(), Some(&b"four"[..]));
         b.flush_blocking().unwrap();
         drop(b);
-        let b = super::model_test::open_retrying_with(dir.path(), &c);
+        let b = super::model_test::reopen_with(dir.path(), &c);
         assert_eq!(
             b.cursors(b"f/").unwrap(),
             vec![(b"f/x".to_vec(), b"four".to_vec())]

@@ -68,23 +68,14 @@ fn uid(s: &Stored) -> u64 {
     u64::from_be_bytes(s.payload[..8].try_into().unwrap())
 }
 
-fn open_retrying(dir: &std::path::Path) -> Buffer {
-    open_retrying_with(dir, &cfg())
+fn reopen(dir: &std::path::Path) -> Buffer {
+    reopen_with(dir, &cfg())
 }
 
-/// sled releases its file lock from a background thread shortly after the last handle
-/// is dropped; an in-process reopen waits for that (a real restart is a new process).
-pub(super) fn open_retrying_with(dir: &std::path::Path, cfg: &BufferConfig) -> Buffer {
-    for _ in 0..200 {
-        match Buffer::open(dir, cfg) {
-            Ok(b) => return b,
-            Err(e) if e.to_string().contains("could not acquire lock") => {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            Err(e) => panic!("reopen failed: {e}"),
-        }
-    }
-    panic!("sled lock not released within 2 s");
+/// Opens the buffer again in this process, right after the last handle was dropped:
+/// nothing of the previous instance may still hold the store.
+pub(super) fn reopen_with(dir: &std::path::Path, cfg: &BufferConfig) -> Buffer {
+    Buffer::open(dir, cfg).unwrap_or_else(|e| panic!("reopen failed: {e}"))
 }
 
 struct Harness {
@@ -135,7 +126,7 @@ impl Harness {
             self.buf().flush_blocking().unwrap();
         }
         self.buf = None;
-        let buf = open_retrying(self.dir.path());
+        let buf = reopen(self.dir.path());
         // Everything that survived, in order.
         let mut got = Vec::new();
         while let Some(recs) = buf.read_next().unwrap() {

@@ -118,19 +118,8 @@ mod tests {
     async fn a_claimed_id_is_a_replay_until_purged_and_survives_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        // sled releases its lock from a background thread after the last handle goes:
-        // an in-process reopen waits for it.
         let open = || {
-            let store = (0..200)
-                .find_map(|_| match crate::buffer::store::open(dir.path(), 1 << 20) {
-                    Ok(s) => Some(Arc::new(s)),
-                    Err(e) if e.to_string().contains("could not acquire lock") => {
-                        std::thread::sleep(Duration::from_millis(10));
-                        None
-                    }
-                    Err(e) => panic!("{e}"),
-                })
-                .expect("sled lock not released within 2 s");
+            let store = Arc::new(crate::buffer::store::open(dir.path(), 1 << 20).unwrap());
             ReplayStore::new(SideTree {
                 tree: store.db().open_tree("ids").unwrap(),
                 store,

@@ -467,6 +467,19 @@ impl Drop for Log {
             self.config.file.sync_all().unwrap();
         }
 
+        // labgate: an IO thread that wrote the last buffer wakes the flush above before
+        // it lets go of its handle on `IoBufs`, which keeps the log file (and so its
+        // lock) open. Waiting for those handles here means the store is closed, and can
+        // be opened again, once the last `Db` is dropped. They go within microseconds of
+        // the write; the bound only keeps a stuck thread from stopping the drop.
+        let deadline =
+            std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while Arc::strong_count(&self.iobufs) > 1
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::yield_now();
+        }
+
         debug!("IoBufs dropped");
     }
 }

@@ -149,6 +149,11 @@ impl SegmentCleaner {
 
 impl Drop for SegmentAccountant {
     fn drop(&mut self) {
+        // labgate: a truncation still running holds the log file (and its lock); the
+        // store is closed only once it is done.
+        for (_, mut promise) in std::mem::take(&mut self.async_truncations) {
+            let _ = promise.wait_timeout(std::time::Duration::from_secs(5));
+        }
         for segment in &self.segments {
             let segment_utilization = match segment {
                 Segment::Free(_) | Segment::Draining(_) => 0,
@@ -1176,6 +1181,8 @@ impl SegmentAccountant {
                 .set_len(at)
                 .and_then(|_| config.file.sync_all())
                 .map_err(|e| e.into());
+            // labgate: the file (and its lock) goes before the waiter is woken.
+            drop(config);
             completer.fill(res);
         })?;
 
