@@ -1,6 +1,8 @@
 //! Where the agent's CPU goes at full load: sensors at full speed into a live tansu for
 //! `LABGATE_CPU_SECS` (default 15) seconds, or with `LABGATE_CPU_DRAIN=1` a backlog of
-//! 1,000,000 records buffered with the broker stalled and then released. Prints the
+//! 1,000,000 records buffered with the broker stalled and then released, or with
+//! `LABGATE_CPU_MQTT=<n>` a backlog of n QoS 1 messages queued by mosquitto for the
+//! agent's MQTT session while it was frozen, then drained to Kafka. Prints the
 //! rate, the agent's CPU by thread name, tansu's, and how idle the machine was.
 //!
 //!   cargo bench --bench cpu_split
@@ -75,6 +77,108 @@ fn main() {
         )
         .replace("level = \"info,labgate=debug\"", "level = \"warn\"")
     };
+
+    if let Ok(n) = std::env::var("LABGATE_CPU_MQTT") {
+        let n: u64 = n.parse().expect("LABGATE_CPU_MQTT: a message count");
+        let mqtt = Mosquitto::start();
+        let url = mqtt.url();
+        let extra = mqtt_number_device(&url, "mqtt-cpu", "labgate-cpu", "bench/+id/v", "v");
+        let cfg = config(&extra).replace(
+            "commands_offset_reset",
+            "commands_enabled = false\ncommands_offset_reset",
+        );
+        let mut agent = Agent::start(dir.path(), &cfg);
+        agent.wait_status("MQTT and Kafka connected", Duration::from_secs(30), |s| {
+            s["devices"]["mqtt-cpu"]["state"] == "running" && s["kafka"]["connected"] == true
+        });
+        std::thread::sleep(Duration::from_millis(1500));
+        // The backlog queues for the agent's persistent session while it is frozen.
+        signal_process(agent.pid(), "-STOP");
+        let p = MqttClient::connect(&url, "cpu-pub");
+        for i in 0..n {
+            p.publish(
+                &format!("bench/s{}/v", i % 10),
+                format!("{}.5", i % 1000),
+                false,
+            );
+        }
+        p.wait_acked(n, Duration::from_secs(900));
+        let mosquitto = mqtt.pid().expect("mosquitto runs");
+        let others = || {
+            let sum = |pid| cpu_by_thread(pid).values().sum::<f64>();
+            (sum(mosquitto), sum(tansu))
+        };
+        let (c0, m0, o0) = (cpu_by_thread(agent.pid()), machine_jiffies(), others());
+        let t0 = Instant::now();
+        signal_process(agent.pid(), "-CONT");
+        let f0 = agent.metric("labgate_buffer_flushes_total");
+        let perf = std::env::var("LABGATE_CPU_PERF").ok().map(|out| {
+            std::process::Command::new("perf")
+                .args([
+                    "record",
+                    "-F",
+                    "499",
+                    "--call-graph",
+                    "dwarf,16384",
+                    "-o",
+                    &out,
+                    "-p",
+                ])
+                .arg(format!("{},{mosquitto}", agent.pid()))
+                .spawn()
+                .expect("perf")
+        });
+        let (mut received_all, mut acked_all) = (None, None);
+        loop {
+            let s = agent.status();
+            let m = &s["devices"]["mqtt-cpu"]["mqtt"];
+            if received_all.is_none() && m["messages"].as_u64() >= Some(n) {
+                received_all = Some(t0.elapsed());
+            }
+            if acked_all.is_none() && m["acked"].as_u64() >= Some(n) {
+                acked_all = Some(t0.elapsed());
+            }
+            if s["kafka"]["records_delivered"].as_u64() >= Some(n) && acked_all.is_some() {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(600),
+                "never drained: {s}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        let flushes = agent.metric("labgate_buffer_flushes_total") - f0;
+        let o1 = others();
+        if let Some(mut perf) = perf {
+            signal_process(perf.id(), "-INT");
+            let _ = perf.wait();
+        }
+        println!(
+            "MQTT: {n} messages; all received at {:.2} s, all acked at {:.2} s, all delivered at {secs:.2} s: {:.0} msg/s",
+            received_all.map_or(f64::NAN, |d| d.as_secs_f64()),
+            acked_all.map_or(f64::NAN, |d| d.as_secs_f64()),
+            n as f64 / secs
+        );
+        println!(
+            "  {flushes:.0} group commits: {:.0} messages and {:.2} ms each",
+            n as f64 / flushes,
+            1000.0 * secs / flushes
+        );
+        println!(
+            "  mosquitto          {:5.1} % of a core",
+            100.0 * (o1.0 - o0.0) / secs
+        );
+        report(
+            &cpu_by_thread(agent.pid()),
+            &c0,
+            m0,
+            secs,
+            Some(o1.1 - o0.1),
+        );
+        agent.terminate();
+        return;
+    }
 
     if std::env::var_os("LABGATE_CPU_DRAIN").is_some() {
         let n: u64 = 1_000_000;

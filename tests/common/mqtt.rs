@@ -30,6 +30,12 @@ pub struct Mosquitto {
 }
 
 impl Mosquitto {
+    /// The broker's process id (for its CPU time).
+    #[allow(dead_code)]
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn start() -> Mosquitto {
         Mosquitto::start_with(|_| String::new())
     }
