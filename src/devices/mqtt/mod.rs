@@ -383,7 +383,25 @@ pub async fn run(cfg: &Config, ctx: &mut DeviceCtx) -> Result<(), DeviceError> {
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if let Err(e) = on_publish(cfg, ctx, &mut mapper, &client, &mut acks, &mut malformed, p).await {
+                    // The publishes decoded by the same read are taken here, not with a
+                    // turn of this select each; they are counted once for the lot.
+                    let (mut n, mut dups) = (0u64, 0u64);
+                    let mut next = Some(p);
+                    let mut failed = None;
+                    while let Some(p) = next.take() {
+                        n += 1;
+                        dups += u64::from(p.dup);
+                        if let Err(e) = on_publish(cfg, ctx, &mut mapper, &client, &mut acks, &mut malformed, p).await {
+                            failed = Some(e);
+                            break;
+                        }
+                        next = eventloop.next_buffered_publish();
+                    }
+                    ctx.metrics.mqtt(&ctx.id, |m| {
+                        m.messages += n;
+                        m.redelivered += dups;
+                    });
+                    if let Some(e) = failed {
                         break Err(e);
                     }
                 }
@@ -504,12 +522,6 @@ async fn on_publish(
     malformed: &mut Malformed,
     p: rumqttc::Publish,
 ) -> Result<(), DeviceError> {
-    ctx.metrics.mqtt(&ctx.id, |m| {
-        m.messages += 1;
-        if p.dup {
-            m.redelivered += 1;
-        }
-    });
     let now = SystemTime::now();
     let mut records = false;
     match mapper.map(&p.topic, &p.payload, now) {

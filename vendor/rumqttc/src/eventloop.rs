@@ -145,6 +145,18 @@ impl EventLoop {
         self.pending.extend(requests_in_channel);
     }
 
+    /// labgate: the next event if it is an incoming publish already read and decoded
+    /// (a read decodes several), without waiting and without a turn of `poll`.
+    pub fn next_buffered_publish(&mut self) -> Option<Publish> {
+        match self.state.events.front() {
+            Some(Event::Incoming(Packet::Publish(_))) => match self.state.events.pop_front() {
+                Some(Event::Incoming(Packet::Publish(p))) => Some(p),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
     /// Yields Next notification or outgoing request and periodically pings
     /// the broker. Continuing to poll will reconnect to the broker if there is
     /// a disconnection.
