@@ -233,7 +233,16 @@ fn main() {
     let peak = match std::env::var("LABGATE_CPU_PERF") {
         Ok(out) => {
             let status = std::process::Command::new("perf")
-                .args(["record", "-F", "999", "-g", "-o", &out, "-p"])
+                .args([
+                    "record",
+                    "-F",
+                    "499",
+                    "--call-graph",
+                    "dwarf,16384",
+                    "-o",
+                    &out,
+                    "-p",
+                ])
                 .arg(agent.pid().to_string())
                 .args(["--", "sleep", &secs.to_string()])
                 .status()

@@ -1078,8 +1078,18 @@ impl Buffer {
     }
 
     /// As [`Buffer::read_next`], the records borrowed from the chunk instead of copied
-    /// out one by one (what the forwarder reads with).
+    /// out one by one.
     pub fn read_chunk(&self) -> Result<Option<ReadChunk>, BufferError> {
+        let mut chunk = ReadChunk::default();
+        Ok(self.read_chunk_into(&mut chunk)?.then_some(chunk))
+    }
+
+    /// [`Buffer::read_chunk`] into `chunk`, whose buffers are used again (what the
+    /// forwarder reads with: a chunk decompresses to tens of kilobytes, and a fresh
+    /// allocation of that size each time cost page faults and allocator work). Returns
+    /// whether a chunk was read; `chunk` is empty when not.
+    pub fn read_chunk_into(&self, chunk: &mut ReadChunk) -> Result<bool, BufferError> {
+        chunk.recs.clear();
         loop {
             // After a rewind: the in-flight chunks again, with what is acked left out.
             let (id, len, acked) = {
@@ -1103,7 +1113,7 @@ impl Buffer {
                             st.read_cursor = st
                                 .read_cursor
                                 .max(st.unread.front().map_or(st.next_chunk, |(id, _)| id));
-                            return Ok(None);
+                            return Ok(false);
                         }
                     }
                 }
@@ -1111,39 +1121,39 @@ impl Buffer {
             let Some(v) = self.outbox.get(chunk_key(id))? else {
                 continue; // fully acked meanwhile
             };
-            let (raw, spans) = match decode_spans(id, &v) {
-                Ok(r) => r,
-                Err(e) => {
-                    self.quarantine_chunk(id, &v, &e, len)?;
-                    continue;
-                }
-            };
+            let ReadChunk { raw, recs, spans } = chunk;
+            if let Err(e) = decode_spans_into(id, &v, raw, spans) {
+                self.quarantine_chunk(id, &v, &e, len)?;
+                continue;
+            }
             let acked = match acked {
                 Some(a) => a,
                 None => {
                     let mut st = self.state();
-                    let info = st.info_for(spans.iter().map(|s| s.view(&raw)), v.len());
+                    let info = st.info_for(spans.iter().map(|s| s.view(raw)), v.len());
                     let a = info.acked.clone();
                     st.in_flight.insert(id, info);
                     a
                 }
             };
-            let recs: std::collections::VecDeque<(RecordId, Span)> = spans
-                .into_iter()
-                .enumerate()
-                .filter(|(i, _)| acked.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) == 0))
-                .map(|(i, s)| {
-                    (
-                        RecordId {
-                            chunk: id,
-                            index: i as u32,
-                        },
-                        s,
-                    )
-                })
-                .collect();
+            recs.extend(
+                spans
+                    .drain(..)
+                    .enumerate()
+                    .filter(|(i, _)| acked.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) == 0))
+                    .map(|(i, s)| {
+                        (
+                            RecordId {
+                                chunk: id,
+                                index: i as u32,
+                            },
+                            s,
+                        )
+                    }),
+            );
             if !recs.is_empty() {
-                return Ok(Some(ReadChunk { raw, recs }));
+                chunk.keep_at_most(READ_KEEP);
+                return Ok(true);
             }
         }
     }
@@ -1590,26 +1600,51 @@ fn decode(chunk: u64, v: &[u8]) -> Result<Vec<Stored>, BufferError> {
 /// decompressed [`CHUNK_V1`] bytes and where each record's fields are. A chunk written
 /// before that layout (CBOR) is re-encoded in it first.
 fn decode_spans(chunk: u64, v: &[u8]) -> Result<(Vec<u8>, Vec<Span>), BufferError> {
+    let (mut raw, mut spans) = (Vec::new(), Vec::new());
+    decode_spans_into(chunk, v, &mut raw, &mut spans)?;
+    Ok((raw, spans))
+}
+
+/// [`decode_spans`] into `raw` and `spans` (replacing what they hold), reusing their
+/// allocations.
+fn decode_spans_into(
+    chunk: u64,
+    v: &[u8],
+    raw: &mut Vec<u8>,
+    spans: &mut Vec<Span>,
+) -> Result<(), BufferError> {
     let corrupt = |message: String| BufferError::Corrupt { chunk, message };
-    let mut raw =
-        lz4_flex::decompress_size_prepended(v).map_err(|e| corrupt(format!("lz4: {e}")))?;
+    spans.clear();
+    let (size, block) = match v.split_first_chunk::<4>() {
+        Some((size, block)) => (u32::from_le_bytes(*size) as usize, block),
+        None => return Err(corrupt("lz4: no size".into())),
+    };
+    // lz4 expands a byte at most 255-fold: a larger size is a corrupt prefix, and is
+    // not allocated.
+    if size > block.len().saturating_mul(255) {
+        return Err(corrupt(format!("lz4: {size} bytes from {}", block.len())));
+    }
+    raw.clear();
+    raw.resize(size, 0);
+    let n =
+        lz4_flex::block::decompress_into(block, raw).map_err(|e| corrupt(format!("lz4: {e}")))?;
+    raw.truncate(n);
     if raw.first() != Some(&CHUNK_V1) {
         let recs: Vec<Stored> =
             ciborium::from_reader(raw.as_slice()).map_err(|e| corrupt(e.to_string()))?;
-        raw = encode_body(&recs).map_err(|e| corrupt(e.to_string()))?;
+        *raw = encode_body(&recs).map_err(|e| corrupt(e.to_string()))?;
     }
-    let spans = spans_v1(&raw).map_err(corrupt)?;
-    Ok((raw, spans))
+    spans_v1(raw, spans).map_err(corrupt)
 }
 
 /// The records of a chunk's [`CHUNK_V1`] bytes (`raw`, its first byte included), as
 /// positions in `raw`. Checks every length and that keys and devices are UTF-8.
-fn spans_v1(raw: &[u8]) -> Result<Vec<Span>, String> {
+fn spans_v1(raw: &[u8], out: &mut Vec<Span>) -> Result<(), String> {
     let mut r = Fields(raw.get(1..).unwrap_or_default());
     let at = |r: &Fields<'_>, field: &[u8]| raw.len() - r.0.len() - field.len();
     let n = r.varint()?;
     // A record takes at least 6 bytes: a corrupt count cannot reserve more than that.
-    let mut out = Vec::with_capacity(usize::try_from(n).unwrap_or(0).min(raw.len() / 6));
+    out.reserve(usize::try_from(n).unwrap_or(0).min(raw.len() / 6));
     for _ in 0..n {
         let code = r.byte()?;
         let topic = *TOPIC_CODES
@@ -1632,7 +1667,7 @@ fn spans_v1(raw: &[u8]) -> Result<Vec<Span>, String> {
         });
     }
     if r.0.is_empty() {
-        Ok(out)
+        Ok(())
     } else {
         Err(format!("{} bytes after the last record", r.0.len()))
     }
@@ -1733,9 +1768,27 @@ impl RecordRef<'_> {
 pub struct ReadChunk {
     raw: Vec<u8>,
     recs: std::collections::VecDeque<(RecordId, Span)>,
+    /// Scratch for decoding the next chunk into (empty between reads).
+    spans: Vec<Span>,
 }
 
+/// The most a [`ReadChunk`] keeps of its buffers' room between chunks: a chunk of the
+/// default `buffer.records_per_chunk` (64 records of a few hundred bytes) fits many
+/// times over, and the room a chunk of large records took is given back.
+const READ_KEEP: usize = 1 << 20;
+
 impl ReadChunk {
+    /// Gives back what its buffers hold beyond `bytes` of room each (kept for the next
+    /// chunk otherwise).
+    fn keep_at_most(&mut self, bytes: usize) {
+        if self.spans.capacity() * std::mem::size_of::<Span>() > bytes {
+            self.spans = Vec::new();
+        }
+        if self.raw.capacity() > bytes.max(self.raw.len()) {
+            self.raw.shrink_to(self.raw.len());
+        }
+    }
+
     /// The next record, if any.
     pub fn front(&self) -> Option<(RecordId, RecordRef<'_>)> {
         self.recs.front().map(|(id, s)| (*id, s.view(&self.raw)))
@@ -1919,6 +1972,47 @@ mod tests {
         topic[2] = 99;
         let e = decode(3, &lz4_flex::compress_prepend_size(&topic)).unwrap_err();
         assert!(e.to_string().contains("unknown topic code 99"), "{e}");
+    }
+
+    #[test]
+    fn a_size_prefix_larger_than_lz4_can_expand_to_is_corrupt_not_allocated() {
+        let block = lz4_flex::block::compress(&[CHUNK_V1, 0]);
+        let mut v = (u32::MAX).to_le_bytes().to_vec();
+        v.extend_from_slice(&block);
+        let e = decode(5, &v).unwrap_err();
+        assert!(matches!(e, BufferError::Corrupt { chunk: 5, .. }), "{e}");
+        assert!(e.to_string().contains("4294967295 bytes from"), "{e}");
+        let e = decode(5, &[1, 0]).unwrap_err();
+        assert!(e.to_string().contains("no size"), "{e}");
+    }
+
+    #[test]
+    fn a_read_chunk_used_again_reads_each_chunk_as_a_fresh_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Buffer::open(dir.path(), &cfg()).unwrap();
+        // Chunks of large records, then small ones, then large again: the buffers the
+        // first chunk grew are reused, and must not show through in the next.
+        let sized = |seq: u64, n: usize| Stored {
+            payload: format!("{{\"n\":{seq},\"pad\":\"{}\"}}", "y".repeat(n)).into_bytes(),
+            key: format!("key-{seq}"),
+            ..rec(&format!("dev-{}", seq % 3), seq)
+        };
+        let recs: Vec<Stored> = (0..24)
+            .map(|i| sized(i, [3000, 2, 700][(i / 8) as usize]))
+            .collect();
+        b.append(&recs, 0).unwrap();
+        b.flush_blocking().unwrap();
+        let mut chunk = ReadChunk::default();
+        let mut got = Vec::new();
+        while b.read_chunk_into(&mut chunk).unwrap() {
+            while let Some((id, r)) = chunk.front() {
+                got.push(r.to_stored());
+                b.ack(id).unwrap();
+                chunk.advance();
+            }
+        }
+        assert!(chunk.is_empty());
+        assert!(same(&got, &recs));
     }
 
     proptest::proptest! {

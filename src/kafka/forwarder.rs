@@ -272,11 +272,8 @@ impl Forwarder {
             return Ok(Filled::Stalled);
         }
         while self.in_flight() < self.window {
-            if pending.is_empty() {
-                match self.buffer.read_chunk()? {
-                    Some(chunk) => *pending = chunk,
-                    None => return Ok(Filled::Empty),
-                }
+            if pending.is_empty() && !self.buffer.read_chunk_into(pending)? {
+                return Ok(Filled::Empty);
             }
             let Some((id, rec)) = pending.front() else {
                 return Ok(Filled::Empty);
