@@ -8,8 +8,8 @@
 //!   cargo bench --bench cpu_split
 //!   LABGATE_BIN=<a build with line tables> LABGATE_CPU_PERF=/tmp/perf.data cargo bench --bench cpu_split
 //!
-//! With `LABGATE_CPU_PERF` the window is recorded by `perf record -F 999 -g` into that
-//! file. A probe for finding costs, not a goal: `scripts/bench` does not run it.
+//! With `LABGATE_CPU_PERF` the window is recorded by `perf record` (stack call graphs)
+//! into that file. A probe for finding costs, not a goal: `scripts/bench` does not run it.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -113,18 +113,7 @@ fn main() {
         signal_process(agent.pid(), "-CONT");
         let f0 = agent.metric("labgate_buffer_flushes_total");
         let perf = std::env::var("LABGATE_CPU_PERF").ok().map(|out| {
-            std::process::Command::new("perf")
-                .args([
-                    "record",
-                    "-F",
-                    "499",
-                    "--call-graph",
-                    "dwarf,16384",
-                    "-o",
-                    &out,
-                    "-p",
-                ])
-                .arg(format!("{},{mosquitto}", agent.pid()))
+            perf_record(&out, &format!("{},{mosquitto}", agent.pid()))
                 .spawn()
                 .expect("perf")
         });
@@ -232,18 +221,7 @@ fn main() {
     let t0 = Instant::now();
     let peak = match std::env::var("LABGATE_CPU_PERF") {
         Ok(out) => {
-            let status = std::process::Command::new("perf")
-                .args([
-                    "record",
-                    "-F",
-                    "499",
-                    "--call-graph",
-                    "dwarf,16384",
-                    "-o",
-                    &out,
-                    "-p",
-                ])
-                .arg(agent.pid().to_string())
+            let status = perf_record(&out, &agent.pid().to_string())
                 .args(["--", "sleep", &secs.to_string()])
                 .status()
                 .expect("perf");
@@ -270,6 +248,24 @@ fn main() {
         Some(tansu_secs),
     );
     agent.terminate();
+}
+
+/// `perf record` of the processes `pids` (comma-separated) into `out`, with call
+/// graphs from the stack (the release build has no frame pointers).
+fn perf_record(out: &str, pids: &str) -> std::process::Command {
+    let mut c = std::process::Command::new("perf");
+    c.args([
+        "record",
+        "-F",
+        "499",
+        "--call-graph",
+        "dwarf,16384",
+        "-o",
+        out,
+        "-p",
+        pids,
+    ]);
+    c
 }
 
 fn report(
