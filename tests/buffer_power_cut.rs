@@ -296,3 +296,24 @@ fn replaced_blobs_that_cannot_be_unlinked_are_removed_once_the_disk_lets_them() 
     }
     assert_eq!(present, owed, "the records not delivered are all there");
 }
+
+/// A disk that fails while the buffer closes (sled's last sync of its log answers EIO,
+/// or the filesystem went read-only) is logged, not a panic in the drop: whatever failed
+/// was reported by the store's own sync, and a panic here would replace the agent's
+/// exit with a crash.
+#[test]
+fn a_disk_failing_at_close_does_not_panic_the_drop() {
+    for fault in [Fault::Eio, Fault::ReadOnly, Fault::ReadEio] {
+        let fs = FaultFs::new();
+        let dir = fs.path("close");
+        let b = Buffer::open(&dir, &BufferConfig::default()).unwrap();
+        b.append(&[rec(0)], 0).unwrap();
+        b.flush_blocking().unwrap();
+        fs.set_fault(fault);
+        let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(b)));
+        assert!(
+            dropped.is_ok(),
+            "dropping the buffer panicked under {fault:?}"
+        );
+    }
+}

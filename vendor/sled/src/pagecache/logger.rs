@@ -455,21 +455,23 @@ impl Log {
 impl Drop for Log {
     fn drop(&mut self) {
         // don't do any more IO if we're crashing
-        if self.config.global_error().is_err() {
-            return;
-        }
+        if self.config.global_error().is_ok() {
+            if let Err(e) = iobuf::flush(&self.iobufs) {
+                error!("failed to flush from IoBufs::drop: {}", e);
+            }
 
-        if let Err(e) = iobuf::flush(&self.iobufs) {
-            error!("failed to flush from IoBufs::drop: {}", e);
-        }
-
-        if !self.config.temporary {
-            self.config.file.sync_all().unwrap();
+            // labgate: a disk failing now is logged, not a panic in a drop (upstream
+            // unwrapped this sync).
+            if !self.config.temporary {
+                if let Err(e) = self.config.file.sync_all() {
+                    error!("failed to sync the log from IoBufs::drop: {}", e);
+                }
+            }
         }
 
         // labgate: an IO thread that wrote the last buffer wakes the flush above before
         // it lets go of its handle on `IoBufs`, which keeps the log file (and so its
-        // lock) open. Waiting for those handles here means the store is closed, and can
+        // lock) open; after an IO error, one may still be finishing its write. Waiting for those handles here means the store is closed, and can
         // be opened again, once the last `Db` is dropped. They go within microseconds of
         // the write; the bound only keeps a stuck thread from stopping the drop.
         let deadline =
