@@ -94,15 +94,7 @@ fn main() {
         std::thread::sleep(Duration::from_millis(1500));
         // The backlog queues for the agent's persistent session while it is frozen.
         signal_process(agent.pid(), "-STOP");
-        let p = MqttClient::connect(&url, "cpu-pub");
-        for i in 0..n {
-            p.publish(
-                &format!("bench/s{}/v", i % 10),
-                format!("{}.5", i % 1000),
-                false,
-            );
-        }
-        p.wait_acked(n, Duration::from_secs(900));
+        publish_backlog(&url, n, "cpu-pub");
         let mosquitto = mqtt.pid().expect("mosquitto runs");
         let others = || {
             let sum = |pid| cpu_by_thread(pid).values().sum::<f64>();

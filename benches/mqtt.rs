@@ -15,20 +15,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
-/// Queues `n` QoS 1 messages on `bench/<i % 10>/v` (the broker acks each).
-fn publish_backlog(url: &str, n: u64, tag: &str) {
-    let p = MqttClient::connect(url, &format!("bench-pub-{tag}"));
-    let before = p.acked.load(std::sync::atomic::Ordering::Relaxed);
-    for i in 0..n {
-        p.publish(
-            &format!("bench/s{}/v", i % 10),
-            format!("{}.5", i % 1000),
-            false,
-        );
-    }
-    p.wait_acked(before + n, Duration::from_secs(600));
-}
-
 fn options(url: &str, id: &str) -> MqttOptions {
     let port: u16 = url
         .rsplit(':')
@@ -60,7 +46,7 @@ fn bare_subscriber(url: &str, n: u64, tag: &str) -> f64 {
         c.disconnect().await.expect("disconnect");
         while ev.poll().await.is_ok() {}
     });
-    publish_backlog(url, n, tag);
+    publish_backlog(url, n, &format!("bench-pub-{tag}"));
     rt.block_on(async {
         let (_c, mut ev) = AsyncClient::new(options(url, &id), 100);
         let mut got = 0u64;
@@ -127,7 +113,7 @@ fn main() {
     });
     std::thread::sleep(Duration::from_millis(1500));
     signal_process(agent.pid(), "-STOP");
-    publish_backlog(&url, n, "agent");
+    publish_backlog(&url, n, "bench-pub-agent");
     signal_process(agent.pid(), "-CONT");
     let mut t0 = None;
     let mut peak_rss = 0;

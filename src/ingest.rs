@@ -4,12 +4,12 @@
 //! One task receives them, gathers them until [`BATCH`] have come or the commit is due,
 //! gives each its device's next `seq`, encodes it, appends them to the buffer in one
 //! batch, and group-commits: it flushes at most every `commit_interval`. A sender that
-//! must not acknowledge anything upstream before the record is durable (an MQTT ack, a command offset) uses [`Ingest::send_durable`],
-//! which returns only after the flush that covers the record; while such a sender waits,
-//! the flush happens at once instead of at the end of the interval. A source that
-//! sends many records and acknowledges them upstream in order (an MQTT session) numbers
-//! them with tickets and follows one [`Tally`] instead: one wake-up per flush, not one
-//! receipt per record.
+//! must not acknowledge anything upstream before the record is durable (an MQTT ack, a
+//! command offset) uses [`Ingest::send_durable`], which returns only after the flush
+//! that covers the record; while such a sender waits, the flush happens at once instead
+//! of at the end of the interval. A source that sends many records and acknowledges
+//! them upstream in order (an MQTT session) numbers them with tickets and follows one
+//! [`Tally`] instead: one wake-up per flush, not one receipt per record.
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;

@@ -1768,7 +1768,8 @@ impl RecordRef<'_> {
 pub struct ReadChunk {
     raw: Vec<u8>,
     recs: std::collections::VecDeque<(RecordId, Span)>,
-    /// Scratch for decoding the next chunk into (empty between reads).
+    /// Scratch for decoding the next chunk into (its contents mean nothing between
+    /// reads; only its room is kept).
     spans: Vec<Span>,
 }
 
@@ -2013,6 +2014,31 @@ mod tests {
         }
         assert!(chunk.is_empty());
         assert!(same(&got, &recs));
+    }
+
+    #[test]
+    fn a_read_chunk_used_again_passes_a_damaged_chunk_and_reads_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Buffer::open(dir.path(), &cfg()).unwrap();
+        let recs: Vec<Stored> = (0..12).map(|i| rec("d", i)).collect();
+        b.append(&recs, 0).unwrap();
+        b.flush_blocking().unwrap();
+        // The middle chunk (seqs 4..8) decodes part of the way: a valid lz4 block whose
+        // records end early, so the scratch holds some of its spans when it fails.
+        let whole = lz4_flex::decompress_size_prepended(&encode(&recs[4..8]).unwrap()).unwrap();
+        let cut = lz4_flex::compress_prepend_size(&whole[..whole.len() - 3]);
+        b.outbox.insert(chunk_key(1), cut).unwrap();
+        let mut chunk = ReadChunk::default();
+        let mut seqs = Vec::new();
+        while b.read_chunk_into(&mut chunk).unwrap() {
+            while let Some((id, r)) = chunk.front() {
+                seqs.push(r.seq);
+                b.ack(id).unwrap();
+                chunk.advance();
+            }
+        }
+        assert_eq!(seqs, [0, 1, 2, 3, 8, 9, 10, 11]);
+        assert_eq!(b.take_quarantined(), (1, 4));
     }
 
     proptest::proptest! {

@@ -31,7 +31,6 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     /// The broker's process id (for its CPU time).
-    #[allow(dead_code)]
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }
@@ -184,4 +183,19 @@ impl MqttClient {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// Queues `n` QoS 1 messages on `bench/s<i % 10>/v` (payloads `<i % 1000>.5`), from a
+/// client named `client_id`, and waits until the broker has acked them all.
+pub fn publish_backlog(url: &str, n: u64, client_id: &str) {
+    let p = MqttClient::connect(url, client_id);
+    let before = p.acked.load(std::sync::atomic::Ordering::Relaxed);
+    for i in 0..n {
+        p.publish(
+            &format!("bench/s{}/v", i % 10),
+            format!("{}.5", i % 1000),
+            false,
+        );
+    }
+    p.wait_acked(before + n, Duration::from_secs(900));
 }
