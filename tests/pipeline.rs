@@ -309,11 +309,25 @@ fn buffer_cap_hit_while_broker_down_drops_oldest_counts_them_and_reports_them() 
             &extra,
         ),
     );
-    let s = agent.wait_status("all 6000 readings taken", Duration::from_secs(60), |s| {
+    agent.wait_status("all 6000 readings taken", Duration::from_secs(60), |s| {
         s["devices"]["env-1"]["state"] == "idle"
     });
-    let dropped_while_down =
-        agent.metric("labgate_records_dropped_total{reason=\"buffer_full_drop_oldest\"}") as u64;
+    // Ingest may still be storing the last readings the device sent (it gathers a batch
+    // until the commit is due), and each can drop one more at the cap: the metric and
+    // the buffer's count are compared once they have settled.
+    let settle_by = std::time::Instant::now() + Duration::from_secs(10);
+    let (s, dropped_while_down) = loop {
+        let dropped = agent
+            .metric("labgate_records_dropped_total{reason=\"buffer_full_drop_oldest\"}")
+            as u64;
+        let s = agent.status();
+        if s["buffer"]["unreported_drops"].as_u64() == Some(dropped)
+            || std::time::Instant::now() > settle_by
+        {
+            break (s, dropped);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let dropped = dropped_while_down;
     assert!(dropped > 0, "the cap was hit: {s}");
     assert!(
