@@ -12,6 +12,13 @@ use common::*;
 /// glibc's thread arenas in a process: each is a heap of its own, an anonymous mapping
 /// reserved at a 64 MiB boundary (its unused part is a `---p` mapping beside it).
 fn thread_arenas(pid: u32) -> usize {
+    arena_mappings(pid).len()
+}
+
+/// The mappings [`thread_arenas`] counts, as `/proc/<pid>/maps` lines (what a failure
+/// shows: a heap is recognised by its alignment, so one that is not an arena's would
+/// be seen here).
+fn arena_mappings(pid: u32) -> Vec<String> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
     maps.lines()
         .filter(|l| {
@@ -25,7 +32,8 @@ fn thread_arenas(pid: u32) -> usize {
             // No path: anonymous.
             f.len() == 5 && f[1] == "rw-p" && a % (64 << 20) == 0 && b - a <= 64 << 20
         })
-        .count()
+        .map(str::to_string)
+        .collect()
 }
 
 fn busy_agent(env: &[(&str, &str)]) -> (Agent, tempfile::TempDir) {
@@ -55,8 +63,9 @@ fn threads_share_four_arenas_unless_the_environment_says_otherwise() {
         return;
     }
     let (mut agent, _dir) = busy_agent(&[]);
-    let n = thread_arenas(agent.pid());
-    assert!(n <= 3, "{n} thread arenas besides the main one");
+    let heaps = arena_mappings(agent.pid());
+    let n = heaps.len();
+    assert!(n <= 3, "{n} thread arenas besides the main one: {heaps:#?}");
     agent.terminate();
 
     let (mut agent, _dir) = busy_agent(&[("MALLOC_ARENA_MAX", "1")]);
