@@ -222,7 +222,7 @@ fn a_cut_inside_a_sync_that_replaces_blobs_loses_nothing_synced() {
         // Blob files whose unlink the cut prevented were removed at the reopen: every
         // file left in `blobs/` is one a page points at.
         drop(b);
-        let store = labgate::buffer::store::open(&dir, 1 << 20).unwrap();
+        let store = open_store_once_unlocked(&dir);
         let referenced = store.db().referenced_blobs();
         let orphans: Vec<String> = std::fs::read_dir(dir.join("blobs"))
             .unwrap()
@@ -236,6 +236,29 @@ fn a_cut_inside_a_sync_that_replaces_blobs_loses_nothing_synced() {
             orphans.is_empty(),
             "cut after {n} syncs: blob files no page points at: {orphans:?}"
         );
+    }
+}
+
+/// Opens the store again in this process, right after the buffer on it was dropped.
+/// Other tests in this binary start processes (`umount` at their power cuts), and a child
+/// holds a copy of every descriptor of ours, the store's locked log among them, from its
+/// fork until its exec: a moment, but enough for the lock to be refused. So a refused
+/// lock is tried again, for 5 s at most. That sled itself lets go of the store by the
+/// end of the drop is `tests/buffer_reopen.rs`'s check, in a binary that starts no
+/// process.
+fn open_store_once_unlocked(dir: &std::path::Path) -> labgate::buffer::store::Store {
+    let t0 = std::time::Instant::now();
+    loop {
+        match labgate::buffer::store::open(dir, 1 << 20) {
+            Ok(store) => return store,
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && t0.elapsed() < std::time::Duration::from_secs(5) =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(e) => panic!("the store does not open again: {e}"),
+        }
     }
 }
 
