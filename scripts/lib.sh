@@ -139,6 +139,18 @@ start_mosquitto() {
 use_ci_target_dir() {
   if [ -n "${CI:-}" ]; then
     export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/labgate-target}"
+    # Shared by every checkout on the machine. cargo judges labgate's own build fresh
+    # by its files relative to the checkout, so a build made in another checkout of the
+    # same commit counts as fresh here while its binaries carry that checkout's paths
+    # (the tests find their fixtures through CARGO_MANIFEST_DIR). Rebuild labgate's
+    # own crates, not the dependencies, when the checkout changes.
+    local marker="$CARGO_TARGET_DIR/labgate-checkout"
+    if [ -e "$marker" ] && [ "$(cat "$marker")" != "$PWD" ]; then
+      log "the build in $CARGO_TARGET_DIR came from $(cat "$marker"); rebuilding labgate's crates here"
+      cargo clean -p labgate >&2
+    fi
+    mkdir -p "$CARGO_TARGET_DIR"
+    echo "$PWD" >"$marker"
   fi
   export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 }
