@@ -471,9 +471,10 @@ impl Drop for Log {
 
         // labgate: an IO thread that wrote the last buffer wakes the flush above before
         // it lets go of its handle on `IoBufs`, which keeps the log file (and so its
-        // lock) open; after an IO error, one may still be finishing its write. Waiting for those handles here means the store is closed, and can
-        // be opened again, once the last `Db` is dropped. They go within microseconds of
-        // the write; the bound only keeps a stuck thread from stopping the drop.
+        // lock) open; after an IO error, one may still be finishing its write. Waiting
+        // for those handles here means the store is closed, and can be opened again,
+        // once the last `Db` is dropped. They go within microseconds of the write; the
+        // bound only keeps a stuck thread from stopping the drop.
         let deadline =
             std::time::Instant::now() + std::time::Duration::from_secs(5);
         while Arc::strong_count(&self.iobufs) > 1

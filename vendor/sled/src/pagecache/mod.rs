@@ -543,15 +543,14 @@ impl Debug for PageCache {
 #[cfg(feature = "event_log")]
 impl Drop for PageCache {
     fn drop(&mut self) {
+        use std::collections::HashMap;
+
         trace!("dropping pagecache");
 
         // we can't as easily assert recovery
         // invariants across failpoints for now
-        // labgate: only for the event log (a testing feature) that records it. Reading
-        // the meta page may need the disk, and its `expect` would panic in a drop.
-        #[cfg(feature = "event_log")]
         if self.log.iobufs.config.global_error().is_ok() {
-            let mut pages_before_restart = std::collections::HashMap::new();
+            let mut pages_before_restart = HashMap::new();
 
             let guard = pin();
 
