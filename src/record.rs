@@ -500,12 +500,58 @@ impl Rfc3339Millis {
         // The formatter panics outside the representable range; the epoch stands in.
         Self(crate::time::checked(t).unwrap_or(SystemTime::UNIX_EPOCH))
     }
+
+    /// The text, `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+    fn text(&self) -> [u8; 24] {
+        rfc3339_millis(self.0)
+    }
 }
 
 impl Serialize for Rfc3339Millis {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&humantime::format_rfc3339_millis(self.0))
+        let text = self.text();
+        // ASCII digits and punctuation: always UTF-8.
+        s.serialize_str(std::str::from_utf8(&text).unwrap_or("1970-01-01T00:00:00.000Z"))
     }
+}
+
+thread_local! {
+    /// The last whole second formatted on this thread and its text up to the seconds
+    /// (`YYYY-MM-DDTHH:MM:SS`): records stamped in the same second share it.
+    static SECOND_TEXT: std::cell::Cell<Option<(u64, [u8; 19])>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// `t` (representable: 1970 to 9999) as RFC 3339 with milliseconds, as humantime writes
+/// it. Formatting a date is most of the cost and changes once a second, so the text of
+/// the last second is kept.
+fn rfc3339_millis(t: SystemTime) -> [u8; 24] {
+    let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let head = match SECOND_TEXT.get() {
+        Some((s, head)) if s == secs => head,
+        _ => {
+            let mut head = [b'0'; 19];
+            let whole = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+            let text = humantime::format_rfc3339_seconds(whole).to_string();
+            // `YYYY-MM-DDTHH:MM:SSZ`: the part before the `Z`.
+            if let Some(b) = text.as_bytes().get(..19) {
+                head.copy_from_slice(b);
+            }
+            SECOND_TEXT.set(Some((secs, head)));
+            head
+        }
+    };
+    let ms = since.subsec_millis();
+    let mut out = [0u8; 24];
+    out[..19].copy_from_slice(&head);
+    out[19] = b'.';
+    // `subsec_millis` is below 1,000: three digits.
+    out[20] = b'0' + (ms / 100) as u8;
+    out[21] = b'0' + (ms / 10 % 10) as u8;
+    out[22] = b'0' + (ms % 10) as u8;
+    out[23] = b'Z';
+    out
 }
 
 #[derive(Serialize)]
@@ -606,7 +652,13 @@ pub fn stamp_onto(
         out.extend_from_slice(part.as_bytes());
     }
     let key = start..out.len();
-    if let Err(e) = serde_json::to_writer(&mut *out, &wire) {
+    let written = match &draft.body {
+        // The record sensors send at their full rate, written field by field; the same
+        // bytes as serde's (tested below).
+        Body::SensorReading { .. } if wire.run.is_none() => write_reading(&wire, out),
+        _ => serde_json::to_writer(&mut *out, &wire),
+    };
+    if let Err(e) = written {
         out.truncate(start);
         return Err(EncodeError::Json(draft.body.type_name(), e));
     }
@@ -616,6 +668,53 @@ pub fn stamp_onto(
         key,
         ingested_ms: unix_ms(now),
     })
+}
+
+/// Writes a sensor reading's wire message as `serde_json::to_writer(out, wire)` does,
+/// without going through serde's flattening of the body into the envelope.
+fn write_reading(wire: &Wire<'_>, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+    let Body::SensorReading {
+        sensor_id,
+        sensor_type,
+        value,
+        unit,
+        location,
+        metadata,
+    } = wire.body
+    else {
+        return serde_json::to_writer(&mut *out, wire);
+    };
+    out.extend_from_slice(br#"{"type":"sensor_reading","sensor_id":"#);
+    serde_json::to_writer(&mut *out, sensor_id)?;
+    out.extend_from_slice(br#","sensor_type":"#);
+    serde_json::to_writer(&mut *out, sensor_type)?;
+    out.extend_from_slice(br#","value":"#);
+    serde_json::to_writer(&mut *out, value)?;
+    out.extend_from_slice(br#","unit":"#);
+    serde_json::to_writer(&mut *out, unit)?;
+    if let Some(location) = location {
+        out.extend_from_slice(br#","location":"#);
+        serde_json::to_writer(&mut *out, location)?;
+    }
+    out.extend_from_slice(br#","metadata":"#);
+    serde_json::to_writer(&mut *out, metadata)?;
+    out.extend_from_slice(br#","timestamp":""#);
+    out.extend_from_slice(&wire.timestamp.text());
+    out.extend_from_slice(br#"","agent_id":"#);
+    serde_json::to_writer(&mut *out, wire.agent_id)?;
+    out.extend_from_slice(br#","device_id":"#);
+    serde_json::to_writer(&mut *out, wire.device_id)?;
+    out.extend_from_slice(br#","seq":"#);
+    serde_json::to_writer(&mut *out, &wire.seq)?;
+    out.extend_from_slice(br#","event_id":"#);
+    serde_json::to_writer(&mut *out, wire.event_id)?;
+    out.extend_from_slice(br#","schema_version":"#);
+    serde_json::to_writer(&mut *out, &wire.schema_version)?;
+    if wire.source_time_rejected {
+        out.extend_from_slice(br#","source_time_rejected":true"#);
+    }
+    out.push(b'}');
+    Ok(())
 }
 
 /// Unix milliseconds (0 before the epoch).
@@ -791,5 +890,71 @@ mod tests {
         );
         let back: Stored = ciborium::from_reader(buf.as_slice()).unwrap();
         assert_eq!(back, s);
+    }
+
+    /// Times from 1970 to 9999, near second boundaries often, in any order.
+    fn any_time() -> impl proptest::strategy::Strategy<Value = SystemTime> {
+        use proptest::prelude::*;
+        (0u64..=crate::time::MAX_UNIX_MS / 1000, 0u32..1_000_000_000)
+            .prop_map(|(s, n)| SystemTime::UNIX_EPOCH + Duration::new(s, n))
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_kept_second_writes_what_humantime_writes(
+            times in proptest::collection::vec(any_time(), 1..20),
+            step_ns in 0u64..3_000_000_000,
+        ) {
+            for t in times {
+                // The time, then one nearby (often in the same second: the kept text).
+                for t in [t, crate::time::clamp(t + Duration::from_nanos(step_ns))] {
+                    let ours = rfc3339_millis(t);
+                    let theirs = humantime::format_rfc3339_millis(t).to_string();
+                    proptest::prop_assert_eq!(std::str::from_utf8(&ours).unwrap(), theirs);
+                }
+            }
+        }
+
+        #[test]
+        fn a_reading_written_field_by_field_is_what_serde_writes(
+            sensor_id in ".{0,12}",
+            sensor_type in r#"[a-z_\\"\x00-\x1f\x7fé]{0,10}"#,
+            value in proptest::num::f64::NORMAL | proptest::num::f64::SUBNORMAL | proptest::num::f64::ZERO,
+            unit in ".{0,4}",
+            location in proptest::option::of(".{0,8}"),
+            metadata in proptest::collection::btree_map(".{0,6}", proptest::prelude::any::<i64>(), 0..3),
+            time in any_time(),
+            rejected in proptest::prelude::any::<bool>(),
+            seq in proptest::prelude::any::<u64>(),
+            agent_id in ".{0,10}",
+            device_id in ".{0,10}",
+        ) {
+            let body = Body::SensorReading {
+                sensor_id,
+                sensor_type,
+                value,
+                unit,
+                location,
+                metadata: metadata.into_iter().map(|(k, v)| (k, v.into())).collect(),
+            };
+            let wire = Wire {
+                body: &body,
+                timestamp: Rfc3339Millis::new(time),
+                agent_id: &agent_id,
+                device_id: &device_id,
+                seq,
+                event_id: "0b7e0d4c-3c1a-4f2e-9a55-1f7d2a9c8e01",
+                schema_version: SCHEMA_VERSION,
+                source_time_rejected: rejected,
+                run: None,
+            };
+            let mut ours = b"before".to_vec();
+            write_reading(&wire, &mut ours).unwrap();
+            let theirs = serde_json::to_vec(&wire).unwrap();
+            proptest::prop_assert_eq!(
+                String::from_utf8_lossy(&ours[6..]),
+                String::from_utf8_lossy(&theirs)
+            );
+        }
     }
 }
