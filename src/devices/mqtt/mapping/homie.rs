@@ -6,11 +6,11 @@ impl Sub {
     /// Homie 5: `<base>/<device>/$description` (JSON) and `<base>/<device>/<node>/<property>`.
     pub(super) fn homie(
         &mut self,
-        vars: &BTreeMap<String, String>,
+        vars: &Vars<'_>,
         payload: &[u8],
         out: &mut Mapped,
     ) -> Result<(), String> {
-        let rest = vars.get("rest").map(String::as_str).unwrap_or("");
+        let rest = vars.get("rest").unwrap_or("");
         let levels: Vec<&str> = rest.split('/').collect();
         match levels.as_slice() {
             [device, "$description"] => {

@@ -14,7 +14,7 @@ mod tasmota;
 mod zigbee2mqtt;
 
 use super::sparkplug;
-use super::topic::{fill, placeholders, Pattern};
+use super::topic::{fill, placeholders, Pattern, Vars};
 pub use super::types::{Mapped, Note, Outgoing, Reading};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -189,7 +189,6 @@ type HomieDevice = HashMap<String, HashMap<String, (String, String)>>;
 /// A subscription ready to map, with its caches.
 struct Sub {
     cfg: Subscription,
-    pattern: Pattern,
     /// Zigbee2MQTT: friendly name → property → unit (from `bridge/devices`).
     z2m_units: HashMap<String, HashMap<String, String>>,
     /// Homie: device → node → property → (datatype, unit) (from `$description`).
@@ -199,7 +198,9 @@ struct Sub {
 
 /// Maps messages of one MQTT connection through its subscriptions.
 pub struct Mapper {
-    subs: Vec<Sub>,
+    /// Each subscription with its pattern, kept apart so a match can borrow the
+    /// pattern while the subscription updates its caches.
+    subs: Vec<(Pattern, Sub)>,
 }
 
 impl Mapper {
@@ -211,13 +212,15 @@ impl Mapper {
                 Format::Number | Format::Json | Format::Tasmota => Pattern::parse(s.topic())?,
                 _ => Pattern::parse(&format!("{}/#rest", s.topic().trim_end_matches('/')))?,
             };
-            out.push(Sub {
-                cfg: s.clone(),
+            out.push((
                 pattern,
-                z2m_units: HashMap::new(),
-                homie: HashMap::new(),
-                sparkplug: sparkplug::Host::default(),
-            });
+                Sub {
+                    cfg: s.clone(),
+                    z2m_units: HashMap::new(),
+                    homie: HashMap::new(),
+                    sparkplug: sparkplug::Host::default(),
+                },
+            ));
         }
         Ok(Mapper { subs: out })
     }
@@ -227,7 +230,7 @@ impl Mapper {
         let mut f: Vec<String> = self
             .subs
             .iter()
-            .flat_map(|s| s.cfg.filters().unwrap_or_default())
+            .flat_map(|(_, s)| s.cfg.filters().unwrap_or_default())
             .collect();
         f.dedup();
         f
@@ -236,8 +239,8 @@ impl Mapper {
     /// Maps one message by the first subscription whose pattern matches. `Err` is a
     /// malformed payload, with what is wrong.
     pub fn map(&mut self, topic: &str, payload: &[u8], now: SystemTime) -> Result<Mapped, String> {
-        for s in &mut self.subs {
-            let Some(vars) = s.pattern.matches(topic) else {
+        for (pattern, s) in &mut self.subs {
+            let Some(vars) = pattern.matches(topic) else {
                 continue;
             };
             return s.map(topic, &vars, payload, now);
@@ -253,7 +256,7 @@ impl Sub {
     fn map(
         &mut self,
         topic: &str,
-        vars: &BTreeMap<String, String>,
+        vars: &Vars<'_>,
         payload: &[u8],
         now: SystemTime,
     ) -> Result<Mapped, String> {
@@ -309,14 +312,14 @@ impl Sub {
 
     fn templated(
         &self,
-        vars: &BTreeMap<String, String>,
+        vars: &Vars<'_>,
         value: f64,
         unit: Option<String>,
         time: Option<SystemTime>,
     ) -> Result<Reading, String> {
         let sensor_id = match &self.cfg.sensor_id {
             Some(t) => fill(t, vars)?,
-            None => vars.values().next().cloned().unwrap_or_default(),
+            None => vars.first_by_name().unwrap_or_default().to_string(),
         };
         if sensor_id.is_empty() {
             return Err("empty sensor id from the topic".into());

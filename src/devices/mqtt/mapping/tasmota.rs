@@ -9,7 +9,7 @@ impl Sub {
     /// time is used.
     pub(super) fn tasmota(
         &self,
-        vars: &BTreeMap<String, String>,
+        vars: &Vars<'_>,
         payload: &[u8],
         out: &mut Mapped,
     ) -> Result<(), String> {
@@ -17,9 +17,9 @@ impl Sub {
         let obj = v.as_object().ok_or("SENSOR payload is not a JSON object")?;
         let device = vars
             .get("topic")
-            .or_else(|| vars.values().next())
-            .cloned()
-            .unwrap_or_else(|| "tasmota".into());
+            .or_else(|| vars.first_by_name())
+            .unwrap_or("tasmota")
+            .to_string();
         let unit_of = |k: &str| -> Option<String> {
             obj.get(k).and_then(Value::as_str).map(|u| match u {
                 "C" => "°C".to_string(),

@@ -6,11 +6,11 @@ impl Sub {
     /// `<base>/<friendly name>`: flat JSON; units from the retained `<base>/bridge/devices`.
     pub(super) fn zigbee2mqtt(
         &mut self,
-        vars: &BTreeMap<String, String>,
+        vars: &Vars<'_>,
         payload: &[u8],
         out: &mut Mapped,
     ) -> Result<(), String> {
-        let rest = vars.get("rest").map(String::as_str).unwrap_or("");
+        let rest = vars.get("rest").unwrap_or("");
         if rest == "bridge/devices" {
             out.ignored = true;
             let v = json(payload)?;
