@@ -597,14 +597,19 @@ impl Writer {
         draft: &Draft,
         now: SystemTime,
     ) -> Result<Option<usize>, crate::record::EncodeError> {
-        // Looked up by &str: a device's name is copied into the map once, not per record.
-        let seq = self.seqs.get(&draft.device_id).copied().unwrap_or(0);
+        // Looked up by &str, once: a device's name is copied into the map when it is
+        // new, not per record.
+        let next = match self.seqs.get_mut(&draft.device_id) {
+            Some(next) => next,
+            None => self.seqs.entry(draft.device_id.clone()).or_insert(0),
+        };
+        let seq = *next;
         let start = self.arena.len();
         self.arena.extend_from_slice(draft.device_id.as_bytes());
         let device = start..self.arena.len();
         match stamp_onto(draft, &self.agent_id, seq, now, &mut self.arena) {
             Ok(placed) => {
-                set_by_name(&mut self.seqs, &draft.device_id, seq + 1);
+                *next = seq + 1;
                 self.stamped.push(Stamped {
                     placed,
                     device,
@@ -691,8 +696,21 @@ impl Writer {
         let arena = &self.arena;
         let stored: Vec<RecordRef<'_>> = self.stamped.iter().map(|s| s.view(arena)).collect();
         let out = self.buffer.append_with(&stored, reported, cursors)?;
+        // The last seq of each device, set once per run of its records.
+        let mut run: Option<(&str, u64)> = None;
         for s in &stored[out.skipped..out.handled()] {
-            set_by_name(&mut self.unflushed_seqs, s.device_id, s.seq);
+            match &mut run {
+                Some((device, seq)) if *device == s.device_id => *seq = s.seq,
+                _ => {
+                    if let Some((device, seq)) = run {
+                        set_by_name(&mut self.unflushed_seqs, device, seq);
+                    }
+                    run = Some((s.device_id, s.seq));
+                }
+            }
+        }
+        if let Some((device, seq)) = run {
+            set_by_name(&mut self.unflushed_seqs, device, seq);
         }
         self.unflushed_count += out.accepted as u64;
         if out.rejected > 0 {

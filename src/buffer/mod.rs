@@ -416,10 +416,20 @@ impl State {
     ) -> ChunkInfo {
         let n = recs.len();
         let mut first_ms = None;
+        // A chunk's records mostly come from one device in runs: the last name's index
+        // is kept, so a run costs a comparison, not a lookup, per record.
+        let mut last: Option<(&str, u16)> = None;
         let devices = recs
             .map(|r| {
                 first_ms.get_or_insert(r.ingested_ms);
-                self.intern(r.device_id)
+                match last {
+                    Some((name, i)) if name == r.device_id => i,
+                    _ => {
+                        let i = self.intern(r.device_id);
+                        last = Some((r.device_id, i));
+                        i
+                    }
+                }
             })
             .collect();
         ChunkInfo {
