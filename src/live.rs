@@ -67,6 +67,34 @@ struct Trend {
     last_sent_ms: u64,
 }
 
+impl Trend {
+    /// Takes a reading at `ms`: kept as a sample once per [`TREND_EVERY`]; returns
+    /// whether it goes to the watchers (at most once per [`READING_EVERY`]).
+    fn take(&mut self, ms: u64, value: f64, watched: bool) -> bool {
+        if ms
+            >= self
+                .last_sample_ms
+                .saturating_add(TREND_EVERY.as_millis() as u64)
+        {
+            self.last_sample_ms = ms;
+            self.samples.push_back((ms, value));
+            let horizon = ms.saturating_sub(TREND_SPAN.as_millis() as u64);
+            while self.samples.front().is_some_and(|(at, _)| *at < horizon) {
+                self.samples.pop_front();
+            }
+        }
+        let send = watched
+            && ms
+                >= self
+                    .last_sent_ms
+                    .saturating_add(READING_EVERY.as_millis() as u64);
+        if send {
+            self.last_sent_ms = ms;
+        }
+        send
+    }
+}
+
 /// A device's last reading.
 #[derive(serde::Serialize)]
 struct Last {
@@ -341,17 +369,19 @@ impl Viewing<'_> {
         unit: &str,
         ms: u64,
     ) {
-        use std::fmt::Write;
         let v = &mut *self.view;
         v.scratch.clear();
-        let _ = write!(v.scratch, "{device}/{sensor_type}:{sensor_id}");
-        if !v.trends.contains_key(v.scratch.as_str()) {
-            if v.trends.len() >= MAX_SENSORS {
-                return;
-            }
-            v.trends.insert(
-                v.scratch.clone(),
-                Trend {
+        for part in [device, "/", sensor_type, ":", sensor_id] {
+            v.scratch.push_str(part);
+        }
+        // One lookup for a sensor already seen; its entry is updated where it is found.
+        let send = match v.trends.get_mut(v.scratch.as_str()) {
+            Some(t) => t.take(ms, value, self.watched),
+            None => {
+                if v.trends.len() >= MAX_SENSORS {
+                    return;
+                }
+                let mut t = Trend {
                     sensor_id: sensor_id.to_string(),
                     sensor_type: sensor_type.to_string(),
                     unit: unit.to_string(),
@@ -359,30 +389,12 @@ impl Viewing<'_> {
                     samples: VecDeque::new(),
                     last_sample_ms: 0,
                     last_sent_ms: 0,
-                },
-            );
-        }
-        let Some(t) = v.trends.get_mut(v.scratch.as_str()) else {
-            return;
-        };
-        if ms
-            >= t.last_sample_ms
-                .saturating_add(TREND_EVERY.as_millis() as u64)
-        {
-            t.last_sample_ms = ms;
-            t.samples.push_back((ms, value));
-            let horizon = ms.saturating_sub(TREND_SPAN.as_millis() as u64);
-            while t.samples.front().is_some_and(|(at, _)| *at < horizon) {
-                t.samples.pop_front();
+                };
+                let send = t.take(ms, value, self.watched);
+                v.trends.insert(v.scratch.clone(), t);
+                send
             }
-        }
-        let send = self.watched
-            && ms
-                >= t.last_sent_ms
-                    .saturating_add(READING_EVERY.as_millis() as u64);
-        if send {
-            t.last_sent_ms = ms;
-        }
+        };
         match v.last_reading.get_mut(device) {
             Some(l) => {
                 l.sensor_id.clear();
