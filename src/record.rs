@@ -652,13 +652,7 @@ pub fn stamp_onto(
         out.extend_from_slice(part.as_bytes());
     }
     let key = start..out.len();
-    let written = match &draft.body {
-        // The record sensors send at their full rate, written field by field; the same
-        // bytes as serde's (tested below).
-        Body::SensorReading { .. } if wire.run.is_none() => write_reading(&wire, out),
-        _ => serde_json::to_writer(&mut *out, &wire),
-    };
-    if let Err(e) = written {
+    if let Err(e) = write_wire(&wire, out) {
         out.truncate(start);
         return Err(EncodeError::Json(draft.body.type_name(), e));
     }
@@ -670,17 +664,22 @@ pub fn stamp_onto(
     })
 }
 
-/// Writes a sensor reading's wire message as `serde_json::to_writer(out, wire)` does,
-/// without going through serde's flattening of the body into the envelope.
-fn write_reading(wire: &Wire<'_>, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
-    let Body::SensorReading {
-        sensor_id,
-        sensor_type,
-        value,
-        unit,
-        location,
-        metadata,
-    } = wire.body
+/// Writes the wire message as `serde_json::to_writer(out, wire)` does. A sensor reading
+/// outside a run (the record sensors send at their full rate) is written field by
+/// field, without serde's flattening of the body into the envelope; the same bytes
+/// (tested below).
+fn write_wire(wire: &Wire<'_>, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+    let (
+        Body::SensorReading {
+            sensor_id,
+            sensor_type,
+            value,
+            unit,
+            location,
+            metadata,
+        },
+        None,
+    ) = (wire.body, wire.run)
     else {
         return serde_json::to_writer(&mut *out, wire);
     };
@@ -949,7 +948,7 @@ mod tests {
                 run: None,
             };
             let mut ours = b"before".to_vec();
-            write_reading(&wire, &mut ours).unwrap();
+            write_wire(&wire, &mut ours).unwrap();
             let theirs = serde_json::to_vec(&wire).unwrap();
             proptest::prop_assert_eq!(
                 String::from_utf8_lossy(&ours[6..]),
