@@ -6,6 +6,14 @@
 //! persistent session while its client was away. So the publisher's speed is out of the
 //! figure, and both sides get the broker's full delivery rate (mosquitto
 //! `max_inflight_messages 1000`, set by the harness; its default of 20 would bound both).
+//!
+//! A drain is over when the broker has taken the acks, not when the subscriber has read
+//! the last message: mosquitto 2.0 sends a fast reader the backlog ahead of reading its
+//! PUBACKs (three reads a PUBACK), and took as much CPU after the bare subscriber's last
+//! message as before it. So the bare subscriber's clock stops when the broker answers a
+//! QoS 1 publish it sent after its last ack (mosquitto handles one connection's packets
+//! in order), and the agent's when mosquitto has gone quiet after the agent's last ack.
+//! The receive rate alone is reported beside it.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -27,9 +35,49 @@ fn options(url: &str, id: &str) -> MqttOptions {
     o
 }
 
-/// A bare rumqttc subscriber (automatic acks): messages per second receiving a backlog
-/// of `n`, from its first message to its last.
-fn bare_subscriber(url: &str, n: u64, tag: &str) -> f64 {
+/// CPU seconds (user + system) `pid` has used so far; 0 if unreadable.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let Some(close) = stat.rfind(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+    // Fields 14 and 15 of stat (utime, stime), counted after the name; USER_HZ is 100.
+    ticks(11).unwrap_or(0.0) / 100.0 + ticks(12).unwrap_or(0.0) / 100.0
+}
+
+/// When `pid` stopped using CPU: its CPU time is sampled every 5 ms until it has not
+/// moved for 100 ms (or 5 s have passed); the instant of the last sample that saw it move,
+/// or `since` if none did. The kernel counts CPU time in 10 ms ticks, so this is within
+/// about 10 ms of when the work ended.
+fn quiet_since(pid: u32, since: Instant) -> Instant {
+    let mut last = since;
+    let mut cpu = cpu_secs(pid);
+    while last.elapsed() < Duration::from_millis(100) && since.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(5));
+        let now = cpu_secs(pid);
+        if now > cpu {
+            cpu = now;
+            last = Instant::now();
+        }
+    }
+    last
+}
+
+/// One bare subscriber's drain.
+struct Drain {
+    /// Messages per second from its first message to its last.
+    received: f64,
+    /// Messages per second from its first message until the broker had taken every ack.
+    settled: f64,
+    /// mosquitto's CPU seconds a message, before the last message and after it.
+    broker_us: (f64, f64),
+}
+
+/// A bare rumqttc subscriber (automatic acks) receiving a backlog of `n` queued while it
+/// was away; `broker` is mosquitto's pid.
+fn bare_subscriber(url: &str, n: u64, tag: &str, broker: u32) -> Drain {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let id = format!("bench-bare-{tag}");
     rt.block_on(async {
@@ -48,7 +96,8 @@ fn bare_subscriber(url: &str, n: u64, tag: &str) -> f64 {
     });
     publish_backlog(url, n, &format!("bench-pub-{tag}"));
     rt.block_on(async {
-        let (_c, mut ev) = AsyncClient::new(options(url, &id), 100);
+        let cpu0 = cpu_secs(broker);
+        let (c, mut ev) = AsyncClient::new(options(url, &id), 100);
         let mut got = 0u64;
         let mut first = None;
         while got < n {
@@ -61,9 +110,35 @@ fn bare_subscriber(url: &str, n: u64, tag: &str) -> f64 {
                 Err(e) => panic!("bare subscriber: {e}"),
             }
         }
-        let t = first.map_or(0.0, |f| f.elapsed().as_secs_f64());
-        n as f64 / t
+        let received = first.map_or(0.0, |f| f.elapsed().as_secs_f64());
+        let cpu1 = cpu_secs(broker);
+        // Its acks are written; a publish behind them is answered once mosquitto has
+        // read every one of them. The topic matches no subscription.
+        c.publish("bench/settled", QoS::AtLeastOnce, false, "end")
+            .await
+            .expect("publish");
+        loop {
+            match ev.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => break,
+                Ok(_) => {}
+                Err(e) => panic!("bare subscriber: {e}"),
+            }
+        }
+        let settled = first.map_or(0.0, |f| f.elapsed().as_secs_f64());
+        let cpu2 = cpu_secs(broker);
+        let per = |s: f64| s * 1e6 / n as f64;
+        Drain {
+            received: n as f64 / received,
+            settled: n as f64 / settled,
+            broker_us: (per(cpu1 - cpu0), per(cpu2 - cpu1)),
+        }
     })
+}
+
+/// The median of three, and the lowest and highest.
+fn median3(mut v: [f64; 3]) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (v[1], v[0], v[2])
 }
 
 fn main() {
@@ -78,7 +153,8 @@ fn main() {
         out.push('\n');
     };
 
-    let base1 = bare_subscriber(&url, n, "a");
+    let mosquitto = mqtt.pid().expect("mosquitto's pid");
+    let base1 = bare_subscriber(&url, n, "a", mosquitto);
 
     // The agent: a persistent session registered, then away while the backlog queues.
     let dir = tempdir();
@@ -114,6 +190,7 @@ fn main() {
     std::thread::sleep(Duration::from_millis(1500));
     signal_process(agent.pid(), "-STOP");
     publish_backlog(&url, n, "bench-pub-agent");
+    let broker_cpu0 = cpu_secs(mosquitto);
     signal_process(agent.pid(), "-CONT");
     let mut t0 = None;
     let mut peak_rss = 0;
@@ -140,7 +217,13 @@ fn main() {
         );
         std::thread::sleep(Duration::from_millis(20));
     };
-    let agent_rate = n as f64 / (done - t0.unwrap_or(t_start)).as_secs_f64();
+    // The agent's last acks are written; the drain is over when mosquitto has read them.
+    let broker_cpu1 = cpu_secs(mosquitto);
+    let settled = quiet_since(mosquitto, done);
+    let broker_cpu2 = cpu_secs(mosquitto);
+    let start = t0.unwrap_or(t_start);
+    let agent_rate = n as f64 / (settled - start).as_secs_f64();
+    let agent_acked_rate = n as f64 / (done - start).as_secs_f64();
     let hwm = rss_kib(agent.pid(), "VmHWM:");
     let idle_rss = {
         std::thread::sleep(Duration::from_secs(2));
@@ -148,7 +231,7 @@ fn main() {
     };
     agent.terminate();
 
-    let base2 = bare_subscriber(&url, n, "b");
+    let base2 = bare_subscriber(&url, n, "b", mosquitto);
     // The Kafka side alone: the bare producer every other rate is compared with, on the
     // same tansu. tansu itself takes about 1 % of the box here (perf, BENCHMARKS.md), so
     // this is how fast a client that only produces runs on this machine, not a ceiling
@@ -159,31 +242,58 @@ fn main() {
     let producer = baseline(&broker.addr(), &produce_topic, n);
     // A third subscriber run: the subscriber's rate moves by a factor of two between runs
     // on this machine, so the ratio is to the median of three, with its range.
-    let base3 = bare_subscriber(&url, n, "c");
-    let mut bases = [base1, base2, base3];
-    bases.sort_by(f64::total_cmp);
-    let base = bases[1];
+    let base3 = bare_subscriber(&url, n, "c", mosquitto);
+    let bases = [&base1, &base2, &base3];
+    let (settled_med, settled_lo, settled_hi) = median3(bases.map(|b| b.settled));
+    let (recv_med, recv_lo, recv_hi) = median3(bases.map(|b| b.received));
+    let per = |s: f64| s * 1e6 / n as f64;
     line(format!(
         "MQTT: mosquitto {} on loopback (max_inflight_messages 1000), {n} QoS 1 messages queued for each client's persistent session, then drained.",
         mosquitto_version()
     ));
     line(String::new());
     line(format!(
-        "| MQTT QoS 1 → Kafka ack, durable before each MQTT ack (`mqtt` device, number mapping) | {:.0} msg/s | {:.2} × the bare subscriber's median (goal ≥ 0.5), range {:.2}–{:.2} |",
+        "| MQTT QoS 1 → Kafka ack, durable before each MQTT ack (`mqtt` device, number mapping), until the broker has read the last ack | {:.0} msg/s | {:.2} × the bare subscriber's settled drain (median; goal ≥ 0.5), range {:.2}–{:.2}; {:.2} × its receive rate (range {:.2}–{:.2}); {:.0} msg/s counted to the agent's last ack, mosquitto quiet {:.0} ms after it |",
         agent_rate,
-        agent_rate / base,
-        agent_rate / bases[2],
-        agent_rate / bases[0]
+        agent_rate / settled_med,
+        agent_rate / settled_hi,
+        agent_rate / settled_lo,
+        agent_rate / recv_med,
+        agent_rate / recv_hi,
+        agent_rate / recv_lo,
+        agent_acked_rate,
+        (settled - done).as_secs_f64() * 1e3,
     ));
     line(format!(
-        "| bare rumqttc subscriber, automatic acks (baseline; median of 3 in this run) | {:.0} msg/s | the three: {:.0} / {:.0} / {:.0} msg/s (before the agent, after it, after the bare producer) |",
-        base, base1, base2, base3
+        "| bare rumqttc subscriber, automatic acks, drain settled: from its first message until the broker answered a QoS 1 publish sent after its last ack (baseline; median of 3 in this run) | {:.0} msg/s | the three: {:.0} / {:.0} / {:.0} msg/s (before the agent, after it, after the bare producer) |",
+        settled_med, base1.settled, base2.settled, base3.settled
     ));
     line(format!(
-        "| bare rdkafka producer, the agent's settings, {n} msgs, acks awaited, counted from its first delivery (the Kafka side alone, after the agent) | {:.0} msg/s | the agent's MQTT rate is {:.2} × it; the subscriber's is {:.2} × it |",
+        "| the same subscribers' receive rate: from their first message to their last, the broker still reading their acks | {:.0} msg/s | the three: {:.0} / {:.0} / {:.0} msg/s; range {:.0}–{:.0} |",
+        recv_med, base1.received, base2.received, base3.received, recv_lo, recv_hi
+    ));
+    line(format!(
+        "| mosquitto's CPU a message (user + system) | agent {:.1} µs | the bare subscribers {} µs before their last message + {} µs after it, until the broker had their acks; the agent's {:.1} + {:.1} µs |",
+        per(broker_cpu2 - broker_cpu0),
+        bases
+            .iter()
+            .map(|b| format!("{:.1}", b.broker_us.0))
+            .collect::<Vec<_>>()
+            .join(" / "),
+        bases
+            .iter()
+            .map(|b| format!("{:.1}", b.broker_us.1))
+            .collect::<Vec<_>>()
+            .join(" / "),
+        per(broker_cpu1 - broker_cpu0),
+        per(broker_cpu2 - broker_cpu1),
+    ));
+    line(format!(
+        "| bare rdkafka producer, the agent's settings, {n} msgs, acks awaited, counted from its first delivery (the Kafka side alone, after the agent) | {:.0} msg/s | the agent's MQTT rate is {:.2} × it; the subscriber's settled drain {:.2} × it, its receive rate {:.2} × it |",
         producer,
         agent_rate / producer,
-        base / producer
+        settled_med / producer,
+        recv_med / producer
     ));
     line(format!(
         "| agent RSS while draining the MQTT backlog (peak / VmHWM / idle after) | {:.1} MB | {:.1} / {:.1} MB |",
