@@ -22,22 +22,13 @@ use common::*;
 /// CPU seconds (user + system) by thread name, summed over threads of the same name.
 fn cpu_by_thread(pid: u32) -> BTreeMap<String, f64> {
     let mut by_name = BTreeMap::new();
-    let tick = 100.0; // USER_HZ on Linux
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return by_name;
     };
     for task in tasks.flatten() {
         let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
-        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
-        // Fields 14 and 15 of stat (utime, stime), counted after the name.
-        if let (Some(user), Some(system)) = (ticks(11), ticks(12)) {
-            *by_name
-                .entry(stat[open + 1..close].to_string())
-                .or_insert(0.0) += (user + system) / tick;
+        if let Some((name, secs)) = stat_cpu(&stat) {
+            *by_name.entry(name.to_string()).or_insert(0.0) += secs;
         }
     }
     by_name

@@ -38,13 +38,7 @@ fn options(url: &str, id: &str) -> MqttOptions {
 /// CPU seconds (user + system) `pid` has used so far; 0 if unreadable.
 fn cpu_secs(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let Some(close) = stat.rfind(')') else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
-    // Fields 14 and 15 of stat (utime, stime), counted after the name; USER_HZ is 100.
-    ticks(11).unwrap_or(0.0) / 100.0 + ticks(12).unwrap_or(0.0) / 100.0
+    stat_cpu(&stat).map_or(0.0, |(_, secs)| secs)
 }
 
 /// When `pid` stopped using CPU: its CPU time is sampled every 5 ms until it has not

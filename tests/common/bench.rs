@@ -30,6 +30,19 @@ pub fn rss_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// A task's name and CPU seconds (user + system) from the text of its `/proc/<pid>/stat`
+/// or `/proc/<pid>/task/<tid>/stat`; `None` if it does not parse.
+pub fn stat_cpu(stat: &str) -> Option<(&str, f64)> {
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    let fields: Vec<&str> = stat.get(close + 2..)?.split(' ').collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+    // Fields 14 and 15 of stat (utime, stime), counted after the name; USER_HZ is 100.
+    Some((
+        stat.get(open + 1..close)?,
+        (ticks(11)? + ticks(12)?) / 100.0,
+    ))
+}
+
 /// The highest `VmRSS` of `pid` (KiB) over `d`, sampled every 200 ms.
 pub fn peak_rss_over(pid: u32, d: std::time::Duration) -> u64 {
     let start = Instant::now();
