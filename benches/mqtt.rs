@@ -129,12 +129,6 @@ fn bare_subscriber(url: &str, n: u64, tag: &str, broker: u32) -> Drain {
     })
 }
 
-/// The median of three, and the lowest and highest.
-fn median3(mut v: [f64; 3]) -> (f64, f64, f64) {
-    v.sort_by(f64::total_cmp);
-    (v[1], v[0], v[2])
-}
-
 fn main() {
     let n = ((200_000.0 * scale()) as u64).max(10_000);
     let broker = Broker::start();
@@ -232,8 +226,8 @@ fn main() {
     // the broker sets.
     let produce_topic = format!("bench_base_{}", uuid::Uuid::new_v4().simple());
     broker.create_topics(&[&produce_topic]);
-    let _ = baseline(&broker.addr(), &produce_topic, 20_000); // warm-up
-    let producer = baseline(&broker.addr(), &produce_topic, n);
+    let _ = baseline(&broker.addr(), &produce_topic, 20_000, Payloads::Readings); // warm-up
+    let producer = baseline(&broker.addr(), &produce_topic, n, Payloads::Readings);
     // A third subscriber run: the subscriber's rate moves by a factor of two between runs
     // on this machine, so the ratio is to the median of three, with its range.
     let base3 = bare_subscriber(&url, n, "c", mosquitto);

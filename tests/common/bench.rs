@@ -43,6 +43,12 @@ pub fn stat_cpu(stat: &str) -> Option<(&str, f64)> {
     ))
 }
 
+/// The median of three, and the lowest and highest.
+pub fn median3(mut v: [f64; 3]) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (v[1], v[0], v[2])
+}
+
 /// The highest `VmRSS` of `pid` (KiB) over `d`, sampled every 200 ms.
 pub fn peak_rss_over(pid: u32, d: std::time::Duration) -> u64 {
     let start = Instant::now();
@@ -99,14 +105,34 @@ pub fn varied_reading(i: u64) -> Draft {
     )
 }
 
+/// What the bare producer sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payloads {
+    /// Readings as the agent stamps them, each with its own value, seq and time: a pool
+    /// of [`READING_POOL`] stamped before the clock starts, sent in turn. The stream
+    /// compresses as the agent's does (lz4, about 75 bytes a message in batches of
+    /// about 2,000).
+    Readings,
+    /// One stamped reading sent again and again, as every baseline before the
+    /// twenty-third session did. Its batches compress six times better than any real
+    /// stream's (about 12 bytes a message), which spares the producer's compression and
+    /// the broker's writes; kept only to show what the change of baseline moved.
+    Constant,
+}
+
+/// Distinct readings in the bare producer's pool: about 20 MB, repeated 20 MB apart,
+/// far beyond lz4's 64 KiB window and any batch.
+pub const READING_POOL: u64 = 65_536;
+
 /// The baseline: one FutureProducer with the agent's settings and its default in-flight
-/// window (`kafka.max_in_flight`), the same key, payload and headers, acks awaited.
+/// window (`kafka.max_in_flight`), the same key and headers, payloads of the same size
+/// (and with [`Payloads::Readings`] the same content), acks awaited.
 ///
 /// The rate is the producer's steady one, as the agent's figures are: the clock starts
 /// when the first message has been delivered. Before it, an idempotent producer fetches
 /// its producer id, which takes about 0.6 s on tansu and would otherwise count as
 /// sending time (a third of a 500,000-message run).
-pub fn baseline(broker: &str, topic: &str, n: u64) -> f64 {
+pub fn baseline(broker: &str, topic: &str, n: u64, payloads: Payloads) -> f64 {
     // `kafka.max_in_flight`'s default: the agent queues at most twice that in librdkafka.
     let window = 4_000;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -124,7 +150,19 @@ pub fn baseline(broker: &str, topic: &str, n: u64) -> f64 {
             .set("queue.buffering.max.messages", (window * 2).to_string())
             .create()
             .expect("producer");
-        let payload = sample_record(0).payload;
+        let payloads: Vec<Vec<u8>> = match payloads {
+            Payloads::Readings => {
+                let now = SystemTime::now();
+                (0..READING_POOL)
+                    .map(|i| {
+                        stamp(&varied_reading(i), "agent-bench", i, now)
+                            .expect("stamp")
+                            .payload
+                    })
+                    .collect()
+            }
+            Payloads::Constant => vec![sample_record(0).payload],
+        };
         let mut inflight: FuturesUnordered<rdkafka::producer::DeliveryFuture> =
             FuturesUnordered::new();
         // Waits for one delivery; the baseline must not count a failed one.
@@ -170,7 +208,7 @@ pub fn baseline(broker: &str, topic: &str, n: u64) -> f64 {
                 match p.send_result(
                     FutureRecord::to(topic)
                         .key(&key)
-                        .payload(&payload)
+                        .payload(&payloads[(i % payloads.len() as u64) as usize])
                         .headers(headers),
                 ) {
                     Ok(f) => {
