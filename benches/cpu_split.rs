@@ -2,11 +2,18 @@
 //! `LABGATE_CPU_SECS` (default 15) seconds, or with `LABGATE_CPU_DRAIN=1` a backlog of
 //! 1,000,000 records buffered with the broker stalled and then released, or with
 //! `LABGATE_CPU_MQTT=<n>` a backlog of n QoS 1 messages queued by mosquitto for the
-//! agent's MQTT session while it was frozen, then drained to Kafka. Prints the
-//! rate, the agent's CPU by thread name, tansu's, and how idle the machine was.
+//! agent's MQTT session while it was frozen, then drained to Kafka. Prints the rate, the
+//! agent's CPU by thread name, tansu's, and how idle the machine was. With
+//! `LABGATE_CPU_BASE=1` it runs the benchmark's baseline instead, the bare producer with
+//! 1,000,000 readings, in this process, and prints the same for it.
 //!
-//!   cargo bench --bench cpu_split
+//!   cp target/release/labgate /tmp/labgate && LABGATE_BIN=/tmp/labgate cargo bench --bench cpu_split
 //!   LABGATE_BIN=<a build with line tables> LABGATE_CPU_PERF=/tmp/perf.data cargo bench --bench cpu_split
+//!
+//! Give it a copy of the binary, as `scripts/bench` does: `cargo bench` links its own
+//! build of the agent to `target/release/labgate`, and that build's symbols do not match
+//! `link/hot-text.ld` (its `.text.hot` is 2.8 MB instead of 6.5), so it is not the
+//! binary that ships.
 //!
 //! With `LABGATE_CPU_PERF` the window is recorded by `perf record` (stack call graphs)
 //! into that file. A probe for finding costs, not a goal: `scripts/bench` does not run it.
@@ -149,6 +156,42 @@ fn main() {
             Some(o1.1 - o0.1),
         );
         agent.terminate();
+        return;
+    }
+
+    if std::env::var_os("LABGATE_CPU_BASE").is_some() {
+        // The bare producer (the benchmark's baseline) in this process, measured the
+        // same way: what librdkafka and tansu cost per message without the agent.
+        let topic = topics.outputs()[0].clone();
+        let _ = baseline(&brokers, &topic, 20_000, Payloads::Readings);
+        // The whole process's CPU: librdkafka's threads end with the producer, and a
+        // thread that has ended is no longer listed by name.
+        let own_cpu = || {
+            let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+            stat_cpu(&stat).map_or(0.0, |(_, secs)| secs)
+        };
+        let (c0, t0c, m0) = (own_cpu(), cpu_by_thread(tansu), machine_jiffies());
+        let t0 = Instant::now();
+        let rate = baseline(&brokers, &topic, 1_000_000, Payloads::Readings);
+        let secs = t0.elapsed().as_secs_f64();
+        println!(
+            "bare producer: {rate:.0} msg/s (1,000,000 readings, counted from its first delivery)"
+        );
+        println!(
+            "  producer in all    {:5.1} % of a core (stamping its 65,536 readings and the producer-id fetch included)",
+            100.0 * (own_cpu() - c0) / secs
+        );
+        let tansu_secs: f64 =
+            cpu_by_thread(tansu).values().sum::<f64>() - t0c.values().sum::<f64>();
+        let m1 = machine_jiffies();
+        println!(
+            "  tansu              {:5.1} % of a core",
+            100.0 * tansu_secs / secs
+        );
+        println!(
+            "  machine idle       {:5.1} % of all cores",
+            100.0 * (m1.0 - m0.0) / (m1.1 - m0.1)
+        );
         return;
     }
 
