@@ -183,15 +183,7 @@ fn main() {
         );
         let tansu_secs: f64 =
             cpu_by_thread(tansu).values().sum::<f64>() - t0c.values().sum::<f64>();
-        let m1 = machine_jiffies();
-        println!(
-            "  tansu              {:5.1} % of a core",
-            100.0 * tansu_secs / secs
-        );
-        println!(
-            "  machine idle       {:5.1} % of all cores",
-            100.0 * (m1.0 - m0.0) / (m1.1 - m0.1)
-        );
+        report_machine(m0, secs, Some(tansu_secs));
         return;
     }
 
@@ -301,7 +293,6 @@ fn report(
     secs: f64,
     tansu_secs: Option<f64>,
 ) {
-    let machine = machine_jiffies();
     let mut total = 0.0;
     for (name, cpu) in now {
         let used = cpu - before.get(name).unwrap_or(&0.0);
@@ -314,6 +305,12 @@ fn report(
         "  agent in all       {:5.1} % of a core",
         100.0 * total / secs
     );
+    report_machine(machine_before, secs, tansu_secs);
+}
+
+/// tansu's CPU over the window, and how idle the machine was since `machine_before`.
+fn report_machine(machine_before: (f64, f64), secs: f64, tansu_secs: Option<f64>) {
+    let machine = machine_jiffies();
     if let Some(t) = tansu_secs {
         println!("  tansu              {:5.1} % of a core", 100.0 * t / secs);
     }

@@ -26,6 +26,14 @@ cross_env() {
   export PKG_CONFIG_LIBDIR="/usr/lib/$TRIPLE/pkgconfig:/usr/share/pkgconfig"
 }
 
+# on_host CMD…: runs CMD in a subshell without the settings cross_env gives under plain
+# names (compilers, flags, pkg-config's search path), which would send a host build
+# looking for the target's libraries.
+on_host() {
+  (unset CC CXX AR RANLIB CFLAGS CXXFLAGS PKG_CONFIG_ALLOW_CROSS PKG_CONFIG_SYSROOT_DIR \
+    PKG_CONFIG_LIBDIR; "$@")
+}
+
 ensure_cross_packages() {
   # OpenSSL is built from source (feature vendored-openssl): no libssl-dev:<arch>.
   local pkgs=("gcc-$TRIPLE" "g++-$TRIPLE" "binutils-$TRIPLE" "libudev-dev:$DEB_ARCH" "libc6:$DEB_ARCH" qemu-user-static perl make file)
